@@ -42,12 +42,25 @@ fn main() {
     }
     command.env(
         "CARGO_ENCODED_RUSTFLAGS",
-        ["-C", "relocation-model=static", "-C", "force-unwind-tables=no"].join("\x1f"),
+        [
+            "-C",
+            "relocation-model=static",
+            "-C",
+            "force-unwind-tables=no",
+        ]
+        .join("\x1f"),
     );
-    let status = command.status().expect("failed to start cargo for the guest");
-    assert!(status.success(), "building the guest programs failed: {status}");
+    let status = command
+        .status()
+        .expect("failed to start cargo for the guest");
+    assert!(
+        status.success(),
+        "building the guest programs failed: {status}"
+    );
 
-    let mut table = String::from("/// Every embedded guest image: (name, ELF bytes).\npub static IMAGES: &[(&str, &[u8])] = &[\n");
+    let mut table = String::from(
+        "/// Every embedded guest image: (name, ELF bytes).\npub static IMAGES: &[(&str, &[u8])] = &[\n",
+    );
     for name in GUESTS {
         let built = target_dir.join(TARGET).join("release").join(name);
         let copy = out_dir.join(format!("{name}.elf"));
@@ -60,7 +73,13 @@ fn main() {
     table.push_str("];\n");
     fs::write(out_dir.join("images.rs"), table).expect("write images.rs");
 
-    for path in ["src", "Cargo.toml", "build.rs", "linker.ld", "../guest-abi/src"] {
+    for path in [
+        "src",
+        "Cargo.toml",
+        "build.rs",
+        "linker.ld",
+        "../guest-abi/src",
+    ] {
         println!("cargo:rerun-if-changed={}", guest_dir.join(path).display());
     }
 }

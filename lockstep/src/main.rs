@@ -1,1 +1,314 @@
-fn main() {}
+//! `lockstep`: the command-line front end. Thin on purpose: it parses
+//! arguments, builds the pieces from the library crates and prints results.
+
+mod guests;
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use channel::log::{LogMeta, LogReader, LogWriter};
+use clap::{Args, Parser, Subcommand};
+use vmm::events::{Discard, Live, LogSink, Replay};
+use vmm::{Machine, VmConfig, VmmError};
+
+use crate::guests::GuestImage;
+
+/// Fault-tolerant virtual machines: a primary runs a guest on KVM, a backup
+/// replays it in lockstep from a log of its non-deterministic events.
+#[derive(Parser)]
+#[command(name = "lockstep", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a guest once, logging nothing.
+    Run(RunArgs),
+    /// Run a guest and record its non-deterministic events to a log file.
+    Record {
+        /// The log file to write.
+        #[arg(long)]
+        log: PathBuf,
+        #[command(flatten)]
+        run: RunArgs,
+        /// Take a state digest every this many exits (0: only at the end).
+        #[arg(long, default_value_t = 1000)]
+        digest_interval: u64,
+    },
+    /// Replay a log against a fresh guest and check every digest.
+    Replay {
+        /// The log file to replay.
+        #[arg(long)]
+        log: PathBuf,
+        /// The guest the log was recorded from (default: the one it names).
+        #[arg(long)]
+        guest: Option<String>,
+        /// Do not print the guest's console output.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Benchmarks: `lockstep bench` lists them.
+    Bench {
+        /// Which benchmark.
+        name: Option<String>,
+        /// Shorter runs, for CI.
+        #[arg(long)]
+        quick: bool,
+        /// Write the figures as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Guest program: an embedded guest's name (see --help) or a path to an ELF file.
+    #[arg(long, default_value = "fold", long_help = guests::help())]
+    guest: String,
+    /// Guest memory, in MiB.
+    #[arg(long, default_value_t = 16)]
+    mem_mib: u64,
+    /// The guest argument (fold: rounds; exits: clock reads; 0: the guest's default).
+    #[arg(long, default_value_t = 0)]
+    arg: u64,
+    /// Feed this file to the guest's input stream (default: empty input).
+    #[arg(long)]
+    input: Option<PathBuf>,
+    /// Let the guest execute RDTSC (clears CR4.TSD): its runs then cannot be replayed.
+    #[arg(long)]
+    allow_rdtsc: bool,
+    /// Do not print the guest's console output.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// Errors of the command line, over those of the library crates.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
+    #[error(transparent)]
+    Log(#[from] channel::log::LogError),
+    #[error(transparent)]
+    Bench(#[from] perf::BenchError),
+    #[error("{what} {path}")]
+    File {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Usage(String),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match execute(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            let mut message = format!("lockstep: {error}");
+            let mut source = std::error::Error::source(&error);
+            while let Some(cause) = source {
+                message.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            eprintln!("{message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn execute(command: Command) -> Result<(), CliError> {
+    match command {
+        Command::Run(args) => run(&args),
+        Command::Record {
+            log,
+            run,
+            digest_interval,
+        } => record(&run, &log, digest_interval),
+        Command::Replay { log, guest, quiet } => replay(&log, guest.as_deref(), quiet),
+        Command::Bench { name, quick, json } => bench(name.as_deref(), quick, json),
+    }
+}
+
+fn console(quiet: bool) -> Box<dyn Write + Send> {
+    if quiet {
+        Box::new(std::io::sink())
+    } else {
+        Box::new(std::io::stdout())
+    }
+}
+
+fn open_input(path: Option<&PathBuf>) -> Result<Box<dyn Read + Send>, CliError> {
+    match path {
+        None => Ok(Box::new(std::io::empty())),
+        Some(path) => {
+            let file = File::open(path).map_err(|source| CliError::File {
+                what: "cannot open the input file",
+                path: path.clone(),
+                source,
+            })?;
+            Ok(Box::new(BufReader::new(file)))
+        }
+    }
+}
+
+fn vm_config(args: &RunArgs) -> VmConfig {
+    VmConfig {
+        mem_size: args.mem_mib << 20,
+        trap_rdtsc: !args.allow_rdtsc,
+    }
+}
+
+fn run(args: &RunArgs) -> Result<(), CliError> {
+    let guest = GuestImage::resolve(&args.guest)?;
+    let events = Live::new(open_input(args.input.as_ref())?, Discard);
+    let mut machine = Machine::new(
+        &vm_config(args),
+        guest.bytes(),
+        args.arg,
+        events,
+        console(args.quiet),
+        0,
+    )?;
+    let summary = machine.run()?;
+    eprintln!(
+        "lockstep: guest {} exited with code {} after {} exits in {:.3} s ({:.0} exits/s)",
+        guest.name(),
+        summary.exit_code,
+        summary.exits,
+        summary.elapsed.as_secs_f64(),
+        summary.exits_per_second()
+    );
+    Ok(())
+}
+
+fn record(args: &RunArgs, log: &PathBuf, digest_interval: u64) -> Result<(), CliError> {
+    let guest = GuestImage::resolve(&args.guest)?;
+    let config = vm_config(args);
+    let meta = LogMeta {
+        image_id: guest.id(),
+        mem_size: config.mem_size,
+        guest_arg: args.arg,
+        digest_interval,
+        vm_flags: config.flags(),
+        guest_name: guest.name().to_string(),
+    };
+    let file = File::create(log).map_err(|source| CliError::File {
+        what: "cannot create the log file",
+        path: log.clone(),
+        source,
+    })?;
+    let sink = LogSink::new(LogWriter::new(BufWriter::new(file), &meta)?);
+    let events = Live::new(open_input(args.input.as_ref())?, sink);
+    let mut machine = Machine::new(
+        &config,
+        guest.bytes(),
+        args.arg,
+        events,
+        console(args.quiet),
+        digest_interval,
+    )?;
+    let summary = machine.run()?;
+    let sink = machine.into_events().into_sink();
+    let (entries, bytes) = (sink.entries(), sink.bytes());
+    sink.into_inner()?
+        .into_inner()
+        .map_err(|e| CliError::File {
+            what: "cannot write the log file",
+            path: log.clone(),
+            source: e.into_error(),
+        })?
+        .sync_all()
+        .map_err(|source| CliError::File {
+            what: "cannot sync the log file",
+            path: log.clone(),
+            source,
+        })?;
+    eprintln!(
+        "lockstep: recorded {} exits, {} log entries ({} bytes), {} digests; guest {} exited with code {} in {:.3} s",
+        summary.exits,
+        entries,
+        bytes,
+        summary.digests,
+        guest.name(),
+        summary.exit_code,
+        summary.elapsed.as_secs_f64()
+    );
+    Ok(())
+}
+
+fn replay(log: &PathBuf, guest: Option<&str>, quiet: bool) -> Result<(), CliError> {
+    let file = File::open(log).map_err(|source| CliError::File {
+        what: "cannot open the log file",
+        path: log.clone(),
+        source,
+    })?;
+    let reader = LogReader::new(BufReader::new(file))?;
+    let meta = reader.meta().clone();
+    let guest = GuestImage::resolve(guest.unwrap_or(&meta.guest_name))?;
+    if guest.id() != meta.image_id {
+        return Err(VmmError::LogMismatch(format!(
+            "{} was recorded from guest '{}' (image {:016x}), not from '{}' (image {:016x})",
+            log.display(),
+            meta.guest_name,
+            meta.image_id,
+            guest.name(),
+            guest.id()
+        ))
+        .into());
+    }
+    let config = VmConfig::with_flags(meta.mem_size, meta.vm_flags);
+    let events = Replay::new(reader);
+    let mut machine = Machine::new(
+        &config,
+        guest.bytes(),
+        meta.guest_arg,
+        events,
+        console(quiet),
+        meta.digest_interval,
+    )?;
+    let summary = machine.run()?;
+    let stats = machine.events().stats();
+    println!(
+        "replayed {} exits and {} events; {} of {} digests matched; guest {} exited with code {}",
+        summary.exits,
+        stats.events,
+        stats.digests_matched,
+        summary.digests,
+        guest.name(),
+        summary.exit_code
+    );
+    Ok(())
+}
+
+fn bench(name: Option<&str>, quick: bool, json: Option<PathBuf>) -> Result<(), CliError> {
+    let Some(name) = name else {
+        println!("benchmarks (run one with `lockstep bench NAME [--quick] [--json FILE]`):");
+        for (name, about) in perf::BENCHMARKS {
+            println!("  {name:<10} {about}");
+        }
+        return Ok(());
+    };
+    let report = perf::run(name, quick)?;
+    println!("{}", report.text);
+    if let Some(path) = json {
+        std::fs::write(&path, report.json).map_err(|source| CliError::File {
+            what: "cannot write",
+            path,
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+impl From<guests::UnknownGuest> for CliError {
+    fn from(error: guests::UnknownGuest) -> Self {
+        CliError::Usage(error.to_string())
+    }
+}

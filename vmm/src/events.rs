@@ -1,0 +1,381 @@
+//! Where the guest's non-determinism comes from.
+//!
+//! Devices never read a clock, a random source or an input stream
+//! themselves: they ask an [`EventSource`], passing the number of the exit
+//! they are handling. A [`Live`] source asks the host and hands every value to
+//! an [`EventSink`] (a log file, later the logging channel); a [`Replay`]
+//! source takes the values from a log, and refuses, as a divergence, any
+//! request that does not match the log's next entry. Since the devices run
+//! the same code in both cases, their own state (input at end of stream,
+//! counters) stays identical on every replica.
+
+use std::io::Read;
+use std::time::Instant;
+
+use channel::log::{DigestRecord, Entry, EntryKind, FLAG_INPUT_EOF, LogReader, LogWriter};
+use zerocopy::IntoBytes;
+
+use crate::VmmError;
+use crate::digest::Digest;
+
+/// A source of the values that make a run non-deterministic.
+pub trait EventSource {
+    /// Host monotonic time in ns, as seen by the guest at `exit`.
+    fn clock(&mut self, exit: u64) -> Result<u64, VmmError>;
+    /// Fills `buf` with random bytes for the guest at `exit`.
+    fn entropy(&mut self, exit: u64, buf: &mut [u8]) -> Result<(), VmmError>;
+    /// Reads up to `buf.len()` input bytes for the guest at `exit`;
+    /// `None` when the input stream has ended.
+    fn input(&mut self, exit: u64, buf: &mut [u8]) -> Result<Option<usize>, VmmError>;
+    /// The state digest after `exit` (logged, or checked against the log).
+    fn digest(&mut self, exit: u64, digest: &Digest) -> Result<(), VmmError>;
+    /// The guest finished at `exit` with `code`.
+    fn end(&mut self, exit: u64, code: u64) -> Result<(), VmmError>;
+}
+
+/// Where a [`Live`] source sends the events it produces.
+pub trait EventSink {
+    /// Appends an event taking effect at `exit`.
+    fn append(
+        &mut self,
+        kind: EntryKind,
+        flags: u16,
+        exit: u64,
+        payload: &[u8],
+    ) -> Result<(), VmmError>;
+    /// Makes everything appended so far durable (or sent).
+    fn flush(&mut self) -> Result<(), VmmError>;
+}
+
+/// A sink that keeps nothing: `lockstep run`, and the baseline of the
+/// recording-cost benchmark.
+#[derive(Debug, Default)]
+pub struct Discard;
+
+impl EventSink for Discard {
+    fn append(&mut self, _: EntryKind, _: u16, _: u64, _: &[u8]) -> Result<(), VmmError> {
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), VmmError> {
+        Ok(())
+    }
+}
+
+/// A sink writing a log file (or any byte stream) in the `channel::log` format.
+pub struct LogSink<W: std::io::Write> {
+    writer: LogWriter<W>,
+    seq: u64,
+}
+
+impl<W: std::io::Write> LogSink<W> {
+    /// Wraps a writer that already holds the file header.
+    pub fn new(writer: LogWriter<W>) -> Self {
+        Self { writer, seq: 0 }
+    }
+
+    /// Entries appended so far.
+    pub fn entries(&self) -> u64 {
+        self.seq
+    }
+
+    /// Bytes written so far, file header included.
+    pub fn bytes(&self) -> u64 {
+        self.writer.bytes_written()
+    }
+
+    /// Flushes and returns the underlying writer.
+    pub fn into_inner(self) -> Result<W, VmmError> {
+        Ok(self.writer.into_inner()?)
+    }
+}
+
+impl<W: std::io::Write> EventSink for LogSink<W> {
+    fn append(
+        &mut self,
+        kind: EntryKind,
+        flags: u16,
+        exit: u64,
+        payload: &[u8],
+    ) -> Result<(), VmmError> {
+        self.seq += 1;
+        self.writer.append(kind, flags, self.seq, exit, payload)?;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), VmmError> {
+        Ok(self.writer.flush()?)
+    }
+}
+
+/// Counters of a live run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LiveStats {
+    /// Events handed to the sink (digests and the end record included).
+    pub events: u64,
+    /// Payload bytes handed to the sink.
+    pub payload_bytes: u64,
+}
+
+/// Values from the host, each handed to the sink before the guest sees it.
+pub struct Live<S: EventSink> {
+    origin: Instant,
+    input: Box<dyn Read + Send>,
+    sink: S,
+    stats: LiveStats,
+}
+
+impl<S: EventSink> Live<S> {
+    /// A live source reading guest input from `input`.
+    pub fn new(input: Box<dyn Read + Send>, sink: S) -> Self {
+        Self {
+            origin: Instant::now(),
+            input,
+            sink,
+            stats: LiveStats::default(),
+        }
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> LiveStats {
+        self.stats
+    }
+
+    /// The sink, for callers that need it back (to finish a file).
+    pub fn into_sink(self) -> S {
+        self.sink
+    }
+
+    fn log(
+        &mut self,
+        kind: EntryKind,
+        flags: u16,
+        exit: u64,
+        payload: &[u8],
+    ) -> Result<(), VmmError> {
+        self.stats.events += 1;
+        self.stats.payload_bytes += payload.len() as u64;
+        self.sink.append(kind, flags, exit, payload)
+    }
+}
+
+impl<S: EventSink> EventSource for Live<S> {
+    fn clock(&mut self, exit: u64) -> Result<u64, VmmError> {
+        let now = u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.log(EntryKind::Clock, 0, exit, &now.to_le_bytes())?;
+        Ok(now)
+    }
+
+    fn entropy(&mut self, exit: u64, buf: &mut [u8]) -> Result<(), VmmError> {
+        getrandom::fill(buf).map_err(|e| VmmError::Io {
+            what: "read host entropy".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        self.log(EntryKind::Entropy, 0, exit, buf)
+    }
+
+    fn input(&mut self, exit: u64, buf: &mut [u8]) -> Result<Option<usize>, VmmError> {
+        let count = loop {
+            match self.input.read(buf) {
+                Ok(count) => break count,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(source) => {
+                    return Err(VmmError::Io {
+                        what: format!("read guest input at exit {exit}"),
+                        source,
+                    });
+                }
+            }
+        };
+        if count == 0 && !buf.is_empty() {
+            self.log(EntryKind::Input, FLAG_INPUT_EOF, exit, &[])?;
+            return Ok(None);
+        }
+        self.log(EntryKind::Input, 0, exit, &buf[..count])?;
+        Ok(Some(count))
+    }
+
+    fn digest(&mut self, exit: u64, digest: &Digest) -> Result<(), VmmError> {
+        self.log(EntryKind::Digest, 0, exit, digest.record().as_bytes())
+    }
+
+    fn end(&mut self, exit: u64, code: u64) -> Result<(), VmmError> {
+        self.log(EntryKind::End, 0, exit, &code.to_le_bytes())?;
+        self.sink.flush()
+    }
+}
+
+/// Counters of a replay.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReplayStats {
+    /// Clock, entropy and input events supplied to the guest.
+    pub events: u64,
+    /// Digests compared (all matched, or the replay stopped).
+    pub digests_matched: u64,
+    /// Log entries consumed in all.
+    pub entries: u64,
+}
+
+/// Values from a log, checked against what the guest asks for.
+pub struct Replay<R: Read> {
+    reader: LogReader<R>,
+    next: Option<Entry>,
+    stats: ReplayStats,
+}
+
+impl<R: Read> Replay<R> {
+    /// Replays the entries of `reader` (whose header the caller has checked).
+    pub fn new(reader: LogReader<R>) -> Self {
+        Self {
+            reader,
+            next: None,
+            stats: ReplayStats::default(),
+        }
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> ReplayStats {
+        self.stats
+    }
+
+    fn peek(&mut self, exit: u64) -> Result<&Entry, VmmError> {
+        if self.next.is_none() {
+            let entry = self.reader.next_entry()?.ok_or(VmmError::LogIncomplete {
+                exit,
+                entries: self.stats.entries,
+            })?;
+            let expected = self.stats.entries + 1;
+            if entry.seq != expected {
+                return Err(VmmError::LogMismatch(format!(
+                    "log entry {expected} has sequence number {}: entries are missing or out of order",
+                    entry.seq
+                )));
+            }
+            self.next = Some(entry);
+        }
+        self.next.as_ref().ok_or(VmmError::LogIncomplete {
+            exit,
+            entries: self.stats.entries,
+        })
+    }
+
+    /// Takes the next entry, which must be of `kind` at `exit`.
+    fn take(&mut self, exit: u64, kind: EntryKind) -> Result<Entry, VmmError> {
+        let entry = self.peek(exit)?;
+        if entry.exit != exit || entry.kind != kind {
+            return Err(VmmError::Diverged {
+                exit,
+                detail: format!(
+                    "the guest asks for {kind}, but the log's next entry ({}) is {} at exit {}",
+                    entry.seq, entry.kind, entry.exit
+                ),
+            });
+        }
+        self.stats.entries += 1;
+        self.next.take().ok_or(VmmError::LogIncomplete {
+            exit,
+            entries: self.stats.entries,
+        })
+    }
+
+    fn bytes_into(
+        &mut self,
+        exit: u64,
+        kind: EntryKind,
+        buf: &mut [u8],
+    ) -> Result<Entry, VmmError> {
+        let entry = self.take(exit, kind)?;
+        if entry.payload.len() > buf.len() {
+            return Err(VmmError::Diverged {
+                exit,
+                detail: format!(
+                    "the guest offers {} bytes for {kind}, but the log's entry {} holds {}",
+                    buf.len(),
+                    entry.seq,
+                    entry.payload.len()
+                ),
+            });
+        }
+        buf[..entry.payload.len()].copy_from_slice(&entry.payload);
+        self.stats.events += 1;
+        Ok(entry)
+    }
+}
+
+impl<R: Read> EventSource for Replay<R> {
+    fn clock(&mut self, exit: u64) -> Result<u64, VmmError> {
+        let entry = self.take(exit, EntryKind::Clock)?;
+        self.stats.events += 1;
+        entry.payload_u64().ok_or_else(|| {
+            VmmError::LogMismatch(format!(
+                "clock entry {} has a {}-byte payload, not 8",
+                entry.seq,
+                entry.payload.len()
+            ))
+        })
+    }
+
+    fn entropy(&mut self, exit: u64, buf: &mut [u8]) -> Result<(), VmmError> {
+        let entry = self.bytes_into(exit, EntryKind::Entropy, buf)?;
+        if entry.payload.len() != buf.len() {
+            return Err(VmmError::Diverged {
+                exit,
+                detail: format!(
+                    "the guest asks for {} random bytes, the log's entry {} holds {}",
+                    buf.len(),
+                    entry.seq,
+                    entry.payload.len()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn input(&mut self, exit: u64, buf: &mut [u8]) -> Result<Option<usize>, VmmError> {
+        let entry = self.bytes_into(exit, EntryKind::Input, buf)?;
+        if entry.flags & FLAG_INPUT_EOF != 0 {
+            return Ok(None);
+        }
+        Ok(Some(entry.payload.len()))
+    }
+
+    fn digest(&mut self, exit: u64, digest: &Digest) -> Result<(), VmmError> {
+        let entry = self.take(exit, EntryKind::Digest)?;
+        let recorded = entry.digest().ok_or_else(|| {
+            VmmError::LogMismatch(format!(
+                "digest entry {} has a {}-byte payload, not {}",
+                entry.seq,
+                entry.payload.len(),
+                size_of::<DigestRecord>()
+            ))
+        })?;
+        if let Some(difference) = digest.compare(&recorded) {
+            return Err(VmmError::Diverged {
+                exit,
+                detail: difference,
+            });
+        }
+        self.stats.digests_matched += 1;
+        Ok(())
+    }
+
+    fn end(&mut self, exit: u64, code: u64) -> Result<(), VmmError> {
+        let entry = self.take(exit, EntryKind::End)?;
+        let recorded = entry.payload_u64().unwrap_or(u64::MAX);
+        if recorded != code {
+            return Err(VmmError::Diverged {
+                exit,
+                detail: format!(
+                    "the guest ends with code {code}, the recording ended with {recorded}"
+                ),
+            });
+        }
+        if let Some(extra) = self.reader.next_entry()? {
+            return Err(VmmError::LogMismatch(format!(
+                "the guest ended at exit {exit}, but the log goes on with entry {} ({} at exit {})",
+                extra.seq, extra.kind, extra.exit
+            )));
+        }
+        Ok(())
+    }
+}
