@@ -51,6 +51,13 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// The embedded default: record the `fold` guest fed with 1 MiB of input,
+    /// then replay the log in a fresh VM and check every digest.
+    Demo {
+        /// Where to keep the log (default: a file in the temporary directory).
+        #[arg(long)]
+        log: Option<PathBuf>,
+    },
     /// Benchmarks: `lockstep bench` lists them.
     Bench {
         /// Which benchmark.
@@ -132,6 +139,7 @@ fn execute(command: Command) -> Result<(), CliError> {
             digest_interval,
         } => record(&run, &log, digest_interval),
         Command::Replay { log, guest, quiet } => replay(&log, guest.as_deref(), quiet),
+        Command::Demo { log } => demo(log),
         Command::Bench { name, quick, json } => bench(name.as_deref(), quick, json),
     }
 }
@@ -285,6 +293,39 @@ fn replay(log: &PathBuf, guest: Option<&str>, quiet: bool) -> Result<(), CliErro
         summary.exit_code
     );
     Ok(())
+}
+
+fn demo(log: Option<PathBuf>) -> Result<(), CliError> {
+    let dir = std::env::temp_dir();
+    let log = log.unwrap_or_else(|| dir.join(format!("lockstep-demo-{}.log", std::process::id())));
+    let input = dir.join(format!("lockstep-demo-{}.input", std::process::id()));
+    let mut bytes = vec![0u8; 1 << 20];
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    for byte in bytes.iter_mut() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        *byte = state as u8;
+    }
+    std::fs::write(&input, &bytes).map_err(|source| CliError::File {
+        what: "cannot write the demo input",
+        path: input.clone(),
+        source,
+    })?;
+    let args = RunArgs {
+        guest: "fold".into(),
+        mem_mib: 16,
+        arg: 0,
+        input: Some(input.clone()),
+        allow_rdtsc: false,
+        quiet: true,
+    };
+    eprintln!("lockstep demo: recording guest 'fold' to {}", log.display());
+    let recorded = record(&args, &log, 250);
+    let _ = std::fs::remove_file(&input);
+    recorded?;
+    eprintln!("lockstep demo: replaying {} in a fresh VM", log.display());
+    replay(&log, None, true)
 }
 
 fn bench(name: Option<&str>, quick: bool, json: Option<PathBuf>) -> Result<(), CliError> {

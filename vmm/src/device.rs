@@ -112,7 +112,7 @@ fn pv_offset(addr: u64, len: usize) -> Result<u64, String> {
         ));
     }
     let offset = addr - PV_BASE;
-    if len != 8 || offset % 8 != 0 {
+    if len != 8 || !offset.is_multiple_of(8) {
         return Err(format!(
             "{len}-byte access at register offset {offset:#x}: registers are 8 bytes, 8-aligned"
         ));

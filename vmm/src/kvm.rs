@@ -95,7 +95,10 @@ impl VmConfig {
     }
 
     fn validate(&self) -> Result<(), VmmError> {
-        if self.mem_size < MIN_MEM_SIZE || self.mem_size % 4096 != 0 || self.mem_size > (1 << 40) {
+        if self.mem_size < MIN_MEM_SIZE
+            || !self.mem_size.is_multiple_of(4096)
+            || self.mem_size > (1 << 40)
+        {
             return Err(VmmError::Config(format!(
                 "guest memory must be a multiple of 4 KiB between {} MiB and 1 TiB, not {} bytes",
                 MIN_MEM_SIZE >> 20,

@@ -94,7 +94,7 @@ impl<E: EventSource> Machine<E> {
             };
             match action {
                 ExitAction::Resume(_) => {
-                    if self.digest_interval != 0 && number % self.digest_interval == 0 {
+                    if self.digest_interval != 0 && number.is_multiple_of(self.digest_interval) {
                         self.take_digest(number)?;
                     }
                 }
