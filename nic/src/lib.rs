@@ -1,1 +1,42 @@
-//! nic
+//! lockstep's network device: a vhost-style virtio-net NIC whose output
+//! obeys the Output Rule.
+//!
+//! ```text
+//!  TAP ──reader thread──▶ RxQueue ──(vCPU, at an exit; logged)──▶ guest RX ring
+//!  guest TX ring ──(vCPU, at QueueNotify)──▶ frame @ log position L
+//!       ──▶ OutputGate: held while ack < L ──(the ack's own thread, at once)──▶ TAP
+//! ```
+//!
+//! - [`virtio`]: the device model (virtio-mmio registers, split virtqueues).
+//! - [`gate`]: the output gate: a frame produced at log position L leaves only
+//!   once the backup has acknowledged every entry up to L.
+//! - [`tap`]: the TAP backend and the RX queue filled by its reader thread.
+//!
+//! `nic` knows nothing of the logging channel: it sees only log positions
+//! and the ack watermark.
+
+pub mod gate;
+pub mod tap;
+pub mod virtio;
+
+/// Errors of the NIC. Messages say what and where.
+#[derive(Debug, thiserror::Error)]
+pub enum NicError {
+    /// The guest accessed a register in a way the device does not allow.
+    #[error("virtio-net register access refused: {0}")]
+    Register(String),
+    /// A virtqueue could not be used.
+    #[error("virtio-net queue: {0}")]
+    Queue(String),
+    /// The TAP device could not be set up or used.
+    #[error("TAP device {name}: {what}")]
+    Tap {
+        /// Interface name.
+        name: String,
+        /// What failed.
+        what: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
