@@ -33,6 +33,7 @@
 //! | 4    | Digest   | [`DigestRecord`]: hashes of the registers and of memory after the exit |
 //! | 5    | Progress | none: the primary has passed `exit` with no other event (live streaming) |
 //! | 6    | End      | u64: the guest's exit code; `exit` is its last exit |
+//! | 7    | RxFrames | network frames delivered into the guest's RX queue: repeated `u32 length` + frame bytes |
 //!
 //! # Log file layout
 //!
@@ -85,6 +86,8 @@ pub enum EntryKind {
     Progress = 5,
     /// The guest finished; payload is its exit code.
     End = 6,
+    /// Network frames delivered to the guest (see [`encode_frames`]).
+    RxFrames = 7,
 }
 
 impl EntryKind {
@@ -97,6 +100,7 @@ impl EntryKind {
             4 => Self::Digest,
             5 => Self::Progress,
             6 => Self::End,
+            7 => Self::RxFrames,
             _ => return None,
         })
     }
@@ -110,6 +114,7 @@ impl EntryKind {
             Self::Digest => "digest",
             Self::Progress => "progress",
             Self::End => "end",
+            Self::RxFrames => "rx-frames",
         }
     }
 }
@@ -188,6 +193,34 @@ impl Entry {
     pub fn digest(&self) -> Option<DigestRecord> {
         DigestRecord::read_from_bytes(&self.payload).ok()
     }
+}
+
+/// Encodes frames as an RxFrames payload: for each, a little-endian u32
+/// length and the bytes.
+pub fn encode_frames(frames: &[Vec<u8>]) -> Vec<u8> {
+    let total = frames.iter().map(|frame| 4 + frame.len()).sum();
+    let mut payload = Vec::with_capacity(total);
+    for frame in frames {
+        // Frames are at most 64 KiB (MAX_PAYLOAD_LEN bounds the entry).
+        payload.extend_from_slice(&u32::try_from(frame.len()).unwrap_or(u32::MAX).to_le_bytes());
+        payload.extend_from_slice(frame);
+    }
+    payload
+}
+
+/// Decodes an RxFrames payload; `None` if it is malformed.
+pub fn decode_frames(mut payload: &[u8]) -> Option<Vec<Vec<u8>>> {
+    let mut frames = Vec::new();
+    while !payload.is_empty() {
+        let (length, rest) = payload.split_first_chunk::<4>()?;
+        let length = u32::from_le_bytes(*length) as usize;
+        if rest.len() < length {
+            return None;
+        }
+        frames.push(rest[..length].to_vec());
+        payload = &rest[length..];
+    }
+    Some(frames)
 }
 
 fn padded(len: usize) -> usize {
@@ -800,6 +833,15 @@ mod tests {
         assert!(matches!(error, LogError::NotALog { .. }));
         let error = LogReader::new(&b""[..]).err().expect("empty");
         assert!(matches!(error, LogError::HeaderTruncated { got: 0, .. }));
+    }
+
+    #[test]
+    fn frames_round_trip_and_malformed_payloads_are_refused() {
+        let frames = vec![vec![1u8; 60], vec![], vec![2u8; 1514]];
+        let payload = encode_frames(&frames);
+        assert_eq!(decode_frames(&payload), Some(frames));
+        assert_eq!(decode_frames(&payload[..payload.len() - 1]), None);
+        assert_eq!(decode_frames(&[1, 0, 0]), None);
     }
 
     #[test]

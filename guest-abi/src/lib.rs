@@ -38,6 +38,14 @@
 //! | 0x28 | read  | `ARG`          | the guest argument from the VM configuration | yes |
 //! | 0x30 | read  | `MEM_SIZE`     | guest memory size in bytes | yes |
 //! | 0x38 | write | `DONE`         | the guest finished; the value is its exit code | yes |
+//! | 0x40 | read  | `WAIT`         | waits up to `mailbox.wait_ns` for network input, delivers received frames into the NIC's RX queue, returns the clock | no: frames and clock logged |
+//!
+//! # The network device
+//!
+//! A virtio-net device (virtio-mmio, version 2) sits at [`NET_BASE`]; see
+//! `nic::virtio` for its registers. There are no interrupts: the guest polls
+//! its used rings after `WAIT` (which is where received frames arrive) and
+//! after notifying the TX queue (where sent buffers are returned).
 
 #![no_std]
 
@@ -65,7 +73,15 @@ pub mod reg {
     pub const MEM_SIZE: u64 = 0x30;
     /// Write: the guest is done; the written value is its exit code.
     pub const DONE: u64 = 0x38;
+    /// Read: wait up to `Mailbox::wait_ns` for network input, deliver the
+    /// received frames into the NIC's RX queue, return the clock (ns).
+    pub const WAIT: u64 = 0x40;
 }
+
+/// Guest-physical base of the virtio-net device (virtio-mmio).
+pub const NET_BASE: u64 = 0xD000_1000;
+/// Size of the virtio-net MMIO window.
+pub const NET_SIZE: u64 = 0x1000;
 
 /// Value returned by the `INPUT` register when the input stream has ended.
 pub const INPUT_EOF: u64 = u64::MAX;
@@ -83,6 +99,8 @@ pub struct Mailbox {
     pub buf: u64,
     /// Length of the buffer in bytes.
     pub len: u64,
+    /// `WAIT`: longest time to wait for network input, in ns (0: just poll).
+    pub wait_ns: u64,
 }
 
 /// Guest-physical address at which guest images are linked.

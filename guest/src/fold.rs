@@ -82,8 +82,6 @@ pub fn run(use_rdtsc: bool) -> u64 {
     for word in state.words.iter() {
         total = mix(total ^ word);
     }
-    crate::println!(
-        "fold: {rounds} rounds, {input_bytes} input bytes, final state {total:016x}"
-    );
+    crate::println!("fold: {rounds} rounds, {input_bytes} input bytes, final state {total:016x}");
     0
 }

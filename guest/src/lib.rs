@@ -10,8 +10,14 @@
 
 #![no_std]
 
+extern crate alloc;
+
 pub mod fold;
+pub mod heap;
 pub mod pv;
+pub mod resp;
+pub mod services;
+pub mod virtio_net;
 
 use core::fmt::{self, Write};
 
@@ -125,7 +131,12 @@ pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     let mut i = 0;
     while i < n {
         // SAFETY: i < n and both ranges are valid for n bytes.
-        let (x, y) = unsafe { (core::ptr::read_volatile(a.add(i)), core::ptr::read_volatile(b.add(i))) };
+        let (x, y) = unsafe {
+            (
+                core::ptr::read_volatile(a.add(i)),
+                core::ptr::read_volatile(b.add(i)),
+            )
+        };
         if x != y {
             return i32::from(x) - i32::from(y);
         }

@@ -18,6 +18,7 @@ fn set_mailbox(buf: *const u8, len: usize) {
     let mailbox = Mailbox {
         buf: buf as u64,
         len: len as u64,
+        wait_ns: 0,
     };
     // SAFETY: the mailbox page is guest RAM reserved for this purpose by the
     // layout in guest_abi; nothing else lives there. Volatile so the write is
@@ -70,6 +71,21 @@ pub fn arg() -> u64 {
 /// Guest memory size in bytes.
 pub fn mem_size() -> u64 {
     read(reg::MEM_SIZE)
+}
+
+/// Waits up to `wait_ns` for network input (which the VMM delivers into the
+/// NIC's RX queue at this exit) and returns the clock in ns.
+pub fn wait(wait_ns: u64) -> u64 {
+    let mailbox = Mailbox {
+        buf: 0,
+        len: 0,
+        wait_ns,
+    };
+    // SAFETY: as in `set_mailbox`.
+    unsafe { core::ptr::write_volatile(MAILBOX_GPA as *mut Mailbox, mailbox) }
+    let now = read(reg::WAIT);
+    core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
+    now
 }
 
 /// Ends the guest with `code`.

@@ -7,9 +7,13 @@ use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use channel::log::{LogMeta, LogReader, LogWriter};
 use clap::{Args, Parser, Subcommand};
+use nic::gate::OutputGate;
+use nic::tap::{RxQueue, TapDevice};
 use vmm::events::{Discard, Live, LogSink, Replay};
 use vmm::{Machine, VmConfig, VmmError};
 
@@ -91,6 +95,10 @@ struct RunArgs {
     /// Do not print the guest's console output.
     #[arg(long)]
     quiet: bool,
+    /// Give the guest a virtio-net NIC backed by this TAP interface (created
+    /// if missing; needs CAP_NET_ADMIN). See scripts/net-setup.sh.
+    #[arg(long)]
+    tap: Option<String>,
 }
 
 /// Errors of the command line, over those of the library crates.
@@ -102,6 +110,8 @@ enum CliError {
     Log(#[from] channel::log::LogError),
     #[error(transparent)]
     Bench(#[from] perf::BenchError),
+    #[error(transparent)]
+    Nic(#[from] nic::NicError),
     #[error("{what} {path}")]
     File {
         what: &'static str,
@@ -170,12 +180,71 @@ fn vm_config(args: &RunArgs) -> VmConfig {
     VmConfig {
         mem_size: args.mem_mib << 20,
         trap_rdtsc: !args.allow_rdtsc,
+        mac: args.tap.as_ref().map(|_| vmm::DEFAULT_MAC),
+    }
+}
+
+/// A TAP interface wired to the guest: its reader thread fills `queue`, and
+/// `gate` (open: no backup to wait for) writes the guest's frames to it.
+struct Network {
+    queue: Arc<RxQueue>,
+    gate: Arc<OutputGate>,
+    stop: Arc<AtomicBool>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Network {
+    fn open(args: &RunArgs) -> Result<Option<Self>, CliError> {
+        let Some(name) = &args.tap else {
+            return Ok(None);
+        };
+        let tap = TapDevice::open(name)?;
+        let queue = Arc::new(RxQueue::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = tap.spawn_reader(Arc::clone(&queue), Arc::clone(&stop))?;
+        let gate = Arc::new(OutputGate::open(Box::new(tap.writer()?)));
+        Ok(Some(Self {
+            queue,
+            gate,
+            stop,
+            reader: Some(reader),
+        }))
+    }
+
+    fn live<S: vmm::events::EventSink>(network: &Option<Self>, live: Live<S>) -> Live<S> {
+        match network {
+            Some(network) => live.with_network(Arc::clone(&network.queue)),
+            None => live,
+        }
+    }
+
+    fn attach<E: vmm::events::EventSource>(
+        network: &Option<Self>,
+        machine: &mut Machine<E>,
+    ) -> Result<(), CliError> {
+        if let Some(network) = network {
+            machine.set_net_output(Arc::clone(&network.gate))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
     }
 }
 
 fn run(args: &RunArgs) -> Result<(), CliError> {
     let guest = GuestImage::resolve(&args.guest)?;
-    let events = Live::new(open_input(args.input.as_ref())?, Discard);
+    let network = Network::open(args)?;
+    let events = Network::live(
+        &network,
+        Live::new(open_input(args.input.as_ref())?, Discard),
+    );
     let mut machine = Machine::new(
         &vm_config(args),
         guest.bytes(),
@@ -184,6 +253,7 @@ fn run(args: &RunArgs) -> Result<(), CliError> {
         console(args.quiet),
         0,
     )?;
+    Network::attach(&network, &mut machine)?;
     let summary = machine.run()?;
     eprintln!(
         "lockstep: guest {} exited with code {} after {} exits in {:.3} s ({:.0} exits/s)",
@@ -213,7 +283,8 @@ fn record(args: &RunArgs, log: &PathBuf, digest_interval: u64) -> Result<(), Cli
         source,
     })?;
     let sink = LogSink::new(LogWriter::new(BufWriter::new(file), &meta)?);
-    let events = Live::new(open_input(args.input.as_ref())?, sink);
+    let network = Network::open(args)?;
+    let events = Network::live(&network, Live::new(open_input(args.input.as_ref())?, sink));
     let mut machine = Machine::new(
         &config,
         guest.bytes(),
@@ -222,6 +293,7 @@ fn record(args: &RunArgs, log: &PathBuf, digest_interval: u64) -> Result<(), Cli
         console(args.quiet),
         digest_interval,
     )?;
+    Network::attach(&network, &mut machine)?;
     let summary = machine.run()?;
     let sink = machine.into_events().into_sink();
     let (entries, bytes) = (sink.entries(), sink.bytes());
@@ -319,6 +391,7 @@ fn demo(log: Option<PathBuf>) -> Result<(), CliError> {
         input: Some(input.clone()),
         allow_rdtsc: false,
         quiet: true,
+        tap: None,
     };
     eprintln!("lockstep demo: recording guest 'fold' to {}", log.display());
     let recorded = record(&args, &log, 250);

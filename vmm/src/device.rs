@@ -6,8 +6,14 @@
 //! [`guest_abi`].
 
 use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
 
-use guest_abi::{INPUT_EOF, MAILBOX_GPA, MAILBOX_MAX_LEN, Mailbox, PV_BASE, PV_SIZE, reg};
+use guest_abi::{
+    INPUT_EOF, MAILBOX_GPA, MAILBOX_MAX_LEN, Mailbox, NET_BASE, NET_SIZE, PV_BASE, PV_SIZE, reg,
+};
+use nic::gate::OutputGate;
+use nic::virtio::{VirtioNet, WriteEffect};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::VmmError;
@@ -49,6 +55,17 @@ impl PvDevice {
     }
 }
 
+/// The network device and where its output goes.
+pub struct NetState {
+    /// The virtio-net device model.
+    pub device: VirtioNet,
+    /// The output gate (primary, or FT off); `None` on a backup or in
+    /// replay, whose output is suppressed.
+    pub output: Option<Arc<OutputGate>>,
+    /// Frames produced but suppressed (no output gate).
+    pub suppressed: u64,
+}
+
 /// Everything exit handling may touch.
 pub struct ExitContext<'a, E: EventSource> {
     /// The paravirtual device.
@@ -59,6 +76,8 @@ pub struct ExitContext<'a, E: EventSource> {
     pub events: &'a mut E,
     /// Where console output goes.
     pub console: &'a mut dyn Write,
+    /// The network device, if the VM has one.
+    pub net: Option<&'a mut NetState>,
 }
 
 /// Handles exit number `exit` of kind `kind`.
@@ -69,6 +88,30 @@ pub fn handle_exit<E: EventSource>(
 ) -> Result<ExitAction, VmmError> {
     let guest_error = |detail: String| VmmError::Guest { exit, detail };
     match kind {
+        Exit::MmioRead { addr, len } if (NET_BASE..NET_BASE + NET_SIZE).contains(&addr) => {
+            let net = context.net.as_deref_mut().ok_or_else(|| guest_error(format!("access to {addr:#x}: this VM has no network device")))?;
+            let value = net.device.read(addr - NET_BASE, len).map_err(|e| guest_error(e.to_string()))?;
+            Ok(ExitAction::Resume(u64::from(value)))
+        }
+        Exit::MmioWrite { addr, len, value } if (NET_BASE..NET_BASE + NET_SIZE).contains(&addr) => {
+            let position = context.events.log_position();
+            let net = context.net.as_deref_mut().ok_or_else(|| guest_error(format!("access to {addr:#x}: this VM has no network device")))?;
+            let effect = net
+                .device
+                .write(addr - NET_BASE, len, value as u32)
+                .map_err(|e| guest_error(e.to_string()))?;
+            if effect == WriteEffect::TxNotify {
+                let mut frames = Vec::new();
+                net.device
+                    .collect_tx(context.memory, &mut frames)
+                    .map_err(|e| guest_error(e.to_string()))?;
+                match &net.output {
+                    Some(gate) => frames.into_iter().for_each(|frame| gate.submit(position, frame)),
+                    None => net.suppressed += frames.len() as u64,
+                }
+            }
+            Ok(ExitAction::Resume(0))
+        }
         Exit::MmioRead { addr, len } => {
             let offset = pv_offset(addr, len).map_err(guest_error)?;
             read_register(offset, exit, context).map(ExitAction::Resume)
@@ -156,6 +199,35 @@ fn read_register<E: EventSource>(
                 }
             }
         }
+        reg::WAIT => {
+            let mut raw = [0u8; 8];
+            context
+                .memory
+                .read_slice(&mut raw, GuestAddress(MAILBOX_GPA + 16))
+                .map_err(|e| VmmError::Memory(format!("read the mailbox at exit {exit}: {e}")))?;
+            let wait = Duration::from_nanos(u64::from_le_bytes(raw).min(1_000_000_000));
+            let buffers = match context.net.as_deref() {
+                Some(net) => {
+                    net.device
+                        .rx_buffers(context.memory)
+                        .map_err(|e| VmmError::Guest {
+                            exit,
+                            detail: e.to_string(),
+                        })?
+                }
+                None => 0,
+            };
+            let frames = context.events.net_rx(exit, buffers, wait)?;
+            if let Some(net) = context.net.as_deref_mut() {
+                net.device
+                    .deliver_rx(context.memory, &frames)
+                    .map_err(|e| VmmError::Guest {
+                        exit,
+                        detail: e.to_string(),
+                    })?;
+            }
+            context.events.clock(exit)
+        }
         reg::ARG => Ok(context.device.arg),
         reg::MEM_SIZE => Ok(context.device.mem_size),
         other => Err(VmmError::Guest {
@@ -173,7 +245,7 @@ fn mailbox(memory: &GuestMemoryMmap, exit: u64) -> Result<(u64, usize), VmmError
         .read_slice(&mut raw, GuestAddress(MAILBOX_GPA))
         .map_err(|e| VmmError::Memory(format!("read the mailbox at exit {exit}: {e}")))?;
     let buf = u64::from_le_bytes(raw[..8].try_into().unwrap_or_default());
-    let len = u64::from_le_bytes(raw[8..].try_into().unwrap_or_default());
+    let len = u64::from_le_bytes(raw[8..16].try_into().unwrap_or_default());
     if len > MAILBOX_MAX_LEN {
         return Err(VmmError::Guest {
             exit,
@@ -262,6 +334,7 @@ mod tests {
                 memory: &self.memory,
                 events: &mut self.events,
                 console: &mut self.console,
+                net: None,
             };
             handle_exit(kind, 7, &mut context)
         }

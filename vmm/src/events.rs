@@ -12,7 +12,14 @@
 use std::io::Read;
 use std::time::Instant;
 
-use channel::log::{DigestRecord, Entry, EntryKind, FLAG_INPUT_EOF, LogReader, LogWriter};
+use std::sync::Arc;
+use std::time::Duration;
+
+use channel::log::{
+    DigestRecord, Entry, EntryKind, FLAG_INPUT_EOF, LogReader, LogWriter, decode_frames,
+    encode_frames,
+};
+use nic::tap::RxQueue;
 use zerocopy::IntoBytes;
 
 use crate::VmmError;
@@ -27,6 +34,17 @@ pub trait EventSource {
     /// Reads up to `buf.len()` input bytes for the guest at `exit`;
     /// `None` when the input stream has ended.
     fn input(&mut self, exit: u64, buf: &mut [u8]) -> Result<Option<usize>, VmmError>;
+    /// Network frames to deliver into the guest's RX queue at `exit`: at most
+    /// `max_frames`, waiting up to `wait` for the first if none is ready.
+    fn net_rx(
+        &mut self,
+        exit: u64,
+        max_frames: usize,
+        wait: Duration,
+    ) -> Result<Vec<Vec<u8>>, VmmError>;
+    /// The log position of the last event so far: output produced now may
+    /// leave only when the backup has acknowledged this position.
+    fn log_position(&self) -> u64;
     /// The state digest after `exit` (logged, or checked against the log).
     fn digest(&mut self, exit: u64, digest: &Digest) -> Result<(), VmmError>;
     /// The guest finished at `exit` with `code`.
@@ -121,6 +139,7 @@ pub struct LiveStats {
 pub struct Live<S: EventSink> {
     origin: Instant,
     input: Box<dyn Read + Send>,
+    network: Option<Arc<RxQueue>>,
     sink: S,
     stats: LiveStats,
 }
@@ -131,9 +150,16 @@ impl<S: EventSink> Live<S> {
         Self {
             origin: Instant::now(),
             input,
+            network: None,
             sink,
             stats: LiveStats::default(),
         }
+    }
+
+    /// Takes received network frames from `queue` (filled by the TAP reader).
+    pub fn with_network(mut self, queue: Arc<RxQueue>) -> Self {
+        self.network = Some(queue);
+        self
     }
 
     /// Counters so far.
@@ -193,6 +219,29 @@ impl<S: EventSink> EventSource for Live<S> {
         }
         self.log(EntryKind::Input, 0, exit, &buf[..count])?;
         Ok(Some(count))
+    }
+
+    fn net_rx(
+        &mut self,
+        exit: u64,
+        max_frames: usize,
+        wait: Duration,
+    ) -> Result<Vec<Vec<u8>>, VmmError> {
+        let Some(queue) = &self.network else {
+            if !wait.is_zero() {
+                std::thread::sleep(wait);
+            }
+            return Ok(Vec::new());
+        };
+        let frames = queue.take(max_frames, wait);
+        if !frames.is_empty() {
+            self.log(EntryKind::RxFrames, 0, exit, &encode_frames(&frames))?;
+        }
+        Ok(frames)
+    }
+
+    fn log_position(&self) -> u64 {
+        self.stats.events
     }
 
     fn digest(&mut self, exit: u64, digest: &Digest) -> Result<(), VmmError> {
@@ -337,6 +386,42 @@ impl<R: Read> EventSource for Replay<R> {
             return Ok(None);
         }
         Ok(Some(entry.payload.len()))
+    }
+
+    fn net_rx(
+        &mut self,
+        exit: u64,
+        max_frames: usize,
+        _wait: Duration,
+    ) -> Result<Vec<Vec<u8>>, VmmError> {
+        // No entry for this exit means no frames arrived here on the primary.
+        let next = self.peek(exit)?;
+        if next.exit != exit || next.kind != EntryKind::RxFrames {
+            return Ok(Vec::new());
+        }
+        let entry = self.take(exit, EntryKind::RxFrames)?;
+        let frames = decode_frames(&entry.payload).ok_or_else(|| {
+            VmmError::LogMismatch(format!(
+                "rx-frames entry {} has a malformed payload",
+                entry.seq
+            ))
+        })?;
+        if frames.len() > max_frames {
+            return Err(VmmError::Diverged {
+                exit,
+                detail: format!(
+                    "the guest posted {max_frames} receive buffers, the log's entry {} delivers {} frames",
+                    entry.seq,
+                    frames.len()
+                ),
+            });
+        }
+        self.stats.events += 1;
+        Ok(frames)
+    }
+
+    fn log_position(&self) -> u64 {
+        self.stats.entries
     }
 
     fn digest(&mut self, exit: u64, digest: &Digest) -> Result<(), VmmError> {

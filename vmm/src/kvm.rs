@@ -66,6 +66,8 @@ pub struct VmConfig {
     /// Set CR4.TSD so that RDTSC/RDTSCP at CPL3 fault (and end the VM)
     /// instead of leaking the host TSC into the guest.
     pub trap_rdtsc: bool,
+    /// Give the VM a virtio-net device with this MAC address.
+    pub mac: Option<[u8; 6]>,
 }
 
 impl Default for VmConfig {
@@ -73,24 +75,46 @@ impl Default for VmConfig {
         Self {
             mem_size: 16 << 20,
             trap_rdtsc: true,
+            mac: None,
         }
     }
 }
 
 /// `VmConfig::flags` bit: CR4.TSD is set.
 pub const FLAG_TRAP_RDTSC: u64 = 1;
+/// `VmConfig::flags` bit: the VM has a virtio-net device, whose MAC address
+/// is in bits 16..64.
+pub const FLAG_NETWORK: u64 = 2;
+
+/// The MAC address lockstep gives a guest unless told otherwise
+/// (locally administered: 02:4c:4b:53:54:02, "LKST").
+pub const DEFAULT_MAC: [u8; 6] = [0x02, 0x4c, 0x4b, 0x53, 0x54, 0x02];
 
 impl VmConfig {
-    /// The settings that affect determinism, as recorded in log headers.
+    /// The settings that affect determinism, as recorded in log headers:
+    /// bit 0 trap RDTSC, bit 1 network, bits 16..64 the MAC address.
     pub fn flags(&self) -> u64 {
-        if self.trap_rdtsc { FLAG_TRAP_RDTSC } else { 0 }
+        let mut flags = if self.trap_rdtsc { FLAG_TRAP_RDTSC } else { 0 };
+        if let Some(mac) = self.mac {
+            let mut bytes = [0u8; 8];
+            bytes[2..].copy_from_slice(&mac);
+            flags |= FLAG_NETWORK | u64::from_be_bytes(bytes) << 16;
+        }
+        flags
     }
 
     /// Rebuilds the flag-carried settings from a log header.
     pub fn with_flags(mem_size: u64, flags: u64) -> Self {
+        let mac = (flags & FLAG_NETWORK != 0).then(|| {
+            let bytes = (flags >> 16).to_be_bytes();
+            let mut mac = [0u8; 6];
+            mac.copy_from_slice(&bytes[2..]);
+            mac
+        });
         Self {
             mem_size,
             trap_rdtsc: flags & FLAG_TRAP_RDTSC != 0,
+            mac,
         }
     }
 

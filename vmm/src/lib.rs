@@ -70,7 +70,7 @@ pub mod events;
 pub mod kvm;
 pub mod machine;
 
-pub use kvm::{Exit, Vm, VmConfig};
+pub use kvm::{DEFAULT_MAC, Exit, Vm, VmConfig};
 pub use machine::{Machine, RunSummary};
 
 /// Everything that can stop the VMM. Messages say what and where.

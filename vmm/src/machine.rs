@@ -3,7 +3,12 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use crate::device::{ExitAction, ExitContext, PvDevice, handle_exit};
+use std::sync::Arc;
+
+use nic::gate::OutputGate;
+use nic::virtio::VirtioNet;
+
+use crate::device::{ExitAction, ExitContext, NetState, PvDevice, handle_exit};
 use crate::digest::Digest;
 use crate::events::EventSource;
 use crate::{Vm, VmConfig, VmmError};
@@ -15,6 +20,7 @@ pub struct Machine<E: EventSource> {
     device: PvDevice,
     events: E,
     console: Box<dyn Write + Send>,
+    net: Option<NetState>,
     digest_interval: u64,
     exits: u64,
     digests: u64,
@@ -55,16 +61,40 @@ impl<E: EventSource> Machine<E> {
     ) -> Result<Self, VmmError> {
         let vm = Vm::new(config, image)?;
         let memory = vm.memory().clone();
+        let net = match config.mac {
+            Some(mac) => Some(NetState {
+                device: VirtioNet::new(mac).map_err(|e| VmmError::Config(e.to_string()))?,
+                output: None,
+                suppressed: 0,
+            }),
+            None => None,
+        };
         Ok(Self {
             vm,
             memory,
             device: PvDevice::new(arg, config.mem_size),
             events,
             console,
+            net,
             digest_interval,
             exits: 0,
             digests: 0,
         })
+    }
+
+    /// Sends the network device's output through `gate` (primary, FT off).
+    /// Without a gate (backup, replay) output is produced but suppressed.
+    pub fn set_net_output(&mut self, gate: Arc<OutputGate>) -> Result<(), VmmError> {
+        let net = self.net.as_mut().ok_or_else(|| {
+            VmmError::Config("this VM has no network device (no MAC configured)".into())
+        })?;
+        net.output = Some(gate);
+        Ok(())
+    }
+
+    /// The network device's state, if any.
+    pub fn net(&self) -> Option<&NetState> {
+        self.net.as_ref()
     }
 
     /// Runs the guest until it writes `DONE` or something stops it.
@@ -77,6 +107,7 @@ impl<E: EventSource> Machine<E> {
                 memory: &self.memory,
                 events: &mut self.events,
                 console: &mut self.console,
+                net: self.net.as_mut(),
             };
             let mut read_action = None;
             let exit = self.vm.run(|exit| {

@@ -1,0 +1,239 @@
+//! The network guest's services over smoltcp: TCP echo (port 7), sink
+//! (5001: reads and discards, for the receive benchmark), source (5002:
+//! writes without end, for the transmit benchmark) and a Redis-protocol
+//! key-value store (6379).
+//!
+//! One loop, no interrupts: poll the stack, serve every socket, flush TX
+//! (one notify exit), then `WAIT` (one exit that delivers received frames and
+//! returns the clock) for as long as the stack has nothing to do.
+
+use alloc::vec;
+use alloc::vec::Vec;
+
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::socket::tcp;
+use smoltcp::time::Instant;
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
+
+use crate::pv;
+use crate::resp::{After, Parsed, Store, parse};
+use crate::virtio_net::NetDevice;
+
+/// Port of the echo service.
+pub const ECHO_PORT: u16 = 7;
+/// Port of the sink (receive benchmark).
+pub const SINK_PORT: u16 = 5001;
+/// Port of the source (transmit benchmark).
+pub const SOURCE_PORT: u16 = 5002;
+/// Port of the key-value store.
+pub const REDIS_PORT: u16 = 6379;
+
+/// Longest the loop sleeps in `WAIT` when the stack has no timer due.
+const MAX_WAIT_NS: u64 = 50_000_000;
+/// Bytes of unparsed requests a Redis connection may buffer.
+const REDIS_INPUT_LIMIT: usize = 2 << 20;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Service {
+    Echo,
+    Sink,
+    Source,
+    Redis,
+}
+
+impl Service {
+    fn port(self) -> u16 {
+        match self {
+            Self::Echo => ECHO_PORT,
+            Self::Sink => SINK_PORT,
+            Self::Source => SOURCE_PORT,
+            Self::Redis => REDIS_PORT,
+        }
+    }
+}
+
+struct Connection {
+    handle: SocketHandle,
+    service: Service,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    closing: bool,
+}
+
+/// Guest IPv4 address and prefix from the guest argument: 0 means
+/// 10.77.0.2/24, else bits 0..32 are the address, bits 32..40 the prefix.
+pub fn address_from_arg(arg: u64) -> ([u8; 4], u8) {
+    if arg == 0 {
+        return ([10, 77, 0, 2], 24);
+    }
+    let address = (arg as u32).to_be_bytes();
+    let prefix = ((arg >> 32) & 0xff) as u8;
+    (
+        address,
+        if prefix == 0 || prefix > 32 {
+            24
+        } else {
+            prefix
+        },
+    )
+}
+
+/// Runs the services forever.
+pub fn run() -> ! {
+    crate::heap::init();
+    let mut device = match NetDevice::init() {
+        Ok(device) => device,
+        Err(error) => {
+            crate::println!("net: no usable virtio-net device: {error:?}");
+            pv::done(2)
+        }
+    };
+    let (address, prefix) = address_from_arg(pv::arg());
+    let mac = device.mac();
+    let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
+    config.random_seed = pv::entropy();
+    let mut now_ns = pv::wait(0);
+    let mut iface = Interface::new(config, &mut device, instant(now_ns));
+    iface.update_ip_addrs(|addresses| {
+        let [a, b, c, d] = address;
+        let _ = addresses.push(IpCidr::new(IpAddress::v4(a, b, c, d), prefix));
+    });
+    let mut sockets = SocketSet::new(vec![]);
+    let mut connections = Vec::new();
+    for (service, count, buffer) in [
+        // Redis: more listeners than redis-benchmark's 50 clients, so that a
+        // new round of connections finds listeners while the last round's
+        // sockets are still closing.
+        (Service::Echo, 4, 64 << 10),
+        (Service::Sink, 2, 512 << 10),
+        (Service::Source, 2, 512 << 10),
+        (Service::Redis, 128, 8 << 10),
+    ] {
+        for _ in 0..count {
+            let socket = tcp::Socket::new(
+                tcp::SocketBuffer::new(vec![0; buffer]),
+                tcp::SocketBuffer::new(vec![0; buffer]),
+            );
+            connections.push(Connection {
+                handle: sockets.add(socket),
+                service,
+                input: Vec::new(),
+                output: Vec::new(),
+                closing: false,
+            });
+        }
+    }
+    let [a, b, c, d] = address;
+    crate::println!(
+        "net: {a}.{b}.{c}.{d}/{prefix} mac {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}; echo {ECHO_PORT}, sink {SINK_PORT}, source {SOURCE_PORT}, redis {REDIS_PORT}",
+        mac[0],
+        mac[1],
+        mac[2],
+        mac[3],
+        mac[4],
+        mac[5]
+    );
+    let mut store = Store::default();
+    let pattern: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+    loop {
+        let now = instant(now_ns);
+        iface.poll(now, &mut device, &mut sockets);
+        for connection in connections.iter_mut() {
+            serve(connection, &mut sockets, &mut store, &pattern);
+        }
+        iface.poll(now, &mut device, &mut sockets);
+        device.tx.flush();
+        let wait_ns = match iface.poll_delay(now, &sockets) {
+            Some(delay) => (delay.total_micros() * 1000).min(MAX_WAIT_NS),
+            None => MAX_WAIT_NS,
+        };
+        now_ns = pv::wait(wait_ns);
+    }
+}
+
+fn instant(ns: u64) -> Instant {
+    Instant::from_micros((ns / 1000) as i64)
+}
+
+fn serve(
+    connection: &mut Connection,
+    sockets: &mut SocketSet<'_>,
+    store: &mut Store,
+    pattern: &[u8],
+) {
+    let socket = sockets.get_mut::<tcp::Socket>(connection.handle);
+    if !socket.is_open() {
+        connection.input.clear();
+        connection.output.clear();
+        connection.closing = false;
+        let _ = socket.listen(connection.service.port());
+        return;
+    }
+    match connection.service {
+        Service::Sink => {
+            while socket.can_recv() {
+                if socket.recv(|data| (data.len(), ())).is_err() {
+                    break;
+                }
+            }
+        }
+        Service::Source => {
+            while socket.can_send() {
+                let sent = socket.send(|buffer| {
+                    let len = buffer.len().min(pattern.len());
+                    buffer[..len].copy_from_slice(&pattern[..len]);
+                    (len, len)
+                });
+                if !matches!(sent, Ok(len) if len > 0) {
+                    break;
+                }
+            }
+        }
+        Service::Echo => {
+            if connection.output.is_empty() && socket.can_recv() {
+                let _ = socket.recv(|data| {
+                    connection.output.extend_from_slice(data);
+                    (data.len(), ())
+                });
+            }
+        }
+        Service::Redis => {
+            if socket.can_recv() && connection.input.len() < REDIS_INPUT_LIMIT {
+                let _ = socket.recv(|data| {
+                    connection.input.extend_from_slice(data);
+                    (data.len(), ())
+                });
+            }
+            let mut used = 0;
+            while !connection.closing {
+                match parse(&connection.input[used..]) {
+                    Parsed::Incomplete => break,
+                    Parsed::Command(args, consumed) => {
+                        used += consumed;
+                        if store.execute(&args, &mut connection.output) == After::Close {
+                            connection.closing = true;
+                        }
+                    }
+                    Parsed::Error(message) => {
+                        connection
+                            .output
+                            .extend_from_slice(b"-ERR Protocol error: ");
+                        connection.output.extend_from_slice(message.as_bytes());
+                        connection.output.extend_from_slice(b"\r\n");
+                        connection.closing = true;
+                    }
+                }
+            }
+            connection.input.drain(..used);
+        }
+    }
+    if !connection.output.is_empty() && socket.can_send() {
+        if let Ok(sent) = socket.send_slice(&connection.output) {
+            connection.output.drain(..sent);
+        }
+    }
+    let peer_done = !socket.may_recv() && socket.state() == tcp::State::CloseWait;
+    if connection.output.is_empty() && (connection.closing || peer_done) {
+        socket.close();
+    }
+}
