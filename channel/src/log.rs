@@ -32,7 +32,7 @@
 //! | 3    | Input    | input-stream bytes copied into guest memory (flag bit 0: end of input, payload empty) |
 //! | 4    | Digest   | [`DigestRecord`]: hashes of the registers and of memory after the exit |
 //! | 5    | Progress | none: the primary has passed `exit` with no other event (live streaming) |
-//! | 6    | End      | u64: the guest's exit code; `exit` is its last exit |
+//! | 6    | End      | u64: the guest's exit code; `exit` is its last exit (flag bit 0: stopped by the host; the payload is then the final [`DigestRecord`]) |
 //! | 7    | RxFrames | network frames delivered into the guest's RX queue: repeated `u32 length` + frame bytes |
 //!
 //! # Log file layout
@@ -69,6 +69,9 @@ pub const ENTRY_HEADER_LEN: usize = size_of::<EntryHeader>();
 pub const MAX_PAYLOAD_LEN: u32 = 16 << 20;
 /// `flags` bit of an Input entry: the input stream has ended.
 pub const FLAG_INPUT_EOF: u16 = 1;
+/// `flags` bit of an End entry: the host stopped the guest (the guest did
+/// not finish by itself; the payload is the final [`DigestRecord`]).
+pub const FLAG_END_STOPPED: u16 = 1;
 
 /// What an entry records. The discriminants are the wire values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -154,6 +154,28 @@ fn execute(command: Command) -> Result<(), CliError> {
     }
 }
 
+/// Set by SIGINT/SIGTERM: the run stops at the guest's next exit, and a
+/// recording ends with a stop record (so that its replay ends there too).
+static STOP: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+
+extern "C" fn request_stop(_signal: libc::c_int) {
+    // Only an atomic load and store: async-signal-safe.
+    if let Some(flag) = STOP.get() {
+        flag.store(true, Ordering::Relaxed);
+    }
+}
+
+fn stop_flag() -> Arc<AtomicBool> {
+    let flag = STOP.get_or_init(|| Arc::new(AtomicBool::new(false)));
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: installs a handler that only touches an atomic through an
+        // initialised OnceLock (async-signal-safe); `request_stop` has the
+        // signature `signal` expects.
+        unsafe { libc::signal(signal, request_stop as *const () as libc::sighandler_t) };
+    }
+    Arc::clone(flag)
+}
+
 fn console(quiet: bool) -> Box<dyn Write + Send> {
     if quiet {
         Box::new(std::io::sink())
@@ -244,7 +266,8 @@ fn run(args: &RunArgs) -> Result<(), CliError> {
     let events = Network::live(
         &network,
         Live::new(open_input(args.input.as_ref())?, Discard),
-    );
+    )
+    .with_stop(stop_flag());
     let mut machine = Machine::new(
         &vm_config(args),
         guest.bytes(),
@@ -256,9 +279,9 @@ fn run(args: &RunArgs) -> Result<(), CliError> {
     Network::attach(&network, &mut machine)?;
     let summary = machine.run()?;
     eprintln!(
-        "lockstep: guest {} exited with code {} after {} exits in {:.3} s ({:.0} exits/s)",
+        "lockstep: guest {} {} after {} exits in {:.3} s ({:.0} exits/s)",
         guest.name(),
-        summary.exit_code,
+        ending(&summary),
         summary.exits,
         summary.elapsed.as_secs_f64(),
         summary.exits_per_second()
@@ -284,7 +307,8 @@ fn record(args: &RunArgs, log: &PathBuf, digest_interval: u64) -> Result<(), Cli
     })?;
     let sink = LogSink::new(LogWriter::new(BufWriter::new(file), &meta)?);
     let network = Network::open(args)?;
-    let events = Network::live(&network, Live::new(open_input(args.input.as_ref())?, sink));
+    let events = Network::live(&network, Live::new(open_input(args.input.as_ref())?, sink))
+        .with_stop(stop_flag());
     let mut machine = Machine::new(
         &config,
         guest.bytes(),
@@ -311,13 +335,13 @@ fn record(args: &RunArgs, log: &PathBuf, digest_interval: u64) -> Result<(), Cli
             source,
         })?;
     eprintln!(
-        "lockstep: recorded {} exits, {} log entries ({} bytes), {} digests; guest {} exited with code {} in {:.3} s",
+        "lockstep: recorded {} exits, {} log entries ({} bytes), {} digests; guest {} {} in {:.3} s",
         summary.exits,
         entries,
         bytes,
         summary.digests,
         guest.name(),
-        summary.exit_code,
+        ending(&summary),
         summary.elapsed.as_secs_f64()
     );
     Ok(())
@@ -356,15 +380,23 @@ fn replay(log: &PathBuf, guest: Option<&str>, quiet: bool) -> Result<(), CliErro
     let summary = machine.run()?;
     let stats = machine.events().stats();
     println!(
-        "replayed {} exits and {} events; {} of {} digests matched; guest {} exited with code {}",
+        "replayed {} exits and {} events; {} of {} digests matched; guest {} {}",
         summary.exits,
         stats.events,
         stats.digests_matched,
         summary.digests,
         guest.name(),
-        summary.exit_code
+        ending(&summary)
     );
     Ok(())
+}
+
+fn ending(summary: &vmm::RunSummary) -> String {
+    if summary.stopped {
+        "was stopped by the host".to_string()
+    } else {
+        format!("exited with code {}", summary.exit_code)
+    }
 }
 
 fn demo(log: Option<PathBuf>) -> Result<(), CliError> {

@@ -13,11 +13,12 @@ use std::io::Read;
 use std::time::Instant;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use channel::log::{
-    DigestRecord, Entry, EntryKind, FLAG_INPUT_EOF, LogReader, LogWriter, decode_frames,
-    encode_frames,
+    DigestRecord, Entry, EntryKind, FLAG_END_STOPPED, FLAG_INPUT_EOF, LogReader, LogWriter,
+    decode_frames, encode_frames,
 };
 use nic::tap::RxQueue;
 use zerocopy::IntoBytes;
@@ -49,6 +50,13 @@ pub trait EventSource {
     fn digest(&mut self, exit: u64, digest: &Digest) -> Result<(), VmmError>;
     /// The guest finished at `exit` with `code`.
     fn end(&mut self, exit: u64, code: u64) -> Result<(), VmmError>;
+    /// Whether the run is to stop after `exit` although the guest has not
+    /// finished (the operator stopped the primary; a replay reached the
+    /// point where the recording was stopped).
+    fn stop_requested(&mut self, exit: u64) -> Result<bool, VmmError>;
+    /// The run stops after `exit` on the host's request, in state `digest`
+    /// (carried by the stop record, so a replay checks where it stops).
+    fn stopped(&mut self, exit: u64, digest: &Digest) -> Result<(), VmmError>;
 }
 
 /// Where a [`Live`] source sends the events it produces.
@@ -140,6 +148,7 @@ pub struct Live<S: EventSink> {
     origin: Instant,
     input: Box<dyn Read + Send>,
     network: Option<Arc<RxQueue>>,
+    stop: Option<Arc<AtomicBool>>,
     sink: S,
     stats: LiveStats,
 }
@@ -151,6 +160,7 @@ impl<S: EventSink> Live<S> {
             origin: Instant::now(),
             input,
             network: None,
+            stop: None,
             sink,
             stats: LiveStats::default(),
         }
@@ -159,6 +169,13 @@ impl<S: EventSink> Live<S> {
     /// Takes received network frames from `queue` (filled by the TAP reader).
     pub fn with_network(mut self, queue: Arc<RxQueue>) -> Self {
         self.network = Some(queue);
+        self
+    }
+
+    /// Stops the run at the next exit once `flag` is set (by a signal
+    /// handler, say), logging a stop record so that replay ends there too.
+    pub fn with_stop(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.stop = Some(flag);
         self
     }
 
@@ -250,6 +267,23 @@ impl<S: EventSink> EventSource for Live<S> {
 
     fn end(&mut self, exit: u64, code: u64) -> Result<(), VmmError> {
         self.log(EntryKind::End, 0, exit, &code.to_le_bytes())?;
+        self.sink.flush()
+    }
+
+    fn stop_requested(&mut self, _exit: u64) -> Result<bool, VmmError> {
+        Ok(self
+            .stop
+            .as_ref()
+            .is_some_and(|flag| flag.load(Ordering::Relaxed)))
+    }
+
+    fn stopped(&mut self, exit: u64, digest: &Digest) -> Result<(), VmmError> {
+        self.log(
+            EntryKind::End,
+            FLAG_END_STOPPED,
+            exit,
+            digest.record().as_bytes(),
+        )?;
         self.sink.flush()
     }
 }
@@ -444,8 +478,49 @@ impl<R: Read> EventSource for Replay<R> {
         Ok(())
     }
 
+    fn stop_requested(&mut self, exit: u64) -> Result<bool, VmmError> {
+        // At the end of the log, carry on: the next event the guest needs
+        // reports the log as incomplete.
+        match self.peek(exit) {
+            Ok(next) => Ok(next.kind == EntryKind::End
+                && next.exit == exit
+                && next.flags & FLAG_END_STOPPED != 0),
+            Err(VmmError::LogIncomplete { .. }) => Ok(false),
+            Err(other) => Err(other),
+        }
+    }
+
+    fn stopped(&mut self, exit: u64, digest: &Digest) -> Result<(), VmmError> {
+        let entry = self.take(exit, EntryKind::End)?;
+        let recorded = entry.digest().ok_or_else(|| {
+            VmmError::LogMismatch(format!("stop record {} does not carry a digest", entry.seq))
+        })?;
+        if let Some(difference) = digest.compare(&recorded) {
+            return Err(VmmError::Diverged {
+                exit,
+                detail: difference,
+            });
+        }
+        self.stats.digests_matched += 1;
+        if let Some(extra) = self.reader.next_entry()? {
+            return Err(VmmError::LogMismatch(format!(
+                "the recording was stopped at exit {exit}, but the log goes on with entry {} ({} at exit {})",
+                extra.seq, extra.kind, extra.exit
+            )));
+        }
+        Ok(())
+    }
+
     fn end(&mut self, exit: u64, code: u64) -> Result<(), VmmError> {
         let entry = self.take(exit, EntryKind::End)?;
+        if entry.flags & FLAG_END_STOPPED != 0 {
+            return Err(VmmError::Diverged {
+                exit,
+                detail: format!(
+                    "the guest ends with code {code}, but the recording was stopped by the host here"
+                ),
+            });
+        }
         let recorded = entry.payload_u64().unwrap_or(u64::MAX);
         if recorded != code {
             return Err(VmmError::Diverged {

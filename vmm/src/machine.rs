@@ -29,8 +29,10 @@ pub struct Machine<E: EventSource> {
 /// How a run ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RunSummary {
-    /// The guest's exit code.
+    /// The guest's exit code (0 if the host stopped it).
     pub exit_code: u64,
+    /// The host stopped the guest before it finished.
+    pub stopped: bool,
     /// Guest-initiated exits handled (the last is the `DONE` write).
     pub exits: u64,
     /// Digests taken.
@@ -125,27 +127,47 @@ impl<E: EventSource> Machine<E> {
             };
             match action {
                 ExitAction::Resume(_) => {
-                    if self.digest_interval != 0 && number.is_multiple_of(self.digest_interval) {
+                    let digest_due =
+                        self.digest_interval != 0 && number.is_multiple_of(self.digest_interval);
+                    if self.events.stop_requested(number)? {
+                        let final_digest = Digest::of(&self.vm)?;
+                        self.digests += 1;
+                        self.events.stopped(number, &final_digest)?;
+                        return self.finish(number, 0, true, final_digest, started);
+                    }
+                    if digest_due {
                         self.take_digest(number)?;
                     }
                 }
                 ExitAction::Stop(exit_code) => {
                     let final_digest = self.take_digest(number)?;
                     self.events.end(number, exit_code)?;
-                    self.console.flush().map_err(|source| VmmError::Io {
-                        what: "flush guest console output".into(),
-                        source,
-                    })?;
-                    return Ok(RunSummary {
-                        exit_code,
-                        exits: number,
-                        digests: self.digests,
-                        elapsed: started.elapsed(),
-                        final_digest,
-                    });
+                    return self.finish(number, exit_code, false, final_digest, started);
                 }
             }
         }
+    }
+
+    fn finish(
+        &mut self,
+        exits: u64,
+        exit_code: u64,
+        stopped: bool,
+        final_digest: Digest,
+        started: Instant,
+    ) -> Result<RunSummary, VmmError> {
+        self.console.flush().map_err(|source| VmmError::Io {
+            what: "flush guest console output".into(),
+            source,
+        })?;
+        Ok(RunSummary {
+            exit_code,
+            stopped,
+            exits,
+            digests: self.digests,
+            elapsed: started.elapsed(),
+            final_digest,
+        })
     }
 
     fn take_digest(&mut self, exit: u64) -> Result<Digest, VmmError> {
