@@ -34,7 +34,7 @@ enum Command {
     Run(RunArgs),
     /// Run a guest and record its non-deterministic events to a log file.
     Record {
-        /// The log file to write.
+        /// The log file to write; `-` streams it to stdout for a live backup.
         #[arg(long)]
         log: PathBuf,
         #[command(flatten)]
@@ -45,7 +45,7 @@ enum Command {
     },
     /// Replay a log against a fresh guest and check every digest.
     Replay {
-        /// The log file to replay.
+        /// The log file to replay; `-` reads a live stream from stdin.
         #[arg(long)]
         log: PathBuf,
         /// The guest the log was recorded from (default: the one it names).
@@ -300,21 +300,46 @@ fn record(args: &RunArgs, log: &PathBuf, digest_interval: u64) -> Result<(), Cli
         vm_flags: config.flags(),
         guest_name: guest.name().to_string(),
     };
-    let file = File::create(log).map_err(|source| CliError::File {
-        what: "cannot create the log file",
-        path: log.clone(),
-        source,
-    })?;
-    let sink = LogSink::new(LogWriter::new(BufWriter::new(file), &meta)?);
+    // `--log -` streams to stdout for a live backup (`lockstep replay --log -`
+    // at the other end of a pipe): Progress marks and a flush at every sync
+    // point, and the guest's console moves to stderr.
+    let streaming = log.as_os_str() == "-";
+    let (out, file): (Box<dyn Write + Send>, Option<File>) = if streaming {
+        (Box::new(std::io::stdout()), None)
+    } else {
+        let file = File::create(log).map_err(|source| CliError::File {
+            what: "cannot create the log file",
+            path: log.clone(),
+            source,
+        })?;
+        let handle = file.try_clone().map_err(|source| CliError::File {
+            what: "cannot use the log file",
+            path: log.clone(),
+            source,
+        })?;
+        (Box::new(file), Some(handle))
+    };
+    let sink = LogSink::new(LogWriter::new(
+        BufWriter::with_capacity(1 << 16, out),
+        &meta,
+    )?);
     let network = Network::open(args)?;
-    let events = Network::live(&network, Live::new(open_input(args.input.as_ref())?, sink))
+    let mut events = Network::live(&network, Live::new(open_input(args.input.as_ref())?, sink))
         .with_stop(stop_flag());
+    if streaming {
+        events = events.streaming();
+    }
+    let console: Box<dyn Write + Send> = match (args.quiet, streaming) {
+        (true, _) => Box::new(std::io::sink()),
+        (false, true) => Box::new(std::io::stderr()),
+        (false, false) => Box::new(std::io::stdout()),
+    };
     let mut machine = Machine::new(
         &config,
         guest.bytes(),
         args.arg,
         events,
-        console(args.quiet),
+        console,
         digest_interval,
     )?;
     Network::attach(&network, &mut machine)?;
@@ -322,18 +347,19 @@ fn record(args: &RunArgs, log: &PathBuf, digest_interval: u64) -> Result<(), Cli
     let sink = machine.into_events().into_sink();
     let (entries, bytes) = (sink.entries(), sink.bytes());
     sink.into_inner()?
-        .into_inner()
-        .map_err(|e| CliError::File {
+        .flush()
+        .map_err(|source| CliError::File {
             what: "cannot write the log file",
             path: log.clone(),
-            source: e.into_error(),
-        })?
-        .sync_all()
-        .map_err(|source| CliError::File {
+            source,
+        })?;
+    if let Some(file) = file {
+        file.sync_all().map_err(|source| CliError::File {
             what: "cannot sync the log file",
             path: log.clone(),
             source,
         })?;
+    }
     eprintln!(
         "lockstep: recorded {} exits, {} log entries ({} bytes), {} digests; guest {} {} in {:.3} s",
         summary.exits,
@@ -348,12 +374,16 @@ fn record(args: &RunArgs, log: &PathBuf, digest_interval: u64) -> Result<(), Cli
 }
 
 fn replay(log: &PathBuf, guest: Option<&str>, quiet: bool) -> Result<(), CliError> {
-    let file = File::open(log).map_err(|source| CliError::File {
-        what: "cannot open the log file",
-        path: log.clone(),
-        source,
-    })?;
-    let reader = LogReader::new(BufReader::new(file))?;
+    let input: Box<dyn Read + Send> = if log.as_os_str() == "-" {
+        Box::new(std::io::stdin())
+    } else {
+        Box::new(File::open(log).map_err(|source| CliError::File {
+            what: "cannot open the log file",
+            path: log.clone(),
+            source,
+        })?)
+    };
+    let reader = LogReader::new(BufReader::with_capacity(1 << 16, input))?;
     let meta = reader.meta().clone();
     let guest = GuestImage::resolve(guest.unwrap_or(&meta.guest_name))?;
     if guest.id() != meta.image_id {

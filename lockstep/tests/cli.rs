@@ -181,3 +181,42 @@ fn missing_kvm_device_is_a_clear_error() {
     assert!(!output.status.success(), "{stderr}");
     assert!(stderr.contains("/dev/kvm does not exist"), "{stderr}");
 }
+
+#[test]
+fn a_live_backup_replays_in_lockstep_through_a_pipe() {
+    let dir = temp_dir();
+    let input = dir.path().join("input.bin");
+    std::fs::write(&input, vec![7u8; 100_000]).expect("input");
+    let mut primary = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args([
+            "record",
+            "--log",
+            "-",
+            "--guest",
+            "fold",
+            "--arg",
+            "1500",
+            "--quiet",
+            "--digest-interval",
+            "100",
+        ])
+        .arg("--input")
+        .arg(&input)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("primary");
+    let stream = primary.stdout.take().expect("primary stdout");
+    let backup = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args(["replay", "--log", "-", "--quiet"])
+        .stdin(stream)
+        .output()
+        .expect("backup");
+    let primary = primary.wait_with_output().expect("primary exit");
+    assert!(primary.status.success(), "{}", text(&primary.stderr));
+    let summary = text(&backup.stdout);
+    assert!(backup.status.success(), "{summary}{}", text(&backup.stderr));
+    let words: Vec<&str> = summary.split_whitespace().collect();
+    assert_eq!(words[6], words[8], "every digest matches: {summary}");
+    assert!(words[6].parse::<u64>().expect("digests") >= 30, "{summary}");
+}

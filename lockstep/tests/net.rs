@@ -246,3 +246,61 @@ fn tap_without_privileges_or_bad_name_is_a_clear_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_live_backup_follows_a_serving_primary_exit_by_exit() {
+    let subnet = 92;
+    let tap = Tap::new(subnet);
+    let arg = guest_arg(subnet);
+    let mut primary = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args([
+            "record",
+            "--guest",
+            "net",
+            "--tap",
+            &tap.name,
+            "--arg",
+            &arg,
+            "--log",
+            "-",
+            "--digest-interval",
+            "200",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("primary");
+    let stream = primary.stdout.take().expect("primary stdout");
+    let backup = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args(["replay", "--log", "-", "--quiet"])
+        .stdin(stream)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("backup");
+    let host = format!("10.77.{subnet}.2");
+    let mut stream = connect(&format!("{host}:6379"));
+    for expected in 1..=300 {
+        assert_eq!(
+            command(&mut stream, &["INCR", "lockstep"]),
+            format!(":{expected}")
+        );
+    }
+    drop(stream);
+    let primary_output = stop(primary);
+    assert!(
+        String::from_utf8_lossy(&primary_output.stderr).contains("was stopped by the host"),
+        "{}",
+        String::from_utf8_lossy(&primary_output.stderr)
+    );
+    let backup = backup.wait_with_output().expect("backup");
+    let summary = String::from_utf8_lossy(&backup.stdout);
+    assert!(
+        backup.status.success(),
+        "{summary}{}",
+        String::from_utf8_lossy(&backup.stderr)
+    );
+    let words: Vec<&str> = summary.split_whitespace().collect();
+    assert_eq!(words[6], words[8], "every digest matches: {summary}");
+    assert!(summary.contains("was stopped by the host"), "{summary}");
+}

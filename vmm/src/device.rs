@@ -78,6 +78,9 @@ pub struct ExitContext<'a, E: EventSource> {
     pub console: &'a mut dyn Write,
     /// The network device, if the VM has one.
     pub net: Option<&'a mut NetState>,
+    /// Set by [`handle_exit`] when the exit is a sync point (the guest waits
+    /// for input or produced output): the event source must flush.
+    pub sync: bool,
 }
 
 /// Handles exit number `exit` of kind `kind`.
@@ -101,6 +104,7 @@ pub fn handle_exit<E: EventSource>(
                 .write(addr - NET_BASE, len, value as u32)
                 .map_err(|e| guest_error(e.to_string()))?;
             if effect == WriteEffect::TxNotify {
+                context.sync = true;
                 let mut frames = Vec::new();
                 net.device
                     .collect_tx(context.memory, &mut frames)
@@ -200,6 +204,7 @@ fn read_register<E: EventSource>(
             }
         }
         reg::WAIT => {
+            context.sync = true;
             let mut raw = [0u8; 8];
             context
                 .memory
@@ -217,6 +222,10 @@ fn read_register<E: EventSource>(
                 }
                 None => 0,
             };
+            if !wait.is_zero() {
+                // The guest may sleep here: let the backup catch up first.
+                context.events.sync(exit - 1)?;
+            }
             let frames = context.events.net_rx(exit, buffers, wait)?;
             if let Some(net) = context.net.as_deref_mut() {
                 net.device
@@ -335,6 +344,7 @@ mod tests {
                 events: &mut self.events,
                 console: &mut self.console,
                 net: None,
+                sync: false,
             };
             handle_exit(kind, 7, &mut context)
         }

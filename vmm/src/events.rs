@@ -46,6 +46,12 @@ pub trait EventSource {
     /// The log position of the last event so far: output produced now may
     /// leave only when the backup has acknowledged this position.
     fn log_position(&self) -> u64;
+    /// A point where the backup must hear of everything so far (the guest
+    /// is about to wait, or has produced output): a live source flushes its
+    /// sink, first marking `exit` as passed if nothing was logged for it.
+    fn sync(&mut self, _exit: u64) -> Result<(), VmmError> {
+        Ok(())
+    }
     /// The state digest after `exit` (logged, or checked against the log).
     fn digest(&mut self, exit: u64, digest: &Digest) -> Result<(), VmmError>;
     /// The guest finished at `exit` with `code`.
@@ -146,6 +152,8 @@ pub struct LiveStats {
 /// Values from the host, each handed to the sink before the guest sees it.
 pub struct Live<S: EventSink> {
     origin: Instant,
+    last_logged_exit: u64,
+    progress: bool,
     input: Box<dyn Read + Send>,
     network: Option<Arc<RxQueue>>,
     stop: Option<Arc<AtomicBool>>,
@@ -158,6 +166,8 @@ impl<S: EventSink> Live<S> {
     pub fn new(input: Box<dyn Read + Send>, sink: S) -> Self {
         Self {
             origin: Instant::now(),
+            last_logged_exit: 0,
+            progress: false,
             input,
             network: None,
             stop: None,
@@ -176,6 +186,13 @@ impl<S: EventSink> Live<S> {
     /// handler, say), logging a stop record so that replay ends there too.
     pub fn with_stop(mut self, flag: Arc<AtomicBool>) -> Self {
         self.stop = Some(flag);
+        self
+    }
+
+    /// Streams to a live backup: at each sync point, mark the exit as passed
+    /// (a Progress entry) if nothing else was logged for it, and flush.
+    pub fn streaming(mut self) -> Self {
+        self.progress = true;
         self
     }
 
@@ -198,6 +215,7 @@ impl<S: EventSink> Live<S> {
     ) -> Result<(), VmmError> {
         self.stats.events += 1;
         self.stats.payload_bytes += payload.len() as u64;
+        self.last_logged_exit = exit;
         self.sink.append(kind, flags, exit, payload)
     }
 }
@@ -270,6 +288,16 @@ impl<S: EventSink> EventSource for Live<S> {
         self.sink.flush()
     }
 
+    fn sync(&mut self, exit: u64) -> Result<(), VmmError> {
+        if !self.progress {
+            return Ok(());
+        }
+        if self.last_logged_exit < exit {
+            self.log(EntryKind::Progress, 0, exit, &[])?;
+        }
+        self.sink.flush()
+    }
+
     fn stop_requested(&mut self, _exit: u64) -> Result<bool, VmmError> {
         Ok(self
             .stop
@@ -297,6 +325,8 @@ pub struct ReplayStats {
     pub digests_matched: u64,
     /// Log entries consumed in all.
     pub entries: u64,
+    /// Progress marks consumed (live streaming).
+    pub progress_marks: u64,
 }
 
 /// Values from a log, checked against what the guest asks for.
@@ -321,20 +351,35 @@ impl<R: Read> Replay<R> {
         self.stats
     }
 
+    /// The next entry that matters at `exit`. Progress marks for earlier
+    /// exits are consumed on the way: they only said that nothing happened
+    /// there. Blocks until the entry arrives when the log is a live stream:
+    /// that is how a backup never runs past an exit it cannot vouch for.
     fn peek(&mut self, exit: u64) -> Result<&Entry, VmmError> {
-        if self.next.is_none() {
-            let entry = self.reader.next_entry()?.ok_or(VmmError::LogIncomplete {
-                exit,
-                entries: self.stats.entries,
-            })?;
-            let expected = self.stats.entries + 1;
-            if entry.seq != expected {
-                return Err(VmmError::LogMismatch(format!(
-                    "log entry {expected} has sequence number {}: entries are missing or out of order",
-                    entry.seq
-                )));
+        loop {
+            if self.next.is_none() {
+                let entry = self.reader.next_entry()?.ok_or(VmmError::LogIncomplete {
+                    exit,
+                    entries: self.stats.entries,
+                })?;
+                let expected = self.stats.entries + 1;
+                if entry.seq != expected {
+                    return Err(VmmError::LogMismatch(format!(
+                        "log entry {expected} has sequence number {}: entries are missing or out of order",
+                        entry.seq
+                    )));
+                }
+                self.next = Some(entry);
             }
-            self.next = Some(entry);
+            match &self.next {
+                Some(entry) if entry.kind == EntryKind::Progress && entry.exit < exit => {
+                    self.next = None;
+                    self.stats.entries += 1;
+                    self.stats.progress_marks += 1;
+                }
+                Some(_) => break,
+                None => {}
+            }
         }
         self.next.as_ref().ok_or(VmmError::LogIncomplete {
             exit,

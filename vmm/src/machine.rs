@@ -110,6 +110,7 @@ impl<E: EventSource> Machine<E> {
                 events: &mut self.events,
                 console: &mut self.console,
                 net: self.net.as_mut(),
+                sync: false,
             };
             let mut read_action = None;
             let exit = self.vm.run(|exit| {
@@ -125,6 +126,7 @@ impl<E: EventSource> Machine<E> {
                 Some(action) => action,
                 None => handle_exit(exit, number, &mut context)?,
             };
+            let sync = context.sync;
             match action {
                 ExitAction::Resume(_) => {
                     let digest_due =
@@ -137,6 +139,9 @@ impl<E: EventSource> Machine<E> {
                     }
                     if digest_due {
                         self.take_digest(number)?;
+                    }
+                    if sync {
+                        self.events.sync(number)?;
                     }
                 }
                 ExitAction::Stop(exit_code) => {
