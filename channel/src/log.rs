@@ -688,6 +688,11 @@ impl<R: Read> LogReader<R> {
     pub fn offset(&self) -> u64 {
         self.offset
     }
+
+    /// The underlying reader (to see, say, whether a buffer has drained).
+    pub fn input(&self) -> &R {
+        &self.input
+    }
 }
 
 /// Reads until `buf` is full or the input ends; returns the bytes read.

@@ -55,6 +55,37 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Run a guest as the primary of a fault-tolerant pair: stream its log
+    /// to the backup and hold every output until the backup has it.
+    Primary {
+        /// The backup's address (`lockstep backup --listen`).
+        #[arg(long, default_value = "127.0.0.1:7700")]
+        backup: String,
+        #[command(flatten)]
+        run: RunArgs,
+        /// Take a state digest every this many exits (0: only at the end).
+        #[arg(long, default_value_t = 1000)]
+        digest_interval: u64,
+    },
+    /// Wait for a primary and replay its guest in lockstep, output suppressed.
+    Backup {
+        /// Address to listen on for the primary.
+        #[arg(long, default_value = "127.0.0.1:7700")]
+        listen: String,
+        /// Do not print the guest's console output.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// The embedded default deployment: a backup and a primary on this host,
+    /// the `net` guest on TAP lstap0 at 10.77.0.2, until interrupted.
+    Up {
+        /// TAP interface (created with 10.77.0.1/24 if missing).
+        #[arg(long, default_value = "lstap0")]
+        tap: String,
+        /// Link address between primary and backup.
+        #[arg(long, default_value = "127.0.0.1:7700")]
+        link: String,
+    },
     /// The embedded default: record the `fold` guest fed with 1 MiB of input,
     /// then replay the log in a fresh VM and check every digest.
     Demo {
@@ -112,6 +143,8 @@ enum CliError {
     Bench(#[from] perf::BenchError),
     #[error(transparent)]
     Nic(#[from] nic::NicError),
+    #[error(transparent)]
+    Replica(#[from] replica::ReplicaError),
     #[error("{what} {path}")]
     File {
         what: &'static str,
@@ -150,6 +183,13 @@ fn execute(command: Command) -> Result<(), CliError> {
         } => record(&run, &log, digest_interval),
         Command::Replay { log, guest, quiet } => replay(&log, guest.as_deref(), quiet),
         Command::Demo { log } => demo(log),
+        Command::Primary {
+            backup,
+            run,
+            digest_interval,
+        } => primary(&run, &backup, digest_interval),
+        Command::Backup { listen, quiet } => backup(&listen, quiet),
+        Command::Up { tap, link } => up(&tap, &link),
         Command::Bench { name, quick, json } => bench(name.as_deref(), quick, json),
     }
 }
@@ -217,6 +257,12 @@ struct Network {
 
 impl Network {
     fn open(args: &RunArgs) -> Result<Option<Self>, CliError> {
+        Self::open_with(args, false)
+    }
+
+    /// With `gated`, frames are held until acknowledged (a primary with a
+    /// backup); otherwise they leave at once (FT off).
+    fn open_with(args: &RunArgs, gated: bool) -> Result<Option<Self>, CliError> {
         let Some(name) = &args.tap else {
             return Ok(None);
         };
@@ -224,7 +270,12 @@ impl Network {
         let queue = Arc::new(RxQueue::default());
         let stop = Arc::new(AtomicBool::new(false));
         let reader = tap.spawn_reader(Arc::clone(&queue), Arc::clone(&stop))?;
-        let gate = Arc::new(OutputGate::open(Box::new(tap.writer()?)));
+        let out = Box::new(tap.writer()?);
+        let gate = Arc::new(if gated {
+            OutputGate::new(out)
+        } else {
+            OutputGate::open(out)
+        });
         Ok(Some(Self {
             queue,
             gate,
@@ -418,6 +469,231 @@ fn replay(log: &PathBuf, guest: Option<&str>, quiet: bool) -> Result<(), CliErro
         guest.name(),
         ending(&summary)
     );
+    Ok(())
+}
+
+fn log_meta(guest: &GuestImage, config: &VmConfig, arg: u64, digest_interval: u64) -> LogMeta {
+    LogMeta {
+        image_id: guest.id(),
+        mem_size: config.mem_size,
+        guest_arg: arg,
+        digest_interval,
+        vm_flags: config.flags(),
+        guest_name: guest.name().to_string(),
+    }
+}
+
+fn primary(args: &RunArgs, backup: &str, digest_interval: u64) -> Result<(), CliError> {
+    let guest = GuestImage::resolve(&args.guest)?;
+    let config = vm_config(args);
+    let meta = log_meta(&guest, &config, args.arg, digest_interval);
+    let (sink, ack_stream) =
+        replica::primary::connect(backup, &meta, std::time::Duration::from_secs(30))?;
+    eprintln!("lockstep primary: streaming to the backup at {backup}");
+    let network = Network::open_with(args, true)?;
+    let gate = network.as_ref().map(|network| Arc::clone(&network.gate));
+    let acks = match &gate {
+        Some(gate) => replica::primary::AckReader::spawn(ack_stream, Arc::clone(gate))?,
+        None => replica::primary::AckReader::spawn(
+            ack_stream,
+            Arc::new(OutputGate::open(Box::new(NoOutput))),
+        )?,
+    };
+    let events = Network::live(&network, Live::new(open_input(args.input.as_ref())?, sink))
+        .streaming()
+        .with_stop(stop_flag());
+    let mut machine = Machine::new(
+        &config,
+        guest.bytes(),
+        args.arg,
+        events,
+        console(args.quiet),
+        digest_interval,
+    )?;
+    Network::attach(&network, &mut machine)?;
+    let summary = machine.run()?;
+    let sink = machine.into_events().into_sink();
+    let entries = sink.entries();
+    let stream = sink
+        .into_inner()?
+        .into_inner()
+        .map_err(|e| CliError::File {
+            what: "cannot flush the link to",
+            path: PathBuf::from(backup),
+            source: e.into_error(),
+        })?;
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let all_acked = acks.wait_for(entries, std::time::Duration::from_secs(10));
+    let state = acks.state();
+    eprintln!(
+        "lockstep primary: guest {} {} after {} exits; {} log entries, {} acks, backup acknowledged {} ({})",
+        guest.name(),
+        ending(&summary),
+        summary.exits,
+        entries,
+        state.acks,
+        state.acked,
+        if all_acked {
+            "everything"
+        } else {
+            "NOT everything"
+        }
+    );
+    if let Some(gate) = gate {
+        let stats = gate.stats();
+        eprintln!(
+            "lockstep primary: output gate released {} frames, held at most {}; hold time p50 {} µs, p99 {} µs, p99.9 {} µs",
+            stats.released,
+            stats.max_held,
+            stats.hold_ns.value_at_quantile(0.5) / 1000,
+            stats.hold_ns.value_at_quantile(0.99) / 1000,
+            stats.hold_ns.value_at_quantile(0.999) / 1000
+        );
+    }
+    acks.join();
+    Ok(())
+}
+
+/// Output of a primary without a NIC: nothing to send.
+struct NoOutput;
+
+impl nic::gate::FrameOut for NoOutput {
+    fn send(&mut self, _frame: &[u8]) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn backup(listen: &str, quiet: bool) -> Result<(), CliError> {
+    let listener = std::net::TcpListener::bind(listen).map_err(|source| CliError::File {
+        what: "cannot listen on",
+        path: PathBuf::from(listen),
+        source,
+    })?;
+    eprintln!("lockstep backup: listening on {listen}");
+    let (meta, source, peer) = replica::backup::accept(&listener)?;
+    let guest = GuestImage::resolve(&meta.guest_name)?;
+    if guest.id() != meta.image_id {
+        return Err(VmmError::LogMismatch(format!(
+            "the primary at {peer} runs guest '{}' (image {:016x}), but this backup's '{}' is image {:016x}",
+            meta.guest_name,
+            meta.image_id,
+            guest.name(),
+            guest.id()
+        ))
+        .into());
+    }
+    eprintln!(
+        "lockstep backup: primary {peer} connected, replaying guest {} in lockstep",
+        guest.name()
+    );
+    let config = VmConfig::with_flags(meta.mem_size, meta.vm_flags);
+    let mut machine = Machine::new(
+        &config,
+        guest.bytes(),
+        meta.guest_arg,
+        Replay::new(source),
+        console(quiet),
+        meta.digest_interval,
+    )?;
+    let result = machine.run();
+    let stats = machine.events().stats();
+    let lag = machine.events().source().lag().clone();
+    let lag_line = format!(
+        "lag: at most {} exits behind; entries waited p50 {} µs, p99 {} µs, max {} µs",
+        lag.max_exits,
+        lag.queue_us.value_at_quantile(0.5),
+        lag.queue_us.value_at_quantile(0.99),
+        lag.queue_us.max()
+    );
+    match result {
+        Ok(summary) => {
+            println!(
+                "backup: replayed {} exits and {} events; {} of {} digests matched; guest {} {}; {lag_line}",
+                summary.exits,
+                stats.events,
+                stats.digests_matched,
+                summary.digests,
+                guest.name(),
+                ending(&summary)
+            );
+            Ok(())
+        }
+        Err(VmmError::LogIncomplete { exit, entries }) => {
+            eprintln!(
+                "lockstep backup: the primary's stream ended at exit {exit} after {entries} entries without an end record: the primary is gone; {lag_line}"
+            );
+            Err(CliError::Usage(
+                "primary lost (going live needs the failover arbiter; this backup stops)".into(),
+            ))
+        }
+        Err(other) => Err(other.into()),
+    }
+}
+
+fn up(tap: &str, link: &str) -> Result<(), CliError> {
+    ensure_tap(tap)?;
+    let binary = std::env::current_exe().map_err(|source| CliError::File {
+        what: "cannot find this program",
+        path: PathBuf::from("/proc/self/exe"),
+        source,
+    })?;
+    let mut backup = std::process::Command::new(&binary)
+        .args(["backup", "--listen", link, "--quiet"])
+        .spawn()
+        .map_err(|source| CliError::File {
+            what: "cannot start the backup",
+            path: binary.clone(),
+            source,
+        })?;
+    eprintln!(
+        "lockstep up: backup pid {}, primary pid {}; guest at 10.77.0.2 on {tap}: redis 6379, echo 7, sink 5001, source 5002; Ctrl-C stops",
+        backup.id(),
+        std::process::id()
+    );
+    let args = RunArgs {
+        guest: "net".into(),
+        mem_mib: 32,
+        arg: 0,
+        input: None,
+        allow_rdtsc: false,
+        quiet: false,
+        tap: Some(tap.to_string()),
+    };
+    let result = primary(&args, link, 1000);
+    if result.is_err() {
+        let _ = backup.kill();
+    }
+    let _ = backup.wait();
+    result
+}
+
+/// Creates the TAP interface with the host side of the guest's subnet if
+/// it does not exist yet (iproute2, as scripts/net-setup.sh does).
+fn ensure_tap(tap: &str) -> Result<(), CliError> {
+    let exists = std::path::Path::new("/sys/class/net").join(tap).exists();
+    if exists {
+        return Ok(());
+    }
+    for args in [
+        vec!["tuntap", "add", "dev", tap, "mode", "tap"],
+        vec!["addr", "add", "10.77.0.1/24", "dev", tap],
+        vec!["link", "set", tap, "up"],
+    ] {
+        let status = std::process::Command::new("ip")
+            .args(&args)
+            .status()
+            .map_err(|source| CliError::File {
+                what: "cannot run",
+                path: PathBuf::from("ip (iproute2)"),
+                source,
+            })?;
+        if !status.success() {
+            return Err(CliError::Usage(format!(
+                "`ip {}` failed: creating {tap} needs root (CAP_NET_ADMIN)",
+                args.join(" ")
+            )));
+        }
+    }
     Ok(())
 }
 

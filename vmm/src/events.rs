@@ -329,21 +329,39 @@ pub struct ReplayStats {
     pub progress_marks: u64,
 }
 
+/// Where a replay gets its entries: a log file, or a live stream from the
+/// primary (which blocks until the next entry arrives).
+pub trait EntrySource {
+    /// The next entry; `Ok(None)` when the stream has ended cleanly.
+    fn next_entry(&mut self) -> Result<Option<Entry>, VmmError>;
+}
+
+impl<R: Read> EntrySource for LogReader<R> {
+    fn next_entry(&mut self) -> Result<Option<Entry>, VmmError> {
+        Ok(LogReader::next_entry(self)?)
+    }
+}
+
 /// Values from a log, checked against what the guest asks for.
-pub struct Replay<R: Read> {
-    reader: LogReader<R>,
+pub struct Replay<R: EntrySource> {
+    reader: R,
     next: Option<Entry>,
     stats: ReplayStats,
 }
 
-impl<R: Read> Replay<R> {
+impl<R: EntrySource> Replay<R> {
     /// Replays the entries of `reader` (whose header the caller has checked).
-    pub fn new(reader: LogReader<R>) -> Self {
+    pub fn new(reader: R) -> Self {
         Self {
             reader,
             next: None,
             stats: ReplayStats::default(),
         }
+    }
+
+    /// Where the entries come from.
+    pub fn source(&self) -> &R {
+        &self.reader
     }
 
     /// Counters so far.
@@ -430,7 +448,7 @@ impl<R: Read> Replay<R> {
     }
 }
 
-impl<R: Read> EventSource for Replay<R> {
+impl<R: EntrySource> EventSource for Replay<R> {
     fn clock(&mut self, exit: u64) -> Result<u64, VmmError> {
         let entry = self.take(exit, EntryKind::Clock)?;
         self.stats.events += 1;
