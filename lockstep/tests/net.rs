@@ -2,127 +2,13 @@
 //! `redis-benchmark` and a raw RESP client. Needs root, /dev/kvm,
 //! /dev/net/tun, iproute2 and redis-tools (installed by .ci/run).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+mod common;
+
+use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
-fn ip(args: &[&str]) {
-    let status = Command::new("ip").args(args).status().expect("run ip");
-    assert!(status.success(), "ip {args:?} failed");
-}
-
-/// A TAP interface with the host side of 10.77.`subnet`.0/24, removed on drop.
-struct Tap {
-    name: String,
-}
-
-impl Tap {
-    fn new(subnet: u8) -> Self {
-        let name = format!("lst{subnet}x{}", std::process::id() % 10_000);
-        let _ = Command::new("ip")
-            .args(["link", "del", &name])
-            .stderr(Stdio::null())
-            .status();
-        ip(&["tuntap", "add", "dev", &name, "mode", "tap"]);
-        ip(&["addr", "add", &format!("10.77.{subnet}.1/24"), "dev", &name]);
-        ip(&["link", "set", &name, "up"]);
-        Self { name }
-    }
-}
-
-impl Drop for Tap {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.name])
-            .status();
-    }
-}
-
-/// The guest argument that puts the guest at 10.77.`subnet`.2/24.
-fn guest_arg(subnet: u8) -> String {
-    let address = u64::from(u32::from_be_bytes([10, 77, subnet, 2]));
-    (address | (24 << 32)).to_string()
-}
-
-/// Starts lockstep with the net guest and waits for its banner.
-fn start(args: &[&str]) -> Child {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lockstep"))
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start lockstep");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).expect("banner");
-    assert!(
-        line.starts_with("net: 10.77."),
-        "unexpected first line: {line:?}"
-    );
-    child
-}
-
-fn stop(mut child: Child) -> Output {
-    // SIGTERM, so that the recording ends with its stop record.
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().expect("wait").is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "lockstep did not stop on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child.wait_with_output().expect("output")
-}
-
-fn connect(address: &str) -> TcpStream {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match TcpStream::connect(address) {
-            Ok(stream) => {
-                stream
-                    .set_read_timeout(Some(Duration::from_secs(10)))
-                    .expect("timeout");
-                return stream;
-            }
-            Err(error) if Instant::now() < deadline => {
-                let _ = error;
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Err(error) => panic!("cannot connect to {address}: {error}"),
-        }
-    }
-}
-
-fn command(stream: &mut TcpStream, words: &[&str]) -> String {
-    let mut request = format!("*{}\r\n", words.len());
-    for word in words {
-        request.push_str(&format!("${}\r\n{word}\r\n", word.len()));
-    }
-    stream.write_all(request.as_bytes()).expect("send");
-    let mut reply = Vec::new();
-    let mut byte = [0u8; 1];
-    while !reply.ends_with(b"\r\n") {
-        stream.read_exact(&mut byte).expect("reply");
-        reply.push(byte[0]);
-    }
-    if reply.starts_with(b"$") && reply != b"$-1\r\n" {
-        let len: usize = String::from_utf8_lossy(&reply[1..reply.len() - 2])
-            .parse()
-            .expect("bulk length");
-        let mut body = vec![0u8; len + 2];
-        stream.read_exact(&mut body).expect("bulk body");
-        return String::from_utf8_lossy(&body[..len]).into_owned();
-    }
-    String::from_utf8_lossy(&reply[..reply.len() - 2]).into_owned()
-}
+use common::{Tap, command, connect, guest_arg, start, stop};
 
 #[test]
 fn redis_clients_against_a_recorded_guest_then_replay_matches() {

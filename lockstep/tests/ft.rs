@@ -1,0 +1,159 @@
+//! Fault tolerance on: a primary and a backup as separate processes over the
+//! replication link, the guest serving real clients through a real TAP, the
+//! Output Rule enforced by the output gate. Needs root, /dev/kvm,
+//! /dev/net/tun, iproute2 and redis-tools (installed by .ci/run).
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{Tap, command, connect, guest_arg, start, stop};
+
+/// A backup listening on `port`, then a primary serving 10.77.`subnet`.2.
+fn start_pair(subnet: u8, port: u16, tap: &Tap) -> (Child, Child) {
+    let link = format!("127.0.0.1:{port}");
+    let backup = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args(["backup", "--listen", &link, "--quiet"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the backup");
+    let arg = guest_arg(subnet);
+    let primary = start(&[
+        "primary",
+        "--backup",
+        &link,
+        "--guest",
+        "net",
+        "--tap",
+        &tap.name,
+        "--arg",
+        &arg,
+        "--digest-interval",
+        "300",
+    ]);
+    (primary, backup)
+}
+
+fn finish(primary: Child, backup: Child) -> (String, String) {
+    let primary = stop(primary);
+    let backup = backup.wait_with_output().expect("backup");
+    let primary_err = String::from_utf8_lossy(&primary.stderr).into_owned();
+    let backup_out = String::from_utf8_lossy(&backup.stdout).into_owned();
+    assert!(
+        backup.status.success(),
+        "backup failed: {backup_out}{}",
+        String::from_utf8_lossy(&backup.stderr)
+    );
+    (primary_err, backup_out)
+}
+
+#[test]
+fn ft_on_serves_redis_benchmark_and_every_acknowledged_incr_counts() {
+    let subnet = 93;
+    let tap = Tap::new(subnet);
+    let (primary, backup) = start_pair(subnet, 17793, &tap);
+    let host = format!("10.77.{subnet}.2");
+
+    let mut stream = connect(&format!("{host}:6379"));
+    let increments = 400;
+    for expected in 1..=increments {
+        assert_eq!(
+            command(&mut stream, &["INCR", "ft"]),
+            format!(":{expected}")
+        );
+    }
+    assert_eq!(command(&mut stream, &["GET", "ft"]), increments.to_string());
+    drop(stream);
+
+    let output = Command::new("redis-benchmark")
+        .args([
+            "-h",
+            &host,
+            "-t",
+            "ping,set,get,incr",
+            "-n",
+            "3000",
+            "--csv",
+        ])
+        .output()
+        .expect("run redis-benchmark (Debian's redis-tools)");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{text}");
+    for test in ["PING_INLINE", "PING_MBULK", "SET", "GET", "INCR"] {
+        assert!(
+            text.contains(&format!("\"{test}\"")),
+            "{test} missing from:\n{text}"
+        );
+    }
+    assert!(!text.to_lowercase().contains("error"), "{text}");
+
+    let (primary_err, backup_out) = finish(primary, backup);
+    assert!(
+        primary_err.contains("(everything)"),
+        "the backup acknowledged every entry: {primary_err}"
+    );
+    assert!(
+        primary_err.contains("output gate released"),
+        "{primary_err}"
+    );
+    let summary = backup_out.lines().last().expect("backup summary");
+    let words: Vec<&str> = summary.split_whitespace().collect();
+    assert_eq!(words[0], "backup:", "{summary}");
+    assert_eq!(
+        words[7], words[9],
+        "primary's and backup's digests match at the same exits: {summary}"
+    );
+    assert!(words[7].parse::<u64>().expect("digests") >= 2, "{summary}");
+}
+
+#[test]
+fn output_waits_for_the_backups_ack() {
+    let subnet = 94;
+    let tap = Tap::new(subnet);
+    let (primary, backup) = start_pair(subnet, 17794, &tap);
+    let host = format!("10.77.{subnet}.2");
+    let mut stream = connect(&format!("{host}:6379"));
+    assert_eq!(command(&mut stream, &["PING"]), "+PONG");
+
+    // Freeze the backup: it can no longer acknowledge anything.
+    let pid = backup.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    stream
+        .write_all(b"*2\r\n$4\r\nINCR\r\n$4\r\nheld\r\n")
+        .expect("send");
+    stream
+        .set_read_timeout(Some(Duration::from_millis(1500)))
+        .expect("timeout");
+    let mut reply = [0u8; 16];
+    let early = stream.read(&mut reply);
+    assert!(
+        matches!(&early, Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut),
+        "the reply must be held while the backup cannot ack it, got {early:?}"
+    );
+    // Thaw it: the ack arrives and releases the reply.
+    assert!(
+        Command::new("kill")
+            .args(["-CONT", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let count = stream.read(&mut reply).expect("the reply after the ack");
+    assert_eq!(&reply[..count], b":1\r\n");
+    drop(stream);
+    let (primary_err, backup_out) = finish(primary, backup);
+    assert!(primary_err.contains("(everything)"), "{primary_err}");
+    assert!(backup_out.starts_with("backup: "), "{backup_out}");
+}
