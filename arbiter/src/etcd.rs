@@ -1,0 +1,607 @@
+//! The etcd backend: the arbiter for production, where the authority must
+//! itself be replicated (etcd is a Raft cluster; a majority of its members
+//! decides, so losing one arbiter host no longer stalls failover).
+//!
+//! It speaks etcd's v3 API through its JSON gateway (`POST /v3/kv/range` and
+//! `POST /v3/kv/txn`, keys and values in base64) with a small HTTP/1.1 client
+//! over [`std::net::TcpStream`]: no gRPC stack, no async runtime. Tested
+//! against etcd 3.4 (Debian's `etcd-server`).
+//!
+//! # Layout in etcd
+//!
+//! One key per VM, `<prefix>/vm/<vm id in decimal>` (prefix
+//! [`DEFAULT_PREFIX`] unless set), whose value is the record as text:
+//!
+//! ```text
+//! lockstep-arbiter-v1 <generation> <primary> [<backup>]
+//! ```
+//!
+//! (replica ids contain no spaces, see [`ReplicaId`]), so `etcdctl get
+//! --prefix /lockstep/arbiter` shows the state as it is.
+//!
+//! # The compare-and-set
+//!
+//! A call reads the key, applies the same decision as every backend
+//! ([`crate::model`]) and, for a grant, sends one transaction:
+//!
+//! ```text
+//! compare: mod_revision(key) == the revision read   (version(key) == 0 if absent)
+//! success: put(key, new record)
+//! failure: range(key)                               (the record that won instead)
+//! ```
+//!
+//! `mod_revision` is the cluster-wide revision of the key's last change; it
+//! only grows, so unlike the value or the per-key version it can never come
+//! back to an old number (no ABA). If the compare fails, the record changed
+//! since it was read: the decision is taken again on the record returned by
+//! the failure branch, which loses unless the change was irrelevant.
+//! Exactly one transaction per `(vm, generation)` can succeed.
+//!
+//! # Not covered
+//!
+//! Plain HTTP only: no TLS, no etcd user authentication. Run etcd on a
+//! network only the replicas reach, or add TLS here before exposing it.
+//! Deleting the key by hand resets the VM's generations: never do it while
+//! any replica of the VM runs.
+
+use std::fmt::Write as _;
+use std::io::{self, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use serde_json::{Value, json};
+
+use crate::client::{DeadlineReader, remaining};
+use crate::model::{
+    Decision, Outcome, ReplicaId, RequestError, VmId, VmRecord, decide_register,
+    decide_test_and_set,
+};
+use crate::{Arbiter, ArbiterError};
+
+/// The key prefix used unless [`EtcdArbiter::with_prefix`] says otherwise.
+pub const DEFAULT_PREFIX: &str = "/lockstep/arbiter";
+/// The largest HTTP response accepted.
+const MAX_RESPONSE: usize = 1 << 20;
+const VALUE_TAG: &str = "lockstep-arbiter-v1";
+
+/// What went wrong talking to etcd.
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    /// No endpoint was configured or an endpoint is unusable.
+    #[error("bad etcd endpoint {endpoint:?}: {reason}")]
+    Endpoint {
+        /// The endpoint.
+        endpoint: String,
+        /// Why.
+        reason: &'static str,
+    },
+    /// Connecting, writing or reading failed.
+    #[error("cannot talk to etcd at {endpoint}")]
+    Io {
+        /// The endpoint.
+        endpoint: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The call's deadline passed.
+    #[error("etcd did not answer within {timeout:?}")]
+    Timeout {
+        /// The bound.
+        timeout: Duration,
+    },
+    /// etcd answered with an HTTP error.
+    #[error("etcd at {endpoint} answered HTTP {status}: {body}")]
+    Http {
+        /// The endpoint.
+        endpoint: String,
+        /// The HTTP status.
+        status: u16,
+        /// The start of the body (etcd's error message).
+        body: String,
+    },
+    /// etcd's answer could not be understood.
+    #[error("unexpected answer from etcd at {endpoint}: {reason}")]
+    BadResponse {
+        /// The endpoint.
+        endpoint: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The stored value is not a record this crate wrote.
+    #[error("the etcd key {key} does not hold an arbiter record: {reason}")]
+    BadValue {
+        /// The key.
+        key: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
+}
+
+impl EtcdError {
+    /// Whether no etcd member could be reached in time.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, EtcdError::Io { .. } | EtcdError::Timeout { .. })
+    }
+}
+
+/// An [`Arbiter`] whose records live in an etcd cluster.
+#[derive(Debug, Clone)]
+pub struct EtcdArbiter {
+    endpoints: Vec<String>,
+    prefix: String,
+    timeout: Duration,
+}
+
+impl EtcdArbiter {
+    /// An arbiter on the etcd cluster whose client URLs are `endpoints`
+    /// (`host:port` or `http://host:port`; tried in order within one call's
+    /// timeout, so list every member). Contacts nobody yet.
+    pub fn new<S: AsRef<str>>(endpoints: &[S], timeout: Duration) -> Result<Self, ArbiterError> {
+        let mut list = Vec::new();
+        for e in endpoints {
+            let e = e.as_ref().trim();
+            let host = e.strip_prefix("http://").unwrap_or(e).trim_end_matches('/');
+            let bad = |reason| ArbiterError::Etcd {
+                endpoints: e.to_string(),
+                source: EtcdError::Endpoint {
+                    endpoint: e.to_string(),
+                    reason,
+                },
+            };
+            if e.starts_with("https://") {
+                return Err(bad("TLS is not supported; use an http:// client URL"));
+            }
+            if host.is_empty() || host.contains('/') {
+                return Err(bad("expected host:port or http://host:port"));
+            }
+            list.push(host.to_string());
+        }
+        if list.is_empty() {
+            return Err(ArbiterError::Etcd {
+                endpoints: String::new(),
+                source: EtcdError::Endpoint {
+                    endpoint: String::new(),
+                    reason: "no endpoint given",
+                },
+            });
+        }
+        Ok(Self {
+            endpoints: list,
+            prefix: DEFAULT_PREFIX.to_string(),
+            timeout,
+        })
+    }
+
+    /// Keeps the records under `prefix` instead of [`DEFAULT_PREFIX`] (e.g.
+    /// one prefix per test, or per deployment sharing a cluster).
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into().trim_end_matches('/').to_string();
+        self
+    }
+
+    /// The etcd key holding `vm`'s record.
+    pub fn key(&self, vm: VmId) -> String {
+        format!("{}/vm/{vm}", self.prefix)
+    }
+
+    fn wrap(&self, source: EtcdError) -> ArbiterError {
+        ArbiterError::Etcd {
+            endpoints: self.endpoints.join(","),
+            source,
+        }
+    }
+
+    /// POSTs `body` to `path` on the first endpoint that answers.
+    fn post(&self, path: &str, body: &Value, deadline: Instant) -> Result<Value, EtcdError> {
+        let body = body.to_string();
+        let mut last = EtcdError::Timeout {
+            timeout: self.timeout,
+        };
+        for (i, endpoint) in self.endpoints.iter().enumerate() {
+            // Share what is left fairly between the endpoints not yet tried.
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let share = left / u32::try_from(self.endpoints.len() - i).unwrap_or(1);
+            let until = Instant::now() + share;
+            match http_post(endpoint, path, &body, until) {
+                Ok((200, response)) => {
+                    return serde_json::from_slice(&response).map_err(|e| EtcdError::BadResponse {
+                        endpoint: endpoint.clone(),
+                        reason: format!("not JSON: {e}"),
+                    });
+                }
+                Ok((status, response)) => {
+                    let text =
+                        String::from_utf8_lossy(&response[..response.len().min(300)]).into_owned();
+                    last = EtcdError::Http {
+                        endpoint: endpoint.clone(),
+                        status,
+                        body: text,
+                    };
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+                    ) =>
+                {
+                    last = EtcdError::Timeout {
+                        timeout: self.timeout,
+                    };
+                }
+                Err(source) => {
+                    last = EtcdError::Io {
+                        endpoint: endpoint.clone(),
+                        source,
+                    };
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// The record and its `mod_revision`, if the key exists.
+    fn range(&self, vm: VmId, deadline: Instant) -> Result<Option<(VmRecord, i64)>, EtcdError> {
+        let key = self.key(vm);
+        let response = self.post(
+            "/v3/kv/range",
+            &json!({ "key": BASE64.encode(&key) }),
+            deadline,
+        )?;
+        self.parse_kvs(&key, &response)
+    }
+
+    fn parse_kvs(&self, key: &str, response: &Value) -> Result<Option<(VmRecord, i64)>, EtcdError> {
+        let bad = |reason: &str| EtcdError::BadResponse {
+            endpoint: self.endpoints.join(","),
+            reason: reason.to_string(),
+        };
+        let Some(kvs) = response.get("kvs").and_then(Value::as_array) else {
+            return Ok(None);
+        };
+        let Some(kv) = kvs.first() else {
+            return Ok(None);
+        };
+        let value = kv
+            .get("value")
+            .and_then(Value::as_str)
+            .map(|v| BASE64.decode(v))
+            .transpose()
+            .map_err(|_| bad("value is not base64"))?
+            .unwrap_or_default();
+        let revision = kv
+            .get("mod_revision")
+            .and_then(as_i64)
+            .ok_or_else(|| bad("no mod_revision"))?;
+        Ok(Some((parse_value(key, &value)?, revision)))
+    }
+
+    /// One compare-and-set transaction. `Ok(None)` when it committed,
+    /// `Ok(Some(current))` when the record had changed.
+    fn txn(
+        &self,
+        vm: VmId,
+        read_revision: Option<i64>,
+        record: &VmRecord,
+        deadline: Instant,
+    ) -> Result<Option<Option<(VmRecord, i64)>>, EtcdError> {
+        let key = self.key(vm);
+        let k = BASE64.encode(&key);
+        let compare = match read_revision {
+            Some(rev) => {
+                json!({"key": k, "result": "EQUAL", "target": "MOD", "mod_revision": rev.to_string()})
+            }
+            None => json!({"key": k, "result": "EQUAL", "target": "VERSION", "version": "0"}),
+        };
+        let body = json!({
+            "compare": [compare],
+            "success": [{"request_put": {"key": k, "value": BASE64.encode(format_value(record))}}],
+            "failure": [{"request_range": {"key": k}}],
+        });
+        let response = self.post("/v3/kv/txn", &body, deadline)?;
+        // proto3 JSON leaves out false booleans.
+        if response
+            .get("succeeded")
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+        {
+            return Ok(None);
+        }
+        let range = response
+            .get("responses")
+            .and_then(Value::as_array)
+            .and_then(|r| r.first())
+            .and_then(|r| r.get("response_range").or_else(|| r.get("responseRange")))
+            .ok_or_else(|| EtcdError::BadResponse {
+                endpoint: self.endpoints.join(","),
+                reason: "a failed transaction without its range".to_string(),
+            })?;
+        Ok(Some(self.parse_kvs(&key, range)?))
+    }
+
+    fn compare_and_set(
+        &self,
+        vm: VmId,
+        decide: impl Fn(Option<&VmRecord>) -> Result<Decision, RequestError>,
+    ) -> Result<Outcome, ArbiterError> {
+        let deadline = Instant::now() + self.timeout;
+        let mut current = self.range(vm, deadline).map_err(|e| self.wrap(e))?;
+        loop {
+            match decide(current.as_ref().map(|(r, _)| r))? {
+                Decision::Refuse(reason) => {
+                    return Ok(Outcome::Lost {
+                        reason,
+                        current: current.map(|(r, _)| r),
+                    });
+                }
+                Decision::Grant(record) => {
+                    let revision = current.as_ref().map(|(_, rev)| *rev);
+                    match self
+                        .txn(vm, revision, &record, deadline)
+                        .map_err(|e| self.wrap(e))?
+                    {
+                        None => return Ok(Outcome::Won(record)),
+                        Some(now) => current = now,
+                    }
+                }
+            }
+            if remaining(deadline).is_err() {
+                return Err(self.wrap(EtcdError::Timeout {
+                    timeout: self.timeout,
+                }));
+            }
+        }
+    }
+}
+
+impl Arbiter for EtcdArbiter {
+    fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn read(&self, vm: VmId) -> Result<Option<VmRecord>, ArbiterError> {
+        let deadline = Instant::now() + self.timeout;
+        Ok(self
+            .range(vm, deadline)
+            .map_err(|e| self.wrap(e))?
+            .map(|(r, _)| r))
+    }
+
+    fn test_and_set(
+        &self,
+        vm: VmId,
+        expected: u64,
+        candidate: &ReplicaId,
+    ) -> Result<Outcome, ArbiterError> {
+        self.compare_and_set(vm, |current| {
+            decide_test_and_set(current, expected, candidate)
+        })
+    }
+
+    fn register(
+        &self,
+        vm: VmId,
+        expected: u64,
+        primary: &ReplicaId,
+        backup: &ReplicaId,
+    ) -> Result<Outcome, ArbiterError> {
+        decide_register(None, 0, primary, backup)?;
+        self.compare_and_set(vm, |current| {
+            decide_register(current, expected, primary, backup)
+        })
+    }
+}
+
+fn as_i64(v: &Value) -> Option<i64> {
+    v.as_i64()
+        .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+}
+
+/// The text stored in etcd for a record.
+pub fn format_value(record: &VmRecord) -> String {
+    let mut out = format!("{VALUE_TAG} {} {}", record.generation, record.primary);
+    if let Some(b) = &record.backup {
+        let _ = write!(out, " {b}");
+    }
+    out
+}
+
+/// Parses [`format_value`]'s text.
+pub fn parse_value(key: &str, value: &[u8]) -> Result<VmRecord, EtcdError> {
+    let bad = |reason| EtcdError::BadValue {
+        key: key.to_string(),
+        reason,
+    };
+    let text = std::str::from_utf8(value).map_err(|_| bad("not UTF-8"))?;
+    let mut fields = text.split(' ');
+    if fields.next() != Some(VALUE_TAG) {
+        return Err(bad("unknown tag"));
+    }
+    let generation: u64 = fields
+        .next()
+        .and_then(|g| g.parse().ok())
+        .filter(|g| *g > 0)
+        .ok_or_else(|| bad("bad generation"))?;
+    let primary = fields
+        .next()
+        .and_then(|p| ReplicaId::new(p).ok())
+        .ok_or_else(|| bad("bad primary"))?;
+    let backup = fields
+        .next()
+        .map(|b| ReplicaId::new(b).map_err(|_| bad("bad backup")))
+        .transpose()?;
+    if fields.next().is_some() {
+        return Err(bad("trailing fields"));
+    }
+    Ok(VmRecord {
+        generation,
+        primary,
+        backup,
+    })
+}
+
+/// One HTTP/1.1 POST with `Connection: close`; returns the status and the
+/// (de-chunked) body. Everything, connect included, ends by `deadline`.
+fn http_post(
+    endpoint: &str,
+    path: &str,
+    body: &str,
+    deadline: Instant,
+) -> io::Result<(u16, Vec<u8>)> {
+    let addr = endpoint.to_socket_addrs()?.next().ok_or_else(|| {
+        io::Error::new(io::ErrorKind::NotFound, "the endpoint resolves to nothing")
+    })?;
+    let stream = TcpStream::connect_timeout(&addr, remaining(deadline)?)?;
+    let _ = stream.set_nodelay(true);
+    stream.set_write_timeout(Some(remaining(deadline)?))?;
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {endpoint}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    (&stream).write_all(request.as_bytes())?;
+    let mut response = Vec::new();
+    DeadlineReader {
+        stream: &stream,
+        deadline,
+    }
+    .take(MAX_RESPONSE as u64 + 1)
+    .read_to_end(&mut response)?;
+    if response.len() > MAX_RESPONSE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "response too large",
+        ));
+    }
+    parse_http_response(&response)
+}
+
+fn invalid(what: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what)
+}
+
+fn parse_http_response(response: &[u8]) -> io::Result<(u16, Vec<u8>)> {
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| invalid("no end of HTTP headers"))?;
+    let head = std::str::from_utf8(&response[..split])
+        .map_err(|_| invalid("HTTP headers are not UTF-8"))?;
+    let body = &response[split + 4..];
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status: u16 = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .filter(|_| status_line.starts_with("HTTP/1."))
+        .ok_or_else(|| invalid("bad HTTP status line"))?;
+    let mut chunked = false;
+    let mut length = None;
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("transfer-encoding") && value.eq_ignore_ascii_case("chunked") {
+            chunked = true;
+        } else if name.eq_ignore_ascii_case("content-length") {
+            length = Some(
+                value
+                    .parse::<usize>()
+                    .map_err(|_| invalid("bad Content-Length"))?,
+            );
+        }
+    }
+    if chunked {
+        return Ok((status, dechunk(body)?));
+    }
+    match length {
+        Some(n) if n <= body.len() => Ok((status, body[..n].to_vec())),
+        Some(_) => Err(invalid("HTTP body shorter than its Content-Length")),
+        None => Ok((status, body.to_vec())),
+    }
+}
+
+fn dechunk(mut body: &[u8]) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = body
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or_else(|| invalid("truncated chunk size"))?;
+        let size_text =
+            std::str::from_utf8(&body[..line_end]).map_err(|_| invalid("bad chunk size"))?;
+        let size_text = size_text.split(';').next().unwrap_or_default().trim();
+        let size = usize::from_str_radix(size_text, 16).map_err(|_| invalid("bad chunk size"))?;
+        body = &body[line_end + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        if body.len() < size + 2 {
+            return Err(invalid("truncated chunk"));
+        }
+        out.extend_from_slice(&body[..size]);
+        body = &body[size + 2..];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_round_trip() {
+        let id = |s: &str| ReplicaId::new(s).expect("id");
+        for r in [
+            VmRecord {
+                generation: 1,
+                primary: id("a"),
+                backup: Some(id("b")),
+            },
+            VmRecord {
+                generation: u64::MAX,
+                primary: id("-"),
+                backup: None,
+            },
+        ] {
+            assert_eq!(
+                parse_value("k", format_value(&r).as_bytes()).expect("parses"),
+                r
+            );
+        }
+        for bad in [
+            "",
+            "lockstep-arbiter-v1",
+            "lockstep-arbiter-v1 0 a",
+            "x 1 a",
+            "lockstep-arbiter-v1 1 a b c",
+        ] {
+            assert!(parse_value("k", bad.as_bytes()).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn http_responses() {
+        let plain = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}";
+        assert_eq!(
+            parse_http_response(plain).expect("parses"),
+            (200, b"{}".to_vec())
+        );
+        let chunked = b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
+        assert_eq!(
+            parse_http_response(chunked).expect("parses"),
+            (503, b"abcde".to_vec())
+        );
+        assert!(parse_http_response(b"garbage").is_err());
+        assert!(
+            parse_http_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,302 @@
+//! The embedded arbiter server (`lockstep arbiter`): the model of
+//! [`crate::model`] behind the protocol of [`crate::protocol`], with its state
+//! in a file made durable before every answer that grants something.
+//!
+//! One thread accepts; each connection gets a thread that reads one request,
+//! answers it and closes, with a [`CONNECTION_TIMEOUT`] on every read and
+//! write so a stuck or malicious client cannot hold it. At most
+//! [`MAX_CONNECTIONS`] connections are served at once; more are closed
+//! unanswered. Decisions are serialised by one mutex held across the
+//! decision and the fsync, so two candidates can never both see the same
+//! generation free.
+//!
+//! If the state cannot be written, the request is answered "storage
+//! failure" (nothing granted) and the server grants nothing more until it
+//! is restarted: a fail-stop arbiter stalls the service instead of risking
+//! a grant that was not durable.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crate::model::{Decision, Registry, VmRecord, decide_register, decide_test_and_set};
+use crate::protocol::{self, Answer, Command, Key, Status};
+use crate::state::{self, StateError};
+
+/// How long a connection may take for each read and each write.
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+/// How many connections are served at once.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// The server could not start or keep accepting.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The state file could not be loaded.
+    #[error("cannot load the arbiter state")]
+    Load(#[from] StateError),
+    /// The listener is unusable.
+    #[error("the arbiter listener failed while {action}")]
+    Listener {
+        /// What it was doing.
+        action: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Counters of what a server did, for tests and status output.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    /// Requests answered "ok".
+    pub answered: AtomicU64,
+    /// Requests refused (bad magic, version, MAC, layout, invalid).
+    pub refused: AtomicU64,
+    /// Generations granted (and made durable).
+    pub granted: AtomicU64,
+}
+
+struct Decisions {
+    registry: Registry,
+    /// Set when a store failed: grant nothing more.
+    failed: bool,
+}
+
+struct Shared {
+    decisions: Mutex<Decisions>,
+    state_path: PathBuf,
+    key: Key,
+    stop: AtomicBool,
+    connections: AtomicUsize,
+    stats: ServerStats,
+}
+
+/// Serves forever on `listener` (or until the listener fails for good),
+/// keeping the state in `state_path`. A missing state file starts an empty
+/// arbiter; a corrupt one is an error.
+pub fn serve(listener: TcpListener, state_path: &Path, key: Key) -> Result<(), ServerError> {
+    let shared = start(state_path, key)?;
+    accept_loop(&listener, &shared);
+    Ok(())
+}
+
+/// Starts a server on a background thread and returns a handle that can stop
+/// it (for tests and for embedding in another process).
+pub fn spawn(
+    listener: TcpListener,
+    state_path: &Path,
+    key: Key,
+) -> Result<ServerHandle, ServerError> {
+    let addr = listener
+        .local_addr()
+        .map_err(|source| ServerError::Listener {
+            action: "reading its address",
+            source,
+        })?;
+    let shared = start(state_path, key)?;
+    let for_thread = Arc::clone(&shared);
+    let thread = thread::Builder::new()
+        .name("arbiter-accept".into())
+        .spawn(move || accept_loop(&listener, &for_thread))
+        .map_err(|source| ServerError::Listener {
+            action: "starting its thread",
+            source,
+        })?;
+    Ok(ServerHandle {
+        addr,
+        shared,
+        thread: Some(thread),
+    })
+}
+
+fn start(state_path: &Path, key: Key) -> Result<Arc<Shared>, ServerError> {
+    let registry = state::load(state_path)?;
+    Ok(Arc::new(Shared {
+        decisions: Mutex::new(Decisions {
+            registry,
+            failed: false,
+        }),
+        state_path: state_path.to_path_buf(),
+        key,
+        stop: AtomicBool::new(false),
+        connections: AtomicUsize::new(0),
+        stats: ServerStats::default(),
+    }))
+}
+
+/// A running server started by [`spawn`]. Dropping it stops the server.
+pub struct ServerHandle {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    /// Where it listens.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// What it did so far.
+    pub fn stats(&self) -> &ServerStats {
+        &self.shared.stats
+    }
+
+    /// Stops accepting and waits for the accept thread. Connections being
+    /// served finish on their own threads; new ones are refused.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            // Wake the blocked accept() with a connection of our own.
+            let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
+    for conn in listener.incoming() {
+        if shared.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let stream = match conn {
+            Ok(s) => s,
+            Err(_) => {
+                // Usually out of file descriptors: back off, keep serving.
+                thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        if shared.connections.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            shared.connections.fetch_sub(1, Ordering::SeqCst);
+            continue; // dropping the stream closes it
+        }
+        let for_thread = Arc::clone(shared);
+        let spawned = thread::Builder::new()
+            .name("arbiter-conn".into())
+            .spawn(move || {
+                handle(&for_thread, stream);
+                for_thread.connections.fetch_sub(1, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            shared.connections.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+fn handle(shared: &Shared, stream: TcpStream) {
+    if stream.set_read_timeout(Some(CONNECTION_TIMEOUT)).is_err()
+        || stream.set_write_timeout(Some(CONNECTION_TIMEOUT)).is_err()
+    {
+        return;
+    }
+    let _ = stream.set_nodelay(true);
+    let reply = match protocol::read_request(&mut &stream, &shared.key) {
+        Err(rejection) => {
+            shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+            protocol::encode_reply(&shared.key, rejection.status, &rejection.nonce, None)
+        }
+        Ok((nonce, command)) => {
+            let (status, answer) = execute(shared, command);
+            let counter = match status {
+                Status::Ok => &shared.stats.answered,
+                _ => &shared.stats.refused,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            protocol::encode_reply(&shared.key, status, &nonce, answer.as_ref())
+        }
+    };
+    // The decision is already durable; if the client is gone, so be it.
+    let _ = (&stream).write_all(&reply);
+    let _ = stream.shutdown(Shutdown::Write);
+    // Read what is left of a refused request until the client closes, so that
+    // closing with unread bytes does not reset the connection (a reset can
+    // destroy the reply before the client reads it). Bounded in bytes and time.
+    let until = Instant::now() + DRAIN_TIMEOUT;
+    let mut buf = [0u8; 4096];
+    let mut drained = 0;
+    while drained < DRAIN_LIMIT {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            break;
+        }
+        match (&stream).read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => drained += n,
+        }
+    }
+}
+
+const DRAIN_TIMEOUT: Duration = Duration::from_millis(200);
+const DRAIN_LIMIT: usize = 64 * 1024;
+
+fn execute(shared: &Shared, command: Command) -> (Status, Option<Answer>) {
+    let Ok(mut decisions) = shared.decisions.lock() else {
+        return (Status::StorageFailure, None);
+    };
+    if decisions.failed {
+        return (Status::StorageFailure, None);
+    }
+    let registry = &decisions.registry;
+    let (vm, decision) = match command {
+        Command::Read { vm } => {
+            let answer = match registry.get(vm) {
+                Some(r) => Answer::Present(r.clone()),
+                None => Answer::Absent,
+            };
+            return (Status::Ok, Some(answer));
+        }
+        Command::TestAndSet {
+            vm,
+            expected,
+            candidate,
+        } => (
+            vm,
+            decide_test_and_set(registry.get(vm), expected, &candidate),
+        ),
+        Command::Register {
+            vm,
+            expected,
+            primary,
+            backup,
+        } => (
+            vm,
+            decide_register(registry.get(vm), expected, &primary, &backup),
+        ),
+    };
+    let record: VmRecord = match decision {
+        Err(_) => return (Status::InvalidRequest, None),
+        Ok(Decision::Refuse(reason)) => {
+            let current = registry.get(vm).cloned();
+            return (Status::Ok, Some(Answer::Lost { reason, current }));
+        }
+        Ok(Decision::Grant(record)) => record,
+    };
+    let mut next = decisions.registry.clone();
+    next.apply(vm, Decision::Grant(record.clone()));
+    if let Err(e) = state::store(&shared.state_path, &next) {
+        decisions.failed = true;
+        eprintln!(
+            "lockstep arbiter: {}; granting nothing more until restarted",
+            crate::error_chain(&e)
+        );
+        return (Status::StorageFailure, None);
+    }
+    decisions.registry = next;
+    shared.stats.granted.fetch_add(1, Ordering::Relaxed);
+    (Status::Ok, Some(Answer::Won(record)))
+}
