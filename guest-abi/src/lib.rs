@@ -127,3 +127,22 @@ pub const USER_CS: u16 = 0x33;
 pub const USER_DS: u16 = 0x2b;
 /// Task register selector (GDT index 8).
 pub const TSS_SELECTOR: u16 = 0x40;
+
+/// The `net` guest's IPv4 address and prefix length from its argument: 0
+/// means 10.77.0.2/24; otherwise bits 0..32 are the address and bits 32..40
+/// the prefix length (24 if out of range).
+pub fn net_address_from_arg(arg: u64) -> ([u8; 4], u8) {
+    if arg == 0 {
+        return ([10, 77, 0, 2], 24);
+    }
+    let address = (arg as u32).to_be_bytes();
+    let prefix = ((arg >> 32) & 0xff) as u8;
+    (
+        address,
+        if prefix == 0 || prefix > 32 {
+            24
+        } else {
+            prefix
+        },
+    )
+}

@@ -60,24 +60,6 @@ struct Connection {
     closing: bool,
 }
 
-/// Guest IPv4 address and prefix from the guest argument: 0 means
-/// 10.77.0.2/24, else bits 0..32 are the address, bits 32..40 the prefix.
-pub fn address_from_arg(arg: u64) -> ([u8; 4], u8) {
-    if arg == 0 {
-        return ([10, 77, 0, 2], 24);
-    }
-    let address = (arg as u32).to_be_bytes();
-    let prefix = ((arg >> 32) & 0xff) as u8;
-    (
-        address,
-        if prefix == 0 || prefix > 32 {
-            24
-        } else {
-            prefix
-        },
-    )
-}
-
 /// Runs the services forever.
 pub fn run() -> ! {
     crate::heap::init();
@@ -88,7 +70,7 @@ pub fn run() -> ! {
             pv::done(2)
         }
     };
-    let (address, prefix) = address_from_arg(pv::arg());
+    let (address, prefix) = guest_abi::net_address_from_arg(pv::arg());
     let mac = device.mac();
     let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
     config.random_seed = pv::entropy();

@@ -1,6 +1,7 @@
 //! `lockstep`: the command-line front end. Thin on purpose: it parses
 //! arguments, builds the pieces from the library crates and prints results.
 
+mod ft;
 mod guests;
 
 use std::fs::File;
@@ -61,8 +62,13 @@ enum Command {
         /// The backup's address (`lockstep backup --listen`).
         #[arg(long, default_value = "127.0.0.1:7700")]
         backup: String,
+        /// The backup's name at the arbiter.
+        #[arg(long, default_value = "backup")]
+        backup_id: String,
         #[command(flatten)]
         run: RunArgs,
+        #[command(flatten)]
+        ft: ft::FtArgs,
         /// Take a state digest every this many exits (0: only at the end).
         #[arg(long, default_value_t = 1000)]
         digest_interval: u64,
@@ -72,9 +78,27 @@ enum Command {
         /// Address to listen on for the primary.
         #[arg(long, default_value = "127.0.0.1:7700")]
         listen: String,
+        /// The TAP interface to serve on if this backup goes live.
+        #[arg(long)]
+        tap: Option<String>,
+        #[command(flatten)]
+        ft: ft::FtArgs,
         /// Do not print the guest's console output.
         #[arg(long)]
         quiet: bool,
+    },
+    /// The embedded arbiter: an atomic test-and-set on generations that
+    /// decides which replica may go live alone.
+    Arbiter {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:7400")]
+        listen: String,
+        /// State file (fsync'ed before every grant).
+        #[arg(long)]
+        state: PathBuf,
+        /// File holding the pre-shared key.
+        #[arg(long)]
+        key_file: PathBuf,
     },
     /// The embedded default deployment: a backup and a primary on this host,
     /// the `net` guest on TAP lstap0 at 10.77.0.2, until interrupted.
@@ -107,7 +131,7 @@ enum Command {
 }
 
 #[derive(Args)]
-struct RunArgs {
+pub(crate) struct RunArgs {
     /// Guest program: an embedded guest's name (see --help) or a path to an ELF file.
     #[arg(long, default_value = "fold", long_help = guests::help())]
     guest: String,
@@ -134,7 +158,7 @@ struct RunArgs {
 
 /// Errors of the command line, over those of the library crates.
 #[derive(Debug, thiserror::Error)]
-enum CliError {
+pub(crate) enum CliError {
     #[error(transparent)]
     Vmm(#[from] VmmError),
     #[error(transparent)]
@@ -161,6 +185,7 @@ fn main() -> ExitCode {
     match execute(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
+            let halted = matches!(error, CliError::Vmm(VmmError::Halted(_)));
             let mut message = format!("lockstep: {error}");
             let mut source = std::error::Error::source(&error);
             while let Some(cause) = source {
@@ -168,7 +193,11 @@ fn main() -> ExitCode {
                 source = cause.source();
             }
             eprintln!("{message}");
-            ExitCode::FAILURE
+            if halted {
+                ExitCode::from(replica::failover::EXIT_HALTED)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -185,10 +214,22 @@ fn execute(command: Command) -> Result<(), CliError> {
         Command::Demo { log } => demo(log),
         Command::Primary {
             backup,
+            backup_id,
             run,
+            ft,
             digest_interval,
-        } => primary(&run, &backup, digest_interval),
-        Command::Backup { listen, quiet } => backup(&listen, quiet),
+        } => ft::primary(&run, &backup, &backup_id, &ft, digest_interval, stop_flag()),
+        Command::Backup {
+            listen,
+            tap,
+            ft,
+            quiet,
+        } => ft::backup(&listen, tap.as_deref(), &ft, quiet, stop_flag()),
+        Command::Arbiter {
+            listen,
+            state,
+            key_file,
+        } => ft::serve_arbiter(&listen, &state, &key_file),
         Command::Up { tap, link } => up(&tap, &link),
         Command::Bench { name, quick, json } => bench(name.as_deref(), quick, json),
     }
@@ -216,7 +257,7 @@ fn stop_flag() -> Arc<AtomicBool> {
     Arc::clone(flag)
 }
 
-fn console(quiet: bool) -> Box<dyn Write + Send> {
+pub(crate) fn console(quiet: bool) -> Box<dyn Write + Send> {
     if quiet {
         Box::new(std::io::sink())
     } else {
@@ -224,7 +265,7 @@ fn console(quiet: bool) -> Box<dyn Write + Send> {
     }
 }
 
-fn open_input(path: Option<&PathBuf>) -> Result<Box<dyn Read + Send>, CliError> {
+pub(crate) fn open_input(path: Option<&PathBuf>) -> Result<Box<dyn Read + Send>, CliError> {
     match path {
         None => Ok(Box::new(std::io::empty())),
         Some(path) => {
@@ -238,7 +279,7 @@ fn open_input(path: Option<&PathBuf>) -> Result<Box<dyn Read + Send>, CliError> 
     }
 }
 
-fn vm_config(args: &RunArgs) -> VmConfig {
+pub(crate) fn vm_config(args: &RunArgs) -> VmConfig {
     VmConfig {
         mem_size: args.mem_mib << 20,
         trap_rdtsc: !args.allow_rdtsc,
@@ -248,7 +289,7 @@ fn vm_config(args: &RunArgs) -> VmConfig {
 
 /// A TAP interface wired to the guest: its reader thread fills `queue`, and
 /// `gate` (open: no backup to wait for) writes the guest's frames to it.
-struct Network {
+pub(crate) struct Network {
     queue: Arc<RxQueue>,
     gate: Arc<OutputGate>,
     stop: Arc<AtomicBool>,
@@ -472,7 +513,12 @@ fn replay(log: &PathBuf, guest: Option<&str>, quiet: bool) -> Result<(), CliErro
     Ok(())
 }
 
-fn log_meta(guest: &GuestImage, config: &VmConfig, arg: u64, digest_interval: u64) -> LogMeta {
+pub(crate) fn log_meta(
+    guest: &GuestImage,
+    config: &VmConfig,
+    arg: u64,
+    digest_interval: u64,
+) -> LogMeta {
     LogMeta {
         image_id: guest.id(),
         mem_size: config.mem_size,
@@ -480,153 +526,6 @@ fn log_meta(guest: &GuestImage, config: &VmConfig, arg: u64, digest_interval: u6
         digest_interval,
         vm_flags: config.flags(),
         guest_name: guest.name().to_string(),
-    }
-}
-
-fn primary(args: &RunArgs, backup: &str, digest_interval: u64) -> Result<(), CliError> {
-    let guest = GuestImage::resolve(&args.guest)?;
-    let config = vm_config(args);
-    let meta = log_meta(&guest, &config, args.arg, digest_interval);
-    let (sink, ack_stream) =
-        replica::primary::connect(backup, &meta, std::time::Duration::from_secs(30))?;
-    eprintln!("lockstep primary: streaming to the backup at {backup}");
-    let network = Network::open_with(args, true)?;
-    let gate = network.as_ref().map(|network| Arc::clone(&network.gate));
-    let acks = match &gate {
-        Some(gate) => replica::primary::AckReader::spawn(ack_stream, Arc::clone(gate))?,
-        None => replica::primary::AckReader::spawn(
-            ack_stream,
-            Arc::new(OutputGate::open(Box::new(NoOutput))),
-        )?,
-    };
-    let events = Network::live(&network, Live::new(open_input(args.input.as_ref())?, sink))
-        .streaming()
-        .with_stop(stop_flag());
-    let mut machine = Machine::new(
-        &config,
-        guest.bytes(),
-        args.arg,
-        events,
-        console(args.quiet),
-        digest_interval,
-    )?;
-    Network::attach(&network, &mut machine)?;
-    let summary = machine.run()?;
-    let sink = machine.into_events().into_sink();
-    let entries = sink.entries();
-    let stream = sink
-        .into_inner()?
-        .into_inner()
-        .map_err(|e| CliError::File {
-            what: "cannot flush the link to",
-            path: PathBuf::from(backup),
-            source: e.into_error(),
-        })?;
-    let _ = stream.shutdown(std::net::Shutdown::Write);
-    let all_acked = acks.wait_for(entries, std::time::Duration::from_secs(10));
-    let state = acks.state();
-    eprintln!(
-        "lockstep primary: guest {} {} after {} exits; {} log entries, {} acks, backup acknowledged {} ({})",
-        guest.name(),
-        ending(&summary),
-        summary.exits,
-        entries,
-        state.acks,
-        state.acked,
-        if all_acked {
-            "everything"
-        } else {
-            "NOT everything"
-        }
-    );
-    if let Some(gate) = gate {
-        let stats = gate.stats();
-        eprintln!(
-            "lockstep primary: output gate released {} frames, held at most {}; hold time p50 {} µs, p99 {} µs, p99.9 {} µs",
-            stats.released,
-            stats.max_held,
-            stats.hold_ns.value_at_quantile(0.5) / 1000,
-            stats.hold_ns.value_at_quantile(0.99) / 1000,
-            stats.hold_ns.value_at_quantile(0.999) / 1000
-        );
-    }
-    acks.join();
-    Ok(())
-}
-
-/// Output of a primary without a NIC: nothing to send.
-struct NoOutput;
-
-impl nic::gate::FrameOut for NoOutput {
-    fn send(&mut self, _frame: &[u8]) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn backup(listen: &str, quiet: bool) -> Result<(), CliError> {
-    let listener = std::net::TcpListener::bind(listen).map_err(|source| CliError::File {
-        what: "cannot listen on",
-        path: PathBuf::from(listen),
-        source,
-    })?;
-    eprintln!("lockstep backup: listening on {listen}");
-    let (meta, source, peer) = replica::backup::accept(&listener)?;
-    let guest = GuestImage::resolve(&meta.guest_name)?;
-    if guest.id() != meta.image_id {
-        return Err(VmmError::LogMismatch(format!(
-            "the primary at {peer} runs guest '{}' (image {:016x}), but this backup's '{}' is image {:016x}",
-            meta.guest_name,
-            meta.image_id,
-            guest.name(),
-            guest.id()
-        ))
-        .into());
-    }
-    eprintln!(
-        "lockstep backup: primary {peer} connected, replaying guest {} in lockstep",
-        guest.name()
-    );
-    let config = VmConfig::with_flags(meta.mem_size, meta.vm_flags);
-    let mut machine = Machine::new(
-        &config,
-        guest.bytes(),
-        meta.guest_arg,
-        Replay::new(source),
-        console(quiet),
-        meta.digest_interval,
-    )?;
-    let result = machine.run();
-    let stats = machine.events().stats();
-    let lag = machine.events().source().lag().clone();
-    let lag_line = format!(
-        "lag: at most {} exits behind; entries waited p50 {} µs, p99 {} µs, max {} µs",
-        lag.max_exits,
-        lag.queue_us.value_at_quantile(0.5),
-        lag.queue_us.value_at_quantile(0.99),
-        lag.queue_us.max()
-    );
-    match result {
-        Ok(summary) => {
-            println!(
-                "backup: replayed {} exits and {} events; {} of {} digests matched; guest {} {}; {lag_line}",
-                summary.exits,
-                stats.events,
-                stats.digests_matched,
-                summary.digests,
-                guest.name(),
-                ending(&summary)
-            );
-            Ok(())
-        }
-        Err(VmmError::LogIncomplete { exit, entries }) => {
-            eprintln!(
-                "lockstep backup: the primary's stream ended at exit {exit} after {entries} entries without an end record: the primary is gone; {lag_line}"
-            );
-            Err(CliError::Usage(
-                "primary lost (going live needs the failover arbiter; this backup stops)".into(),
-            ))
-        }
-        Err(other) => Err(other.into()),
     }
 }
 
@@ -659,7 +558,14 @@ fn up(tap: &str, link: &str) -> Result<(), CliError> {
         quiet: false,
         tap: Some(tap.to_string()),
     };
-    let result = primary(&args, link, 1000);
+    let ft_args = ft::FtArgs {
+        arbiter: None,
+        arbiter_key: None,
+        vm_id: 1,
+        id: None,
+        peer_timeout_ms: 500,
+    };
+    let result = ft::primary(&args, link, "backup", &ft_args, 1000, stop_flag());
     if result.is_err() {
         let _ = backup.kill();
     }
@@ -697,7 +603,7 @@ fn ensure_tap(tap: &str) -> Result<(), CliError> {
     Ok(())
 }
 
-fn ending(summary: &vmm::RunSummary) -> String {
+pub(crate) fn ending(summary: &vmm::RunSummary) -> String {
     if summary.stopped {
         "was stopped by the host".to_string()
     } else {

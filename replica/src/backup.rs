@@ -1,20 +1,20 @@
 //! The backup's side of the link: receive the log, ack on receipt, and feed
 //! the replay in lockstep.
 
-use std::io::{BufReader, Write};
+use std::io::{BufReader, ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use channel::log::{Entry, LogError, LogMeta, LogReader};
 use hdrhistogram::Histogram;
 use vmm::VmmError;
 use vmm::events::EntrySource;
 
-use crate::{ACK_EVERY, ReplicaError, encode_ack};
+use crate::{ACK_EVERY, HELLO_LEN, ReplicaError, decode_hello, encode_ack};
 
 /// Entries received but not yet replayed, at most (then the receiver stops
 /// reading and TCP flow control slows the primary: nothing is dropped).
@@ -38,12 +38,18 @@ pub struct StreamSource {
     newest_exit: Arc<AtomicU64>,
     lag: Lag,
     receiver: Option<JoinHandle<()>>,
+    lost: Arc<Mutex<Option<String>>>,
 }
 
 impl StreamSource {
     /// Lag figures so far.
     pub fn lag(&self) -> &Lag {
         &self.lag
+    }
+
+    /// Why the primary counts as lost, once it does.
+    pub fn lost(&self) -> Option<String> {
+        self.lost.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Exit number of the newest entry received.
@@ -78,9 +84,27 @@ impl EntrySource for StreamSource {
     }
 }
 
-/// Accepts the primary's connection on `listener`, reads the log header,
-/// and starts the receiver thread.
-pub fn accept(listener: &TcpListener) -> Result<(LogMeta, StreamSource, String), ReplicaError> {
+/// A primary's connection, accepted: who, which generation, what guest.
+pub struct Accepted {
+    /// The log header.
+    pub meta: LogMeta,
+    /// The entries, as the replay's source.
+    pub source: StreamSource,
+    /// The primary's address.
+    pub peer: String,
+    /// The primary's generation, from its hello.
+    pub generation: u64,
+}
+
+/// Accepts the primary's connection on `listener`, reads the hello and the
+/// log header, and starts the receiver thread. `check_generation` may refuse
+/// the primary's generation (a stale primary); the connection is then closed.
+/// The primary counts as lost when it says nothing for `peer_timeout`.
+pub fn accept(
+    listener: &TcpListener,
+    peer_timeout: Duration,
+    check_generation: impl Fn(u64) -> Result<(), String>,
+) -> Result<Accepted, ReplicaError> {
     let (stream, peer) = listener.accept().map_err(|source| ReplicaError::Link {
         what: "accept the primary's connection".into(),
         source,
@@ -95,15 +119,44 @@ pub fn accept(listener: &TcpListener) -> Result<(LogMeta, StreamSource, String),
         what: "clone the link socket".into(),
         source,
     })?;
+    stream
+        .set_read_timeout(Some(peer_timeout))
+        .map_err(|source| ReplicaError::Link {
+            what: "set the peer timeout".into(),
+            source,
+        })?;
+    let mut hello = [0u8; HELLO_LEN];
+    (&stream)
+        .read_exact(&mut hello)
+        .map_err(|source| ReplicaError::Link {
+            what: format!("read the hello of {peer}"),
+            source,
+        })?;
+    let generation = decode_hello(&hello)?;
+    if let Err(reason) = check_generation(generation) {
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        return Err(ReplicaError::Protocol(format!(
+            "refused the primary at {peer}: {reason}"
+        )));
+    }
     let reader = LogReader::new(BufReader::with_capacity(1 << 16, stream))?;
     let meta = reader.meta().clone();
     let (sender, entries) = sync_channel(QUEUE_ENTRIES);
     let newest_exit = Arc::new(AtomicU64::new(0));
+    let lost_reason = Arc::new(Mutex::new(None));
     let receiver = {
         let newest_exit = Arc::clone(&newest_exit);
+        let lost = Arc::clone(&lost_reason);
         std::thread::Builder::new()
             .name("log-receiver".into())
-            .spawn(move || receive(reader, acks, sender, &newest_exit))
+            .spawn(move || {
+                if let Some(reason) = receive(reader, &acks, sender, &newest_exit) {
+                    *lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+                    // Close both directions: a primary that is merely slow
+                    // learns at once that this backup stopped following it.
+                    let _ = acks.shutdown(std::net::Shutdown::Both);
+                }
+            })
             .map_err(|source| ReplicaError::Link {
                 what: "start the log receiver".into(),
                 source,
@@ -114,25 +167,30 @@ pub fn accept(listener: &TcpListener) -> Result<(LogMeta, StreamSource, String),
         queue_us: Histogram::new_with_bounds(1, 3_600_000_000, 3)
             .expect("1 µs .. 1 h at 3 significant digits are valid histogram bounds"),
     };
-    Ok((
+    Ok(Accepted {
         meta,
-        StreamSource {
+        source: StreamSource {
             entries,
             newest_exit,
             lag,
             receiver: Some(receiver),
+            lost: lost_reason,
         },
-        peer.to_string(),
-    ))
+        peer: peer.to_string(),
+        generation,
+    })
 }
 
 /// The receiver thread: entries into the queue, acks back on receipt.
+/// Returns why the primary counts as lost, if it does (the stream broke or
+/// fell silent); a clean end or a corrupt entry return `None` (the corrupt
+/// entry is passed on as an error: fail-stop, not failover).
 fn receive(
     mut reader: LogReader<BufReader<TcpStream>>,
-    mut acks: TcpStream,
+    mut acks: &TcpStream,
     queue: SyncSender<Received>,
     newest_exit: &AtomicU64,
-) {
+) -> Option<String> {
     let mut unacked = 0u64;
     let mut last_seq = 0u64;
     loop {
@@ -141,26 +199,37 @@ fn receive(
                 last_seq = entry.seq;
                 newest_exit.fetch_max(entry.exit, Ordering::Release);
                 if queue.send(Ok((entry, Instant::now()))).is_err() {
-                    return; // the replay is gone
+                    return None; // the replay is gone
                 }
                 unacked += 1;
                 // Ack when the burst has drained from the receive buffer, or
                 // every ACK_EVERY entries mid-burst.
                 if reader.input().buffer().is_empty() || unacked >= ACK_EVERY {
-                    if acks.write_all(&encode_ack(last_seq)).is_err() {
-                        return;
+                    if let Err(error) = acks.write_all(&encode_ack(last_seq)) {
+                        return Some(format!("cannot ack: {error}"));
                     }
                     unacked = 0;
                 }
             }
             Ok(None) => break,
+            Err(error @ (LogError::Io { .. } | LogError::Truncated { .. })) => {
+                return Some(match &error {
+                    LogError::Io { source, .. }
+                        if matches!(source.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+                    {
+                        "the primary fell silent (peer timeout)".to_string()
+                    }
+                    _ => error.to_string(),
+                });
+            }
             Err(error) => {
                 let _ = queue.send(Err(error));
-                break;
+                return None;
             }
         }
     }
     if unacked > 0 {
         let _ = acks.write_all(&encode_ack(last_seq));
     }
+    None
 }

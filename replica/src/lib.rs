@@ -3,7 +3,9 @@
 //! # The link
 //!
 //! One TCP connection, opened by the primary to the backup's listening
-//! address. The primary streams the log exactly as a log file is laid out
+//! address. The primary first sends a 16-byte hello (`"LKLN"`, link version
+//! u32, its generation u64), so that a backup refuses a primary of an older
+//! generation before it reads anything else. Then it streams the log exactly as a log file is laid out
 //! (`channel::log`: the 80-byte file header, then entries, each with its own
 //! crc32c) as the guest produces it, flushing at every sync point (the guest
 //! produced output, or is about to wait) with a Progress mark for the exit it
@@ -40,7 +42,43 @@
 //! changing the roles.
 
 pub mod backup;
+pub mod failover;
 pub mod primary;
+
+/// Magic of the link hello, sent by the primary before the log header.
+pub const HELLO_MAGIC: [u8; 4] = *b"LKLN";
+/// Version of the link protocol.
+pub const LINK_VERSION: u32 = 1;
+/// Size of the link hello.
+pub const HELLO_LEN: usize = 16;
+
+/// Encodes the hello: magic, version, the primary's generation.
+pub fn encode_hello(generation: u64) -> [u8; HELLO_LEN] {
+    let mut hello = [0u8; HELLO_LEN];
+    hello[..4].copy_from_slice(&HELLO_MAGIC);
+    hello[4..8].copy_from_slice(&LINK_VERSION.to_le_bytes());
+    hello[8..].copy_from_slice(&generation.to_le_bytes());
+    hello
+}
+
+/// Decodes a hello; returns the primary's generation.
+pub fn decode_hello(hello: &[u8; HELLO_LEN]) -> Result<u64, ReplicaError> {
+    if hello[..4] != HELLO_MAGIC {
+        return Err(ReplicaError::Protocol(format!(
+            "hello magic {:02x?}",
+            &hello[..4]
+        )));
+    }
+    let version = u32::from_le_bytes([hello[4], hello[5], hello[6], hello[7]]);
+    if version != LINK_VERSION {
+        return Err(ReplicaError::Protocol(format!(
+            "link version {version}, this build speaks {LINK_VERSION}"
+        )));
+    }
+    let mut generation = [0u8; 8];
+    generation.copy_from_slice(&hello[8..]);
+    Ok(u64::from_le_bytes(generation))
+}
 
 use std::io::Read;
 

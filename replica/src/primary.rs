@@ -12,7 +12,9 @@ use channel::log::{LogMeta, LogWriter};
 use nic::gate::OutputGate;
 use vmm::events::LogSink;
 
-use crate::{ReplicaError, read_ack};
+use std::io::Write;
+
+use crate::{ReplicaError, encode_hello, read_ack};
 
 /// The log sink that streams to the backup.
 pub type LinkSink = LogSink<BufWriter<TcpStream>>;
@@ -22,6 +24,7 @@ pub type LinkSink = LogSink<BufWriter<TcpStream>>;
 pub fn connect(
     address: &str,
     meta: &LogMeta,
+    generation: u64,
     timeout: Duration,
 ) -> Result<(LinkSink, TcpStream), ReplicaError> {
     let deadline = Instant::now() + timeout;
@@ -55,6 +58,9 @@ pub fn connect(
     let acks = stream
         .try_clone()
         .map_err(link_error("clone the link socket"))?;
+    (&stream)
+        .write_all(&encode_hello(generation))
+        .map_err(link_error("send the hello"))?;
     let writer = LogWriter::new(BufWriter::with_capacity(1 << 16, stream), meta)?;
     Ok((LogSink::new(writer), acks))
 }
@@ -101,7 +107,15 @@ impl AckReader {
                                 state.acked = state.acked.max(seq);
                             }
                             Ok(None) => break "the backup closed the link".to_string(),
-                            Err(error) => break error.to_string(),
+                            Err(error) => {
+                                let mut message = error.to_string();
+                                let mut cause = std::error::Error::source(&error);
+                                while let Some(inner) = cause {
+                                    message.push_str(&format!(": {inner}"));
+                                    cause = inner.source();
+                                }
+                                break message;
+                            }
                         }
                     };
                     lost.store(true, Ordering::Release);

@@ -152,6 +152,7 @@ pub struct LiveStats {
 /// Values from the host, each handed to the sink before the guest sees it.
 pub struct Live<S: EventSink> {
     origin: Instant,
+    clock_base: u64,
     last_logged_exit: u64,
     progress: bool,
     input: Box<dyn Read + Send>,
@@ -166,6 +167,7 @@ impl<S: EventSink> Live<S> {
     pub fn new(input: Box<dyn Read + Send>, sink: S) -> Self {
         Self {
             origin: Instant::now(),
+            clock_base: 0,
             last_logged_exit: 0,
             progress: false,
             input,
@@ -186,6 +188,13 @@ impl<S: EventSink> Live<S> {
     /// handler, say), logging a stop record so that replay ends there too.
     pub fn with_stop(mut self, flag: Arc<AtomicBool>) -> Self {
         self.stop = Some(flag);
+        self
+    }
+
+    /// Starts the guest clock at `ns` (a backup going live continues the
+    /// clock its primary's guest last saw, so guest time never goes back).
+    pub fn with_clock_base(mut self, ns: u64) -> Self {
+        self.clock_base = ns;
         self
     }
 
@@ -222,7 +231,8 @@ impl<S: EventSink> Live<S> {
 
 impl<S: EventSink> EventSource for Live<S> {
     fn clock(&mut self, exit: u64) -> Result<u64, VmmError> {
-        let now = u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let elapsed = u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let now = self.clock_base.saturating_add(elapsed);
         self.log(EntryKind::Clock, 0, exit, &now.to_le_bytes())?;
         Ok(now)
     }
@@ -327,6 +337,8 @@ pub struct ReplayStats {
     pub entries: u64,
     /// Progress marks consumed (live streaming).
     pub progress_marks: u64,
+    /// The last clock value supplied to the guest, in ns.
+    pub last_clock_ns: u64,
 }
 
 /// Where a replay gets its entries: a log file, or a live stream from the
@@ -452,6 +464,9 @@ impl<R: EntrySource> EventSource for Replay<R> {
     fn clock(&mut self, exit: u64) -> Result<u64, VmmError> {
         let entry = self.take(exit, EntryKind::Clock)?;
         self.stats.events += 1;
+        if let Some(ns) = entry.payload_u64() {
+            self.stats.last_clock_ns = ns;
+        }
         entry.payload_u64().ok_or_else(|| {
             VmmError::LogMismatch(format!(
                 "clock entry {} has a {}-byte payload, not 8",

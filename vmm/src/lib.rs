@@ -117,6 +117,10 @@ pub enum VmmError {
         /// Entries read.
         entries: u64,
     },
+    /// This replica must stop for good: it lost the arbitration for a
+    /// generation, or its peer is gone and nothing may decide who goes live.
+    #[error("halted for good: {0}")]
+    Halted(String),
     /// The log cannot be used with this guest.
     #[error("log does not match: {0}")]
     LogMismatch(String),

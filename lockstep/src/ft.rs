@@ -1,0 +1,416 @@
+//! `lockstep primary`, `lockstep backup`, `lockstep arbiter`: the fault-tolerant
+//! pair and its arbiter, wired from the library crates.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arbiter::{Arbiter, EmbeddedArbiter, Key, Outcome, ReplicaId, error_chain};
+use clap::Args;
+use nic::gate::{FrameOut, OutputGate};
+use nic::tap::{RxQueue, TapDevice, TapWriter};
+use replica::failover::{BackupSource, FailoverSink, Membership, Promote};
+use vmm::events::{Discard, Live, Replay};
+use vmm::{Machine, VmConfig, VmmError};
+
+use crate::guests::GuestImage;
+use crate::{CliError, Network, RunArgs, console, ending, log_meta, open_input, vm_config};
+
+/// How a replica finds the arbiter and names itself.
+#[derive(Args, Clone)]
+pub struct FtArgs {
+    /// The arbiter (`lockstep arbiter`). Without one, a replica that loses
+    /// its peer stops (fail-stop) instead of going live alone.
+    #[arg(long)]
+    pub arbiter: Option<String>,
+    /// File holding the arbiter's pre-shared key.
+    #[arg(long)]
+    pub arbiter_key: Option<PathBuf>,
+    /// The VM's identity at the arbiter.
+    #[arg(long, default_value_t = 1)]
+    pub vm_id: u64,
+    /// This replica's name at the arbiter.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// The peer counts as lost after this long without a word (ms). Liveness
+    /// is the log stream itself and its acks; a guest waiting for input
+    /// syncs at least every 50 ms. On real networks allow for their jitter.
+    #[arg(long, default_value_t = 500)]
+    pub peer_timeout_ms: u64,
+}
+
+impl FtArgs {
+    fn peer_timeout(&self) -> Duration {
+        Duration::from_millis(self.peer_timeout_ms.max(1))
+    }
+
+    fn arbiter(&self) -> Result<Option<Arc<dyn Arbiter>>, CliError> {
+        let Some(address) = &self.arbiter else {
+            return Ok(None);
+        };
+        let key_path = self
+            .arbiter_key
+            .as_ref()
+            .ok_or_else(|| CliError::Usage("--arbiter needs --arbiter-key FILE".into()))?;
+        let key = Key::from_file(key_path).map_err(|e| CliError::Usage(error_chain(&e)))?;
+        let client = EmbeddedArbiter::connect(address.as_str(), key, Duration::from_secs(2))
+            .map_err(|e| CliError::Usage(error_chain(&e)))?;
+        Ok(Some(Arc::new(client)))
+    }
+
+    fn me(&self, default: &str) -> Result<ReplicaId, CliError> {
+        let name = self.id.clone().unwrap_or_else(|| default.to_string());
+        ReplicaId::new(name).map_err(|e| CliError::Usage(e.to_string()))
+    }
+}
+
+fn arbiter_error(error: arbiter::ArbiterError) -> CliError {
+    CliError::Usage(error_chain(&error))
+}
+
+/// `lockstep arbiter`: the embedded arbiter server.
+pub fn serve_arbiter(listen: &str, state: &Path, key_file: &Path) -> Result<(), CliError> {
+    let key = Key::from_file(key_file).map_err(|e| CliError::Usage(error_chain(&e)))?;
+    let listener = TcpListener::bind(listen).map_err(|source| CliError::File {
+        what: "cannot listen on",
+        path: PathBuf::from(listen),
+        source,
+    })?;
+    eprintln!(
+        "lockstep arbiter: listening on {listen}, state in {}",
+        state.display()
+    );
+    arbiter::server::serve(listener, state, key).map_err(|e| CliError::Usage(error_chain(&e)))
+}
+
+/// `lockstep primary`.
+pub fn primary(
+    args: &RunArgs,
+    backup: &str,
+    backup_id: &str,
+    ft: &FtArgs,
+    digest_interval: u64,
+    stop: Arc<AtomicBool>,
+) -> Result<(), CliError> {
+    let guest = GuestImage::resolve(&args.guest)?;
+    let config = vm_config(args);
+    let meta = log_meta(&guest, &config, args.arg, digest_interval);
+    let me = ft.me("primary")?;
+    let arbiter = ft.arbiter()?;
+    let generation = match &arbiter {
+        None => 0,
+        Some(arbiter) => {
+            let peer = ReplicaId::new(backup_id).map_err(|e| CliError::Usage(e.to_string()))?;
+            let expected = arbiter
+                .read(ft.vm_id)
+                .map_err(arbiter_error)?
+                .map_or(0, |record| record.generation);
+            match arbiter
+                .register(ft.vm_id, expected, &me, &peer)
+                .map_err(arbiter_error)?
+            {
+                Outcome::Won(record) => record.generation,
+                Outcome::Lost { reason, current } => {
+                    return Err(VmmError::Halted(format!(
+                        "the arbiter refused to start a pair with {me} as primary ({}; current: {current:?})",
+                        reason.describe()
+                    ))
+                    .into());
+                }
+            }
+        }
+    };
+    let membership = arbiter.map(|arbiter| Membership {
+        arbiter,
+        vm: ft.vm_id,
+        me: me.clone(),
+        generation,
+    });
+    let (link, ack_stream) =
+        replica::primary::connect(backup, &meta, generation, Duration::from_secs(30))?;
+    eprintln!(
+        "lockstep primary: {me}, generation {generation}, streaming to the backup at {backup}"
+    );
+    let network = Network::open_with(args, true)?;
+    let gate = match &network {
+        Some(network) => Arc::clone(&network.gate),
+        None => Arc::new(OutputGate::new(Box::new(Dropped))),
+    };
+    let acks = replica::primary::AckReader::spawn(ack_stream, Arc::clone(&gate))?;
+    let sink = FailoverSink::new(link, acks, Arc::clone(&gate), membership, ft.peer_timeout());
+    let events = Network::live(&network, Live::new(open_input(args.input.as_ref())?, sink))
+        .streaming()
+        .with_stop(stop);
+    let mut machine = Machine::new(
+        &config,
+        guest.bytes(),
+        args.arg,
+        events,
+        console(args.quiet),
+        digest_interval,
+    )?;
+    Network::attach(&network, &mut machine)?;
+    let summary = machine.run()?;
+    let mut sink = machine.into_events().into_sink();
+    sink.finish()?;
+    let entries = sink.entries();
+    let protection = match sink.unprotected() {
+        Some(generation) => {
+            format!("running unprotected in generation {generation} since its backup was lost")
+        }
+        None => {
+            let all_acked = sink.acks().wait_for(entries, Duration::from_secs(10));
+            format!(
+                "backup acknowledged {} of {entries} entries ({})",
+                sink.acks().acked(),
+                if all_acked {
+                    "everything"
+                } else {
+                    "NOT everything"
+                }
+            )
+        }
+    };
+    eprintln!(
+        "lockstep primary: guest {} {} after {} exits; {} acks; {protection}",
+        guest.name(),
+        ending(&summary),
+        summary.exits,
+        sink.acks().state().acks,
+    );
+    let stats = gate.stats();
+    eprintln!(
+        "lockstep primary: output gate released {} frames, held at most {}; hold time p50 {} µs, p99 {} µs, p99.9 {} µs",
+        stats.released,
+        stats.max_held,
+        stats.hold_ns.value_at_quantile(0.5) / 1000,
+        stats.hold_ns.value_at_quantile(0.99) / 1000,
+        stats.hold_ns.value_at_quantile(0.999) / 1000
+    );
+    Ok(())
+}
+
+/// Frames of a VM without a NIC (there are none).
+struct Dropped;
+
+impl FrameOut for Dropped {
+    fn send(&mut self, _frame: &[u8]) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The backup's NIC output: nothing until it goes live, then its TAP.
+#[derive(Clone, Default)]
+struct Promotable(Arc<Mutex<Option<TapWriter>>>);
+
+impl FrameOut for Promotable {
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        match self.0.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            Some(tap) => tap.send(frame),
+            None => Ok(()), // a backup's output is suppressed
+        }
+    }
+}
+
+/// A gratuitous ARP announcing `ip` at `mac`, so switches and neighbours
+/// learn the guest's new port.
+fn gratuitous_arp(mac: [u8; 6], ip: [u8; 4]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(60);
+    frame.extend_from_slice(&[0xff; 6]);
+    frame.extend_from_slice(&mac);
+    frame.extend_from_slice(&[0x08, 0x06]); // ARP
+    frame.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]); // Ethernet/IPv4, request
+    frame.extend_from_slice(&mac);
+    frame.extend_from_slice(&ip);
+    frame.extend_from_slice(&[0; 6]);
+    frame.extend_from_slice(&ip);
+    frame.resize(60, 0);
+    frame
+}
+
+/// `lockstep backup`.
+pub fn backup(
+    listen: &str,
+    tap: Option<&str>,
+    ft: &FtArgs,
+    quiet: bool,
+    stop: Arc<AtomicBool>,
+) -> Result<(), CliError> {
+    let me = ft.me("backup")?;
+    let arbiter = ft.arbiter()?;
+    let listener = TcpListener::bind(listen).map_err(|source| CliError::File {
+        what: "cannot listen on",
+        path: PathBuf::from(listen),
+        source,
+    })?;
+    eprintln!("lockstep backup: {me}, listening on {listen}");
+    let check = |generation: u64| -> Result<(), String> {
+        let Some(arbiter) = &arbiter else {
+            return Ok(());
+        };
+        let record = arbiter
+            .read(ft.vm_id)
+            .map_err(|e| format!("cannot ask the arbiter: {}", error_chain(&e)))?
+            .ok_or_else(|| format!("the arbiter knows no pair for VM {}", ft.vm_id))?;
+        if generation < record.generation {
+            return Err(format!(
+                "stale generation {generation}: the current generation is {}",
+                record.generation
+            ));
+        }
+        if generation != record.generation || record.backup.as_ref() != Some(&me) {
+            return Err(format!(
+                "generation {generation} is not a pair with {me} as backup (arbiter: {record:?})"
+            ));
+        }
+        Ok(())
+    };
+    let accepted = replica::backup::accept(&listener, ft.peer_timeout(), check)?;
+    let meta = accepted.meta;
+    let guest = GuestImage::resolve(&meta.guest_name)?;
+    if guest.id() != meta.image_id {
+        return Err(VmmError::LogMismatch(format!(
+            "the primary at {} runs guest '{}' (image {:016x}), but this backup's '{}' is image {:016x}",
+            accepted.peer,
+            meta.guest_name,
+            meta.image_id,
+            guest.name(),
+            guest.id()
+        ))
+        .into());
+    }
+    eprintln!(
+        "lockstep backup: primary {} (generation {}) connected, replaying guest {} in lockstep",
+        accepted.peer,
+        accepted.generation,
+        guest.name()
+    );
+    let config = VmConfig::with_flags(meta.mem_size, meta.vm_flags);
+    let output = Promotable::default();
+    let promote = promotion(
+        tap.map(str::to_string),
+        &config,
+        meta.guest_arg,
+        output.clone(),
+        stop,
+    );
+    let membership = arbiter.map(|arbiter| Membership {
+        arbiter,
+        vm: ft.vm_id,
+        me,
+        generation: accepted.generation,
+    });
+    let source = BackupSource::new(Replay::new(accepted.source), membership, promote);
+    let mut machine = Machine::new(
+        &config,
+        guest.bytes(),
+        meta.guest_arg,
+        source,
+        console(quiet),
+        meta.digest_interval,
+    )?;
+    if config.mac.is_some() {
+        machine.set_net_output(Arc::new(OutputGate::open(Box::new(output))))?;
+    }
+    let result = machine.run();
+    let source = machine.events();
+    let stats = source.replay().stats();
+    let lag = source.replay().source().lag().clone();
+    let lag_line = format!(
+        "lag: at most {} exits behind; entries waited p50 {} µs, p99 {} µs, max {} µs",
+        lag.max_exits,
+        lag.queue_us.value_at_quantile(0.5),
+        lag.queue_us.value_at_quantile(0.99),
+        lag.queue_us.max()
+    );
+    let role = match source.promoted() {
+        Some((exit, generation)) => {
+            format!("; live as primary of generation {generation} since exit {exit}")
+        }
+        None => String::new(),
+    };
+    match result {
+        Ok(summary) => {
+            println!(
+                "backup: replayed {} exits and {} events; {} of {} digests matched; guest {} {}{role}; {lag_line}",
+                summary.exits,
+                stats.events,
+                stats.digests_matched,
+                summary.digests,
+                guest.name(),
+                ending(&summary)
+            );
+            Ok(())
+        }
+        Err(VmmError::LogIncomplete { exit, entries }) => {
+            let why = source
+                .replay()
+                .source()
+                .lost()
+                .unwrap_or_else(|| "the stream ended".into());
+            eprintln!(
+                "lockstep backup: the primary is gone ({why}) at exit {exit} after {entries} entries; {lag_line}"
+            );
+            Err(VmmError::Halted(
+                "primary lost and no arbiter is configured to let this backup go live (fail-stop)"
+                    .into(),
+            )
+            .into())
+        }
+        Err(other) => Err(other.into()),
+    }
+}
+
+/// What a backup does when it wins the arbiter: attach the NIC to the TAP,
+/// announce the guest, and hand back live event sources.
+fn promotion(
+    tap: Option<String>,
+    config: &VmConfig,
+    guest_arg: u64,
+    output: Promotable,
+    stop: Arc<AtomicBool>,
+) -> Promote {
+    let mac = config.mac;
+    Box::new(move |clock| {
+        let live = Live::new(Box::new(std::io::empty()), Discard)
+            .with_clock_base(clock)
+            .with_stop(Arc::clone(&stop));
+        let (Some(mac), Some(name)) = (mac, tap.as_deref()) else {
+            return Ok(live);
+        };
+        let device = TapDevice::open(name).map_err(|e| VmmError::Config(e.to_string()))?;
+        let queue = Arc::new(RxQueue::default());
+        // The reader thread serves the live guest until the process ends.
+        let _reader = device
+            .spawn_reader(Arc::clone(&queue), Arc::new(AtomicBool::new(false)))
+            .map_err(|e| VmmError::Config(e.to_string()))?;
+        let mut writer = device
+            .writer()
+            .map_err(|e| VmmError::Config(e.to_string()))?;
+        let (ip, _) = guest_abi::net_address_from_arg(guest_arg);
+        let _ = writer.send(&gratuitous_arp(mac, ip));
+        *output.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(writer);
+        eprintln!(
+            "lockstep backup: NIC attached to {name}; gratuitous ARP sent for {}.{}.{}.{}",
+            ip[0], ip[1], ip[2], ip[3]
+        );
+        Ok(live.with_network(queue))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gratuitous_arp_announces_the_guest() {
+        let frame = gratuitous_arp([2, 0, 0, 0, 0, 9], [10, 77, 0, 2]);
+        assert_eq!(frame.len(), 60);
+        assert_eq!(&frame[..6], &[0xff; 6]);
+        assert_eq!(&frame[12..14], &[0x08, 0x06]);
+        assert_eq!(&frame[28..32], &[10, 77, 0, 2], "sender IP");
+        assert_eq!(&frame[38..42], &[10, 77, 0, 2], "target IP");
+    }
+}

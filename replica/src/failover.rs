@@ -1,0 +1,363 @@
+//! Failover without split brain.
+//!
+//! Neither replica can tell a dead peer from a broken link, so neither goes
+//! live alone before winning the arbiter's test-and-set for the generation
+//! it belongs to (see the `arbiter` crate):
+//!
+//! - **Backup** ([`BackupSource`]): replays the primary's stream. When the
+//!   stream ends without an end record (the primary died, or was silent for
+//!   the heartbeat timeout), it asks the arbiter for generation g+1. Won: it
+//!   has already consumed every entry it received, so it switches its event
+//!   source to live values (clock continuing from the last value the guest
+//!   saw), attaches the NIC to the TAP, announces the guest with a gratuitous
+//!   ARP and serves. Lost: it halts for good.
+//! - **Primary** ([`FailoverSink`]): when its backup stops acknowledging
+//!   (link closed, or acks overdue by the heartbeat timeout) it keeps every
+//!   output held, asks the arbiter for generation g+1, and only when it wins
+//!   opens the gate and runs unprotected. Lost: it halts for good.
+//! - **Arbiter unreachable**: the caller retries and stays as it is (outputs
+//!   held, or not live): the service stalls rather than splits.
+
+use std::io::BufWriter;
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arbiter::{Arbiter, Outcome, ReplicaId, error_chain};
+use channel::log::EntryKind;
+use nic::gate::OutputGate;
+use vmm::VmmError;
+use vmm::digest::Digest;
+use vmm::events::{Discard, EventSink, EventSource, Live, LogSink, Replay};
+
+use crate::backup::StreamSource;
+use crate::primary::AckReader;
+
+/// Exit status of a replica that lost the arbitration and halted for good.
+pub const EXIT_HALTED: u8 = 4;
+
+/// Who this replica is, to the arbiter.
+#[derive(Clone)]
+pub struct Membership {
+    /// The arbiter.
+    pub arbiter: Arc<dyn Arbiter>,
+    /// The VM's identity.
+    pub vm: u64,
+    /// This replica.
+    pub me: ReplicaId,
+    /// The generation this replica belongs to.
+    pub generation: u64,
+}
+
+impl Membership {
+    /// Asks to go live alone in generation `generation + 1`. Retries while
+    /// the arbiter is unreachable (stalling, never splitting); returns the new
+    /// generation when won, and `Halted` when lost.
+    pub fn go_live_alone(&self, why: &str) -> Result<u64, VmmError> {
+        let mut attempt = 0u64;
+        loop {
+            attempt += 1;
+            match self
+                .arbiter
+                .test_and_set(self.vm, self.generation, &self.me)
+            {
+                Ok(Outcome::Won(record)) => return Ok(record.generation),
+                Ok(lost @ Outcome::Lost { .. }) => {
+                    return Err(VmmError::Halted(format!(
+                        "{why}; {} lost generation {} at the arbiter ({lost:?})",
+                        self.me,
+                        self.generation + 1
+                    )));
+                }
+                Err(error) => {
+                    if attempt == 1 || attempt.is_multiple_of(20) {
+                        eprintln!(
+                            "lockstep: {why}; the arbiter cannot decide ({}): not going live, retrying",
+                            error_chain(&error)
+                        );
+                    }
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+            }
+        }
+    }
+}
+
+/// Builds the live event source of a backup going live (attaches the NIC to
+/// the TAP, announces the guest), given the guest clock to continue from.
+pub type Promote = Box<dyn FnMut(u64) -> Result<Live<Discard>, VmmError> + Send>;
+
+/// The backup's event source: the primary's stream while it lasts, then,
+/// after winning the arbiter, live values.
+pub struct BackupSource {
+    replay: Replay<StreamSource>,
+    live: Option<Live<Discard>>,
+    membership: Option<Membership>,
+    promote: Promote,
+    promoted: Option<(u64, u64)>,
+}
+
+impl BackupSource {
+    /// Replays `replay`; fails over through `membership` (none: the backup
+    /// stops when the primary is lost).
+    pub fn new(
+        replay: Replay<StreamSource>,
+        membership: Option<Membership>,
+        promote: Promote,
+    ) -> Self {
+        Self {
+            replay,
+            live: None,
+            membership,
+            promote,
+            promoted: None,
+        }
+    }
+
+    /// The replay (statistics, lag).
+    pub fn replay(&self) -> &Replay<StreamSource> {
+        &self.replay
+    }
+
+    /// The exit at which this replica went live, and its generation.
+    pub fn promoted(&self) -> Option<(u64, u64)> {
+        self.promoted
+    }
+
+    fn go_live(&mut self, exit: u64, cause: VmmError) -> Result<(), VmmError> {
+        let Some(membership) = &self.membership else {
+            return Err(cause);
+        };
+        let why = format!("the primary is gone (stream ended at exit {exit}: {cause})");
+        let generation = membership.go_live_alone(&why)?;
+        let clock = self.replay.stats().last_clock_ns;
+        self.live = Some((self.promote)(clock)?);
+        self.promoted = Some((exit, generation));
+        eprintln!(
+            "lockstep backup: primary lost at exit {exit}; won generation {generation} at the arbiter: live as primary"
+        );
+        Ok(())
+    }
+
+    fn with<T>(
+        &mut self,
+        exit: u64,
+        mut call: impl FnMut(&mut dyn EventSource) -> Result<T, VmmError>,
+    ) -> Result<T, VmmError> {
+        if let Some(live) = self.live.as_mut() {
+            return call(live);
+        }
+        match call(&mut self.replay) {
+            Err(cause @ VmmError::LogIncomplete { .. }) => {
+                self.go_live(exit, cause)?;
+                match self.live.as_mut() {
+                    Some(live) => call(live),
+                    None => Err(VmmError::Halted("promotion produced no live source".into())),
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+impl EventSource for BackupSource {
+    fn clock(&mut self, exit: u64) -> Result<u64, VmmError> {
+        self.with(exit, |source| source.clock(exit))
+    }
+
+    fn entropy(&mut self, exit: u64, buf: &mut [u8]) -> Result<(), VmmError> {
+        self.with(exit, |source| source.entropy(exit, buf))
+    }
+
+    fn input(&mut self, exit: u64, buf: &mut [u8]) -> Result<Option<usize>, VmmError> {
+        self.with(exit, |source| source.input(exit, buf))
+    }
+
+    fn net_rx(
+        &mut self,
+        exit: u64,
+        max_frames: usize,
+        wait: Duration,
+    ) -> Result<Vec<Vec<u8>>, VmmError> {
+        self.with(exit, |source| source.net_rx(exit, max_frames, wait))
+    }
+
+    fn log_position(&self) -> u64 {
+        match &self.live {
+            Some(live) => live.log_position(),
+            None => self.replay.log_position(),
+        }
+    }
+
+    fn sync(&mut self, exit: u64) -> Result<(), VmmError> {
+        self.with(exit, |source| source.sync(exit))
+    }
+
+    fn digest(&mut self, exit: u64, digest: &Digest) -> Result<(), VmmError> {
+        self.with(exit, |source| source.digest(exit, digest))
+    }
+
+    fn end(&mut self, exit: u64, code: u64) -> Result<(), VmmError> {
+        self.with(exit, |source| source.end(exit, code))
+    }
+
+    fn stop_requested(&mut self, exit: u64) -> Result<bool, VmmError> {
+        self.with(exit, |source| source.stop_requested(exit))
+    }
+
+    fn stopped(&mut self, exit: u64, digest: &Digest) -> Result<(), VmmError> {
+        self.with(exit, |source| source.stopped(exit, digest))
+    }
+}
+
+/// The primary's log sink: streams to the backup while it acknowledges,
+/// and on its loss holds output until the arbiter lets this replica run
+/// alone.
+pub struct FailoverSink {
+    link: Option<LogSink<BufWriter<TcpStream>>>,
+    acks: AckReader,
+    gate: Arc<OutputGate>,
+    membership: Option<Membership>,
+    timeout: Duration,
+    entries: u64,
+    /// The oldest flushed position not yet acknowledged, and since when.
+    unacked_since: Option<(u64, Instant)>,
+    unprotected: Option<u64>,
+}
+
+impl FailoverSink {
+    /// Streams through `link`; `acks` reports the backup's acks, `gate`
+    /// holds the output; without `membership` the loss of the backup stops
+    /// the primary (fail-stop).
+    pub fn new(
+        link: LogSink<BufWriter<TcpStream>>,
+        acks: AckReader,
+        gate: Arc<OutputGate>,
+        membership: Option<Membership>,
+        timeout: Duration,
+    ) -> Self {
+        Self {
+            link: Some(link),
+            acks,
+            gate,
+            membership,
+            timeout,
+            entries: 0,
+            unacked_since: None,
+            unprotected: None,
+        }
+    }
+
+    /// Entries produced.
+    pub fn entries(&self) -> u64 {
+        self.entries
+    }
+
+    /// The generation this primary runs unprotected in, if its backup was lost.
+    pub fn unprotected(&self) -> Option<u64> {
+        self.unprotected
+    }
+
+    /// The ack reader.
+    pub fn acks(&self) -> &AckReader {
+        &self.acks
+    }
+
+    /// Finishes the stream: flushes and closes the link (if still up).
+    pub fn finish(&mut self) -> Result<(), VmmError> {
+        if let Some(link) = self.link.take() {
+            let stream = link.into_inner()?.into_inner().map_err(|e| VmmError::Io {
+                what: "flush the replication link".into(),
+                source: e.into_error(),
+            })?;
+            let _ = stream.shutdown(std::net::Shutdown::Write);
+        }
+        Ok(())
+    }
+
+    fn backup_lost(&mut self, why: String) -> Result<(), VmmError> {
+        self.link = None; // closes our side
+        let Some(membership) = &self.membership else {
+            return Err(VmmError::Halted(format!(
+                "{why}, and no arbiter is configured to let the primary run alone"
+            )));
+        };
+        eprintln!("lockstep primary: {why}; holding output until the arbiter decides");
+        let generation = membership.go_live_alone(&why)?;
+        self.unprotected = Some(generation);
+        self.gate.open_fully();
+        eprintln!(
+            "lockstep primary: won generation {generation} at the arbiter: running unprotected (no backup)"
+        );
+        Ok(())
+    }
+
+    fn check(&mut self) -> Result<bool, VmmError> {
+        if self.link.is_none() {
+            return Ok(false);
+        }
+        if self.acks.lost() {
+            let why = self
+                .acks
+                .state()
+                .ended
+                .unwrap_or_else(|| "the backup's link ended".into());
+            self.backup_lost(format!("backup lost ({why})"))?;
+            return Ok(false);
+        }
+        if let Some((position, since)) = self.unacked_since {
+            if self.acks.acked() >= position {
+                self.unacked_since = None;
+            } else if since.elapsed() > self.timeout {
+                self.backup_lost(format!(
+                    "backup silent: log position {position} unacknowledged for {} ms",
+                    since.elapsed().as_millis()
+                ))?;
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
+impl EventSink for FailoverSink {
+    fn append(
+        &mut self,
+        kind: EntryKind,
+        flags: u16,
+        exit: u64,
+        payload: &[u8],
+    ) -> Result<(), VmmError> {
+        self.entries += 1;
+        if !self.check()? {
+            return Ok(());
+        }
+        let result = match self.link.as_mut() {
+            Some(link) => link.append(kind, flags, exit, payload),
+            None => Ok(()),
+        };
+        if let Err(error) = result {
+            self.backup_lost(format!("the link to the backup failed ({error})"))?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), VmmError> {
+        if !self.check()? {
+            return Ok(());
+        }
+        let result = match self.link.as_mut() {
+            Some(link) => link.flush(),
+            None => Ok(()),
+        };
+        match result {
+            Ok(()) => {
+                if self.unacked_since.is_none() && self.acks.acked() < self.entries {
+                    self.unacked_since = Some((self.entries, Instant::now()));
+                }
+                Ok(())
+            }
+            Err(error) => self.backup_lost(format!("the link to the backup failed ({error})")),
+        }
+    }
+}
