@@ -380,7 +380,21 @@ fn promotion(
         let (Some(mac), Some(name)) = (mac, tap.as_deref()) else {
             return Ok(live);
         };
-        let device = TapDevice::open(name).map_err(|e| VmmError::Config(e.to_string()))?;
+        // The old primary may still hold the TAP until it learns it lost the
+        // arbiter and halts: wait for it to let go.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let device = loop {
+            match TapDevice::open(name) {
+                Ok(device) => break device,
+                Err(nic::NicError::Tap { source, .. })
+                    if source.raw_os_error() == Some(libc::EBUSY)
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(error) => return Err(VmmError::Config(error.to_string())),
+            }
+        };
         let queue = Arc::new(RxQueue::default());
         // The reader thread serves the live guest until the process ends.
         let _reader = device

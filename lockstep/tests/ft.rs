@@ -15,7 +15,14 @@ use common::{Tap, command, connect, guest_arg, start, stop};
 fn start_pair(subnet: u8, port: u16, tap: &Tap) -> (Child, Child) {
     let link = format!("127.0.0.1:{port}");
     let backup = Command::new(env!("CARGO_BIN_EXE_lockstep"))
-        .args(["backup", "--listen", &link, "--quiet"])
+        .args([
+            "backup",
+            "--listen",
+            &link,
+            "--quiet",
+            "--peer-timeout-ms",
+            "20000",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -33,6 +40,10 @@ fn start_pair(subnet: u8, port: u16, tap: &Tap) -> (Child, Child) {
         &arg,
         "--digest-interval",
         "300",
+        // No arbiter here: a peer declared lost would stop the pair, so give
+        // a loaded CI host (and the SIGSTOP below) plenty of time.
+        "--peer-timeout-ms",
+        "20000",
     ]);
     (primary, backup)
 }
@@ -109,6 +120,29 @@ fn ft_on_serves_redis_benchmark_and_every_acknowledged_incr_counts() {
     assert!(words[7].parse::<u64>().expect("digests") >= 2, "{summary}");
 }
 
+fn wait_until_stopped(pid: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks");
+        let all_stopped = tasks.filter_map(Result::ok).all(|task| {
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            // The state follows the parenthesised command name.
+            stat.rsplit(')')
+                .next()
+                .map(str::trim_start)
+                .is_some_and(|rest| rest.starts_with('T'))
+        });
+        if all_stopped {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the backup did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn output_waits_for_the_backups_ack() {
     let subnet = 94;
@@ -127,6 +161,9 @@ fn output_waits_for_the_backups_ack() {
             .expect("kill")
             .success()
     );
+    // SIGSTOP takes effect only once one of its threads dequeues it: wait
+    // until every thread of the backup is stopped.
+    wait_until_stopped(&pid);
     stream
         .write_all(b"*2\r\n$4\r\nINCR\r\n$4\r\nheld\r\n")
         .expect("send");

@@ -1,0 +1,475 @@
+//! Failover without split brain, with real processes: an embedded arbiter,
+//! a primary and a backup on a real TAP, SIGKILL, and a partition made by a
+//! TCP relay on the replication link that stops forwarding (both sides keep
+//! their sockets, neither hears the other). Needs root, /dev/kvm,
+//! /dev/net/tun and iproute2.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{Tap, command, connect, guest_arg, start};
+
+/// Failover tests run one at a time: each runs three processes and two VMs,
+/// and a starved host must not look like a dead peer.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const PEER_TIMEOUT_MS: &str = "1500";
+
+struct Arbiter {
+    child: Child,
+    address: String,
+    key: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Arbiter {
+    fn start(port: u16) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("key");
+        std::fs::write(&key, b"lockstep failover test key, 32+ bytes long").expect("key");
+        let address = format!("127.0.0.1:{port}");
+        let child = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+            .args(["arbiter", "--listen", &address, "--key-file"])
+            .arg(&key)
+            .arg("--state")
+            .arg(dir.path().join("state"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the arbiter");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(&address).is_err() {
+            assert!(Instant::now() < deadline, "the arbiter did not start");
+            thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            child,
+            address,
+            key,
+            _dir: dir,
+        }
+    }
+
+    fn args(&self) -> Vec<String> {
+        vec![
+            "--arbiter".into(),
+            self.address.clone(),
+            "--arbiter-key".into(),
+            self.key.to_string_lossy().into_owned(),
+            "--peer-timeout-ms".into(),
+            PEER_TIMEOUT_MS.into(),
+        ]
+    }
+}
+
+impl Drop for Arbiter {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A relay on the replication link that can be cut: afterwards it forwards
+/// nothing, in either direction, and closes nothing (a partition, not a
+/// crash: neither side gets a reset).
+struct Relay {
+    address: String,
+    cut: Arc<AtomicBool>,
+}
+
+impl Relay {
+    fn start(target: String) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("relay listener");
+        let address = listener.local_addr().expect("relay address").to_string();
+        let cut = Arc::new(AtomicBool::new(false));
+        let relay_cut = Arc::clone(&cut);
+        thread::spawn(move || {
+            let Ok((inbound, _)) = listener.accept() else {
+                return;
+            };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let outbound = loop {
+                match TcpStream::connect(&target) {
+                    Ok(stream) => break stream,
+                    Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+                    Err(_) => return,
+                }
+            };
+            let pairs = [
+                (
+                    inbound.try_clone().expect("clone"),
+                    outbound.try_clone().expect("clone"),
+                ),
+                (outbound, inbound),
+            ];
+            for (mut from, mut to) in pairs {
+                let cut = Arc::clone(&relay_cut);
+                thread::spawn(move || {
+                    let mut buffer = vec![0u8; 1 << 16];
+                    loop {
+                        match from.read(&mut buffer) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => {
+                                if !cut.load(Ordering::SeqCst)
+                                    && to.write_all(&buffer[..n]).is_err()
+                                {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Self { address, cut }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+    }
+}
+
+struct Pair {
+    primary: Child,
+    backup: Child,
+    host: String,
+    _tap: Tap,
+}
+
+fn start_pair(
+    subnet: u8,
+    backup_port: u16,
+    arbiter: &Arbiter,
+    relay: bool,
+) -> (Pair, Option<Relay>) {
+    let tap = Tap::new(subnet);
+    let listen = format!("127.0.0.1:{backup_port}");
+    let mut backup_args: Vec<String> = vec![
+        "backup".into(),
+        "--listen".into(),
+        listen.clone(),
+        "--tap".into(),
+        tap.name.clone(),
+        "--id".into(),
+        "backup".into(),
+        "--quiet".into(),
+    ];
+    backup_args.extend(arbiter.args());
+    let backup = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args(&backup_args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the backup");
+    let relay = relay.then(|| Relay::start(listen.clone()));
+    let link = relay.as_ref().map_or(listen, |relay| relay.address.clone());
+    let arg = guest_arg(subnet);
+    let mut primary_args: Vec<String> = [
+        "primary", "--backup", &link, "--guest", "net", "--tap", &tap.name, "--arg", &arg, "--id",
+        "primary",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    primary_args.extend(arbiter.args());
+    let primary_refs: Vec<&str> = primary_args.iter().map(String::as_str).collect();
+    let primary = start(&primary_refs);
+    (
+        Pair {
+            primary,
+            backup,
+            host: format!("10.77.{subnet}.2"),
+            _tap: tap,
+        },
+        relay,
+    )
+}
+
+fn kill(child: &Child, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+/// Waits for a child to exit, up to `timeout`.
+fn exited(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn stderr_of(child: Child) -> String {
+    let output = child.wait_with_output().expect("output");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// INCRs `key` until `acknowledged` replies were received, tolerating a
+/// cut-over in the middle; returns the highest value acknowledged.
+fn incr(stream: &mut TcpStream, key: &str, count: u64) -> u64 {
+    let mut last = 0;
+    for _ in 0..count {
+        let reply = command(stream, &["INCR", key]);
+        last = reply
+            .trim_start_matches(':')
+            .parse()
+            .expect("an integer reply");
+    }
+    last
+}
+
+#[test]
+fn primary_killed_under_load_backup_goes_live_and_no_acknowledged_incr_is_lost() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let arbiter = Arbiter::start(17401);
+    let (mut pair, _) = start_pair(95, 17795, &arbiter, false);
+    let mut stream = connect(&format!("{}:6379", pair.host));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let before = incr(&mut stream, "counter", 200);
+    assert_eq!(before, 200);
+    kill(&pair.primary, "-KILL");
+    let _ = pair.primary.wait();
+    // The same connection keeps working: the backup's guest has the same
+    // TCP state, and the client's retransmissions reach it.
+    let after = incr(&mut stream, "counter", 100);
+    assert!(after >= 300, "acknowledged INCRs lost: {after} < 300");
+    assert_eq!(command(&mut stream, &["GET", "counter"]), after.to_string());
+    drop(stream);
+    kill(&pair.backup, "-TERM");
+    let stdout = {
+        let mut text = String::new();
+        if let Some(out) = pair.backup.stdout.as_mut() {
+            let _ = out.read_to_string(&mut text);
+        }
+        text
+    };
+    let stderr = stderr_of(pair.backup);
+    assert!(
+        stderr.contains("won generation 2 at the arbiter: live as primary"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("gratuitous ARP sent for"), "{stderr}");
+    assert!(
+        stdout.contains("live as primary of generation 2"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn backup_killed_primary_carries_on_after_winning_the_arbiter() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let arbiter = Arbiter::start(17402);
+    let (mut pair, _) = start_pair(96, 17796, &arbiter, false);
+    let mut stream = connect(&format!("{}:6379", pair.host));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    assert_eq!(incr(&mut stream, "c", 50), 50);
+    kill(&pair.backup, "-KILL");
+    let _ = pair.backup.wait();
+    assert_eq!(incr(&mut stream, "c", 50), 100);
+    drop(stream);
+    kill(&pair.primary, "-TERM");
+    let stderr = stderr_of(pair.primary);
+    assert!(
+        stderr.contains("won generation 2 at the arbiter: running unprotected"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn partition_with_the_arbiter_reachable_exactly_one_goes_live() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let arbiter = Arbiter::start(17403);
+    let (mut pair, relay) = start_pair(97, 17797, &arbiter, true);
+    let mut stream = connect(&format!("{}:6379", pair.host));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    assert_eq!(incr(&mut stream, "p", 20), 20);
+    relay.expect("relay").cut();
+    // Both sides stop hearing each other; both ask the arbiter; one loses
+    // and halts for good (exit status 4), the other serves.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (halted, survivor) = loop {
+        if let Some(status) = pair.primary.try_wait().expect("wait") {
+            break (("primary", status), "backup");
+        }
+        if let Some(status) = pair.backup.try_wait().expect("wait") {
+            break (("backup", status), "primary");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nobody halted after the partition"
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        halted.1.code(),
+        Some(4),
+        "the {} must halt with the 'lost the arbiter' status",
+        halted.0
+    );
+    let (survivor_child, loser_child) = if survivor == "backup" {
+        (&mut pair.backup, &mut pair.primary)
+    } else {
+        (&mut pair.primary, &mut pair.backup)
+    };
+    assert!(
+        exited(survivor_child, Duration::from_secs(2)).is_none(),
+        "the {survivor} must keep running"
+    );
+    let _ = loser_child;
+    // The service continues on the survivor, with every acknowledged write.
+    let value = incr(&mut stream, "p", 1);
+    assert_eq!(value, 21, "served by the {survivor}");
+    drop(stream);
+    kill(survivor_child, "-TERM");
+    let _ = exited(survivor_child, Duration::from_secs(10));
+}
+
+#[test]
+fn partition_with_the_arbiter_down_nobody_goes_live() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut arbiter = Arbiter::start(17404);
+    let (mut pair, relay) = start_pair(98, 17798, &arbiter, true);
+    let mut stream = connect(&format!("{}:6379", pair.host));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    assert_eq!(incr(&mut stream, "q", 10), 10);
+    arbiter.child.kill().expect("kill the arbiter");
+    let _ = arbiter.child.wait();
+    relay.expect("relay").cut();
+    // Both lose the peer; neither can win the arbiter: the service stalls.
+    stream
+        .write_all(b"*2\r\n$4\r\nINCR\r\n$1\r\nq\r\n")
+        .expect("send");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut reply = [0u8; 16];
+    let result = stream.read(&mut reply);
+    assert!(
+        matches!(&result, Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut),
+        "no replica may answer without the arbiter, got {result:?}"
+    );
+    assert!(
+        exited(&mut pair.primary, Duration::from_millis(10)).is_none(),
+        "primary stalls, not exits"
+    );
+    assert!(
+        exited(&mut pair.backup, Duration::from_millis(10)).is_none(),
+        "backup stalls, not exits"
+    );
+    let _ = pair.primary.kill();
+    let _ = pair.backup.kill();
+    let primary_err = stderr_of(pair.primary);
+    let backup_err = stderr_of(pair.backup);
+    assert!(!primary_err.contains("won generation"), "{primary_err}");
+    assert!(!backup_err.contains("won generation"), "{backup_err}");
+    assert!(
+        primary_err.contains("the arbiter cannot decide"),
+        "{primary_err}"
+    );
+    assert!(
+        backup_err.contains("the arbiter cannot decide"),
+        "{backup_err}"
+    );
+}
+
+#[test]
+fn a_primary_of_a_stale_generation_is_refused() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let arbiter = Arbiter::start(17405);
+    let (mut pair, _) = start_pair(99, 17799, &arbiter, false);
+    let mut stream = connect(&format!("{}:6379", pair.host));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    assert_eq!(incr(&mut stream, "s", 5), 5);
+    drop(stream);
+    // Fail over: the backup becomes the primary of generation 2.
+    kill(&pair.primary, "-KILL");
+    let _ = pair.primary.wait();
+    let mut stream = connect(&format!("{}:6379", pair.host));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    assert_eq!(incr(&mut stream, "s", 1), 6);
+    drop(stream);
+
+    // The old primary comes back: the arbiter refuses to let it start a pair.
+    let mut old_args = vec![
+        "primary".to_string(),
+        "--backup".into(),
+        "127.0.0.1:17899".into(),
+        "--id".into(),
+        "primary".into(),
+    ];
+    old_args.extend(arbiter.args());
+    let output = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args(&old_args)
+        .output()
+        .expect("old primary");
+    assert_eq!(
+        output.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("not a member"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // A backup of the old pair refuses a stream that claims generation 1.
+    let mut backup_args = vec![
+        "backup".to_string(),
+        "--listen".into(),
+        "127.0.0.1:17899".into(),
+        "--id".into(),
+        "backup".into(),
+    ];
+    backup_args.extend(arbiter.args());
+    let backup = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args(&backup_args)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("backup");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut stale = loop {
+        match TcpStream::connect("127.0.0.1:17899") {
+            Ok(stream) => break stream,
+            Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+            Err(error) => panic!("backup not listening: {error}"),
+        }
+    };
+    let mut hello = *b"LKLN\x01\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00";
+    hello[8] = 1;
+    stale.write_all(&hello).expect("stale hello");
+    let stderr = stderr_of(backup);
+    assert!(
+        stderr.contains("stale generation 1: the current generation is 2"),
+        "{stderr}"
+    );
+    kill(&pair.backup, "-TERM");
+    let _ = exited(&mut pair.backup, Duration::from_secs(10));
+}
