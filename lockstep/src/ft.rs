@@ -93,6 +93,7 @@ pub fn primary(
     ft: &FtArgs,
     digest_interval: u64,
     stop: Arc<AtomicBool>,
+    stats_file: Option<&Path>,
 ) -> Result<(), CliError> {
     let guest = GuestImage::resolve(&args.guest)?;
     let config = vm_config(args);
@@ -189,6 +190,26 @@ pub fn primary(
         stats.hold_ns.value_at_quantile(0.99) / 1000,
         stats.hold_ns.value_at_quantile(0.999) / 1000
     );
+    if let Some(path) = stats_file {
+        let elapsed = summary.elapsed.as_secs_f64();
+        let json = format!(
+            "{{\"exits\":{},\"elapsed_s\":{elapsed:.3},\"entries\":{entries},\"log_bytes\":{},\"acks\":{},\"frames_released\":{},\"max_held\":{},\"hold_p50_ns\":{},\"hold_p99_ns\":{},\"hold_p999_ns\":{},\"unprotected\":{}}}\n",
+            summary.exits,
+            sink.bytes(),
+            sink.acks().state().acks,
+            stats.released,
+            stats.max_held,
+            stats.hold_ns.value_at_quantile(0.5),
+            stats.hold_ns.value_at_quantile(0.99),
+            stats.hold_ns.value_at_quantile(0.999),
+            sink.unprotected().is_some()
+        );
+        std::fs::write(path, json).map_err(|source| CliError::File {
+            what: "cannot write the statistics to",
+            path: path.to_path_buf(),
+            source,
+        })?;
+    }
     Ok(())
 }
 

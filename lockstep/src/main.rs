@@ -69,6 +69,9 @@ enum Command {
         run: RunArgs,
         #[command(flatten)]
         ft: ft::FtArgs,
+        /// Write the primary's figures (log bytes, acks, hold times) as JSON here at exit.
+        #[arg(long)]
+        stats: Option<PathBuf>,
         /// Take a state digest every this many exits (0: only at the end).
         #[arg(long, default_value_t = 1000)]
         digest_interval: u64,
@@ -127,6 +130,10 @@ enum Command {
         /// Write the figures as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// table2: fail (exit 1) when an FT/base ratio falls below this
+        /// committed baseline by more than its tolerance.
+        #[arg(long)]
+        check: Option<PathBuf>,
     },
 }
 
@@ -218,7 +225,16 @@ fn execute(command: Command) -> Result<(), CliError> {
             run,
             ft,
             digest_interval,
-        } => ft::primary(&run, &backup, &backup_id, &ft, digest_interval, stop_flag()),
+            stats,
+        } => ft::primary(
+            &run,
+            &backup,
+            &backup_id,
+            &ft,
+            digest_interval,
+            stop_flag(),
+            stats.as_deref(),
+        ),
         Command::Backup {
             listen,
             tap,
@@ -231,7 +247,12 @@ fn execute(command: Command) -> Result<(), CliError> {
             key_file,
         } => ft::serve_arbiter(&listen, &state, &key_file),
         Command::Up { tap, link } => up(&tap, &link),
-        Command::Bench { name, quick, json } => bench(name.as_deref(), quick, json),
+        Command::Bench {
+            name,
+            quick,
+            json,
+            check,
+        } => bench(name.as_deref(), quick, json, check),
     }
 }
 
@@ -530,7 +551,7 @@ pub(crate) fn log_meta(
 }
 
 fn up(tap: &str, link: &str) -> Result<(), CliError> {
-    ensure_tap(tap)?;
+    nic::tap::ensure_persistent(tap, "10.77.0.1/24")?;
     let binary = std::env::current_exe().map_err(|source| CliError::File {
         what: "cannot find this program",
         path: PathBuf::from("/proc/self/exe"),
@@ -565,42 +586,12 @@ fn up(tap: &str, link: &str) -> Result<(), CliError> {
         id: None,
         peer_timeout_ms: 500,
     };
-    let result = ft::primary(&args, link, "backup", &ft_args, 1000, stop_flag());
+    let result = ft::primary(&args, link, "backup", &ft_args, 1000, stop_flag(), None);
     if result.is_err() {
         let _ = backup.kill();
     }
     let _ = backup.wait();
     result
-}
-
-/// Creates the TAP interface with the host side of the guest's subnet if
-/// it does not exist yet (iproute2, as scripts/net-setup.sh does).
-fn ensure_tap(tap: &str) -> Result<(), CliError> {
-    let exists = std::path::Path::new("/sys/class/net").join(tap).exists();
-    if exists {
-        return Ok(());
-    }
-    for args in [
-        vec!["tuntap", "add", "dev", tap, "mode", "tap"],
-        vec!["addr", "add", "10.77.0.1/24", "dev", tap],
-        vec!["link", "set", tap, "up"],
-    ] {
-        let status = std::process::Command::new("ip")
-            .args(&args)
-            .status()
-            .map_err(|source| CliError::File {
-                what: "cannot run",
-                path: PathBuf::from("ip (iproute2)"),
-                source,
-            })?;
-        if !status.success() {
-            return Err(CliError::Usage(format!(
-                "`ip {}` failed: creating {tap} needs root (CAP_NET_ADMIN)",
-                args.join(" ")
-            )));
-        }
-    }
-    Ok(())
 }
 
 pub(crate) fn ending(summary: &vmm::RunSummary) -> String {
@@ -645,7 +636,12 @@ fn demo(log: Option<PathBuf>) -> Result<(), CliError> {
     replay(&log, None, true)
 }
 
-fn bench(name: Option<&str>, quick: bool, json: Option<PathBuf>) -> Result<(), CliError> {
+fn bench(
+    name: Option<&str>,
+    quick: bool,
+    json: Option<PathBuf>,
+    check: Option<PathBuf>,
+) -> Result<(), CliError> {
     let Some(name) = name else {
         println!("benchmarks (run one with `lockstep bench NAME [--quick] [--json FILE]`):");
         for (name, about) in perf::BENCHMARKS {
@@ -653,7 +649,26 @@ fn bench(name: Option<&str>, quick: bool, json: Option<PathBuf>) -> Result<(), C
         }
         return Ok(());
     };
-    let report = perf::run(name, quick)?;
+    let mut regressions = Vec::new();
+    let report = if name == "table2" {
+        let exe = std::env::current_exe().map_err(|source| CliError::File {
+            what: "cannot find this program",
+            path: PathBuf::from("/proc/self/exe"),
+            source,
+        })?;
+        let (report, rows) = perf::table2::run(&perf::table2::Options::new(exe, quick))?;
+        if let Some(path) = &check {
+            let baseline = std::fs::read_to_string(path).map_err(|source| CliError::File {
+                what: "cannot read the baseline",
+                path: path.clone(),
+                source,
+            })?;
+            regressions = perf::table2::check(&rows, &baseline)?;
+        }
+        report
+    } else {
+        perf::run(name, quick)?
+    };
     println!("{}", report.text);
     if let Some(path) = json {
         std::fs::write(&path, report.json).map_err(|source| CliError::File {
@@ -661,6 +676,12 @@ fn bench(name: Option<&str>, quick: bool, json: Option<PathBuf>) -> Result<(), C
             path,
             source,
         })?;
+    }
+    if !regressions.is_empty() {
+        return Err(CliError::Usage(format!(
+            "performance regression: {}",
+            regressions.join("; ")
+        )));
     }
     Ok(())
 }

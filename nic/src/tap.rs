@@ -144,6 +144,40 @@ impl TapDevice {
     }
 }
 
+/// Makes sure a persistent TAP interface `name` exists, up, with
+/// `host_cidr` (say `10.77.0.1/24`) on the host side, using iproute2 (as
+/// `scripts/net-setup.sh` does). Needs CAP_NET_ADMIN.
+pub fn ensure_persistent(name: &str, host_cidr: &str) -> Result<(), NicError> {
+    if std::path::Path::new("/sys/class/net").join(name).exists() {
+        return Ok(());
+    }
+    for args in [
+        vec!["tuntap", "add", "dev", name, "mode", "tap"],
+        vec!["addr", "add", host_cidr, "dev", name],
+        vec!["link", "set", name, "up"],
+    ] {
+        let error = |what: String, source: std::io::Error| NicError::Tap {
+            name: name.to_string(),
+            what,
+            source,
+        };
+        let status = std::process::Command::new("ip")
+            .args(&args)
+            .status()
+            .map_err(|e| error("cannot run `ip` (install iproute2)".into(), e))?;
+        if !status.success() {
+            return Err(error(
+                format!(
+                    "`ip {}` failed (creating a TAP device needs root)",
+                    args.join(" ")
+                ),
+                std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Writes released frames to the TAP interface.
 pub struct TapWriter {
     file: File,

@@ -7,16 +7,24 @@
 //! | name | measures |
 //! |---|---|
 //! | `exits` | guest-initiated exits per second, and the cost of recording: the same guest run with its events logged against it run with nothing logged |
+//! | `table2` | the paper's Table 2: guest network bandwidth with FT off and on, logging bandwidth, held-output latency |
 
 pub mod exits;
+pub mod table2;
 
 use std::process::Command;
 
 /// The benchmarks `lockstep bench` knows: (name, description).
-pub const BENCHMARKS: &[(&str, &str)] = &[(
-    "exits",
-    "exits/s of a clock-reading guest, recording vs not recording (ratio)",
-)];
+pub const BENCHMARKS: &[(&str, &str)] = &[
+    (
+        "exits",
+        "exits/s of a clock-reading guest, recording vs not recording (ratio)",
+    ),
+    (
+        "table2",
+        "the paper's Table 2: guest TCP bandwidth FT off vs FT on, logging bandwidth, held-output latency",
+    ),
+];
 
 /// Why a benchmark failed.
 #[derive(Debug, thiserror::Error)]

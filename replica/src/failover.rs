@@ -220,6 +220,7 @@ pub struct FailoverSink {
     membership: Option<Membership>,
     timeout: Duration,
     entries: u64,
+    bytes: u64,
     /// The oldest flushed position not yet acknowledged, and since when.
     unacked_since: Option<(u64, Instant)>,
     unprotected: Option<u64>,
@@ -243,6 +244,7 @@ impl FailoverSink {
             membership,
             timeout,
             entries: 0,
+            bytes: 0,
             unacked_since: None,
             unprotected: None,
         }
@@ -251,6 +253,11 @@ impl FailoverSink {
     /// Entries produced.
     pub fn entries(&self) -> u64 {
         self.entries
+    }
+
+    /// Bytes of log entries produced (what the link carries).
+    pub fn bytes(&self) -> u64 {
+        self.bytes
     }
 
     /// The generation this primary runs unprotected in, if its backup was lost.
@@ -329,6 +336,7 @@ impl EventSink for FailoverSink {
         payload: &[u8],
     ) -> Result<(), VmmError> {
         self.entries += 1;
+        self.bytes += (channel::log::ENTRY_HEADER_LEN + payload.len().div_ceil(8) * 8) as u64;
         if !self.check()? {
             return Ok(());
         }
