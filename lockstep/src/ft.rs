@@ -354,12 +354,21 @@ pub fn backup(
     };
     match result {
         Ok(summary) => {
+            let digests = match source.promoted() {
+                // After going live there is nothing left to compare with.
+                Some(_) => format!(
+                    "{} digests matched while following the primary",
+                    stats.digests_matched
+                ),
+                None => format!(
+                    "{} of {} digests matched",
+                    stats.digests_matched, summary.digests
+                ),
+            };
             println!(
-                "backup: replayed {} exits and {} events; {} of {} digests matched; guest {} {}{role}; {lag_line}",
+                "backup: replayed {} exits and {} events; {digests}; guest {} {}{role}; {lag_line}",
                 summary.exits,
                 stats.events,
-                stats.digests_matched,
-                summary.digests,
                 guest.name(),
                 ending(&summary)
             );

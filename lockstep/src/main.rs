@@ -103,8 +103,9 @@ enum Command {
         #[arg(long)]
         key_file: PathBuf,
     },
-    /// The embedded default deployment: a backup and a primary on this host,
-    /// the `net` guest on TAP lstap0 at 10.77.0.2, until interrupted.
+    /// The embedded default deployment: an arbiter, a backup and a primary
+    /// on this host, the `net` guest on TAP lstap0 at 10.77.0.2, until
+    /// interrupted. Kill either replica and the other goes live.
     Up {
         /// TAP interface (created with 10.77.0.1/24 if missing).
         #[arg(long, default_value = "lstap0")]
@@ -557,16 +558,57 @@ fn up(tap: &str, link: &str) -> Result<(), CliError> {
         path: PathBuf::from("/proc/self/exe"),
         source,
     })?;
-    let mut backup = std::process::Command::new(&binary)
-        .args(["backup", "--listen", link, "--quiet"])
-        .spawn()
-        .map_err(|source| CliError::File {
-            what: "cannot start the backup",
-            path: binary.clone(),
+    let spawn = |args: &[&str], what: &'static str| {
+        std::process::Command::new(&binary)
+            .args(args)
+            .spawn()
+            .map_err(|source| CliError::File {
+                what,
+                path: binary.clone(),
+                source,
+            })
+    };
+    // An embedded arbiter with a fresh state and key for this deployment.
+    let dir = std::env::temp_dir().join(format!("lockstep-up-{}", std::process::id()));
+    let file_error = |path: &PathBuf| {
+        let path = path.clone();
+        move |source| CliError::File {
+            what: "cannot prepare",
+            path,
             source,
-        })?;
+        }
+    };
+    std::fs::create_dir_all(&dir).map_err(file_error(&dir))?;
+    let key = dir.join("arbiter.key");
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret)
+        .map_err(|e| CliError::Usage(format!("no host entropy for the arbiter key: {e}")))?;
+    std::fs::write(&key, secret).map_err(file_error(&key))?;
+    let state = dir.join("arbiter.state");
+    let arbiter_address = "127.0.0.1:7400";
+    let key_text = key.to_string_lossy().into_owned();
+    let state_text = state.to_string_lossy().into_owned();
+    let mut arbiter = spawn(
+        &[
+            "arbiter",
+            "--listen",
+            arbiter_address,
+            "--state",
+            &state_text,
+            "--key-file",
+            &key_text,
+        ],
+        "cannot start the arbiter",
+    )?;
+    let ft_flags = ["--arbiter", arbiter_address, "--arbiter-key", &key_text];
+    let mut backup_args = vec![
+        "backup", "--listen", link, "--quiet", "--tap", tap, "--id", "backup",
+    ];
+    backup_args.extend(ft_flags);
+    let mut backup = spawn(&backup_args, "cannot start the backup")?;
     eprintln!(
-        "lockstep up: backup pid {}, primary pid {}; guest at 10.77.0.2 on {tap}: redis 6379, echo 7, sink 5001, source 5002; Ctrl-C stops",
+        "lockstep up: arbiter pid {}, backup pid {}, primary pid {}; guest at 10.77.0.2 on {tap}: redis 6379, echo 7, sink 5001, source 5002; Ctrl-C stops",
+        arbiter.id(),
         backup.id(),
         std::process::id()
     );
@@ -580,17 +622,27 @@ fn up(tap: &str, link: &str) -> Result<(), CliError> {
         tap: Some(tap.to_string()),
     };
     let ft_args = ft::FtArgs {
-        arbiter: None,
-        arbiter_key: None,
+        arbiter: Some(arbiter_address.into()),
+        arbiter_key: Some(key.clone()),
         vm_id: 1,
-        id: None,
+        id: Some("primary".into()),
         peer_timeout_ms: 500,
     };
+    // Give the arbiter a moment to listen (the primary registers the pair).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(arbiter_address).is_err()
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let result = ft::primary(&args, link, "backup", &ft_args, 1000, stop_flag(), None);
     if result.is_err() {
         let _ = backup.kill();
     }
     let _ = backup.wait();
+    let _ = arbiter.kill();
+    let _ = arbiter.wait();
+    let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
