@@ -21,11 +21,13 @@ use crate::{CliError, Network, RunArgs, console, ending, log_meta, open_input, v
 /// How a replica finds the arbiter and names itself.
 #[derive(Args, Clone)]
 pub struct FtArgs {
-    /// The arbiter (`lockstep arbiter`). Without one, a replica that loses
-    /// its peer stops (fail-stop) instead of going live alone.
+    /// The arbiter: `HOST:PORT` of `lockstep arbiter`, or
+    /// `etcd://HOST:PORT[,HOST:PORT…]` for an etcd cluster (production: the
+    /// authority itself replicated). Without one, a replica that loses its
+    /// peer stops (fail-stop) instead of going live alone.
     #[arg(long)]
     pub arbiter: Option<String>,
-    /// File holding the arbiter's pre-shared key.
+    /// File holding the embedded arbiter's pre-shared key.
     #[arg(long)]
     pub arbiter_key: Option<PathBuf>,
     /// The VM's identity at the arbiter.
@@ -50,6 +52,12 @@ impl FtArgs {
         let Some(address) = &self.arbiter else {
             return Ok(None);
         };
+        if let Some(endpoints) = address.strip_prefix("etcd://") {
+            let endpoints: Vec<&str> = endpoints.split(',').collect();
+            let etcd = arbiter::EtcdArbiter::new(&endpoints, Duration::from_secs(2))
+                .map_err(|e| CliError::Usage(error_chain(&e)))?;
+            return Ok(Some(Arc::new(etcd)));
+        }
         let key_path = self
             .arbiter_key
             .as_ref()

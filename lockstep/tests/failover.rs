@@ -22,10 +22,10 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 const PEER_TIMEOUT_MS: &str = "1500";
 
+/// An arbiter process: the embedded one, or a real etcd.
 struct Arbiter {
     child: Child,
-    address: String,
-    key: std::path::PathBuf,
+    args: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -43,28 +43,70 @@ impl Arbiter {
             .stderr(Stdio::null())
             .spawn()
             .expect("start the arbiter");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(&address).is_err() {
-            assert!(Instant::now() < deadline, "the arbiter did not start");
-            thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_port(&address);
+        let args = vec![
+            "--arbiter".into(),
+            address,
+            "--arbiter-key".into(),
+            key.to_string_lossy().into_owned(),
+            "--peer-timeout-ms".into(),
+            PEER_TIMEOUT_MS.into(),
+        ];
         Self {
             child,
-            address,
-            key,
+            args,
+            _dir: dir,
+        }
+    }
+
+    /// A single-member etcd cluster on loopback (Debian's etcd-server).
+    fn etcd(client_port: u16, peer_port: u16) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let client = format!("http://127.0.0.1:{client_port}");
+        let peer = format!("http://127.0.0.1:{peer_port}");
+        let child = Command::new("etcd")
+            .arg("--name=lockstep-failover")
+            .arg(format!("--data-dir={}", dir.path().join("data").display()))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=lockstep-failover={peer}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start etcd (install Debian's etcd-server package)");
+        let endpoint = format!("127.0.0.1:{client_port}");
+        let etcd = arbiter::EtcdArbiter::new(&[endpoint.as_str()], Duration::from_secs(2))
+            .expect("endpoint");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while arbiter::Arbiter::read(&etcd, 999).is_err() {
+            assert!(Instant::now() < deadline, "etcd did not become ready");
+            thread::sleep(Duration::from_millis(100));
+        }
+        let args = vec![
+            "--arbiter".into(),
+            format!("etcd://{endpoint}"),
+            "--peer-timeout-ms".into(),
+            PEER_TIMEOUT_MS.into(),
+        ];
+        Self {
+            child,
+            args,
             _dir: dir,
         }
     }
 
     fn args(&self) -> Vec<String> {
-        vec![
-            "--arbiter".into(),
-            self.address.clone(),
-            "--arbiter-key".into(),
-            self.key.to_string_lossy().into_owned(),
-            "--peer-timeout-ms".into(),
-            PEER_TIMEOUT_MS.into(),
-        ]
+        self.args.clone()
+    }
+}
+
+fn wait_for_port(address: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(address).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {address}");
+        thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -268,6 +310,28 @@ fn primary_killed_under_load_backup_goes_live_and_no_acknowledged_incr_is_lost()
     assert!(
         stdout.contains("live as primary of generation 2"),
         "{stdout}"
+    );
+}
+
+#[test]
+fn with_an_etcd_arbiter_the_backup_goes_live_when_the_primary_dies() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let arbiter = Arbiter::etcd(17411, 17412);
+    let (mut pair, _) = start_pair(90, 17790, &arbiter, false);
+    let mut stream = connect(&format!("{}:6379", pair.host));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    assert_eq!(incr(&mut stream, "e", 30), 30);
+    kill(&pair.primary, "-KILL");
+    let _ = pair.primary.wait();
+    assert_eq!(incr(&mut stream, "e", 30), 60);
+    drop(stream);
+    kill(&pair.backup, "-TERM");
+    let stderr = stderr_of(pair.backup);
+    assert!(
+        stderr.contains("won generation 2 at the arbiter: live as primary"),
+        "{stderr}"
     );
 }
 
