@@ -86,25 +86,34 @@ struct ServerProcess {
 }
 
 impl ServerProcess {
+    /// Runs the server in a separate process: this test binary itself,
+    /// re-executed to run only `arbiter_server_child_process`.
     fn start(state: &Path, key_file: &Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_lockstep-arbiter"))
-            .args(["--listen", "127.0.0.1:0", "--state"])
-            .arg(state)
-            .arg("--key-file")
-            .arg(key_file)
+        let mut child = Command::new(std::env::current_exe().expect("test binary"))
+            .args([
+                "--exact",
+                "arbiter_server_child_process",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
+            .env("LOCKSTEP_ARBITER_STATE", state)
+            .env("LOCKSTEP_ARBITER_KEY", key_file)
             .stdout(Stdio::piped())
             .spawn()
-            .expect("spawn lockstep-arbiter");
+            .expect("spawn the arbiter server process");
         let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read the address");
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("the server's output")
+                .expect("read a line");
+            // libtest may print "test … ... " on the same line first.
+            if let Some(at) = line.find("listening on ") {
+                break line[at + "listening on ".len()..].trim().to_string();
+            }
+        };
         Self { child, addr }
     }
 
@@ -357,4 +366,21 @@ fn an_unreachable_arbiter_is_an_error_within_the_timeout() {
         "{elapsed:?}"
     );
     assert!(err.to_string().contains("did not answer within"), "{err}");
+}
+
+/// Not a test of its own: the body of the server process that
+/// `ServerProcess::start` runs (it does nothing unless started that way).
+#[test]
+fn arbiter_server_child_process() {
+    let (Ok(state), Ok(key_file)) = (
+        std::env::var("LOCKSTEP_ARBITER_STATE"),
+        std::env::var("LOCKSTEP_ARBITER_KEY"),
+    ) else {
+        return;
+    };
+    let key = arbiter::Key::from_file(Path::new(&key_file)).expect("key");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    println!("listening on {}", listener.local_addr().expect("address"));
+    std::io::Write::flush(&mut std::io::stdout()).expect("flush");
+    arbiter::server::serve(listener, Path::new(&state), key).expect("serve");
 }

@@ -1,6 +1,7 @@
 //! `lockstep`: the command-line front end. Thin on purpose: it parses
 //! arguments, builds the pieces from the library crates and prints results.
 
+mod chaos;
 mod ft;
 mod guests;
 
@@ -89,6 +90,17 @@ enum Command {
         /// Do not print the guest's console output.
         #[arg(long)]
         quiet: bool,
+    },
+    /// A randomized failover campaign: kill either replica or partition the
+    /// link at random moments under client load; report split brains and lost
+    /// acknowledged writes (both must be 0).
+    Chaos {
+        /// Trials to run.
+        #[arg(long, default_value_t = 20)]
+        trials: u64,
+        /// Seed of the campaign's random choices.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
     },
     /// The embedded arbiter: an atomic test-and-set on generations that
     /// decides which replica may go live alone.
@@ -242,6 +254,23 @@ fn execute(command: Command) -> Result<(), CliError> {
             ft,
             quiet,
         } => ft::backup(&listen, tap.as_deref(), &ft, quiet, stop_flag()),
+        Command::Chaos { trials, seed } => {
+            let campaign = chaos::run(trials, seed)?;
+            println!(
+                "chaos: {} trials, {} failovers, {} split brains, {} lost acknowledged writes ({} INCRs acknowledged)",
+                campaign.trials,
+                campaign.failovers,
+                campaign.split_brains,
+                campaign.lost_writes,
+                campaign.acknowledged
+            );
+            if campaign.split_brains > 0 || campaign.lost_writes > 0 {
+                return Err(CliError::Usage(
+                    "the campaign found split brains or lost writes".into(),
+                ));
+            }
+            Ok(())
+        }
         Command::Arbiter {
             listen,
             state,

@@ -1,0 +1,380 @@
+//! `lockstep chaos --trials N`: a randomized failover campaign.
+//!
+//! Each trial starts an embedded arbiter, a backup and a primary of the
+//! `net` guest (real processes, real TAP), with the replication link running
+//! through a relay that can be cut. A client increments a counter and counts
+//! the INCRs it saw acknowledged. At a random moment one fault strikes: the
+//! primary or the backup is killed with SIGKILL, or the link is partitioned
+//! (nothing forwarded, nothing closed). The client carries on. At the end
+//! the trial checks:
+//!
+//! - **split brain**: two replicas won the same generation, or both are still
+//!   running as live (must be 0);
+//! - **lost acknowledged writes**: the counter reads less than the number of
+//!   INCRs acknowledged to the client (must be 0).
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::CliError;
+
+const TAP: &str = "lschaos0";
+const HOST_CIDR: &str = "10.79.0.1/24";
+const GUEST: &str = "10.79.0.2";
+/// `--arg` for 10.79.0.2/24: (24 << 32) | 0x0a4f0002.
+const GUEST_ARG: &str = "103252164610";
+
+/// The fault a trial injects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    KillPrimary,
+    KillBackup,
+    Partition,
+}
+
+/// Totals of a campaign.
+#[derive(Debug, Default)]
+pub struct Campaign {
+    /// Trials run.
+    pub trials: u64,
+    /// Trials in which a replica went live alone after winning the arbiter.
+    pub failovers: u64,
+    /// Trials with two live replicas in one generation (must be 0).
+    pub split_brains: u64,
+    /// Acknowledged INCRs missing from the final counter, summed (must be 0).
+    pub lost_writes: u64,
+    /// INCRs acknowledged, summed.
+    pub acknowledged: u64,
+}
+
+/// A small deterministic generator (xorshift), seeded per campaign.
+struct Random(u64);
+
+impl Random {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, bound: u64) -> u64 {
+        self.next() % bound.max(1)
+    }
+}
+
+/// A relay for the replication link; `cut` partitions it.
+struct Relay {
+    address: String,
+    cut: Arc<AtomicBool>,
+}
+
+fn relay(target: String) -> Result<Relay, CliError> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|source| CliError::File {
+        what: "cannot bind the chaos relay on",
+        path: PathBuf::from("127.0.0.1:0"),
+        source,
+    })?;
+    let address = listener
+        .local_addr()
+        .map_err(|source| CliError::File {
+            what: "cannot read the address of",
+            path: PathBuf::from("the chaos relay"),
+            source,
+        })?
+        .to_string();
+    let cut = Arc::new(AtomicBool::new(false));
+    let relay_cut = Arc::clone(&cut);
+    thread::spawn(move || {
+        let Ok((inbound, _)) = listener.accept() else {
+            return;
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let outbound = loop {
+            match TcpStream::connect(&target) {
+                Ok(stream) => break stream,
+                Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+                Err(_) => return,
+            }
+        };
+        let (Ok(inbound_copy), Ok(outbound_copy)) = (inbound.try_clone(), outbound.try_clone())
+        else {
+            return;
+        };
+        for (mut from, mut to) in [(inbound_copy, outbound_copy), (outbound, inbound)] {
+            let cut = Arc::clone(&relay_cut);
+            thread::spawn(move || {
+                let mut buffer = vec![0u8; 1 << 16];
+                while let Ok(n) = from.read(&mut buffer) {
+                    if n == 0
+                        || (!cut.load(Ordering::SeqCst) && to.write_all(&buffer[..n]).is_err())
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Ok(Relay { address, cut })
+}
+
+fn spawn(exe: &Path, args: &[&str], stderr: Option<&Path>) -> Result<Child, CliError> {
+    let mut command = Command::new(exe);
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    match stderr {
+        Some(path) => {
+            let file = std::fs::File::create(path).map_err(|source| CliError::File {
+                what: "cannot create",
+                path: path.to_path_buf(),
+                source,
+            })?;
+            command.stderr(file);
+        }
+        None => {
+            command.stderr(Stdio::null());
+        }
+    }
+    command.spawn().map_err(|source| CliError::File {
+        what: "cannot start",
+        path: exe.to_path_buf(),
+        source,
+    })
+}
+
+fn resp(stream: &mut TcpStream, words: &[&str]) -> Option<String> {
+    let mut request = format!("*{}\r\n", words.len());
+    for word in words {
+        request.push_str(&format!("${}\r\n{word}\r\n", word.len()));
+    }
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut reply = Vec::new();
+    let mut byte = [0u8; 1];
+    while !reply.ends_with(b"\r\n") {
+        stream.read_exact(&mut byte).ok()?;
+        reply.push(byte[0]);
+    }
+    if reply.starts_with(b"$") {
+        let len: usize = String::from_utf8_lossy(&reply[1..reply.len() - 2])
+            .parse()
+            .ok()?;
+        let mut body = vec![0u8; len + 2];
+        stream.read_exact(&mut body).ok()?;
+        return Some(String::from_utf8_lossy(&body[..len]).into_owned());
+    }
+    Some(String::from_utf8_lossy(&reply[..reply.len() - 2]).into_owned())
+}
+
+fn connect(timeout: Duration) -> Option<TcpStream> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let address = format!("{GUEST}:6379").parse().ok()?;
+        if let Ok(stream) = TcpStream::connect_timeout(&address, Duration::from_millis(500)) {
+            stream.set_read_timeout(Some(Duration::from_secs(8))).ok()?;
+            return Some(stream);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Kills what is still running, waits for every child; returns exit codes.
+fn reap(children: &mut [(&str, Child)]) -> Vec<(String, Option<i32>)> {
+    for (_, child) in children.iter_mut() {
+        if child.try_wait().ok().flatten().is_none() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+        }
+    }
+    let mut codes = Vec::new();
+    for (name, child) in children.iter_mut() {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let status = child.wait().ok();
+        codes.push((name.to_string(), status.and_then(|s| s.code())));
+    }
+    codes
+}
+
+/// Runs one trial; returns (failover happened, split brain, lost writes, acknowledged).
+fn trial(
+    exe: &Path,
+    dir: &Path,
+    number: u64,
+    random: &mut Random,
+) -> Result<(bool, bool, u64, u64), CliError> {
+    let fault = match random.below(3) {
+        0 => Fault::KillPrimary,
+        1 => Fault::KillBackup,
+        _ => Fault::Partition,
+    };
+    let fault_after = Duration::from_millis(200 + random.below(1200));
+    let port = 7600 + (number % 50) as u16;
+    let arbiter_address = format!("127.0.0.1:{}", 7550 + (number % 50));
+    let key = dir.join("key");
+    std::fs::write(
+        &key,
+        format!("chaos campaign key {number:016x}, long enough"),
+    )
+    .map_err(|source| CliError::File {
+        what: "cannot write",
+        path: key.clone(),
+        source,
+    })?;
+    let state = dir.join(format!("arbiter-{number}.state"));
+    let key_text = key.to_string_lossy().into_owned();
+    let state_text = state.to_string_lossy().into_owned();
+    let arbiter = spawn(
+        exe,
+        &[
+            "arbiter",
+            "--listen",
+            &arbiter_address,
+            "--state",
+            &state_text,
+            "--key-file",
+            &key_text,
+        ],
+        None,
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(&arbiter_address).is_err() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    let link = format!("127.0.0.1:{port}");
+    let ft = [
+        "--arbiter",
+        arbiter_address.as_str(),
+        "--arbiter-key",
+        key_text.as_str(),
+        "--peer-timeout-ms",
+        "1500",
+    ];
+    let backup_log = dir.join(format!("backup-{number}.log"));
+    let primary_log = dir.join(format!("primary-{number}.log"));
+    let mut backup_args = vec![
+        "backup", "--listen", &link, "--tap", TAP, "--id", "b", "--quiet",
+    ];
+    backup_args.extend(ft);
+    let backup = spawn(exe, &backup_args, Some(&backup_log))?;
+    let relay = relay(link.clone())?;
+    let mut primary_args = vec![
+        "primary",
+        "--backup",
+        &relay.address,
+        "--backup-id",
+        "b",
+        "--id",
+        "a",
+        "--guest",
+        "net",
+        "--tap",
+        TAP,
+        "--arg",
+        GUEST_ARG,
+        "--quiet",
+    ];
+    primary_args.extend(ft);
+    let primary = spawn(exe, &primary_args, Some(&primary_log))?;
+    let mut children = [
+        ("arbiter", arbiter),
+        ("backup", backup),
+        ("primary", primary),
+    ];
+
+    let mut acknowledged = 0u64;
+    let mut stream = connect(Duration::from_secs(20));
+    let started = Instant::now();
+    let mut struck = false;
+    let run_for = fault_after + Duration::from_secs(3);
+    while started.elapsed() < run_for {
+        if !struck && started.elapsed() >= fault_after {
+            struck = true;
+            match fault {
+                Fault::KillPrimary => {
+                    let _ = children[2].1.kill();
+                }
+                Fault::KillBackup => {
+                    let _ = children[1].1.kill();
+                }
+                Fault::Partition => relay.cut.store(true, Ordering::SeqCst),
+            }
+        }
+        let Some(connection) = stream.as_mut() else {
+            stream = connect(Duration::from_secs(2));
+            continue;
+        };
+        match resp(connection, &["INCR", "chaos"]) {
+            Some(reply) if reply.starts_with(':') => {
+                if let Ok(value) = reply[1..].parse::<u64>() {
+                    acknowledged = acknowledged.max(value);
+                }
+            }
+            _ => stream = None, // unanswered: not acknowledged; reconnect
+        }
+    }
+    let final_value = connect(Duration::from_secs(10))
+        .and_then(|mut connection| resp(&mut connection, &["GET", "chaos"]))
+        .and_then(|value| value.parse::<u64>().ok())
+        .unwrap_or(0);
+    let codes = reap(&mut children);
+    let backup_text = std::fs::read_to_string(&backup_log).unwrap_or_default();
+    let primary_text = std::fs::read_to_string(&primary_log).unwrap_or_default();
+    let backup_won = backup_text.contains("won generation 2");
+    let primary_won = primary_text.contains("won generation 2");
+    let split_brain = backup_won && primary_won;
+    let lost = acknowledged.saturating_sub(final_value);
+    eprintln!(
+        "chaos: trial {number}: {fault:?} after {} ms; acknowledged {acknowledged}, counter {final_value}; live alone: {}; exit codes {codes:?}",
+        fault_after.as_millis(),
+        match (primary_won, backup_won) {
+            (true, true) => "BOTH (split brain)",
+            (true, false) => "primary",
+            (false, true) => "backup",
+            (false, false) => "nobody",
+        }
+    );
+    Ok((primary_won || backup_won, split_brain, lost, acknowledged))
+}
+
+/// Runs `trials` trials with `seed`.
+pub fn run(trials: u64, seed: u64) -> Result<Campaign, CliError> {
+    let exe = std::env::current_exe().map_err(|source| CliError::File {
+        what: "cannot find this program",
+        path: PathBuf::from("/proc/self/exe"),
+        source,
+    })?;
+    nic::tap::ensure_persistent(TAP, HOST_CIDR)?;
+    let dir = std::env::temp_dir().join(format!("lockstep-chaos-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|source| CliError::File {
+        what: "cannot create",
+        path: dir.clone(),
+        source,
+    })?;
+    let mut random = Random(seed.max(1));
+    let mut campaign = Campaign::default();
+    for number in 1..=trials {
+        let (failover, split_brain, lost, acknowledged) = trial(&exe, &dir, number, &mut random)?;
+        campaign.trials += 1;
+        campaign.failovers += u64::from(failover);
+        campaign.split_brains += u64::from(split_brain);
+        campaign.lost_writes += lost;
+        campaign.acknowledged += acknowledged;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(campaign)
+}
