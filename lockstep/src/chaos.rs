@@ -51,6 +51,9 @@ pub struct Campaign {
     pub lost_writes: u64,
     /// INCRs acknowledged, summed.
     pub acknowledged: u64,
+    /// Failover times: from the fault to the client's first acknowledged
+    /// reply afterwards, in ms, one per trial.
+    pub failover_ms: Vec<f64>,
 }
 
 /// A small deterministic generator (xorshift), seeded per campaign.
@@ -210,13 +213,17 @@ fn reap(children: &mut [(&str, Child)]) -> Vec<(String, Option<i32>)> {
     codes
 }
 
-/// Runs one trial; returns (failover happened, split brain, lost writes, acknowledged).
-fn trial(
-    exe: &Path,
-    dir: &Path,
-    number: u64,
-    random: &mut Random,
-) -> Result<(bool, bool, u64, u64), CliError> {
+/// What one trial found.
+struct Outcome {
+    failover: bool,
+    split_brain: bool,
+    lost: u64,
+    acknowledged: u64,
+    recovered_after: Option<Duration>,
+}
+
+/// Runs one trial.
+fn trial(exe: &Path, dir: &Path, number: u64, random: &mut Random) -> Result<Outcome, CliError> {
     let fault = match random.below(3) {
         0 => Fault::KillPrimary,
         1 => Fault::KillBackup,
@@ -300,10 +307,13 @@ fn trial(
     let mut stream = connect(Duration::from_secs(20));
     let started = Instant::now();
     let mut struck = false;
+    let mut struck_at = None;
+    let mut recovered_after = None;
     let run_for = fault_after + Duration::from_secs(3);
     while started.elapsed() < run_for {
         if !struck && started.elapsed() >= fault_after {
             struck = true;
+            struck_at = Some(Instant::now());
             match fault {
                 Fault::KillPrimary => {
                     let _ = children[2].1.kill();
@@ -323,6 +333,9 @@ fn trial(
                 if let Ok(value) = reply[1..].parse::<u64>() {
                     acknowledged = acknowledged.max(value);
                 }
+                if recovered_after.is_none() {
+                    recovered_after = struck_at.map(|at| at.elapsed());
+                }
             }
             _ => stream = None, // unanswered: not acknowledged; reconnect
         }
@@ -339,8 +352,9 @@ fn trial(
     let split_brain = backup_won && primary_won;
     let lost = acknowledged.saturating_sub(final_value);
     eprintln!(
-        "chaos: trial {number}: {fault:?} after {} ms; acknowledged {acknowledged}, counter {final_value}; live alone: {}; exit codes {codes:?}",
+        "chaos: trial {number}: {fault:?} after {} ms; acknowledged {acknowledged}, counter {final_value}; service back after {}; live alone: {}; exit codes {codes:?}",
         fault_after.as_millis(),
+        recovered_after.map_or("never".to_string(), |d| format!("{} ms", d.as_millis())),
         match (primary_won, backup_won) {
             (true, true) => "BOTH (split brain)",
             (true, false) => "primary",
@@ -348,7 +362,13 @@ fn trial(
             (false, false) => "nobody",
         }
     );
-    Ok((primary_won || backup_won, split_brain, lost, acknowledged))
+    Ok(Outcome {
+        failover: primary_won || backup_won,
+        split_brain,
+        lost,
+        acknowledged,
+        recovered_after,
+    })
 }
 
 /// Runs `trials` trials with `seed`.
@@ -368,12 +388,15 @@ pub fn run(trials: u64, seed: u64) -> Result<Campaign, CliError> {
     let mut random = Random(seed.max(1));
     let mut campaign = Campaign::default();
     for number in 1..=trials {
-        let (failover, split_brain, lost, acknowledged) = trial(&exe, &dir, number, &mut random)?;
+        let outcome = trial(&exe, &dir, number, &mut random)?;
         campaign.trials += 1;
-        campaign.failovers += u64::from(failover);
-        campaign.split_brains += u64::from(split_brain);
-        campaign.lost_writes += lost;
-        campaign.acknowledged += acknowledged;
+        campaign.failovers += u64::from(outcome.failover);
+        campaign.split_brains += u64::from(outcome.split_brain);
+        campaign.lost_writes += outcome.lost;
+        campaign.acknowledged += outcome.acknowledged;
+        if let Some(after) = outcome.recovered_after {
+            campaign.failover_ms.push(after.as_secs_f64() * 1000.0);
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(campaign)

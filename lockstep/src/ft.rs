@@ -41,6 +41,9 @@ pub struct FtArgs {
     /// syncs at least every 50 ms. On real networks allow for their jitter.
     #[arg(long, default_value_t = 500)]
     pub peer_timeout_ms: u64,
+    /// Where this replica publishes its status for `lockstep status`.
+    #[arg(long, default_value = replica::status::DEFAULT_DIR)]
+    pub status_dir: PathBuf,
 }
 
 impl FtArgs {
@@ -148,7 +151,11 @@ pub fn primary(
         None => Arc::new(OutputGate::new(Box::new(Dropped))),
     };
     let acks = replica::primary::AckReader::spawn(ack_stream, Arc::clone(&gate))?;
-    let sink = FailoverSink::new(link, acks, Arc::clone(&gate), membership, ft.peer_timeout());
+    let sink = FailoverSink::new(link, acks, Arc::clone(&gate), membership, ft.peer_timeout())
+        .with_status(replica::status::StatusFile::new(
+            &ft.status_dir,
+            me.as_str(),
+        ));
     let events = Network::live(&network, Live::new(open_input(args.input.as_ref())?, sink))
         .streaming()
         .with_stop(stop);
@@ -325,13 +332,16 @@ pub fn backup(
         output.clone(),
         stop,
     );
+    let me_name = me.to_string();
     let membership = arbiter.map(|arbiter| Membership {
         arbiter,
         vm: ft.vm_id,
         me,
         generation: accepted.generation,
     });
-    let source = BackupSource::new(Replay::new(accepted.source), membership, promote);
+    let status = replica::status::StatusFile::new(&ft.status_dir, me_name.as_str());
+    let source =
+        BackupSource::new(Replay::new(accepted.source), membership, promote).with_status(status);
     let mut machine = Machine::new(
         &config,
         guest.bytes(),
@@ -450,6 +460,30 @@ fn promotion(
         );
         Ok(live.with_network(queue))
     })
+}
+
+/// `lockstep status`: what every replica on this host says it is doing.
+pub fn status(dir: &Path) -> Result<(), CliError> {
+    let replicas = replica::status::read_all(dir).map_err(|source| CliError::File {
+        what: "no replica status in",
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    if replicas.is_empty() {
+        println!("no replicas have published a status in {}", dir.display());
+    }
+    for (id, age, text) in replicas {
+        let state = if age > Duration::from_secs(3) {
+            format!("NOT RUNNING (last word {:.1} s ago)", age.as_secs_f64())
+        } else {
+            format!("updated {} ms ago", age.as_millis())
+        };
+        println!("== {id}: {state}");
+        for line in text.lines() {
+            println!("   {line}");
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -91,6 +91,13 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Show role, generation, lag, held outputs and link figures of every
+    /// replica on this host.
+    Status {
+        /// Where replicas publish their status.
+        #[arg(long, default_value = replica::status::DEFAULT_DIR)]
+        dir: PathBuf,
+    },
     /// A randomized failover campaign: kill either replica or partition the
     /// link at random moments under client load; report split brains and lost
     /// acknowledged writes (both must be 0).
@@ -254,6 +261,7 @@ fn execute(command: Command) -> Result<(), CliError> {
             ft,
             quiet,
         } => ft::backup(&listen, tap.as_deref(), &ft, quiet, stop_flag()),
+        Command::Status { dir } => ft::status(&dir),
         Command::Chaos { trials, seed } => {
             let campaign = chaos::run(trials, seed)?;
             println!(
@@ -656,6 +664,7 @@ fn up(tap: &str, link: &str) -> Result<(), CliError> {
         vm_id: 1,
         id: Some("primary".into()),
         peer_timeout_ms: 500,
+        status_dir: PathBuf::from(replica::status::DEFAULT_DIR),
     };
     // Give the arbiter a moment to listen (the primary registers the pair).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);

@@ -11,9 +11,12 @@ use std::time::Duration;
 
 use common::{Tap, command, connect, guest_arg, start, stop};
 
-/// A backup listening on `port`, then a primary serving 10.77.`subnet`.2.
+/// A backup listening on `port`, then a primary serving 10.77.`subnet`.2;
+/// both publish their status in `/tmp/lockstep-status-<port>`.
 fn start_pair(subnet: u8, port: u16, tap: &Tap) -> (Child, Child) {
     let link = format!("127.0.0.1:{port}");
+    let status_dir = status_dir(port);
+    let _ = std::fs::remove_dir_all(&status_dir);
     let backup = Command::new(env!("CARGO_BIN_EXE_lockstep"))
         .args([
             "backup",
@@ -22,6 +25,8 @@ fn start_pair(subnet: u8, port: u16, tap: &Tap) -> (Child, Child) {
             "--quiet",
             "--peer-timeout-ms",
             "20000",
+            "--status-dir",
+            &status_dir,
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -44,8 +49,14 @@ fn start_pair(subnet: u8, port: u16, tap: &Tap) -> (Child, Child) {
         // a loaded CI host (and the SIGSTOP below) plenty of time.
         "--peer-timeout-ms",
         "20000",
+        "--status-dir",
+        &status_dir,
     ]);
     (primary, backup)
+}
+
+fn status_dir(port: u16) -> String {
+    format!("/tmp/lockstep-status-{port}")
 }
 
 fn finish(primary: Child, backup: Child) -> (String, String) {
@@ -78,6 +89,28 @@ fn ft_on_serves_redis_benchmark_and_every_acknowledged_incr_counts() {
     }
     assert_eq!(command(&mut stream, &["GET", "ft"]), increments.to_string());
     drop(stream);
+
+    // `lockstep status` shows both replicas, their roles and figures.
+    std::thread::sleep(Duration::from_millis(600));
+    let status = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args(["status", "--dir", &status_dir(17793)])
+        .output()
+        .expect("lockstep status");
+    let status = String::from_utf8_lossy(&status.stdout);
+    for expected in [
+        "== primary: updated",
+        "role: primary",
+        "protection: protected (backup following)",
+        "held outputs:",
+        "== backup: updated",
+        "role: backup (following the primary)",
+        "lag (exits):",
+    ] {
+        assert!(
+            status.contains(expected),
+            "`{expected}` missing from:\n{status}"
+        );
+    }
 
     let output = Command::new("redis-benchmark")
         .args([

@@ -342,6 +342,14 @@ impl VirtioNet {
                 continue;
             };
             let head = chain.head_index();
+            if is_cut_short(&chain) {
+                self.stats.malformed_chains += 1;
+                self.queues[RX_QUEUE]
+                    .add_used(memory, head, 0)
+                    .map_err(|e| NicError::Queue(format!("return RX buffer {head}: {e:?}")))?;
+                self.stats.rx_dropped += 1;
+                continue;
+            }
             let written = match chain.writer(memory) {
                 Ok(mut writer) if writer.available_bytes() >= NET_HDR_LEN + frame.len() => {
                     let ok = writer.write_all(&[0u8; NET_HDR_LEN]).is_ok()
@@ -389,15 +397,20 @@ impl VirtioNet {
         }
         while let Some(chain) = self.queues[TX_QUEUE].pop_descriptor_chain(memory) {
             let head = chain.head_index();
-            let frame = chain.reader(memory).ok().and_then(|mut reader| {
-                let total = reader.available_bytes();
-                if !(NET_HDR_LEN..=NET_HDR_LEN + MAX_FRAME_LEN).contains(&total) {
-                    return None;
-                }
-                let mut bytes = vec![0u8; total];
-                reader.read_exact(&mut bytes).ok()?;
-                Some(bytes.split_off(NET_HDR_LEN))
-            });
+            let looped = is_cut_short(&chain);
+            let frame = chain
+                .reader(memory)
+                .ok()
+                .filter(|_| !looped)
+                .and_then(|mut reader| {
+                    let total = reader.available_bytes();
+                    if !(NET_HDR_LEN..=NET_HDR_LEN + MAX_FRAME_LEN).contains(&total) {
+                        return None;
+                    }
+                    let mut bytes = vec![0u8; total];
+                    reader.read_exact(&mut bytes).ok()?;
+                    Some(bytes.split_off(NET_HDR_LEN))
+                });
             match frame {
                 Some(frame) => {
                     self.stats.tx_frames += 1;
@@ -411,6 +424,21 @@ impl VirtioNet {
         }
         Ok(())
     }
+}
+
+/// True if the chain was cut short by the queue's length limit: its last
+/// descriptor still says another follows (a loop, or a chain longer than the
+/// queue). virtio-queue stops following such a chain, so it cannot hang the
+/// VMM; the device refuses it rather than use part of it.
+fn is_cut_short<M>(chain: &virtio_queue::DescriptorChain<M>) -> bool
+where
+    M: Clone + std::ops::Deref,
+    M::Target: vm_memory::GuestMemory,
+{
+    chain
+        .clone()
+        .last()
+        .is_some_and(|descriptor| descriptor.has_next())
 }
 
 #[cfg(test)]
@@ -522,6 +550,41 @@ mod tests {
             .expect("collect survives bad chains");
         assert!(out.is_empty());
         assert_eq!(device.stats().malformed_chains, 2);
+    }
+
+    #[test]
+    fn a_descriptor_loop_is_refused_not_followed_forever() {
+        const F_NEXT: u16 = 1;
+        let memory = memory();
+        let rx = MockSplitQueue::create(&memory, GuestAddress(0x1000), 16);
+        let tx = MockSplitQueue::create(&memory, GuestAddress(0x8000), 16);
+        let mut device = VirtioNet::new([2, 0, 0, 0, 0, 1]).expect("device");
+        start(&mut device, &rx, &tx);
+        // Two descriptors pointing at each other: 0 -> 1 -> 0 -> ...
+        let table = tx.desc_table();
+        table
+            .store(
+                0,
+                RawDescriptor::from(Descriptor::new(0x30000, 64, F_NEXT, 1)),
+            )
+            .expect("descriptor 0");
+        table
+            .store(
+                1,
+                RawDescriptor::from(Descriptor::new(0x30040, 64, F_NEXT, 0)),
+            )
+            .expect("descriptor 1");
+        tx.avail().ring().ref_at(0).expect("avail ring").store(0);
+        tx.avail().idx().store(1);
+        let mut out = Vec::new();
+        device
+            .collect_tx(&memory, &mut out)
+            .expect("a loop is the guest's error, not the VMM's");
+        assert!(
+            out.is_empty(),
+            "nothing from a looping chain is transmitted"
+        );
+        assert_eq!(device.stats().malformed_chains, 1);
     }
 
     #[test]

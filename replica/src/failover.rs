@@ -95,6 +95,7 @@ pub struct BackupSource {
     membership: Option<Membership>,
     promote: Promote,
     promoted: Option<(u64, u64)>,
+    status: Option<crate::status::StatusFile>,
 }
 
 impl BackupSource {
@@ -111,7 +112,45 @@ impl BackupSource {
             membership,
             promote,
             promoted: None,
+            status: None,
         }
+    }
+
+    /// Publishes this backup's status in `file` (see `lockstep status`).
+    pub fn with_status(mut self, file: crate::status::StatusFile) -> Self {
+        self.status = Some(file);
+        self
+    }
+
+    fn publish(&mut self, exit: u64) {
+        let Some(status) = self.status.as_mut() else {
+            return;
+        };
+        let replay = &self.replay;
+        let promoted = self.promoted;
+        let generation = self.membership.as_ref().map_or(0, |m| m.generation);
+        status.maybe_write(|| {
+            let stats = replay.stats();
+            let source = replay.source();
+            let lag = source.lag();
+            let role = match promoted {
+                Some((at, generation)) => format!("live (backup promoted at exit {at}, generation {generation})"),
+                None => "backup (following the primary)".to_string(),
+            };
+            format!(
+                "role: {role}\npid: {}\ngeneration: {}\nexit: {exit}\nnewest exit received: {}\nlag (exits): {}\nentries replayed: {}\nevents replayed: {}\ndigests matched: {}\nmost exits behind: {}\nentry wait p50/p99 us: {}/{}\n",
+                std::process::id(),
+                promoted.map_or(generation, |(_, g)| g),
+                source.newest_exit(),
+                source.newest_exit().saturating_sub(exit),
+                stats.entries,
+                stats.events,
+                stats.digests_matched,
+                lag.max_exits,
+                lag.queue_us.value_at_quantile(0.5),
+                lag.queue_us.value_at_quantile(0.99),
+            )
+        });
     }
 
     /// The replay (statistics, lag).
@@ -144,6 +183,7 @@ impl BackupSource {
         exit: u64,
         mut call: impl FnMut(&mut dyn EventSource) -> Result<T, VmmError>,
     ) -> Result<T, VmmError> {
+        self.publish(exit);
         if let Some(live) = self.live.as_mut() {
             return call(live);
         }
@@ -224,9 +264,48 @@ pub struct FailoverSink {
     /// The oldest flushed position not yet acknowledged, and since when.
     unacked_since: Option<(u64, Instant)>,
     unprotected: Option<u64>,
+    status: Option<crate::status::StatusFile>,
 }
 
 impl FailoverSink {
+    /// Publishes this primary's status in `file` (see `lockstep status`).
+    pub fn with_status(mut self, file: crate::status::StatusFile) -> Self {
+        self.status = Some(file);
+        self
+    }
+
+    fn publish(&mut self) {
+        let Some(status) = self.status.as_mut() else {
+            return;
+        };
+        let gate = &self.gate;
+        let acks = &self.acks;
+        let (entries, bytes, unprotected) = (self.entries, self.bytes, self.unprotected);
+        let generation = self.membership.as_ref().map_or(0, |m| m.generation);
+        let linked = self.link.is_some();
+        status.maybe_write(|| {
+            let gate = gate.stats();
+            let acked = acks.acked();
+            format!(
+                "role: primary\npid: {}\ngeneration: {}\nprotection: {}\nlog position: {entries}\nlog bytes: {bytes}\nacknowledged: {acked}\nentries in flight: {}\nacks received: {}\nheld outputs: {}\nmost held: {}\nframes released: {}\nhold p50/p99/p99.9 us: {}/{}/{}\n",
+                std::process::id(),
+                unprotected.unwrap_or(generation),
+                match (unprotected, linked) {
+                    (Some(_), _) => "UNPROTECTED (backup lost; won the arbiter)",
+                    (None, true) => "protected (backup following)",
+                    (None, false) => "backup lost, waiting for the arbiter",
+                },
+                entries.saturating_sub(acked),
+                acks.state().acks,
+                gate.held,
+                gate.max_held,
+                gate.released,
+                gate.hold_ns.value_at_quantile(0.5) / 1000,
+                gate.hold_ns.value_at_quantile(0.99) / 1000,
+                gate.hold_ns.value_at_quantile(0.999) / 1000,
+            )
+        });
+    }
     /// Streams through `link`; `acks` reports the backup's acks, `gate`
     /// holds the output; without `membership` the loss of the backup stops
     /// the primary (fail-stop).
@@ -247,6 +326,7 @@ impl FailoverSink {
             bytes: 0,
             unacked_since: None,
             unprotected: None,
+            status: None,
         }
     }
 
@@ -351,6 +431,7 @@ impl EventSink for FailoverSink {
     }
 
     fn flush(&mut self) -> Result<(), VmmError> {
+        self.publish();
         if !self.check()? {
             return Ok(());
         }
