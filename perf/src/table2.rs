@@ -47,13 +47,13 @@ pub struct Options {
 }
 
 impl Options {
-    /// Defaults: 3 rounds of 3 s, or 1 round of 1.5 s with `quick`.
+    /// Defaults: 3 rounds of 3 s, or 2 rounds of 1.5 s with `quick`.
     pub fn new(exe: PathBuf, quick: bool) -> Self {
         Self {
             exe,
             tap: "lsbench0".into(),
             seconds: if quick { 1.5 } else { 3.0 },
-            rounds: if quick { 1 } else { 3 },
+            rounds: if quick { 2 } else { 3 },
             link_port: 7790,
         }
     }
