@@ -6,6 +6,7 @@
 //!
 //! | name | measures |
 //! |---|---|
+//! | `channel` | the logging channel alone: throughput per entry size and ack round trip per transport, against raw loopback TCP and a 64-byte ping-pong |
 //! | `exits` | guest-initiated exits per second, and the cost of recording: the same guest run with its events logged against it run with nothing logged |
 //! | `table2` | the paper's Table 2: guest network bandwidth with FT off and on, logging bandwidth, held-output latency |
 
@@ -19,6 +20,10 @@ pub const BENCHMARKS: &[(&str, &str)] = &[
     (
         "exits",
         "exits/s of a clock-reading guest, recording vs not recording (ratio)",
+    ),
+    (
+        "channel",
+        "logging-channel throughput 64 B..64 KiB and ack round trip per transport, vs raw TCP and a ping-pong in the same run",
     ),
     (
         "table2",
@@ -35,6 +40,9 @@ pub enum BenchError {
     /// The VM failed.
     #[error("benchmark run failed")]
     Vmm(#[from] vmm::VmmError),
+    /// The channel benchmark failed.
+    #[error("channel benchmark failed")]
+    Channel(#[from] channel::bench::BenchError),
     /// Something else the benchmark needs is missing.
     #[error("{0}")]
     Setup(String),
@@ -53,6 +61,18 @@ pub struct Report {
 pub fn run(name: &str, quick: bool) -> Result<Report, BenchError> {
     match name {
         "exits" => exits::run(quick),
+        "channel" => {
+            let options = if quick {
+                channel::bench::BenchOpts::quick()
+            } else {
+                channel::bench::BenchOpts::default()
+            };
+            let report = channel::bench::run(&options)?;
+            Ok(Report {
+                text: report.to_string(),
+                json: report.to_json(&git_revision()),
+            })
+        }
         other => Err(BenchError::Unknown(other.to_string())),
     }
 }

@@ -1,0 +1,233 @@
+//! The primary's sending thread: entries leave the vCPU through the SPSC
+//! [`ring`](crate::ring), a sender thread (pinned per [`tuning::Profile`])
+//! batches them onto the transport and publishes the ack watermark.
+//!
+//! ```text
+//!  vCPU thread                      sender thread (pinned: profile.sender_core)
+//!  push(entry) ─▶ [ SPSC ring ] ─▶ pop up to batch.max_entries ─▶ LogSender ─▶ transport
+//!   └ Full(entry): stall, retry      ring empty: poll() seals the batch
+//!                                   acks ─▶ watermark (AtomicU64, Release) ─▶ output gate
+//! ```
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tuning::{HostCores, Profile, Waiter};
+
+use crate::endpoint::{ChannelError, LogSender, Metrics};
+use crate::ring::Consumer;
+use crate::transport::Transport;
+
+/// Errors of the sender thread.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// Pinning failed.
+    #[error("cannot pin the sender thread")]
+    Pin(#[from] tuning::TuningError),
+    /// The channel failed.
+    #[error("the channel failed")]
+    Channel(#[from] ChannelError),
+    /// Spawning the thread failed.
+    #[error("cannot spawn the sender thread")]
+    Spawn(#[source] std::io::Error),
+}
+
+/// Handle on a running sender thread.
+pub struct SenderHandle {
+    watermark: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    ring_full: AtomicU64,
+    join: JoinHandle<Result<Metrics, PipelineError>>,
+}
+
+impl SenderHandle {
+    /// Highest acked sequence number (Acquire load: pairs with the sender's
+    /// Release store, so outputs at positions <= the value may be released).
+    pub fn acked(&self) -> u64 {
+        self.watermark.load(Ordering::Acquire)
+    }
+
+    /// The shared watermark itself, for the output gate.
+    pub fn watermark(&self) -> Arc<AtomicU64> {
+        self.watermark.clone()
+    }
+
+    /// Counts one stall of the producer on a full ring (the vCPU calls it
+    /// when `push` hands its entry back).
+    pub fn note_ring_full(&self) {
+        self.ring_full.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Asks the thread to drain the ring, wait up to 5 s for the last acks,
+    /// and stop; returns its metrics (with the producer's ring-full stalls).
+    pub fn finish(self) -> Result<Metrics, PipelineError> {
+        self.stop.store(true, Ordering::Release);
+        let mut m =
+            self.join
+                .join()
+                .unwrap_or(Err(PipelineError::Channel(ChannelError::Metrics(
+                    "sender thread panicked".into(),
+                ))))?;
+        m.ring_full_stalls += self.ring_full.load(Ordering::Relaxed);
+        Ok(m)
+    }
+}
+
+/// Starts the sender thread. `cores` must have been read before anything
+/// was pinned (see [`tuning::HostCores`]).
+pub fn spawn_sender<T: Transport + 'static>(
+    mut ring: Consumer<Vec<u8>>,
+    transport: T,
+    generation: u64,
+    profile: &Profile,
+    cores: &HostCores,
+) -> Result<SenderHandle, PipelineError> {
+    profile.validate(cores)?;
+    let sender = LogSender::new(transport, generation, 1, profile.batch, profile.liveness)?;
+    let watermark = sender.watermark();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let profile = profile.clone();
+    let cores = cores.clone();
+    let join = std::thread::Builder::new()
+        .name("lockstep-sender".into())
+        .spawn(move || -> Result<Metrics, PipelineError> {
+            cores.pin_optional(profile.sender_core)?;
+            let mut s = sender;
+            let mut waiter = Waiter::new(profile.poll);
+            let mut batch = Vec::with_capacity(profile.batch.max_entries as usize);
+            loop {
+                batch.clear();
+                let n = ring.pop_into(&mut batch, profile.batch.max_entries as usize);
+                for e in &batch {
+                    while s.try_push(e)?.is_none() {
+                        s.poll_io()?;
+                    }
+                }
+                if n == 0 {
+                    // The ring ran dry: seal what we have, read acks.
+                    s.poll()?;
+                    if stop2.load(Ordering::Acquire) && ring.is_empty() {
+                        break;
+                    }
+                    waiter.idle();
+                } else {
+                    s.poll_io()?;
+                    waiter.work();
+                }
+            }
+            s.wait_all_acked(Duration::from_secs(5))?;
+            Ok(s.metrics().clone())
+        })
+        .map_err(PipelineError::Spawn)?;
+    Ok(SenderHandle {
+        watermark,
+        stop,
+        ring_full: AtomicU64::new(0),
+        join,
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::protocol::{Role, Session};
+    use crate::ring::{PushError, RingBuffer};
+    use crate::testkit::{Content, fill_entry, run_backup};
+    use crate::transport::shm::{ShmListener, ShmTransport};
+    use crate::transport::uring_tcp::UringTcp;
+
+    /// The two tests spin on both cores; running them at once would starve
+    /// the backups past the peer timeout.
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// Two-core defaults with a peer timeout long enough that other tests
+    /// spinning in this binary cannot starve an end into a false alarm.
+    fn profile() -> Profile {
+        let mut p = Profile::two_core();
+        p.liveness.peer_timeout = Duration::from_secs(5);
+        p
+    }
+
+    fn drive<T: Transport + 'static>(t: T, backup: std::thread::JoinHandle<u64>, entries: u64) {
+        let profile = profile();
+        let cores = HostCores::detect().unwrap();
+        let mut pinned = profile.clone();
+        pinned.sender_core = cores.ids().last().copied();
+        let (mut prod, cons) = RingBuffer::new::<Vec<u8>>(256);
+        let h = spawn_sender(cons, t, 2, &pinned, &cores).unwrap();
+        let mut stalls = 0u64;
+        for seq in 1..=entries {
+            let mut v = vec![0u8; 128];
+            fill_entry(seq, &mut v);
+            loop {
+                match prod.push(v) {
+                    Ok(()) => break,
+                    Err(PushError::Full(back)) => {
+                        stalls += 1;
+                        h.note_ring_full();
+                        v = back;
+                        std::thread::yield_now();
+                    }
+                }
+            }
+        }
+        let m = h.finish().unwrap();
+        assert_eq!(backup.join().unwrap(), entries);
+        assert_eq!(m.entries, entries);
+        assert_eq!(m.ring_full_stalls, stalls);
+        eprintln!(
+            "ring-full stalls: {stalls}, batches {}, acks {}",
+            m.batches, m.acks
+        );
+    }
+
+    fn session(role: Role) -> Session {
+        Session {
+            vm_id: 3,
+            generation: 2,
+            role,
+            key: b"k".to_vec(),
+        }
+    }
+
+    #[test]
+    fn vcpu_ring_to_backup_through_pinned_sender_shm() {
+        let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let entries = 50_000u64;
+        let path = std::env::temp_dir().join(format!("lockstep-pipe-{}.sock", std::process::id()));
+        let l = ShmListener::bind(&path).unwrap();
+        let backup = std::thread::spawn(move || {
+            let t = l.accept(&session(Role::Backup), 1 << 20).unwrap();
+            let p = profile();
+            run_backup(t, 2, &p, entries, 128, Content::Full, |_| {})
+                .unwrap()
+                .entries
+        });
+        let t = ShmTransport::connect(&path, &session(Role::Primary)).unwrap();
+        let _ = std::fs::remove_file(&path);
+        drive(t, backup, entries);
+    }
+
+    /// The io_uring transport is connected on this thread and used on the
+    /// sender thread: its ring must follow it (R_DISABLED until first poll).
+    #[test]
+    fn vcpu_ring_to_backup_through_pinned_sender_uring() {
+        let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let entries = 50_000u64;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let backup = std::thread::spawn(move || {
+            let t = UringTcp::accept(&l, &session(Role::Backup), 1 << 20).unwrap();
+            let p = profile();
+            run_backup(t, 2, &p, entries, 128, Content::Full, |_| {})
+                .unwrap()
+                .entries
+        });
+        let t = UringTcp::connect(addr, &session(Role::Primary), 1 << 20).unwrap();
+        drive(t, backup, entries);
+    }
+}

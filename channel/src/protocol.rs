@@ -1,0 +1,971 @@
+//! The logging channel's wire protocol: handshake, frames, batches, acks,
+//! heartbeats. Pure encoding and validation; the I/O lives in
+//! [`crate::transport`] and the state machines in [`crate::endpoint`].
+//!
+//! # Handshake
+//!
+//! Both ends send a `Hello`, check the peer's, prove knowledge of the shared
+//! key by MACing the peer's nonce, check the peer's proof, and exchange a
+//! verdict. A failed check sends a `Verdict` with the reason instead of going
+//! on, so *both* ends learn which check failed.
+//!
+//! ```text
+//!   primary (sender)                               backup (receiver)
+//!        │── Hello{vm, gen, role=1, nonce_p} ──────────▶│  check magic, version,
+//!        │◀────────── Hello{vm, gen, role=2, nonce_b} ──│  vm id, role, generation
+//!        │── Proof{HMAC(key, "P" ‖ hello_p ‖ hello_b)} ▶│  verify
+//!        │◀ Proof{HMAC(key, "B" ‖ hello_b ‖ hello_p)} ──│
+//!        │── Verdict{ok} ──────────────────────────────▶│
+//!        │◀──────────────────────────── Verdict{ok} ────│
+//! ```
+//!
+//! Each MAC covers both Hellos (both nonces) and the prover's role, so a
+//! proof can neither be replayed from another session nor reflected back.
+//! Every handshake message is 64 bytes, little-endian:
+//!
+//! ```text
+//! offset size field
+//! 0      8    magic     "LKSTPCHN"
+//! 8      2    version   PROTOCOL_VERSION
+//! 10     2    type      1 Hello, 2 Proof, 3 Verdict (0 invalid)
+//! 12     2    role      Hello: 1 primary (sends entries), 2 backup
+//! 14     2    code      Verdict: 0 ok, else the RejectCode of the failed check
+//! 16     8    a         Hello: VM id;      Verdict: the rejecter's value
+//! 24     8    b         Hello: generation; Verdict: the value it was sent
+//! 32     32   data      Hello: random nonce; Proof: HMAC-SHA256; Verdict: 0
+//! ```
+//!
+//! # Frames
+//!
+//! After the handshake both directions carry frames: a 32-byte header and a
+//! payload.
+//!
+//! ```text
+//! offset size field
+//! 0      2    kind        1 Batch, 2 Ack, 3 Heartbeat (0 invalid: a zeroed frame means nothing)
+//! 2      2    flags       0
+//! 4      4    len         payload bytes after the header
+//! 8      8    generation  the session's generation; anything else is refused
+//! 16     8    seq         Batch: sequence number (log position) of its first entry
+//!                         Ack: cumulative, every entry <= seq was received
+//!                         Heartbeat: the sender's latest ack (backup) or seq (primary)
+//! 24     4    count       Batch: number of entries; else 0
+//! 28     4    crc32c      over bytes 0..28, then the payload
+//! ```
+//!
+//! A batch payload is `count` entries, each length-prefixed and padded so
+//! every entry starts 8-aligned (entries are opaque to the channel: each is a
+//! [`crate::log`] entry with its own crc):
+//!
+//! ```text
+//! offset size      field
+//! 0      4         len       entry bytes
+//! 4      4         reserved  0
+//! 8      len       entry
+//! 8+len  pad       zeros to a multiple of 8
+//! ```
+//!
+//! Sequence numbers start at 1 and grow by one per entry with no gaps; the
+//! receiver accepts a batch only if its first seq is exactly the next one it
+//! expects, so a lost, duplicated or reordered batch stops the channel with an
+//! error naming the sequence numbers.
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use thiserror::Error;
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+/// Version of the handshake and frame layout; bumped on any change.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Magic at the start of every handshake message.
+pub const HANDSHAKE_MAGIC: [u8; 8] = *b"LKSTPCHN";
+/// Size of a handshake message.
+pub const HANDSHAKE_LEN: usize = size_of::<HandshakeMsg>();
+/// Size of a frame header.
+pub const FRAME_HEADER_LEN: usize = size_of::<FrameHeader>();
+/// Size of the prefix before each entry in a batch.
+pub const ENTRY_PREFIX_LEN: usize = 8;
+
+/// A handshake message on the wire; see the module docs.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct HandshakeMsg {
+    /// "LKSTPCHN".
+    pub magic: [u8; 8],
+    /// Protocol version.
+    pub version: U16,
+    /// Message type (see [`MsgType`]).
+    pub msg_type: U16,
+    /// Role of the sender of a Hello.
+    pub role: U16,
+    /// Verdict code.
+    pub code: U16,
+    /// First value.
+    pub a: U64,
+    /// Second value.
+    pub b: U64,
+    /// Nonce or MAC.
+    pub data: [u8; 32],
+}
+
+/// Handshake message types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum MsgType {
+    /// Identity and nonce.
+    Hello = 1,
+    /// MAC over both hellos.
+    Proof = 2,
+    /// Accept (code 0) or reject.
+    Verdict = 3,
+}
+
+/// Which end of the channel a process is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum Role {
+    /// Sends log entries.
+    Primary = 1,
+    /// Receives log entries and acks them.
+    Backup = 2,
+}
+
+impl Role {
+    fn from_wire(v: u16) -> Option<Self> {
+        match v {
+            1 => Some(Role::Primary),
+            2 => Some(Role::Backup),
+            _ => None,
+        }
+    }
+    fn label(self) -> &'static [u8] {
+        match self {
+            Role::Primary => b"P",
+            Role::Backup => b"B",
+        }
+    }
+}
+
+/// Why a handshake was refused; sent in a Verdict so both ends know.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum RejectCode {
+    /// The Hello did not start with our magic.
+    BadMagic = 1,
+    /// Different protocol versions.
+    Version = 2,
+    /// Different VM identities.
+    VmId = 3,
+    /// Different generations.
+    Generation = 4,
+    /// The proof did not verify: a different key.
+    Key = 5,
+    /// Both ends claim the same role.
+    Role = 6,
+    /// Not the message expected at this step.
+    Unexpected = 7,
+}
+
+impl RejectCode {
+    fn from_wire(v: u16) -> Option<Self> {
+        Some(match v {
+            1 => Self::BadMagic,
+            2 => Self::Version,
+            3 => Self::VmId,
+            4 => Self::Generation,
+            5 => Self::Key,
+            6 => Self::Role,
+            7 => Self::Unexpected,
+            _ => return None,
+        })
+    }
+}
+
+/// The identity one end presents in its Hello.
+#[derive(Clone, Debug)]
+pub struct Session {
+    /// Which VM this log belongs to.
+    pub vm_id: u64,
+    /// Current generation (from the arbiter); older peers are refused.
+    pub generation: u64,
+    /// Our role.
+    pub role: Role,
+    /// Pre-shared key.
+    pub key: Vec<u8>,
+}
+
+/// What a successful handshake established.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Established {
+    /// Agreed VM id.
+    pub vm_id: u64,
+    /// Agreed generation.
+    pub generation: u64,
+    /// Peer's role.
+    pub peer_role: Role,
+}
+
+/// Handshake failures. Each says which check failed and with which values.
+#[derive(Debug, Error)]
+pub enum HandshakeError {
+    /// I/O on the handshake stream failed.
+    #[error("handshake I/O failed")]
+    Io(#[from] std::io::Error),
+    /// The peer's first bytes are not our magic.
+    #[error("peer speaks another protocol (magic {found:02x?}, expected \"LKSTPCHN\")")]
+    BadMagic {
+        /// The 8 bytes received.
+        found: [u8; 8],
+    },
+    /// Same protocol, different version.
+    #[error("protocol version mismatch: we speak {ours}, the peer speaks {theirs}")]
+    VersionMismatch {
+        /// Our version.
+        ours: u16,
+        /// The peer's.
+        theirs: u16,
+    },
+    /// The peer replicates another VM.
+    #[error("VM identity mismatch: we are VM {ours:#x}, the peer is VM {theirs:#x}")]
+    VmMismatch {
+        /// Our VM id.
+        ours: u64,
+        /// The peer's.
+        theirs: u64,
+    },
+    /// The peer's generation is older than ours: it is a stale replica.
+    #[error("stale generation: the peer is at generation {theirs}, we are at {ours}")]
+    StaleGeneration {
+        /// Our generation.
+        ours: u64,
+        /// The peer's (older).
+        theirs: u64,
+    },
+    /// The peer's generation is newer: we are the stale one and must stop.
+    #[error("we are stale: we are at generation {ours}, the peer is at {theirs}")]
+    WeAreStale {
+        /// Our generation (older).
+        ours: u64,
+        /// The peer's.
+        theirs: u64,
+    },
+    /// Both ends claim the same role.
+    #[error("role conflict: both ends claim to be {0:?}")]
+    RoleConflict(Role),
+    /// The peer's proof did not verify under our key.
+    #[error("wrong key: the peer's HMAC proof does not verify with our pre-shared key")]
+    WrongKey,
+    /// The peer refused us, and said why.
+    #[error(
+        "the peer rejected the handshake: {reason} (peer's value {peer_value}, ours {our_value})"
+    )]
+    Rejected {
+        /// Which check failed on the peer's side.
+        reason: &'static str,
+        /// The peer's value.
+        peer_value: u64,
+        /// The value we sent.
+        our_value: u64,
+    },
+    /// The peer sent a message out of order or of an unknown type.
+    #[error("unexpected handshake message: expected type {expected}, got {got}")]
+    Unexpected {
+        /// Expected type.
+        expected: u16,
+        /// Received type.
+        got: u16,
+    },
+    /// The key cannot key an HMAC.
+    #[error("the pre-shared key cannot be used as an HMAC-SHA256 key")]
+    BadKey,
+    /// Randomness unavailable for the nonce.
+    #[error("no randomness for the handshake nonce: {0}")]
+    Random(String),
+}
+
+impl HandshakeError {
+    fn reject_code(&self) -> Option<(RejectCode, u64, u64)> {
+        Some(match *self {
+            Self::BadMagic { .. } => (RejectCode::BadMagic, 0, 0),
+            Self::VersionMismatch { ours, theirs } => {
+                (RejectCode::Version, ours.into(), theirs.into())
+            }
+            Self::VmMismatch { ours, theirs } => (RejectCode::VmId, ours, theirs),
+            Self::StaleGeneration { ours, theirs } | Self::WeAreStale { ours, theirs } => {
+                (RejectCode::Generation, ours, theirs)
+            }
+            Self::RoleConflict(r) => (RejectCode::Role, r as u64, r as u64),
+            Self::WrongKey => (RejectCode::Key, 0, 0),
+            Self::Unexpected { expected, got } => {
+                (RejectCode::Unexpected, expected.into(), got.into())
+            }
+            _ => return None,
+        })
+    }
+}
+
+fn msg(msg_type: MsgType) -> HandshakeMsg {
+    HandshakeMsg {
+        magic: HANDSHAKE_MAGIC,
+        version: PROTOCOL_VERSION.into(),
+        msg_type: (msg_type as u16).into(),
+        role: 0.into(),
+        code: 0.into(),
+        a: 0.into(),
+        b: 0.into(),
+        data: [0; 32],
+    }
+}
+
+fn read_msg(s: &mut impl std::io::Read) -> Result<HandshakeMsg, HandshakeError> {
+    let mut buf = [0u8; HANDSHAKE_LEN];
+    s.read_exact(&mut buf)?;
+    let m = HandshakeMsg::read_from_bytes(&buf[..]).map_err(|_| HandshakeError::Unexpected {
+        expected: 0,
+        got: 0,
+    })?;
+    if m.magic != HANDSHAKE_MAGIC {
+        return Err(HandshakeError::BadMagic { found: m.magic });
+    }
+    Ok(m)
+}
+
+fn proof(
+    key: &[u8],
+    role: Role,
+    mine: &HandshakeMsg,
+    theirs: &HandshakeMsg,
+) -> Result<Hmac<Sha256>, HandshakeError> {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).map_err(|_| HandshakeError::BadKey)?;
+    mac.update(b"lockstep-channel-auth-v1");
+    mac.update(role.label());
+    mac.update(mine.as_bytes());
+    mac.update(theirs.as_bytes());
+    Ok(mac)
+}
+
+/// Runs the handshake on a connected stream (TCP or unix socket) with the
+/// given identity and `version` (normally [`PROTOCOL_VERSION`]; tests pass
+/// another to play an incompatible peer).
+pub fn handshake<S: std::io::Read + std::io::Write>(
+    stream: &mut S,
+    session: &Session,
+    version: u16,
+) -> Result<Established, HandshakeError> {
+    let mut nonce = [0u8; 32];
+    getrandom::fill(&mut nonce).map_err(|e| HandshakeError::Random(e.to_string()))?;
+    let mut hello = msg(MsgType::Hello);
+    hello.version = version.into();
+    hello.role = (session.role as u16).into();
+    hello.a = session.vm_id.into();
+    hello.b = session.generation.into();
+    hello.data = nonce;
+    stream.write_all(hello.as_bytes())?;
+    stream.flush()?;
+
+    let peer = read_msg(stream)?;
+    let fail = |stream: &mut S, e: HandshakeError| -> HandshakeError {
+        if let Some((code, a, b)) = e.reject_code() {
+            let mut v = msg(MsgType::Verdict);
+            v.version = version.into();
+            v.code = (code as u16).into();
+            v.a = a.into();
+            v.b = b.into();
+            // Best effort: the peer may already be gone.
+            let _ = stream.write_all(v.as_bytes());
+            let _ = stream.flush();
+        }
+        e
+    };
+    // A peer may reject our Hello before sending its own proof.
+    if peer.msg_type.get() == MsgType::Verdict as u16 {
+        return Err(rejected(&peer));
+    }
+    if peer.version.get() != version {
+        return Err(fail(
+            stream,
+            HandshakeError::VersionMismatch {
+                ours: version,
+                theirs: peer.version.get(),
+            },
+        ));
+    }
+    if peer.msg_type.get() != MsgType::Hello as u16 {
+        return Err(fail(
+            stream,
+            HandshakeError::Unexpected {
+                expected: MsgType::Hello as u16,
+                got: peer.msg_type.get(),
+            },
+        ));
+    }
+    let peer_role = match Role::from_wire(peer.role.get()) {
+        Some(r) if r != session.role => r,
+        _ => return Err(fail(stream, HandshakeError::RoleConflict(session.role))),
+    };
+    if peer.a.get() != session.vm_id {
+        return Err(fail(
+            stream,
+            HandshakeError::VmMismatch {
+                ours: session.vm_id,
+                theirs: peer.a.get(),
+            },
+        ));
+    }
+    let (ours, theirs) = (session.generation, peer.b.get());
+    if theirs < ours {
+        return Err(fail(
+            stream,
+            HandshakeError::StaleGeneration { ours, theirs },
+        ));
+    }
+    if theirs > ours {
+        return Err(fail(stream, HandshakeError::WeAreStale { ours, theirs }));
+    }
+
+    let mut p = msg(MsgType::Proof);
+    p.version = version.into();
+    p.data = proof(&session.key, session.role, &hello, &peer)?
+        .finalize()
+        .into_bytes()
+        .into();
+    stream.write_all(p.as_bytes())?;
+    stream.flush()?;
+
+    let peer_proof = read_msg(stream)?;
+    if peer_proof.msg_type.get() == MsgType::Verdict as u16 {
+        return Err(rejected(&peer_proof));
+    }
+    if peer_proof.msg_type.get() != MsgType::Proof as u16 {
+        return Err(fail(
+            stream,
+            HandshakeError::Unexpected {
+                expected: MsgType::Proof as u16,
+                got: peer_proof.msg_type.get(),
+            },
+        ));
+    }
+    if proof(&session.key, peer_role, &peer, &hello)?
+        .verify_slice(&peer_proof.data)
+        .is_err()
+    {
+        return Err(fail(stream, HandshakeError::WrongKey));
+    }
+    let mut ok = msg(MsgType::Verdict);
+    ok.version = version.into();
+    stream.write_all(ok.as_bytes())?;
+    stream.flush()?;
+    let verdict = read_msg(stream)?;
+    if verdict.msg_type.get() != MsgType::Verdict as u16 {
+        return Err(HandshakeError::Unexpected {
+            expected: MsgType::Verdict as u16,
+            got: verdict.msg_type.get(),
+        });
+    }
+    if verdict.code.get() != 0 {
+        return Err(rejected(&verdict));
+    }
+    Ok(Established {
+        vm_id: session.vm_id,
+        generation: session.generation,
+        peer_role,
+    })
+}
+
+fn rejected(v: &HandshakeMsg) -> HandshakeError {
+    let reason = match RejectCode::from_wire(v.code.get()) {
+        Some(RejectCode::BadMagic) => "we do not speak its protocol (bad magic)",
+        Some(RejectCode::Version) => "protocol version mismatch",
+        Some(RejectCode::VmId) => "VM identity mismatch",
+        Some(RejectCode::Generation) => "generation mismatch",
+        Some(RejectCode::Key) => "wrong key (our HMAC proof did not verify)",
+        Some(RejectCode::Role) => "role conflict",
+        Some(RejectCode::Unexpected) => "unexpected message",
+        None => "unknown reason",
+    };
+    HandshakeError::Rejected {
+        reason,
+        peer_value: v.a.get(),
+        our_value: v.b.get(),
+    }
+}
+
+/// A frame header on the wire; see the module docs.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct FrameHeader {
+    /// Frame kind ([`FrameKind`]).
+    pub kind: U16,
+    /// Reserved flags, 0.
+    pub flags: U16,
+    /// Payload length.
+    pub len: U32,
+    /// Session generation.
+    pub generation: U64,
+    /// Sequence number or ack.
+    pub seq: U64,
+    /// Entry count.
+    pub count: U32,
+    /// crc32c over bytes 0..28 and the payload.
+    pub crc: U32,
+}
+
+/// Frame kinds. 0 is reserved as invalid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum FrameKind {
+    /// Entries.
+    Batch = 1,
+    /// Cumulative acknowledgement.
+    Ack = 2,
+    /// Liveness.
+    Heartbeat = 3,
+}
+
+impl FrameKind {
+    fn from_wire(v: u16) -> Option<Self> {
+        match v {
+            1 => Some(Self::Batch),
+            2 => Some(Self::Ack),
+            3 => Some(Self::Heartbeat),
+            _ => None,
+        }
+    }
+}
+
+/// Payload length announced by a frame's first bytes, for transports that
+/// must find frame boundaries in a byte stream. `None` if fewer than a
+/// header's bytes are given.
+pub fn frame_len(bytes: &[u8]) -> Option<usize> {
+    let (h, _) = FrameHeader::ref_from_prefix(bytes).ok()?;
+    Some(FRAME_HEADER_LEN + h.len.get() as usize)
+}
+
+/// Frame and batch decoding failures. Each names the sequence numbers involved.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum FrameError {
+    /// Fewer bytes than a header, or than the header announces.
+    #[error("truncated frame: {got} bytes, header announces {want}")]
+    Truncated {
+        /// Bytes present.
+        got: usize,
+        /// Bytes announced.
+        want: usize,
+    },
+    /// The crc does not match: bytes were corrupted on the way.
+    #[error(
+        "corrupt frame (crc32c {found:#010x}, computed {computed:#010x}) claiming sequence number {seq}; expected sequence number {expected_seq}"
+    )]
+    Corrupt {
+        /// seq field as read (it may itself be corrupt).
+        seq: u64,
+        /// The next sequence number we expected.
+        expected_seq: u64,
+        /// crc in the header.
+        found: u32,
+        /// crc computed.
+        computed: u32,
+    },
+    /// Unknown kind (0 or newer than us).
+    #[error("frame of unknown kind {kind} at sequence number {seq}")]
+    UnknownKind {
+        /// Kind value.
+        kind: u16,
+        /// seq field.
+        seq: u64,
+    },
+    /// A frame from another generation.
+    #[error(
+        "stale generation: frame at sequence number {seq} is from generation {theirs}, the session is at {ours}"
+    )]
+    StaleGeneration {
+        /// Session generation.
+        ours: u64,
+        /// Frame's generation.
+        theirs: u64,
+        /// Frame's seq.
+        seq: u64,
+    },
+    /// A batch repeating entries already received.
+    #[error("duplicate batch: starts at sequence number {seq}, but {expected} is the next expected (already received up to {})", expected - 1)]
+    Duplicate {
+        /// First seq of the batch.
+        seq: u64,
+        /// Expected first seq.
+        expected: u64,
+    },
+    /// A batch skipping entries.
+    #[error(
+        "out-of-order batch: starts at sequence number {seq}, but {expected} is the next expected (entries missing)"
+    )]
+    Gap {
+        /// First seq of the batch.
+        seq: u64,
+        /// Expected first seq.
+        expected: u64,
+    },
+    /// The entries inside a batch do not add up.
+    #[error("malformed batch at sequence number {seq}: {reason}")]
+    Malformed {
+        /// First seq of the batch.
+        seq: u64,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// An ack for entries never sent.
+    #[error("ack for sequence number {ack}, but only up to {sent} were sent")]
+    AckBeyondSent {
+        /// The ack.
+        ack: u64,
+        /// Highest sent seq.
+        sent: u64,
+    },
+}
+
+/// A validated frame (not yet checked for sequence order).
+#[derive(Clone, Copy, Debug)]
+pub struct Frame<'a> {
+    /// Kind.
+    pub kind: FrameKind,
+    /// seq field.
+    pub seq: u64,
+    /// count field.
+    pub count: u32,
+    /// Payload.
+    pub payload: &'a [u8],
+}
+
+fn crc_of(header: &FrameHeader, payload: &[u8]) -> u32 {
+    let hb = header.as_bytes();
+    crc32c::crc32c_append(crc32c::crc32c(&hb[..28]), payload)
+}
+
+/// Checks a whole frame's crc, kind and generation. `expected_seq` only
+/// serves the error message.
+pub fn decode_frame(
+    bytes: &[u8],
+    generation: u64,
+    expected_seq: u64,
+) -> Result<Frame<'_>, FrameError> {
+    let (h, rest) = FrameHeader::ref_from_prefix(bytes).map_err(|_| FrameError::Truncated {
+        got: bytes.len(),
+        want: FRAME_HEADER_LEN,
+    })?;
+    let len = h.len.get() as usize;
+    if rest.len() < len {
+        return Err(FrameError::Truncated {
+            got: bytes.len(),
+            want: FRAME_HEADER_LEN + len,
+        });
+    }
+    let payload = &rest[..len];
+    let computed = crc_of(h, payload);
+    if computed != h.crc.get() {
+        return Err(FrameError::Corrupt {
+            seq: h.seq.get(),
+            expected_seq,
+            found: h.crc.get(),
+            computed,
+        });
+    }
+    let kind = FrameKind::from_wire(h.kind.get()).ok_or(FrameError::UnknownKind {
+        kind: h.kind.get(),
+        seq: h.seq.get(),
+    })?;
+    if h.generation.get() != generation {
+        return Err(FrameError::StaleGeneration {
+            ours: generation,
+            theirs: h.generation.get(),
+            seq: h.seq.get(),
+        });
+    }
+    Ok(Frame {
+        kind,
+        seq: h.seq.get(),
+        count: h.count.get(),
+        payload,
+    })
+}
+
+/// Writes a complete frame with an empty payload (ack, heartbeat) into `buf`;
+/// returns its length.
+pub fn encode_control(buf: &mut [u8], kind: FrameKind, generation: u64, seq: u64) -> usize {
+    seal(buf, kind, generation, seq, 0, 0)
+}
+
+/// Writes the header of a frame whose `payload_len` payload bytes already sit
+/// at `buf[FRAME_HEADER_LEN..]`, computing the crc; returns the frame length.
+///
+/// # Panics
+/// If `buf` is shorter than the frame (a caller bug).
+pub fn seal(
+    buf: &mut [u8],
+    kind: FrameKind,
+    generation: u64,
+    seq: u64,
+    count: u32,
+    payload_len: usize,
+) -> usize {
+    let mut h = FrameHeader {
+        kind: (kind as u16).into(),
+        flags: 0.into(),
+        len: (payload_len as u32).into(),
+        generation: generation.into(),
+        seq: seq.into(),
+        count: count.into(),
+        crc: 0.into(),
+    };
+    h.crc = crc_of(&h, &buf[FRAME_HEADER_LEN..FRAME_HEADER_LEN + payload_len]).into();
+    buf[..FRAME_HEADER_LEN].copy_from_slice(h.as_bytes());
+    FRAME_HEADER_LEN + payload_len
+}
+
+/// Space an entry of `len` bytes takes in a batch payload.
+pub const fn entry_space(len: usize) -> usize {
+    ENTRY_PREFIX_LEN + len.next_multiple_of(8)
+}
+
+/// Appends one entry at `buf[at..]` (which must have room for
+/// [`entry_space`]`(entry.len())`); returns the new end.
+pub fn put_entry(buf: &mut [u8], at: usize, entry: &[u8]) -> usize {
+    let len = entry.len();
+    buf[at..at + 4].copy_from_slice(&(len as u32).to_le_bytes());
+    buf[at + 4..at + 8].fill(0);
+    buf[at + 8..at + 8 + len].copy_from_slice(entry);
+    let end = at + entry_space(len);
+    buf[at + 8 + len..end].fill(0);
+    end
+}
+
+/// Iterates over a batch's entries, checking the count and the lengths.
+pub fn batch_entries<'a>(frame: &Frame<'a>) -> BatchEntries<'a> {
+    BatchEntries {
+        rest: frame.payload,
+        left: frame.count,
+        seq: frame.seq,
+    }
+}
+
+/// Iterator over `(seq, entry)` of a batch; see [`batch_entries`].
+#[derive(Debug)]
+pub struct BatchEntries<'a> {
+    rest: &'a [u8],
+    left: u32,
+    seq: u64,
+}
+
+impl<'a> Iterator for BatchEntries<'a> {
+    type Item = Result<(u64, &'a [u8]), FrameError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.left == 0 {
+            if self.rest.is_empty() {
+                return None;
+            }
+            self.rest = &[];
+            return Some(Err(FrameError::Malformed {
+                seq: self.seq,
+                reason: "bytes left after the last entry",
+            }));
+        }
+        let bad = |reason| {
+            Some(Err(FrameError::Malformed {
+                seq: self.seq,
+                reason,
+            }))
+        };
+        if self.rest.len() < ENTRY_PREFIX_LEN {
+            self.left = 0;
+            return bad("entry prefix past the end of the batch");
+        }
+        let mut l = [0u8; 4];
+        l.copy_from_slice(&self.rest[..4]);
+        let len = u32::from_le_bytes(l) as usize;
+        let space = entry_space(len);
+        if space > self.rest.len() {
+            self.left = 0;
+            return bad("entry runs past the end of the batch");
+        }
+        let entry = &self.rest[ENTRY_PREFIX_LEN..ENTRY_PREFIX_LEN + len];
+        self.rest = &self.rest[space..];
+        self.left -= 1;
+        let seq = self.seq;
+        self.seq += 1;
+        Some(Ok((seq, entry)))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn batch(gen_: u64, seq: u64, entries: &[&[u8]]) -> Vec<u8> {
+        let mut buf = vec![0u8; 4096];
+        let mut at = FRAME_HEADER_LEN;
+        for e in entries {
+            at = put_entry(&mut buf, at, e);
+        }
+        let n = seal(
+            &mut buf,
+            FrameKind::Batch,
+            gen_,
+            seq,
+            entries.len() as u32,
+            at - FRAME_HEADER_LEN,
+        );
+        buf.truncate(n);
+        buf
+    }
+
+    #[test]
+    fn batch_roundtrip() {
+        let b = batch(7, 10, &[b"hello", b"", &[9u8; 16]]);
+        assert_eq!(frame_len(&b), Some(b.len()));
+        let f = decode_frame(&b, 7, 10).unwrap();
+        assert_eq!(f.kind, FrameKind::Batch);
+        let got: Vec<_> = batch_entries(&f).collect::<Result<_, _>>().unwrap();
+        assert_eq!(
+            got,
+            vec![(10, &b"hello"[..]), (11, &b""[..]), (12, &[9u8; 16][..])]
+        );
+    }
+
+    #[test]
+    fn every_flipped_bit_is_caught() {
+        let b = batch(1, 5, &[b"abcdefgh", b"xyz"]);
+        for i in 0..b.len() {
+            let mut c = b.clone();
+            c[i] ^= 0x10;
+            match decode_frame(&c, 1, 5) {
+                Err(FrameError::Corrupt { .. }) | Err(FrameError::Truncated { .. }) => {}
+                other => panic!("byte {i}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn stale_generation_named() {
+        let b = batch(3, 42, &[b"a"]);
+        let e = decode_frame(&b, 4, 42).unwrap_err();
+        assert_eq!(
+            e,
+            FrameError::StaleGeneration {
+                ours: 4,
+                theirs: 3,
+                seq: 42
+            }
+        );
+        assert!(e.to_string().contains("sequence number 42"));
+    }
+
+    #[test]
+    fn malformed_count() {
+        let mut buf = vec![0u8; 256];
+        let at = put_entry(&mut buf, FRAME_HEADER_LEN, b"abc");
+        let n = seal(&mut buf, FrameKind::Batch, 1, 1, 2, at - FRAME_HEADER_LEN);
+        let f = decode_frame(&buf[..n], 1, 1).unwrap();
+        let r: Result<Vec<_>, _> = batch_entries(&f).collect();
+        assert!(
+            matches!(r, Err(FrameError::Malformed { seq: 2, .. })),
+            "{r:?}"
+        );
+    }
+
+    /// Runs both ends of a handshake over a socketpair.
+    fn pair(
+        a: Session,
+        va: u16,
+        b: Session,
+        vb: u16,
+    ) -> (
+        Result<Established, HandshakeError>,
+        Result<Established, HandshakeError>,
+    ) {
+        let (mut x, mut y) = std::os::unix::net::UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || handshake(&mut y, &b, vb));
+        let ra = handshake(&mut x, &a, va);
+        drop(x);
+        (ra, t.join().unwrap())
+    }
+
+    fn s(role: Role, generation: u64, key: &[u8]) -> Session {
+        Session {
+            vm_id: 0xabc,
+            generation,
+            role,
+            key: key.to_vec(),
+        }
+    }
+
+    #[test]
+    fn handshake_ok_and_failures_named() {
+        let (a, b) = pair(s(Role::Primary, 5, b"k"), 1, s(Role::Backup, 5, b"k"), 1);
+        assert_eq!(a.unwrap().peer_role, Role::Backup);
+        assert_eq!(b.unwrap().peer_role, Role::Primary);
+
+        let (a, b) = pair(
+            s(Role::Primary, 5, b"k"),
+            1,
+            s(Role::Backup, 5, b"other"),
+            1,
+        );
+        let (a, b) = (a.unwrap_err().to_string(), b.unwrap_err().to_string());
+        assert!(a.contains("wrong key"), "{a}");
+        assert!(b.contains("wrong key"), "{b}");
+
+        let (a, b) = pair(s(Role::Primary, 4, b"k"), 1, s(Role::Backup, 5, b"k"), 1);
+        assert!(
+            matches!(a, Err(HandshakeError::WeAreStale { ours: 4, theirs: 5 })),
+            "{a:?}"
+        );
+        assert!(
+            matches!(
+                b,
+                Err(HandshakeError::StaleGeneration { ours: 5, theirs: 4 })
+            ),
+            "{b:?}"
+        );
+
+        let (a, b) = pair(s(Role::Primary, 5, b"k"), 2, s(Role::Backup, 5, b"k"), 1);
+        assert!(
+            matches!(
+                a,
+                Err(HandshakeError::VersionMismatch { ours: 2, theirs: 1 })
+            ),
+            "{a:?}"
+        );
+        assert!(
+            matches!(
+                b,
+                Err(HandshakeError::VersionMismatch { ours: 1, theirs: 2 })
+            ),
+            "{b:?}"
+        );
+
+        let (a, _) = pair(s(Role::Primary, 5, b"k"), 1, s(Role::Primary, 5, b"k"), 1);
+        assert!(
+            matches!(
+                a,
+                Err(HandshakeError::RoleConflict(_)) | Err(HandshakeError::Rejected { .. })
+            ),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn foreign_protocol_is_bad_magic() {
+        let (mut x, mut y) = std::os::unix::net::UnixStream::pair().unwrap();
+        use std::io::Write;
+        let t = std::thread::spawn(move || {
+            y.write_all(&[b'G'; 64]).unwrap();
+            let mut sink = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut y, &mut sink);
+        });
+        let e = handshake(&mut x, &s(Role::Backup, 1, b"k"), PROTOCOL_VERSION).unwrap_err();
+        drop(x);
+        t.join().unwrap();
+        assert!(e.to_string().contains("another protocol"), "{e}");
+    }
+}

@@ -1,0 +1,120 @@
+//! Transports: how frames move between the two ends.
+//!
+//! A [`Transport`] moves whole frames (see [`crate::protocol`]) in both
+//! directions, never blocks, and owns its buffers: the sender builds a frame
+//! *inside* a transport buffer ([`Transport::reserve`]) and hands it over with
+//! [`Transport::commit`]; the transport keeps it until the I/O completes (an
+//! io_uring completion, a shared-ring consumer, an RDMA work completion).
+//!
+//! The shape is chosen so an RDMA transport fits: `reserve` is a slot of a
+//! registered memory region, `commit` posts a work request, `poll` reaps the
+//! completion queue, and [`Transport::transport_ack`] reports acks the peer's
+//! NIC writes straight into our memory (an RDMA WRITE of the ack word), with
+//! no ack frame at all.
+//!
+//! | transport              | setup                            | data path                      |
+//! |------------------------|----------------------------------|--------------------------------|
+//! | [`uring_tcp::UringTcp`]| std TCP connect + handshake      | io_uring writev / recv, CQ spun|
+//! | [`shm::ShmTransport`]  | unix socket: handshake, memfd fd | two SPSC byte rings in a memfd |
+
+pub mod shm;
+pub mod uring_tcp;
+
+use thiserror::Error;
+
+use crate::protocol::HandshakeError;
+
+/// Transport failures.
+#[derive(Debug, Error)]
+pub enum TransportError {
+    /// A system call failed.
+    #[error("{op} failed")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The peer closed the connection (or died: the kernel closes its sockets).
+    #[error("the peer closed the connection")]
+    Closed,
+    /// The peer announced a frame larger than we accept.
+    #[error("peer announced a {len}-byte frame, larger than the {max}-byte limit")]
+    FrameTooLarge {
+        /// Announced length.
+        len: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// A reservation larger than the transport can ever hold.
+    #[error("a {want}-byte frame does not fit this transport (at most {max})")]
+    TooBig {
+        /// Requested.
+        want: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// `commit` without `reserve`, or a commit longer than the reservation.
+    #[error("commit of {len} bytes does not match the open reservation of {reserved}")]
+    BadCommit {
+        /// Committed length.
+        len: usize,
+        /// Reserved length (0 if none).
+        reserved: usize,
+    },
+    /// The handshake failed.
+    #[error("handshake failed")]
+    Handshake(#[from] HandshakeError),
+    /// The shared memory region is not what we expect.
+    #[error("shared memory region invalid: {0}")]
+    BadRegion(&'static str),
+}
+
+impl TransportError {
+    /// Wraps the last OS error.
+    pub(crate) fn last_os(op: &'static str) -> Self {
+        Self::Io {
+            op,
+            source: std::io::Error::last_os_error(),
+        }
+    }
+}
+
+/// A non-blocking, frame-oriented, bidirectional transport.
+pub trait Transport: Send {
+    /// Short name for reports ("uring-tcp", "shm", "rdma").
+    fn name(&self) -> &'static str;
+
+    /// Largest frame this transport carries.
+    fn max_frame(&self) -> usize;
+
+    /// Opens (or returns the already open) reservation of `max_len` bytes to
+    /// build one frame in. `Ok(None)` means no room right now: call
+    /// [`Transport::poll`] and retry (the caller counts a stall). The
+    /// reservation and its contents stay valid across `poll` and `recv` until
+    /// [`Transport::commit`].
+    fn reserve(&mut self, max_len: usize) -> Result<Option<&mut [u8]>, TransportError>;
+
+    /// Sends the first `len` bytes of the open reservation as one frame.
+    fn commit(&mut self, len: usize) -> Result<(), TransportError>;
+
+    /// Makes progress on I/O without blocking; true if anything moved.
+    fn poll(&mut self) -> Result<bool, TransportError>;
+
+    /// The next complete received frame, if any. It stays valid until the
+    /// next call of any `&mut self` method.
+    fn recv(&mut self) -> Result<Option<&[u8]>, TransportError>;
+
+    /// True once every committed frame has left this process (the open
+    /// reservation, if any, does not count). The sender seals a batch when
+    /// this is true, so batches grow only while the transport is busy.
+    fn flushed(&self) -> bool;
+
+    /// A cumulative ack delivered by the transport itself (RDMA: the
+    /// backup's NIC writes its ack word into our memory). `None` for
+    /// transports whose acks travel as frames.
+    fn transport_ack(&mut self) -> Option<u64> {
+        None
+    }
+}

@@ -1,0 +1,506 @@
+//! Shared-memory transport between two processes on one host: two SPSC byte
+//! rings (the [`crate::ring`] protocol over bytes) in a memfd both map.
+//!
+//! Setup runs over a unix socket: the backup listens, the primary connects,
+//! both run the authenticated [`crate::protocol::handshake`], and only then
+//! does the listener create the memfd, initialize it and pass its fd over the
+//! socket (`SCM_RIGHTS`). Nothing is shared with a peer that failed the
+//! handshake.
+//!
+//! # Region layout
+//!
+//! ```text
+//! offset        size  field
+//! 0             8     magic "LKSTPSHM"
+//! 8             4     version (PROTOCOL_VERSION)
+//! 12            4     reserved
+//! 16            8     ring_bytes R (each direction, power of two)
+//! 128           8     ring 0 head  (consumer index, own cache line pair)
+//! 256           8     ring 0 tail  (producer index)
+//! 384           8     ring 1 head
+//! 512           8     ring 1 tail
+//! 4096          R     ring 0 data: primary -> backup
+//! 4096 + R      R     ring 1 data: backup -> primary
+//! ```
+//!
+//! Each ring holds records at 8-aligned offsets; a record never wraps:
+//!
+//! ```text
+//! offset size  field
+//! 0      4     len (0xFFFF_FFFF: wrap marker, skip to offset 0)
+//! 4      4     reserved
+//! 8      len   one frame
+//! 8+len  pad   to a multiple of 8
+//! ```
+//!
+//! Head and tail are monotonic u64 byte counts; the producer stores `tail`
+//! with Release after writing a record and the consumer loads it with
+//! Acquire before reading; the consumer stores `head` with Release after it
+//! is done with a record and the producer loads it with Acquire before
+//! reusing the space. Indices read from the peer are bounds-checked, so a
+//! corrupt or hostile peer yields an error, never an out-of-bounds access.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::{Transport, TransportError};
+use crate::protocol::{PROTOCOL_VERSION, Role, Session, handshake};
+
+const MAGIC: [u8; 8] = *b"LKSTPSHM";
+const DATA_OFFSET: usize = 4096;
+const WRAP: u32 = u32::MAX;
+const REC_PREFIX: usize = 8;
+
+/// An mmap of the shared region, unmapped on drop.
+struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Mapping {
+    fn map(fd: RawFd, len: usize) -> Result<Self, TransportError> {
+        // SAFETY: a fresh shared mapping chosen by the kernel (addr = NULL),
+        // of a file descriptor we own that is at least `len` bytes long; no
+        // existing memory is affected.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                fd,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(TransportError::last_os("mmap of the shared ring"));
+        }
+        Ok(Self {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    fn atomic(&self, offset: usize) -> *const AtomicU64 {
+        debug_assert!(offset.is_multiple_of(8) && offset + 8 <= DATA_OFFSET);
+        // SAFETY: offset + 8 is within the mapping (the header page), so the
+        // resulting pointer stays in the same allocation.
+        unsafe { self.ptr.add(offset).cast() }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len are exactly what mmap returned, and every pointer
+        // derived from them lives in the transport that owns this mapping
+        // and is dropped with it.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// One end of one byte ring inside the mapping.
+struct RingEnd {
+    data: *mut u8,
+    size: u64,
+    head: *const AtomicU64,
+    tail: *const AtomicU64,
+    /// Producer: local tail; consumer: local head.
+    mine: u64,
+    /// Producer: cached head; consumer: cached tail.
+    theirs: u64,
+    /// Producer: open reservation (offset of record, reserved frame len).
+    open: Option<(u64, usize)>,
+    /// Consumer: bytes of the record lent out by `recv`, released next call.
+    lent: u64,
+}
+
+impl RingEnd {
+    fn load(p: *const AtomicU64) -> u64 {
+        // SAFETY: p points into the live mapping, 8-aligned, and is only ever
+        // accessed atomically by either process.
+        unsafe { &*p }.load(Ordering::Acquire)
+    }
+
+    fn store(p: *const AtomicU64, v: u64) {
+        // SAFETY: as in `load`.
+        unsafe { &*p }.store(v, Ordering::Release)
+    }
+
+    fn bytes(&mut self, offset: u64, len: usize) -> &mut [u8] {
+        debug_assert!(offset as usize + len <= self.size as usize);
+        // SAFETY: offset + len <= size (checked by every caller against the
+        // ring size), so the slice is inside this ring's data area; by the
+        // ring protocol the peer does not touch the bytes between our index
+        // and its index, which is where every caller points.
+        unsafe { std::slice::from_raw_parts_mut(self.data.add(offset as usize), len) }
+    }
+
+    fn reserve(&mut self, max_len: usize) -> Result<Option<&mut [u8]>, TransportError> {
+        let need = (REC_PREFIX + max_len.next_multiple_of(8)) as u64;
+        if need > self.size / 2 {
+            return Err(TransportError::TooBig {
+                want: max_len,
+                max: self.size as usize / 2 - REC_PREFIX,
+            });
+        }
+        if let Some((at, len)) = self.open {
+            if len >= max_len {
+                return Ok(Some(self.bytes(at + REC_PREFIX as u64, max_len)));
+            }
+            return Err(TransportError::BadCommit {
+                len: max_len,
+                reserved: len,
+            });
+        }
+        let pos = self.mine % self.size;
+        let contiguous = self.size - pos;
+        let required = if need <= contiguous {
+            need
+        } else {
+            contiguous + need
+        };
+        if self.size - (self.mine - self.theirs) < required {
+            // Acquire pairs with the consumer's Release of `head`.
+            self.theirs = Self::load(self.head);
+            if self.size - (self.mine - self.theirs) < required {
+                return Ok(None);
+            }
+        }
+        if need > contiguous {
+            self.bytes(pos, 4).copy_from_slice(&WRAP.to_le_bytes());
+            self.mine += contiguous;
+        }
+        let at = self.mine % self.size;
+        self.open = Some((at, max_len));
+        Ok(Some(self.bytes(at + REC_PREFIX as u64, max_len)))
+    }
+
+    fn commit(&mut self, len: usize) -> Result<(), TransportError> {
+        let Some((at, reserved)) = self.open.take() else {
+            return Err(TransportError::BadCommit { len, reserved: 0 });
+        };
+        if len > reserved {
+            self.open = Some((at, reserved));
+            return Err(TransportError::BadCommit { len, reserved });
+        }
+        let prefix = self.bytes(at, REC_PREFIX);
+        prefix[..4].copy_from_slice(&(len as u32).to_le_bytes());
+        prefix[4..].fill(0);
+        self.mine += (REC_PREFIX + len.next_multiple_of(8)) as u64;
+        // Release pairs with the consumer's Acquire of `tail`: the record
+        // (and any wrap marker before it) is visible before the new tail.
+        Self::store(self.tail, self.mine);
+        Ok(())
+    }
+
+    fn recv(&mut self) -> Result<Option<&[u8]>, TransportError> {
+        self.release();
+        loop {
+            if self.theirs == self.mine {
+                // Acquire pairs with the producer's Release of `tail`.
+                self.theirs = Self::load(self.tail);
+                if self.theirs == self.mine {
+                    return Ok(None);
+                }
+            }
+            let avail = self.theirs.wrapping_sub(self.mine);
+            if avail > self.size || avail < REC_PREFIX as u64 {
+                return Err(TransportError::BadRegion("peer's tail is outside the ring"));
+            }
+            let pos = self.mine % self.size;
+            let mut l = [0u8; 4];
+            l.copy_from_slice(&self.bytes(pos, 4)[..]);
+            let len = u32::from_le_bytes(l);
+            if len == WRAP {
+                self.mine += self.size - pos;
+                Self::store(self.head, self.mine);
+                continue;
+            }
+            let rec = (REC_PREFIX + (len as usize).next_multiple_of(8)) as u64;
+            if rec > avail || pos + rec > self.size {
+                return Err(TransportError::BadRegion(
+                    "record runs past the peer's tail",
+                ));
+            }
+            self.lent = rec;
+            return Ok(Some(self.bytes(pos + REC_PREFIX as u64, len as usize)));
+        }
+    }
+
+    fn release(&mut self) {
+        if self.lent > 0 {
+            self.mine += self.lent;
+            self.lent = 0;
+            // Release pairs with the producer's Acquire of `head`: we are
+            // done reading the record before it may be overwritten.
+            Self::store(self.head, self.mine);
+        }
+    }
+}
+
+/// The shared-memory transport; see the module docs.
+pub struct ShmTransport {
+    tx: RingEnd,
+    rx: RingEnd,
+    _control: UnixStream,
+    // Declared last so it is unmapped after the ring ends are gone.
+    _map: Mapping,
+}
+
+// SAFETY: the raw pointers point into `_map`, which this struct owns and
+// which moves with it; nothing else in this process aliases the mapping, so
+// moving the whole transport to another thread is sound.
+unsafe impl Send for ShmTransport {}
+
+/// Listens for a primary on a unix socket path.
+pub struct ShmListener {
+    listener: UnixListener,
+}
+
+impl ShmListener {
+    /// Binds `path` (removing a stale socket file first).
+    pub fn bind(path: &Path) -> Result<Self, TransportError> {
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path).map_err(|source| TransportError::Io {
+            op: "binding the unix socket",
+            source,
+        })?;
+        Ok(Self { listener })
+    }
+
+    /// Accepts one peer, runs the handshake, then creates the region with
+    /// rings of `ring_bytes` (a power of two, at least 64 KiB) and shares it.
+    pub fn accept(
+        &self,
+        session: &Session,
+        ring_bytes: usize,
+    ) -> Result<ShmTransport, TransportError> {
+        self.accept_with_version(session, ring_bytes, PROTOCOL_VERSION)
+    }
+
+    /// [`ShmListener::accept`] announcing another protocol version (tests).
+    #[doc(hidden)]
+    pub fn accept_with_version(
+        &self,
+        session: &Session,
+        ring_bytes: usize,
+        version: u16,
+    ) -> Result<ShmTransport, TransportError> {
+        if !ring_bytes.is_power_of_two() || ring_bytes < 64 << 10 {
+            return Err(TransportError::BadRegion(
+                "ring size must be a power of two >= 64 KiB",
+            ));
+        }
+        let (mut sock, _) = self
+            .listener
+            .accept()
+            .map_err(|source| TransportError::Io {
+                op: "accepting on the unix socket",
+                source,
+            })?;
+        handshake(&mut sock, session, version)?;
+        let total = DATA_OFFSET + 2 * ring_bytes;
+        // SAFETY: memfd_create takes a NUL-terminated name, which the literal is.
+        let raw = unsafe { libc::memfd_create(c"lockstep-channel".as_ptr(), libc::MFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(TransportError::last_os("memfd_create"));
+        }
+        // SAFETY: raw is a fresh fd that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: ftruncate on an fd we own, with a non-negative length.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), total as libc::off_t) } != 0 {
+            return Err(TransportError::last_os("ftruncate of the memfd"));
+        }
+        let map = Mapping::map(fd.as_raw_fd(), total)?;
+        // SAFETY: the first 24 bytes of the fresh mapping are ours alone
+        // until the fd is sent below.
+        let header = unsafe { std::slice::from_raw_parts_mut(map.ptr, 24) };
+        header[..8].copy_from_slice(&MAGIC);
+        header[8..12].copy_from_slice(&u32::from(version).to_le_bytes());
+        header[16..24].copy_from_slice(&(ring_bytes as u64).to_le_bytes());
+        send_fd(&sock, fd.as_raw_fd())?;
+        Ok(ShmTransport::new(map, ring_bytes, session.role, sock))
+    }
+}
+
+impl ShmTransport {
+    /// Connects to a listener at `path`, runs the handshake and maps the
+    /// region it shares.
+    pub fn connect(path: &Path, session: &Session) -> Result<Self, TransportError> {
+        Self::connect_with_version(path, session, PROTOCOL_VERSION)
+    }
+
+    /// [`ShmTransport::connect`] announcing another protocol version (tests).
+    #[doc(hidden)]
+    pub fn connect_with_version(
+        path: &Path,
+        session: &Session,
+        version: u16,
+    ) -> Result<Self, TransportError> {
+        let mut sock = UnixStream::connect(path).map_err(|source| TransportError::Io {
+            op: "connecting to the unix socket",
+            source,
+        })?;
+        handshake(&mut sock, session, version)?;
+        let fd = recv_fd(&sock)?;
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: fstat writes one `stat` into the pointed-to buffer.
+        if unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+            return Err(TransportError::last_os("fstat of the shared memfd"));
+        }
+        // SAFETY: fstat succeeded, so it initialized the struct.
+        let total = unsafe { st.assume_init() }.st_size as usize;
+        if total < DATA_OFFSET {
+            return Err(TransportError::BadRegion("memfd smaller than its header"));
+        }
+        let map = Mapping::map(fd.as_raw_fd(), total)?;
+        // SAFETY: the mapping is at least DATA_OFFSET bytes long.
+        let header = unsafe { std::slice::from_raw_parts(map.ptr, 24) };
+        if header[..8] != MAGIC {
+            return Err(TransportError::BadRegion("bad magic"));
+        }
+        let mut rb = [0u8; 8];
+        rb.copy_from_slice(&header[16..24]);
+        let ring_bytes = u64::from_le_bytes(rb) as usize;
+        if !ring_bytes.is_power_of_two() || DATA_OFFSET + 2 * ring_bytes != total {
+            return Err(TransportError::BadRegion(
+                "ring size does not match the region",
+            ));
+        }
+        Ok(Self::new(map, ring_bytes, session.role, sock))
+    }
+
+    fn new(map: Mapping, ring_bytes: usize, role: Role, control: UnixStream) -> Self {
+        let end = |ring: usize| {
+            // SAFETY: DATA_OFFSET + (ring + 1) * ring_bytes == map.len, checked
+            // by both constructors, so the data area is inside the mapping.
+            let data = unsafe { map.ptr.add(DATA_OFFSET + ring * ring_bytes) };
+            RingEnd {
+                data,
+                size: ring_bytes as u64,
+                head: map.atomic(128 + ring * 256),
+                tail: map.atomic(256 + ring * 256),
+                mine: 0,
+                theirs: 0,
+                open: None,
+                lent: 0,
+            }
+        };
+        let (tx, rx) = match role {
+            Role::Primary => (end(0), end(1)),
+            Role::Backup => (end(1), end(0)),
+        };
+        Self {
+            tx,
+            rx,
+            _control: control,
+            _map: map,
+        }
+    }
+}
+
+impl Transport for ShmTransport {
+    fn name(&self) -> &'static str {
+        "shm"
+    }
+
+    fn max_frame(&self) -> usize {
+        self.tx.size as usize / 2 - REC_PREFIX
+    }
+
+    fn reserve(&mut self, max_len: usize) -> Result<Option<&mut [u8]>, TransportError> {
+        self.tx.reserve(max_len)
+    }
+
+    fn commit(&mut self, len: usize) -> Result<(), TransportError> {
+        self.tx.commit(len)
+    }
+
+    fn poll(&mut self) -> Result<bool, TransportError> {
+        self.rx.release();
+        Ok(false)
+    }
+
+    fn recv(&mut self) -> Result<Option<&[u8]>, TransportError> {
+        self.rx.recv()
+    }
+
+    fn flushed(&self) -> bool {
+        // A committed record is in the shared ring: it has left this process.
+        true
+    }
+}
+
+fn send_fd(sock: &UnixStream, fd: RawFd) -> Result<(), TransportError> {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    let mut cbuf = [0u64; 8];
+    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(size_of::<RawFd>() as u32) } as usize;
+    // SAFETY: msg_control points to 64 aligned bytes, more than CMSG_SPACE(4),
+    // so the first header and its data fit; CMSG_FIRSTHDR/CMSG_DATA only
+    // compute pointers inside that buffer.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<RawFd>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
+    }
+    // SAFETY: msg and everything it points to (iov, byte, cbuf) are live for
+    // the duration of the call.
+    if unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, 0) } != 1 {
+        return Err(TransportError::last_os("sending the memfd (SCM_RIGHTS)"));
+    }
+    Ok(())
+}
+
+fn recv_fd(sock: &UnixStream) -> Result<OwnedFd, TransportError> {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    let mut cbuf = [0u64; 8];
+    // SAFETY: all-zero msghdr is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = size_of_val(&cbuf);
+    // SAFETY: msg points to live buffers of the declared sizes.
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n != 1 {
+        return Err(TransportError::last_os("receiving the memfd (SCM_RIGHTS)"));
+    }
+    // SAFETY: recvmsg filled msg_control with msg_controllen bytes of control
+    // messages; CMSG_FIRSTHDR returns null or a header inside that buffer.
+    let cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    if cmsg.is_null() {
+        return Err(TransportError::BadRegion(
+            "the peer sent no file descriptor",
+        ));
+    }
+    // SAFETY: cmsg is a non-null header inside cbuf (see above).
+    let (level, kind) = unsafe { ((*cmsg).cmsg_level, (*cmsg).cmsg_type) };
+    if level != libc::SOL_SOCKET || kind != libc::SCM_RIGHTS {
+        return Err(TransportError::BadRegion(
+            "the peer sent no file descriptor",
+        ));
+    }
+    // SAFETY: an SCM_RIGHTS message carries at least one fd in its data,
+    // which the kernel installed in our table; we take ownership of it.
+    let fd = unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>()) };
+    // SAFETY: fd was just installed by the kernel for us and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
