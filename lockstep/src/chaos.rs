@@ -14,11 +14,9 @@
 //!   INCRs acknowledged to the client (must be 0).
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -70,61 +68,6 @@ impl Random {
     fn below(&mut self, bound: u64) -> u64 {
         self.next() % bound.max(1)
     }
-}
-
-/// A relay for the replication link; `cut` partitions it.
-struct Relay {
-    address: String,
-    cut: Arc<AtomicBool>,
-}
-
-fn relay(target: String) -> Result<Relay, CliError> {
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(|source| CliError::File {
-        what: "cannot bind the chaos relay on",
-        path: PathBuf::from("127.0.0.1:0"),
-        source,
-    })?;
-    let address = listener
-        .local_addr()
-        .map_err(|source| CliError::File {
-            what: "cannot read the address of",
-            path: PathBuf::from("the chaos relay"),
-            source,
-        })?
-        .to_string();
-    let cut = Arc::new(AtomicBool::new(false));
-    let relay_cut = Arc::clone(&cut);
-    thread::spawn(move || {
-        let Ok((inbound, _)) = listener.accept() else {
-            return;
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let outbound = loop {
-            match TcpStream::connect(&target) {
-                Ok(stream) => break stream,
-                Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
-                Err(_) => return,
-            }
-        };
-        let (Ok(inbound_copy), Ok(outbound_copy)) = (inbound.try_clone(), outbound.try_clone())
-        else {
-            return;
-        };
-        for (mut from, mut to) in [(inbound_copy, outbound_copy), (outbound, inbound)] {
-            let cut = Arc::clone(&relay_cut);
-            thread::spawn(move || {
-                let mut buffer = vec![0u8; 1 << 16];
-                while let Ok(n) = from.read(&mut buffer) {
-                    if n == 0
-                        || (!cut.load(Ordering::SeqCst) && to.write_all(&buffer[..n]).is_err())
-                    {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    Ok(Relay { address, cut })
 }
 
 fn spawn(exe: &Path, args: &[&str], stderr: Option<&Path>) -> Result<Child, CliError> {
@@ -278,11 +221,15 @@ fn trial(exe: &Path, dir: &Path, number: u64, random: &mut Random) -> Result<Out
     ];
     backup_args.extend(ft);
     let backup = spawn(exe, &backup_args, Some(&backup_log))?;
-    let relay = relay(link.clone())?;
+    let relay = replica::relay::Relay::start(link.clone()).map_err(|source| CliError::File {
+        what: "cannot start the chaos relay for",
+        path: PathBuf::from(&link),
+        source,
+    })?;
     let mut primary_args = vec![
         "primary",
         "--backup",
-        &relay.address,
+        relay.address(),
         "--backup-id",
         "b",
         "--id",
@@ -321,7 +268,7 @@ fn trial(exe: &Path, dir: &Path, number: u64, random: &mut Random) -> Result<Out
                 Fault::KillBackup => {
                     let _ = children[1].1.kill();
                 }
-                Fault::Partition => relay.cut.store(true, Ordering::SeqCst),
+                Fault::Partition => relay.cut(),
             }
         }
         let Some(connection) = stream.as_mut() else {

@@ -7,14 +7,14 @@
 mod common;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{Tap, command, connect, guest_arg, start};
+use replica::relay::Relay;
 
 /// Failover tests run one at a time: each runs three processes and two VMs,
 /// and a starved host must not look like a dead peer.
@@ -117,66 +117,6 @@ impl Drop for Arbiter {
     }
 }
 
-/// A relay on the replication link that can be cut: afterwards it forwards
-/// nothing, in either direction, and closes nothing (a partition, not a
-/// crash: neither side gets a reset).
-struct Relay {
-    address: String,
-    cut: Arc<AtomicBool>,
-}
-
-impl Relay {
-    fn start(target: String) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("relay listener");
-        let address = listener.local_addr().expect("relay address").to_string();
-        let cut = Arc::new(AtomicBool::new(false));
-        let relay_cut = Arc::clone(&cut);
-        thread::spawn(move || {
-            let Ok((inbound, _)) = listener.accept() else {
-                return;
-            };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            let outbound = loop {
-                match TcpStream::connect(&target) {
-                    Ok(stream) => break stream,
-                    Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
-                    Err(_) => return,
-                }
-            };
-            let pairs = [
-                (
-                    inbound.try_clone().expect("clone"),
-                    outbound.try_clone().expect("clone"),
-                ),
-                (outbound, inbound),
-            ];
-            for (mut from, mut to) in pairs {
-                let cut = Arc::clone(&relay_cut);
-                thread::spawn(move || {
-                    let mut buffer = vec![0u8; 1 << 16];
-                    loop {
-                        match from.read(&mut buffer) {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => {
-                                if !cut.load(Ordering::SeqCst)
-                                    && to.write_all(&buffer[..n]).is_err()
-                                {
-                                    return;
-                                }
-                            }
-                        }
-                    }
-                });
-            }
-        });
-        Self { address, cut }
-    }
-
-    fn cut(&self) {
-        self.cut.store(true, Ordering::SeqCst);
-    }
-}
-
 struct Pair {
     primary: Child,
     backup: Child,
@@ -209,8 +149,10 @@ fn start_pair(
         .stderr(Stdio::piped())
         .spawn()
         .expect("start the backup");
-    let relay = relay.then(|| Relay::start(listen.clone()));
-    let link = relay.as_ref().map_or(listen, |relay| relay.address.clone());
+    let relay = relay.then(|| Relay::start(listen.clone()).expect("start the relay"));
+    let link = relay
+        .as_ref()
+        .map_or(listen, |relay| relay.address().to_string());
     let arg = guest_arg(subnet);
     let mut primary_args: Vec<String> = [
         "primary", "--backup", &link, "--guest", "net", "--tap", &tap.name, "--arg", &arg, "--id",

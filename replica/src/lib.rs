@@ -44,6 +44,7 @@
 pub mod backup;
 pub mod failover;
 pub mod primary;
+pub mod relay;
 pub mod status;
 
 /// Magic of the link hello, sent by the primary before the log header.

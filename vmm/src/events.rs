@@ -436,6 +436,38 @@ impl<R: EntrySource> Replay<R> {
         })
     }
 
+    /// Compares `digest` with the digest record carried by `entry`.
+    fn check_digest(&mut self, exit: u64, entry: &Entry, digest: &Digest) -> Result<(), VmmError> {
+        let recorded = entry.digest().ok_or_else(|| {
+            VmmError::LogMismatch(format!(
+                "{} entry {} has a {}-byte payload, not a {}-byte digest",
+                entry.kind,
+                entry.seq,
+                entry.payload.len(),
+                size_of::<DigestRecord>()
+            ))
+        })?;
+        if let Some(difference) = digest.compare(&recorded) {
+            return Err(VmmError::Diverged {
+                exit,
+                detail: difference,
+            });
+        }
+        self.stats.digests_matched += 1;
+        Ok(())
+    }
+
+    /// The log must end here: `ended` says how the run ended, for the message.
+    fn expect_end_of_log(&mut self, ended: &str) -> Result<(), VmmError> {
+        match self.reader.next_entry()? {
+            None => Ok(()),
+            Some(extra) => Err(VmmError::LogMismatch(format!(
+                "{ended}, but the log goes on with entry {} ({} at exit {})",
+                extra.seq, extra.kind, extra.exit
+            ))),
+        }
+    }
+
     fn bytes_into(
         &mut self,
         exit: u64,
@@ -538,22 +570,7 @@ impl<R: EntrySource> EventSource for Replay<R> {
 
     fn digest(&mut self, exit: u64, digest: &Digest) -> Result<(), VmmError> {
         let entry = self.take(exit, EntryKind::Digest)?;
-        let recorded = entry.digest().ok_or_else(|| {
-            VmmError::LogMismatch(format!(
-                "digest entry {} has a {}-byte payload, not {}",
-                entry.seq,
-                entry.payload.len(),
-                size_of::<DigestRecord>()
-            ))
-        })?;
-        if let Some(difference) = digest.compare(&recorded) {
-            return Err(VmmError::Diverged {
-                exit,
-                detail: difference,
-            });
-        }
-        self.stats.digests_matched += 1;
-        Ok(())
+        self.check_digest(exit, &entry, digest)
     }
 
     fn stop_requested(&mut self, exit: u64) -> Result<bool, VmmError> {
@@ -570,23 +587,8 @@ impl<R: EntrySource> EventSource for Replay<R> {
 
     fn stopped(&mut self, exit: u64, digest: &Digest) -> Result<(), VmmError> {
         let entry = self.take(exit, EntryKind::End)?;
-        let recorded = entry.digest().ok_or_else(|| {
-            VmmError::LogMismatch(format!("stop record {} does not carry a digest", entry.seq))
-        })?;
-        if let Some(difference) = digest.compare(&recorded) {
-            return Err(VmmError::Diverged {
-                exit,
-                detail: difference,
-            });
-        }
-        self.stats.digests_matched += 1;
-        if let Some(extra) = self.reader.next_entry()? {
-            return Err(VmmError::LogMismatch(format!(
-                "the recording was stopped at exit {exit}, but the log goes on with entry {} ({} at exit {})",
-                extra.seq, extra.kind, extra.exit
-            )));
-        }
-        Ok(())
+        self.check_digest(exit, &entry, digest)?;
+        self.expect_end_of_log(&format!("the recording was stopped at exit {exit}"))
     }
 
     fn end(&mut self, exit: u64, code: u64) -> Result<(), VmmError> {
@@ -608,12 +610,6 @@ impl<R: EntrySource> EventSource for Replay<R> {
                 ),
             });
         }
-        if let Some(extra) = self.reader.next_entry()? {
-            return Err(VmmError::LogMismatch(format!(
-                "the guest ended at exit {exit}, but the log goes on with entry {} ({} at exit {})",
-                extra.seq, extra.kind, extra.exit
-            )));
-        }
-        Ok(())
+        self.expect_end_of_log(&format!("the guest ended at exit {exit}"))
     }
 }
