@@ -264,8 +264,12 @@ fn execute(command: Command) -> Result<(), CliError> {
         Command::Status { dir } => ft::status(&dir),
         Command::Chaos { trials, seed } => {
             let campaign = chaos::run(trials, seed)?;
+            let mut times = campaign.failover_ms.clone();
+            let p50 = perf::median(&mut times);
+            let max = times.last().copied().unwrap_or(f64::NAN);
             println!(
-                "chaos: {} trials, {} failovers, {} split brains, {} lost acknowledged writes ({} INCRs acknowledged)",
+                "chaos: {} trials, {} failovers, {} split brains, {} lost acknowledged writes ({} INCRs acknowledged); \
+                 client served again after the fault: p50 {p50:.0} ms, max {max:.0} ms",
                 campaign.trials,
                 campaign.failovers,
                 campaign.split_brains,
