@@ -124,6 +124,17 @@ struct Pair {
     _tap: Tap,
 }
 
+impl Pair {
+    /// A RESP connection to the pair's guest, patient enough for a cut-over.
+    fn client(&self) -> TcpStream {
+        let stream = connect(&format!("{}:6379", self.host));
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        stream
+    }
+}
+
 fn start_pair(
     subnet: u8,
     backup_port: u16,
@@ -221,10 +232,7 @@ fn primary_killed_under_load_backup_goes_live_and_no_acknowledged_incr_is_lost()
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let arbiter = Arbiter::start(17401);
     let (mut pair, _) = start_pair(95, 17795, &arbiter, false);
-    let mut stream = connect(&format!("{}:6379", pair.host));
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
+    let mut stream = pair.client();
     let before = incr(&mut stream, "counter", 200);
     assert_eq!(before, 200);
     kill(&pair.primary, "-KILL");
@@ -260,10 +268,7 @@ fn with_an_etcd_arbiter_the_backup_goes_live_when_the_primary_dies() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let arbiter = Arbiter::etcd(17411, 17412);
     let (mut pair, _) = start_pair(90, 17790, &arbiter, false);
-    let mut stream = connect(&format!("{}:6379", pair.host));
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
+    let mut stream = pair.client();
     assert_eq!(incr(&mut stream, "e", 30), 30);
     kill(&pair.primary, "-KILL");
     let _ = pair.primary.wait();
@@ -282,10 +287,7 @@ fn backup_killed_primary_carries_on_after_winning_the_arbiter() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let arbiter = Arbiter::start(17402);
     let (mut pair, _) = start_pair(96, 17796, &arbiter, false);
-    let mut stream = connect(&format!("{}:6379", pair.host));
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
+    let mut stream = pair.client();
     assert_eq!(incr(&mut stream, "c", 50), 50);
     kill(&pair.backup, "-KILL");
     let _ = pair.backup.wait();
@@ -304,10 +306,7 @@ fn partition_with_the_arbiter_reachable_exactly_one_goes_live() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let arbiter = Arbiter::start(17403);
     let (mut pair, relay) = start_pair(97, 17797, &arbiter, true);
-    let mut stream = connect(&format!("{}:6379", pair.host));
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
+    let mut stream = pair.client();
     assert_eq!(incr(&mut stream, "p", 20), 20);
     relay.expect("relay").cut();
     // Both sides stop hearing each other; both ask the arbiter; one loses
@@ -355,10 +354,7 @@ fn partition_with_the_arbiter_down_nobody_goes_live() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let mut arbiter = Arbiter::start(17404);
     let (mut pair, relay) = start_pair(98, 17798, &arbiter, true);
-    let mut stream = connect(&format!("{}:6379", pair.host));
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
+    let mut stream = pair.client();
     assert_eq!(incr(&mut stream, "q", 10), 10);
     arbiter.child.kill().expect("kill the arbiter");
     let _ = arbiter.child.wait();
@@ -405,19 +401,13 @@ fn a_primary_of_a_stale_generation_is_refused() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let arbiter = Arbiter::start(17405);
     let (mut pair, _) = start_pair(99, 17799, &arbiter, false);
-    let mut stream = connect(&format!("{}:6379", pair.host));
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
+    let mut stream = pair.client();
     assert_eq!(incr(&mut stream, "s", 5), 5);
     drop(stream);
     // Fail over: the backup becomes the primary of generation 2.
     kill(&pair.primary, "-KILL");
     let _ = pair.primary.wait();
-    let mut stream = connect(&format!("{}:6379", pair.host));
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
+    let mut stream = pair.client();
     assert_eq!(incr(&mut stream, "s", 1), 6);
     drop(stream);
 
