@@ -122,3 +122,39 @@ pub fn command(stream: &mut TcpStream, words: &[&str]) -> String {
     }
     String::from_utf8_lossy(&reply[..reply.len() - 2]).into_owned()
 }
+
+/// Runs stock `redis-benchmark` against `host` and checks that every test
+/// completed without an error.
+pub fn redis_benchmark_passes(host: &str) {
+    let output = Command::new("redis-benchmark")
+        .args(["-h", host, "-t", "ping,set,get,incr", "-n", "3000", "--csv"])
+        .output()
+        .expect("run redis-benchmark (Debian's redis-tools)");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for test in ["PING_INLINE", "PING_MBULK", "SET", "GET", "INCR"] {
+        assert!(
+            text.contains(&format!("\"{test}\"")),
+            "{test} missing from:\n{text}"
+        );
+    }
+    assert!(!text.to_lowercase().contains("error"), "{text}");
+}
+
+/// The "M of N digests matched" of a replay or backup summary line: (M, N).
+pub fn digests(summary: &str) -> (u64, u64) {
+    let words: Vec<&str> = summary.split_whitespace().collect();
+    let at = words
+        .windows(4)
+        .position(|w| w[1] == "of" && w[3] == "digests")
+        .unwrap_or_else(|| panic!("no digest count in {summary:?}"));
+    let number = |word: &str| {
+        word.parse::<u64>()
+            .unwrap_or_else(|_| panic!("{word:?} in {summary:?}"))
+    };
+    (number(words[at]), number(words[at + 2]))
+}
