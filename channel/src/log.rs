@@ -505,6 +505,14 @@ impl LogMeta {
         header
     }
 
+    /// The encoded file header, as it starts a log file (and as the first
+    /// entry of a replication stream carries it).
+    pub fn header_bytes(&self) -> [u8; FILE_HEADER_LEN] {
+        let mut bytes = [0u8; FILE_HEADER_LEN];
+        bytes.copy_from_slice(self.to_header().as_bytes());
+        bytes
+    }
+
     /// Decodes and checks a file header.
     pub fn from_header_bytes(bytes: &[u8]) -> Result<Self, LogError> {
         if bytes.len() >= 8 && bytes[..8] != FILE_MAGIC {

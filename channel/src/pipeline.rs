@@ -10,7 +10,7 @@
 //! ```
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -32,15 +32,25 @@ pub enum PipelineError {
     /// Spawning the thread failed.
     #[error("cannot spawn the sender thread")]
     Spawn(#[source] std::io::Error),
+    /// The thread panicked (a bug: nothing the peer sends may cause it).
+    #[error("the sender thread panicked")]
+    Panicked,
 }
 
 /// Handle on a running sender thread.
 pub struct SenderHandle {
     watermark: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
+    control: Arc<AtomicU8>,
     ring_full: AtomicU64,
     join: JoinHandle<Result<Metrics, PipelineError>>,
 }
+
+/// What the owner asks of the sender thread (`control`).
+const RUN: u8 = 0;
+/// Drain the ring, wait for the last acks, stop.
+const DRAIN: u8 = 1;
+/// Stop at once (the peer is being given up on).
+const ABANDON: u8 = 2;
 
 impl SenderHandle {
     /// Highest acked sequence number (Acquire load: pairs with the sender's
@@ -60,16 +70,29 @@ impl SenderHandle {
         self.ring_full.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Asks the thread to drain the ring, wait up to 5 s for the last acks,
-    /// and stop; returns its metrics (with the producer's ring-full stalls).
+    /// True once the thread has ended: it failed (the peer is gone, silent
+    /// or refused a frame), or it finished after [`SenderHandle::finish`].
+    pub fn ended(&self) -> bool {
+        self.join.is_finished()
+    }
+
+    /// Asks the thread to drain the ring, wait up to 5 s for the last
+    /// acks, and stop; returns its metrics (with the producer's ring-full
+    /// stalls), or the error that ended it.
     pub fn finish(self) -> Result<Metrics, PipelineError> {
-        self.stop.store(true, Ordering::Release);
-        let mut m =
-            self.join
-                .join()
-                .unwrap_or(Err(PipelineError::Channel(ChannelError::Metrics(
-                    "sender thread panicked".into(),
-                ))))?;
+        self.control.store(DRAIN, Ordering::Release);
+        self.join_thread()
+    }
+
+    /// Stops the thread at once, without waiting for acks; returns the
+    /// error that ended it, if it had already failed.
+    pub fn abandon(self) -> Result<Metrics, PipelineError> {
+        self.control.store(ABANDON, Ordering::Release);
+        self.join_thread()
+    }
+
+    fn join_thread(self) -> Result<Metrics, PipelineError> {
+        let mut m = self.join.join().unwrap_or(Err(PipelineError::Panicked))?;
         m.ring_full_stalls += self.ring_full.load(Ordering::Relaxed);
         Ok(m)
     }
@@ -78,17 +101,35 @@ impl SenderHandle {
 /// Starts the sender thread. `cores` must have been read before anything
 /// was pinned (see [`tuning::HostCores`]).
 pub fn spawn_sender<T: Transport + 'static>(
-    mut ring: Consumer<Vec<u8>>,
+    ring: Consumer<Vec<u8>>,
     transport: T,
     generation: u64,
     profile: &Profile,
     cores: &HostCores,
 ) -> Result<SenderHandle, PipelineError> {
+    spawn_sender_with(ring, transport, generation, profile, cores, |_| {})
+}
+
+/// [`spawn_sender`] that also calls `on_ack(seq)` on the sender thread the
+/// moment an ack advances the watermark to `seq` (the output gate releases
+/// held frames from there: no timer, no hand-off to another thread).
+pub fn spawn_sender_with<T, F>(
+    mut ring: Consumer<Vec<u8>>,
+    transport: T,
+    generation: u64,
+    profile: &Profile,
+    cores: &HostCores,
+    mut on_ack: F,
+) -> Result<SenderHandle, PipelineError>
+where
+    T: Transport + 'static,
+    F: FnMut(u64) + Send + 'static,
+{
     profile.validate(cores)?;
     let sender = LogSender::new(transport, generation, 1, profile.batch, profile.liveness)?;
     let watermark = sender.watermark();
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
+    let control = Arc::new(AtomicU8::new(RUN));
+    let control2 = control.clone();
     let profile = profile.clone();
     let cores = cores.clone();
     let join = std::thread::Builder::new()
@@ -98,37 +139,63 @@ pub fn spawn_sender<T: Transport + 'static>(
             let mut s = sender;
             let mut waiter = Waiter::new(profile.poll);
             let mut batch = Vec::with_capacity(profile.batch.max_entries as usize);
+            let mut reported = 0u64;
+            let mut report = |s: &LogSender<T>| {
+                let acked = s.acked();
+                if acked > reported {
+                    reported = acked;
+                    on_ack(acked);
+                }
+            };
             loop {
+                if control2.load(Ordering::Acquire) == ABANDON {
+                    return Ok(s.metrics().clone());
+                }
                 batch.clear();
                 let n = ring.pop_into(&mut batch, profile.batch.max_entries as usize);
                 for e in &batch {
                     while s.try_push(e)?.is_none() {
                         s.poll_io()?;
+                        report(&s);
                     }
                 }
                 if n == 0 {
                     // The ring ran dry: seal what we have, read acks.
                     s.poll()?;
-                    if stop2.load(Ordering::Acquire) && ring.is_empty() {
+                    report(&s);
+                    if control2.load(Ordering::Acquire) != RUN && ring.is_empty() {
                         break;
                     }
                     waiter.idle();
                 } else {
                     s.poll_io()?;
+                    report(&s);
                     waiter.work();
                 }
             }
-            s.wait_all_acked(Duration::from_secs(5))?;
+            s.flush()?;
+            let deadline = std::time::Instant::now() + DRAIN_ACK_TIMEOUT;
+            while s.acked() < s.next_seq() - 1
+                && std::time::Instant::now() < deadline
+                && control2.load(Ordering::Acquire) != ABANDON
+            {
+                s.poll()?;
+                report(&s);
+                waiter.idle();
+            }
             Ok(s.metrics().clone())
         })
         .map_err(PipelineError::Spawn)?;
     Ok(SenderHandle {
         watermark,
-        stop,
+        control,
         ring_full: AtomicU64::new(0),
         join,
     })
 }
+
+/// How long a finishing sender waits for the acks of its last entries.
+const DRAIN_ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]

@@ -76,6 +76,11 @@ use thiserror::Error;
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
+/// How long either end waits for each handshake message: a peer that
+/// connects and says nothing (or a listener that never accepts) is
+/// refused, never waited for forever.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Version of the handshake and frame layout; bumped on any change.
 pub const PROTOCOL_VERSION: u16 = 1;
 /// Magic at the start of every handshake message.

@@ -11,7 +11,10 @@ use arbiter::{Arbiter, EmbeddedArbiter, Key, Outcome, ReplicaId, error_chain};
 use clap::Args;
 use nic::gate::{FrameOut, OutputGate};
 use nic::tap::{RxQueue, TapDevice, TapWriter};
+use replica::backup::LinkListener;
 use replica::failover::{BackupSource, FailoverSink, Membership, Promote};
+use replica::link::{LinkSettings, TransportKind};
+use replica::primary::PrimaryLink;
 use vmm::events::{Discard, Live, Replay};
 use vmm::{Machine, VmConfig, VmmError};
 
@@ -44,6 +47,16 @@ pub struct FtArgs {
     /// Where this replica publishes its status for `lockstep status`.
     #[arg(long, default_value = replica::status::DEFAULT_DIR)]
     pub status_dir: PathBuf,
+    /// The logging channel's transport: `tcp` (io_uring; the backup's
+    /// address is HOST:PORT) or `shm` (shared memory, both replicas on this
+    /// host; the address is a unix socket path).
+    #[arg(long, default_value = "tcp")]
+    pub transport: TransportKind,
+    /// File holding the pre-shared key both replicas prove in the channel
+    /// handshake (default: the arbiter's key file; without either, a fixed
+    /// development key, which authenticates nothing).
+    #[arg(long)]
+    pub link_key: Option<PathBuf>,
 }
 
 impl FtArgs {
@@ -71,11 +84,48 @@ impl FtArgs {
         Ok(Some(Arc::new(client)))
     }
 
+    /// The channel settings: transport, key, VM id, and the two-core
+    /// profile with this peer timeout (heartbeats at a tenth of it).
+    pub fn link_settings(&self) -> Result<LinkSettings, CliError> {
+        let key = match self.link_key.as_ref().or(self.arbiter_key.as_ref()) {
+            Some(path) => {
+                let key = std::fs::read(path).map_err(|source| CliError::File {
+                    what: "cannot read the link key",
+                    path: path.clone(),
+                    source,
+                })?;
+                let key = key.trim_ascii().to_vec();
+                if key.is_empty() {
+                    return Err(CliError::Usage(format!(
+                        "the link key file {} is empty",
+                        path.display()
+                    )));
+                }
+                key
+            }
+            None => DEVELOPMENT_LINK_KEY.to_vec(),
+        };
+        let mut profile = replica::link::Profile::two_core();
+        profile.liveness.peer_timeout = self.peer_timeout();
+        profile.liveness.heartbeat =
+            (self.peer_timeout() / 10).clamp(Duration::from_millis(1), Duration::from_millis(50));
+        Ok(LinkSettings {
+            kind: self.transport,
+            key,
+            vm_id: self.vm_id,
+            profile,
+        })
+    }
+
     fn me(&self, default: &str) -> Result<ReplicaId, CliError> {
         let name = self.id.clone().unwrap_or_else(|| default.to_string());
         ReplicaId::new(name).map_err(|e| CliError::Usage(e.to_string()))
     }
 }
+
+/// The channel key when none is configured: both ends know it, so it only
+/// keeps a stray peer of another deployment out, never an attacker.
+const DEVELOPMENT_LINK_KEY: &[u8] = b"lockstep development link key: configure --link-key";
 
 fn arbiter_error(error: arbiter::ArbiterError) -> CliError {
     CliError::Usage(error_chain(&error))
@@ -140,22 +190,28 @@ pub fn primary(
         me: me.clone(),
         generation,
     });
-    let (link, ack_stream) =
-        replica::primary::connect(backup, &meta, generation, Duration::from_secs(30))?;
-    eprintln!(
-        "lockstep primary: {me}, generation {generation}, streaming to the backup at {backup}"
-    );
     let network = Network::open_with(args, true)?;
     let gate = match &network {
         Some(network) => Arc::clone(&network.gate),
         None => Arc::new(OutputGate::new(Box::new(Dropped))),
     };
-    let acks = replica::primary::AckReader::spawn(ack_stream, Arc::clone(&gate))?;
-    let sink = FailoverSink::new(link, acks, Arc::clone(&gate), membership, ft.peer_timeout())
-        .with_status(replica::status::StatusFile::new(
-            &ft.status_dir,
-            me.as_str(),
-        ));
+    let settings = ft.link_settings()?;
+    let link = PrimaryLink::connect(
+        backup,
+        &settings,
+        generation,
+        &meta,
+        Arc::clone(&gate),
+        Duration::from_secs(30),
+    )?;
+    eprintln!(
+        "lockstep primary: {me}, generation {generation}, streaming to the backup at {backup} over {}",
+        link.transport()
+    );
+    let sink =
+        FailoverSink::new(link, Arc::clone(&gate), membership, ft.peer_timeout()).with_status(
+            replica::status::StatusFile::new(&ft.status_dir, me.as_str()),
+        );
     let events = Network::live(&network, Live::new(open_input(args.input.as_ref())?, sink))
         .streaming()
         .with_stop(stop);
@@ -170,31 +226,39 @@ pub fn primary(
     Network::attach(&network, &mut machine)?;
     let summary = machine.run()?;
     let mut sink = machine.into_events().into_sink();
-    sink.finish()?;
+    let all_acked = sink.finish()?;
     let entries = sink.entries();
     let protection = match sink.unprotected() {
         Some(generation) => {
             format!("running unprotected in generation {generation} since its backup was lost")
         }
-        None => {
-            let all_acked = sink.acks().wait_for(entries, Duration::from_secs(10));
-            format!(
-                "backup acknowledged {} of {entries} entries ({})",
-                sink.acks().acked(),
-                if all_acked {
-                    "everything"
-                } else {
-                    "NOT everything"
-                }
-            )
-        }
+        None => format!(
+            "backup acknowledged {} of {entries} entries ({})",
+            sink.acked(),
+            if all_acked {
+                "everything"
+            } else {
+                "NOT everything"
+            }
+        ),
+    };
+    let channel = match sink.metrics() {
+        Some(metrics) => format!(
+            "; channel {}: {} batches, ack round trip p50 {} µs, p99 {} µs, {} heartbeats sent",
+            sink.transport(),
+            metrics.batches,
+            metrics.ack_rtt_ns.value_at_quantile(0.5) / 1000,
+            metrics.ack_rtt_ns.value_at_quantile(0.99) / 1000,
+            metrics.heartbeats_sent
+        ),
+        None => String::new(),
     };
     eprintln!(
-        "lockstep primary: guest {} {} after {} exits; {} acks; {protection}",
+        "lockstep primary: guest {} {} after {} exits; {} acks; {protection}{channel}",
         guest.name(),
         ending(&summary),
         summary.exits,
-        sink.acks().state().acks,
+        sink.acks(),
     );
     let stats = gate.stats();
     eprintln!(
@@ -211,7 +275,7 @@ pub fn primary(
             "{{\"exits\":{},\"elapsed_s\":{elapsed:.3},\"entries\":{entries},\"log_bytes\":{},\"acks\":{},\"frames_released\":{},\"max_held\":{},\"hold_p50_ns\":{},\"hold_p99_ns\":{},\"hold_p999_ns\":{},\"unprotected\":{}}}\n",
             summary.exits,
             sink.bytes(),
-            sink.acks().state().acks,
+            sink.acks(),
             stats.released,
             stats.max_held,
             stats.hold_ns.value_at_quantile(0.5),
@@ -276,34 +340,42 @@ pub fn backup(
 ) -> Result<(), CliError> {
     let me = ft.me("backup")?;
     let arbiter = ft.arbiter()?;
-    let listener = TcpListener::bind(listen).map_err(|source| CliError::File {
-        what: "cannot listen on",
-        path: PathBuf::from(listen),
-        source,
-    })?;
-    eprintln!("lockstep backup: {me}, listening on {listen}");
-    let check = |generation: u64| -> Result<(), String> {
-        let Some(arbiter) = &arbiter else {
-            return Ok(());
-        };
-        let record = arbiter
-            .read(ft.vm_id)
-            .map_err(|e| format!("cannot ask the arbiter: {}", error_chain(&e)))?
-            .ok_or_else(|| format!("the arbiter knows no pair for VM {}", ft.vm_id))?;
-        if generation < record.generation {
-            return Err(format!(
-                "stale generation {generation}: the current generation is {}",
-                record.generation
-            ));
+    let settings = ft.link_settings()?;
+    let listener = LinkListener::bind(settings.kind, listen)?;
+    eprintln!(
+        "lockstep backup: {me}, listening on {listen} ({})",
+        settings.kind.name()
+    );
+    let incoming = listener.accept()?;
+    // The current generation, read once the primary is there (it registered
+    // the pair before connecting): the handshake refuses a primary of any
+    // other generation, and tells it why. Only then does membership count.
+    let record = match &arbiter {
+        None => None,
+        Some(arbiter) => {
+            let record = arbiter.read(ft.vm_id).map_err(arbiter_error)?;
+            if record.is_none() {
+                incoming.refuse();
+                return Err(replica::ReplicaError::Channel(format!(
+                    "refused the primary: the arbiter knows no pair for VM {}",
+                    ft.vm_id
+                ))
+                .into());
+            }
+            record
         }
-        if generation != record.generation || record.backup.as_ref() != Some(&me) {
-            return Err(format!(
-                "generation {generation} is not a pair with {me} as backup (arbiter: {record:?})"
-            ));
-        }
-        Ok(())
     };
-    let accepted = replica::backup::accept(&listener, ft.peer_timeout(), check)?;
+    let generation = record.as_ref().map_or(0, |record| record.generation);
+    let accepted = incoming.establish(&settings, generation)?;
+    if let Some(record) = record
+        && record.backup.as_ref() != Some(&me)
+    {
+        return Err(replica::ReplicaError::Channel(format!(
+            "refused the primary at {}: generation {generation} is not a pair with {me} as backup (arbiter: {record:?})",
+            accepted.peer
+        ))
+        .into());
+    }
     let meta = accepted.meta;
     let guest = GuestImage::resolve(&meta.guest_name)?;
     if guest.id() != meta.image_id {
@@ -318,9 +390,10 @@ pub fn backup(
         .into());
     }
     eprintln!(
-        "lockstep backup: primary {} (generation {}) connected, replaying guest {} in lockstep",
+        "lockstep backup: primary {} (generation {}) connected over {}, replaying guest {} in lockstep",
         accepted.peer,
         accepted.generation,
+        accepted.transport,
         guest.name()
     );
     let config = VmConfig::with_flags(meta.mem_size, meta.vm_flags);

@@ -129,9 +129,14 @@ enum Command {
         /// TAP interface (created with 10.77.0.1/24 if missing).
         #[arg(long, default_value = "lstap0")]
         tap: String,
-        /// Link address between primary and backup.
-        #[arg(long, default_value = "127.0.0.1:7700")]
-        link: String,
+        /// The logging channel's transport: `shm` (shared memory; both
+        /// replicas run on this host) or `tcp` (io_uring TCP).
+        #[arg(long, default_value = "shm")]
+        transport: replica::link::TransportKind,
+        /// Link address between primary and backup (default: a unix socket
+        /// in the deployment's directory for shm, 127.0.0.1:7700 for tcp).
+        #[arg(long)]
+        link: Option<String>,
     },
     /// The embedded default: record the `fold` guest fed with 1 MiB of input,
     /// then replay the log in a fresh VM and check every digest.
@@ -288,7 +293,11 @@ fn execute(command: Command) -> Result<(), CliError> {
             state,
             key_file,
         } => ft::serve_arbiter(&listen, &state, &key_file),
-        Command::Up { tap, link } => up(&tap, &link),
+        Command::Up {
+            tap,
+            transport,
+            link,
+        } => up(&tap, transport, link),
         Command::Bench {
             name,
             quick,
@@ -592,7 +601,11 @@ pub(crate) fn log_meta(
     }
 }
 
-fn up(tap: &str, link: &str) -> Result<(), CliError> {
+fn up(
+    tap: &str,
+    transport: replica::link::TransportKind,
+    link: Option<String>,
+) -> Result<(), CliError> {
     nic::tap::ensure_persistent(tap, "10.77.0.1/24")?;
     let binary = std::env::current_exe().map_err(|source| CliError::File {
         what: "cannot find this program",
@@ -641,7 +654,19 @@ fn up(tap: &str, link: &str) -> Result<(), CliError> {
         ],
         "cannot start the arbiter",
     )?;
-    let ft_flags = ["--arbiter", arbiter_address, "--arbiter-key", &key_text];
+    let link = link.unwrap_or_else(|| match transport {
+        replica::link::TransportKind::Shm => dir.join("link.sock").to_string_lossy().into_owned(),
+        replica::link::TransportKind::Tcp => "127.0.0.1:7700".into(),
+    });
+    let link = link.as_str();
+    let ft_flags = [
+        "--arbiter",
+        arbiter_address,
+        "--arbiter-key",
+        &key_text,
+        "--transport",
+        transport.name(),
+    ];
     let mut backup_args = vec![
         "backup", "--listen", link, "--quiet", "--tap", tap, "--id", "backup",
     ];
@@ -669,6 +694,8 @@ fn up(tap: &str, link: &str) -> Result<(), CliError> {
         id: Some("primary".into()),
         peer_timeout_ms: 500,
         status_dir: PathBuf::from(replica::status::DEFAULT_DIR),
+        transport,
+        link_key: None,
     };
     // Give the arbiter a moment to listen (the primary registers the pair).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);

@@ -22,6 +22,9 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 const PEER_TIMEOUT_MS: &str = "1500";
 
+/// The embedded arbiter's key, which the replicas also use for the link.
+const TEST_KEY: &[u8] = b"lockstep failover test key, 32+ bytes long";
+
 /// An arbiter process: the embedded one, or a real etcd.
 struct Arbiter {
     child: Child,
@@ -33,7 +36,7 @@ impl Arbiter {
     fn start(port: u16) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let key = dir.path().join("key");
-        std::fs::write(&key, b"lockstep failover test key, 32+ bytes long").expect("key");
+        std::fs::write(&key, TEST_KEY).expect("key");
         let address = format!("127.0.0.1:{port}");
         let child = Command::new(env!("CARGO_BIN_EXE_lockstep"))
             .args(["arbiter", "--listen", &address, "--key-file"])
@@ -450,20 +453,35 @@ fn a_primary_of_a_stale_generation_is_refused() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("backup");
+    // It speaks the channel's handshake with the right key, but for
+    // generation 1: refused before a byte of log, and told why.
+    let session = channel::protocol::Session {
+        vm_id: 1,
+        generation: 1,
+        role: channel::protocol::Role::Primary,
+        key: TEST_KEY.to_vec(),
+    };
+    let address = "127.0.0.1:17899".parse().expect("address");
     let deadline = Instant::now() + Duration::from_secs(10);
-    let mut stale = loop {
-        match TcpStream::connect("127.0.0.1:17899") {
-            Ok(stream) => break stream,
-            Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
-            Err(error) => panic!("backup not listening: {error}"),
+    let refusal = loop {
+        match channel::transport::uring_tcp::UringTcp::connect(address, &session, 1 << 20) {
+            Ok(_) => panic!("a primary of generation 1 was accepted"),
+            Err(channel::transport::TransportError::Io { source, .. })
+                if Instant::now() < deadline
+                    && source.kind() == std::io::ErrorKind::ConnectionRefused =>
+            {
+                thread::sleep(Duration::from_millis(20));
+            }
+            Err(error) => break replica::link::describe(&error),
         }
     };
-    let mut hello = *b"LKLN\x01\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00";
-    hello[8] = 1;
-    stale.write_all(&hello).expect("stale hello");
+    assert!(
+        refusal.contains("we are stale: we are at generation 1, the peer is at 2"),
+        "{refusal}"
+    );
     let stderr = stderr_of(backup);
     assert!(
-        stderr.contains("stale generation 1: the current generation is 2"),
+        stderr.contains("refused the primary") && stderr.contains("stale generation"),
         "{stderr}"
     );
     kill(&pair.backup, "-TERM");

@@ -28,6 +28,9 @@ pub enum NicError {
     /// A virtqueue could not be used.
     #[error("virtio-net queue: {0}")]
     Queue(String),
+    /// Saved device state could not be restored.
+    #[error("virtio-net state: {0}")]
+    State(String),
     /// The TAP device could not be set up or used.
     #[error("TAP device {name}: {what}")]
     Tap {

@@ -45,11 +45,35 @@
 //!
 //! Every frame in a queue buffer is preceded by the 12-byte
 //! `virtio_net_hdr_v1` (all zero here: no offloads are offered).
+//!
+//! # Saved state ([`VirtioNetState`], for state transfer)
+//!
+//! [`VirtioNet::save`] and [`VirtioNet::restore`] move the whole device
+//! (registers, negotiated features, both virtqueues' addresses and indices,
+//! counters) between VMMs. The rings themselves live in guest memory, which
+//! travels separately. [`VirtioNetState::to_bytes`] lays it out in
+//! [`VIRTIO_NET_STATE_LEN`] little-endian bytes:
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 6 | MAC address, then 2 zero bytes |
+//! | 8 | 4 | status |
+//! | 12 | 4 | DeviceFeaturesSel |
+//! | 16 | 4 | DriverFeaturesSel |
+//! | 20 | 4 | QueueSel |
+//! | 24 | 8 | driver features |
+//! | 32 | 32 | counters: rx frames, tx frames, rx dropped, malformed chains (u64 each) |
+//! | 64 | 40 | RX queue, then at 104 the TX queue: max size, size, next avail, next used (u16 each), ready (u8), event idx (u8), 6 zero bytes, descriptor table, avail ring, used ring (u64 guest addresses) |
+//!
+//! Guest memory is [`GuestRam`]: its dirty bitmap records every write the
+//! device makes (RX frames, used rings), which KVM's dirty-page log cannot
+//! see, so that a state transfer copies those pages too.
 
 use std::io::{Read, Write};
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
+use vm_memory::bitmap::AtomicBitmap;
 
 use crate::NicError;
 
@@ -101,6 +125,158 @@ pub struct NetStats {
     pub malformed_chains: u64,
 }
 
+/// Guest memory as the device sees it: an mmap whose dirty bitmap records
+/// every write made through it (one bit per 4 KiB page).
+pub type GuestRam = GuestMemoryMmap<AtomicBitmap>;
+
+/// Bytes of [`VirtioNetState::to_bytes`].
+pub const VIRTIO_NET_STATE_LEN: usize = 144;
+
+/// One virtqueue's saved state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueSnapshot {
+    /// Largest size the device offers.
+    pub max_size: u16,
+    /// Size the driver chose.
+    pub size: u16,
+    /// Next avail-ring index the device will read.
+    pub next_avail: u16,
+    /// Next used-ring index the device will write.
+    pub next_used: u16,
+    /// The driver set QueueReady.
+    pub ready: bool,
+    /// VIRTIO_F_RING_EVENT_IDX (never offered: always false).
+    pub event_idx: bool,
+    /// Guest address of the descriptor table.
+    pub desc_table: u64,
+    /// Guest address of the avail ring.
+    pub avail_ring: u64,
+    /// Guest address of the used ring.
+    pub used_ring: u64,
+}
+
+/// The device's complete state (see the module docs for its bytes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VirtioNetState {
+    /// MAC address.
+    pub mac: [u8; 6],
+    /// Device status register.
+    pub status: u32,
+    /// DeviceFeaturesSel.
+    pub device_features_sel: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_sel: u32,
+    /// Features the driver accepted.
+    pub driver_features: u64,
+    /// QueueSel.
+    pub queue_sel: u32,
+    /// RX and TX queues.
+    pub queues: [QueueSnapshot; 2],
+    /// Counters.
+    pub stats: NetStats,
+}
+
+impl VirtioNetState {
+    /// The state as [`VIRTIO_NET_STATE_LEN`] bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(VIRTIO_NET_STATE_LEN);
+        out.extend_from_slice(&self.mac);
+        out.extend_from_slice(&[0, 0]);
+        for word in [
+            self.status,
+            self.device_features_sel,
+            self.driver_features_sel,
+            self.queue_sel,
+        ] {
+            out.extend_from_slice(&word.to_le_bytes());
+        }
+        out.extend_from_slice(&self.driver_features.to_le_bytes());
+        for counter in [
+            self.stats.rx_frames,
+            self.stats.tx_frames,
+            self.stats.rx_dropped,
+            self.stats.malformed_chains,
+        ] {
+            out.extend_from_slice(&counter.to_le_bytes());
+        }
+        for queue in &self.queues {
+            for half in [
+                queue.max_size,
+                queue.size,
+                queue.next_avail,
+                queue.next_used,
+            ] {
+                out.extend_from_slice(&half.to_le_bytes());
+            }
+            out.push(u8::from(queue.ready));
+            out.push(u8::from(queue.event_idx));
+            out.extend_from_slice(&[0; 6]);
+            for address in [queue.desc_table, queue.avail_ring, queue.used_ring] {
+                out.extend_from_slice(&address.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    /// Parses [`Self::to_bytes`]; refuses a wrong length or a flag byte
+    /// other than 0 or 1 (the state is checksummed by its container, so
+    /// this is a version or programming error, not line noise).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, NicError> {
+        if bytes.len() != VIRTIO_NET_STATE_LEN {
+            return Err(NicError::State(format!(
+                "{} bytes of virtio-net state, expected {VIRTIO_NET_STATE_LEN}",
+                bytes.len()
+            )));
+        }
+        let u16_at = |at: usize| u16::from_le_bytes([bytes[at], bytes[at + 1]]);
+        let u32_at = |at: usize| {
+            u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+        };
+        let u64_at = |at: usize| {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(&bytes[at..at + 8]);
+            u64::from_le_bytes(word)
+        };
+        let flag = |at: usize| match bytes[at] {
+            0 => Ok(false),
+            1 => Ok(true),
+            other => Err(NicError::State(format!(
+                "virtio-net state byte {at} is {other}, not a flag (0 or 1)"
+            ))),
+        };
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&bytes[..6]);
+        let queue = |base: usize| -> Result<QueueSnapshot, NicError> {
+            Ok(QueueSnapshot {
+                max_size: u16_at(base),
+                size: u16_at(base + 2),
+                next_avail: u16_at(base + 4),
+                next_used: u16_at(base + 6),
+                ready: flag(base + 8)?,
+                event_idx: flag(base + 9)?,
+                desc_table: u64_at(base + 16),
+                avail_ring: u64_at(base + 24),
+                used_ring: u64_at(base + 32),
+            })
+        };
+        Ok(Self {
+            mac,
+            status: u32_at(8),
+            device_features_sel: u32_at(12),
+            driver_features_sel: u32_at(16),
+            queue_sel: u32_at(20),
+            driver_features: u64_at(24),
+            stats: NetStats {
+                rx_frames: u64_at(32),
+                tx_frames: u64_at(40),
+                rx_dropped: u64_at(48),
+                malformed_chains: u64_at(56),
+            },
+            queues: [queue(64)?, queue(104)?],
+        })
+    }
+}
+
 /// The virtio-net device state.
 pub struct VirtioNet {
     mac: [u8; 6],
@@ -128,6 +304,70 @@ impl VirtioNet {
             queue_sel: 0,
             queues: [queue()?, queue()?],
             stats: NetStats::default(),
+        })
+    }
+
+    /// The device's complete state, for a state transfer.
+    pub fn save(&self) -> VirtioNetState {
+        let queue = |queue: &Queue| {
+            let state = queue.state();
+            QueueSnapshot {
+                max_size: state.max_size,
+                size: state.size,
+                next_avail: state.next_avail,
+                next_used: state.next_used,
+                ready: state.ready,
+                event_idx: state.event_idx_enabled,
+                desc_table: state.desc_table,
+                avail_ring: state.avail_ring,
+                used_ring: state.used_ring,
+            }
+        };
+        VirtioNetState {
+            mac: self.mac,
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            queues: [queue(&self.queues[0]), queue(&self.queues[1])],
+            stats: self.stats,
+        }
+    }
+
+    /// Rebuilds a device from [`Self::save`]. Queue sizes and ring addresses
+    /// are checked as a driver's writes would be.
+    pub fn restore(state: &VirtioNetState) -> Result<Self, NicError> {
+        let queue = |index: usize| -> Result<Queue, NicError> {
+            let saved = state.queues[index];
+            if saved.max_size != QUEUE_SIZE {
+                return Err(NicError::State(format!(
+                    "queue {index} has maximum size {}, this device offers {QUEUE_SIZE}",
+                    saved.max_size
+                )));
+            }
+            Queue::try_from(QueueState {
+                max_size: saved.max_size,
+                next_avail: saved.next_avail,
+                next_used: saved.next_used,
+                event_idx_enabled: saved.event_idx,
+                size: saved.size,
+                ready: saved.ready,
+                desc_table: saved.desc_table,
+                avail_ring: saved.avail_ring,
+                used_ring: saved.used_ring,
+            })
+            .map_err(|e| NicError::State(format!("queue {index}: {e:?}")))
+        };
+        Ok(Self {
+            mac: state.mac,
+            status: state.status,
+            device_features_sel: state.device_features_sel,
+            driver_features_sel: state.driver_features_sel,
+            driver_features: state.driver_features,
+            queue_sel: state.queue_sel,
+            queues: [queue(RX_QUEUE)?, queue(TX_QUEUE)?],
+            stats: state.stats,
         })
     }
 
@@ -310,7 +550,7 @@ impl VirtioNet {
     /// How many RX buffers the driver has posted (an upper bound on the
     /// frames [`Self::deliver_rx`] can place now). Deterministic: read from
     /// guest memory.
-    pub fn rx_buffers(&self, memory: &GuestMemoryMmap) -> Result<usize, NicError> {
+    pub fn rx_buffers(&self, memory: &GuestRam) -> Result<usize, NicError> {
         if !self.is_running() {
             return Ok(0);
         }
@@ -326,11 +566,7 @@ impl VirtioNet {
     /// Writes `frames` into posted RX buffers, one frame per buffer, each
     /// behind a zeroed virtio-net header. Frames that find no buffer, or a
     /// buffer too small, are dropped (and counted). Returns frames delivered.
-    pub fn deliver_rx(
-        &mut self,
-        memory: &GuestMemoryMmap,
-        frames: &[Vec<u8>],
-    ) -> Result<usize, NicError> {
+    pub fn deliver_rx(&mut self, memory: &GuestRam, frames: &[Vec<u8>]) -> Result<usize, NicError> {
         if !self.is_running() {
             self.stats.rx_dropped += frames.len() as u64;
             return Ok(0);
@@ -389,7 +625,7 @@ impl VirtioNet {
     /// counted, never transmitted.
     pub fn collect_tx(
         &mut self,
-        memory: &GuestMemoryMmap,
+        memory: &GuestRam,
         frames: &mut Vec<Vec<u8>>,
     ) -> Result<(), NicError> {
         if !self.is_running() {
@@ -450,17 +686,13 @@ mod tests {
 
     const F_WRITE: u16 = 2;
 
-    fn memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("memory")
+    fn memory() -> GuestRam {
+        GuestRam::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("memory")
     }
 
     /// Drives the device through the driver's initialisation sequence with
     /// the mock queues' addresses.
-    fn start(
-        device: &mut VirtioNet,
-        rx: &MockSplitQueue<GuestMemoryMmap>,
-        tx: &MockSplitQueue<GuestMemoryMmap>,
-    ) {
+    fn start(device: &mut VirtioNet, rx: &MockSplitQueue<GuestRam>, tx: &MockSplitQueue<GuestRam>) {
         assert_eq!(device.read(0x000, 4).expect("magic"), MAGIC);
         device.write(0x070, 4, 1 | 2).expect("ack+driver");
         device.write(0x024, 4, 1).expect("sel");
@@ -529,6 +761,51 @@ mod tests {
         let mut out = Vec::new();
         device.collect_tx(&memory, &mut out).expect("collect");
         assert_eq!(out, vec![frame]);
+    }
+
+    #[test]
+    fn saved_state_round_trips_and_the_restored_device_carries_on() {
+        let memory = memory();
+        let rx = MockSplitQueue::create(&memory, GuestAddress(0x1000), 16);
+        let tx = MockSplitQueue::create(&memory, GuestAddress(0x8000), 16);
+        let mut device = VirtioNet::new([2, 0, 0, 0, 0, 1]).expect("device");
+        start(&mut device, &rx, &tx);
+        let buffers: Vec<RawDescriptor> = (0..4)
+            .map(|i| RawDescriptor::from(Descriptor::new(0x20000 + i * 0x1000, 2048, F_WRITE, 0)))
+            .collect();
+        rx.build_multiple_desc_chains(&buffers).expect("rx chains");
+        assert_eq!(device.deliver_rx(&memory, &[vec![1; 60]]).expect("one"), 1);
+
+        let saved = device.save();
+        let bytes = saved.to_bytes();
+        assert_eq!(bytes.len(), VIRTIO_NET_STATE_LEN);
+        let parsed = VirtioNetState::from_bytes(&bytes).expect("parse");
+        assert_eq!(parsed, saved);
+        let mut restored = VirtioNet::restore(&parsed).expect("restore");
+        assert_eq!(restored.save(), saved);
+        assert!(restored.is_running());
+        assert_eq!(restored.rx_buffers(&memory).expect("count"), 3);
+        // Both continue identically from the same memory.
+        let frames = [vec![2; 70], vec![3; 80]];
+        let copy = GuestRam::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("memory");
+        let mut all = vec![0u8; 1 << 20];
+        memory.read_slice(&mut all, GuestAddress(0)).expect("read");
+        copy.write_slice(&all, GuestAddress(0)).expect("write");
+        assert_eq!(device.deliver_rx(&memory, &frames).expect("original"), 2);
+        assert_eq!(restored.deliver_rx(&copy, &frames).expect("restored"), 2);
+        assert_eq!(restored.save(), device.save());
+        let mut other = vec![0u8; 1 << 20];
+        memory.read_slice(&mut all, GuestAddress(0)).expect("read");
+        copy.read_slice(&mut other, GuestAddress(0)).expect("read");
+        assert!(all == other, "both wrote the same bytes");
+
+        let mut bad = bytes.clone();
+        bad[72] = 7;
+        assert!(VirtioNetState::from_bytes(&bad).is_err(), "a flag of 7");
+        assert!(VirtioNetState::from_bytes(&bytes[..100]).is_err(), "short");
+        let mut odd = saved;
+        odd.queues[0].size = 3;
+        assert!(VirtioNet::restore(&odd).is_err(), "size 3 is no queue size");
     }
 
     #[test]

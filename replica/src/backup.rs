@@ -1,26 +1,39 @@
-//! The backup's side of the link: receive the log, ack on receipt, and feed
-//! the replay in lockstep.
+//! The backup's side of the link: receive the log over the channel, ack on
+//! receipt (before replay: the Output Rule needs only that the backup *can*
+//! reproduce an output), and feed the replay in lockstep.
+//!
+//! ```text
+//!  transport ─▶ receiver thread: LogReceiver (crc, generation, seq) ─▶ queue ─▶ vCPU: Replay
+//!               └ ack(seq) by policy (on drain, every N, after T µs), heartbeats when idle
+//! ```
 
-use std::io::{BufReader, ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use channel::log::{Entry, LogError, LogMeta, LogReader};
+use channel::endpoint::{ChannelError, LogReceiver};
+use channel::log::{Entry, LogMeta, decode_entry};
+use channel::protocol::Role;
+use channel::transport::shm::ShmListener;
+use channel::transport::uring_tcp::UringTcp;
+use channel::transport::{Transport, TransportError};
 use hdrhistogram::Histogram;
+use tuning::Waiter;
 use vmm::VmmError;
 use vmm::events::EntrySource;
 
-use crate::{ACK_EVERY, HELLO_LEN, ReplicaError, decode_hello, encode_ack};
+use crate::ReplicaError;
+use crate::link::{LinkSettings, MAX_FRAME, SHM_RING_BYTES, TransportKind, describe};
 
 /// Entries received but not yet replayed, at most (then the receiver stops
 /// reading and TCP flow control slows the primary: nothing is dropped).
 pub const QUEUE_ENTRIES: usize = 65_536;
 
-type Received = Result<(Entry, Instant), LogError>;
+type Received = Result<(Entry, Instant), VmmError>;
 
 /// How far the replay trails the primary.
 #[derive(Clone, Debug)]
@@ -37,7 +50,9 @@ pub struct StreamSource {
     entries: Receiver<Received>,
     newest_exit: Arc<AtomicU64>,
     lag: Lag,
-    receiver: Option<JoinHandle<()>>,
+    /// Detached: the receiver ends when the primary closes the link or
+    /// falls silent, or when this source (the queue) is dropped.
+    _receiver: JoinHandle<()>,
     lost: Arc<Mutex<Option<String>>>,
 }
 
@@ -58,15 +73,6 @@ impl StreamSource {
     }
 }
 
-impl Drop for StreamSource {
-    fn drop(&mut self) {
-        if let Some(handle) = self.receiver.take() {
-            // The receiver ends once the primary closes the link.
-            drop(handle);
-        }
-    }
-}
-
 impl EntrySource for StreamSource {
     fn next_entry(&mut self) -> Result<Option<Entry>, VmmError> {
         match self.entries.recv() {
@@ -77,11 +83,78 @@ impl EntrySource for StreamSource {
                 let _ = self.lag.queue_us.record(waited.max(1));
                 Ok(Some(entry))
             }
-            Ok(Err(error)) => Err(VmmError::Log(error)),
+            Ok(Err(error)) => Err(error),
             // The receiver ended without an error: the stream ended cleanly.
             Err(_) => Ok(None),
         }
     }
+}
+
+/// Where the backup waits for its primary.
+pub enum LinkListener {
+    /// io_uring TCP.
+    Tcp(TcpListener),
+    /// Shared memory, set up over a unix socket.
+    Shm(ShmListener),
+}
+
+impl LinkListener {
+    /// Listens on `address` for the transport `kind`.
+    pub fn bind(kind: TransportKind, address: &str) -> Result<Self, ReplicaError> {
+        match kind {
+            TransportKind::Tcp => {
+                TcpListener::bind(address)
+                    .map(Self::Tcp)
+                    .map_err(|source| ReplicaError::Link {
+                        what: format!("listen on {address}"),
+                        source,
+                    })
+            }
+            TransportKind::Shm => ShmListener::bind(&LinkSettings::shm_path(address))
+                .map(Self::Shm)
+                .map_err(|e| {
+                    ReplicaError::Channel(format!("cannot listen on {address}: {}", describe(&e)))
+                }),
+        }
+    }
+
+    /// Waits for a primary to connect (no handshake yet: the caller first
+    /// learns its current generation, see [`Incoming::establish`]).
+    pub fn accept(&self) -> Result<Incoming, ReplicaError> {
+        match self {
+            Self::Tcp(listener) => {
+                let (stream, peer) = listener.accept().map_err(|source| ReplicaError::Link {
+                    what: "accept the primary's connection".into(),
+                    source,
+                })?;
+                Ok(Incoming {
+                    stream: IncomingStream::Tcp(stream),
+                    peer: peer.to_string(),
+                })
+            }
+            Self::Shm(listener) => {
+                let stream = listener
+                    .accept_stream()
+                    .map_err(|e| ReplicaError::Channel(describe(&e)))?;
+                Ok(Incoming {
+                    stream: IncomingStream::Shm(stream),
+                    peer: "a local primary (shared memory)".into(),
+                })
+            }
+        }
+    }
+}
+
+enum IncomingStream {
+    Tcp(TcpStream),
+    Shm(UnixStream),
+}
+
+/// A primary that connected and has not been authenticated yet.
+pub struct Incoming {
+    stream: IncomingStream,
+    /// Who connected.
+    pub peer: String,
 }
 
 /// A primary's connection, accepted: who, which generation, what guest.
@@ -92,69 +165,162 @@ pub struct Accepted {
     pub source: StreamSource,
     /// The primary's address.
     pub peer: String,
-    /// The primary's generation, from its hello.
+    /// The generation both ends agreed on in the handshake.
     pub generation: u64,
+    /// The transport's name.
+    pub transport: &'static str,
 }
 
-/// Accepts the primary's connection on `listener`, reads the hello and the
-/// log header, and starts the receiver thread. `check_generation` may refuse
-/// the primary's generation (a stale primary); the connection is then closed.
-/// The primary counts as lost when it says nothing for `peer_timeout`.
-pub fn accept(
-    listener: &TcpListener,
-    peer_timeout: Duration,
-    check_generation: impl Fn(u64) -> Result<(), String>,
-) -> Result<Accepted, ReplicaError> {
-    let (stream, peer) = listener.accept().map_err(|source| ReplicaError::Link {
-        what: "accept the primary's connection".into(),
-        source,
-    })?;
-    stream
-        .set_nodelay(true)
-        .map_err(|source| ReplicaError::Link {
-            what: "set TCP_NODELAY".into(),
-            source,
-        })?;
-    let acks = stream.try_clone().map_err(|source| ReplicaError::Link {
-        what: "clone the link socket".into(),
-        source,
-    })?;
-    stream
-        .set_read_timeout(Some(peer_timeout))
-        .map_err(|source| ReplicaError::Link {
-            what: "set the peer timeout".into(),
-            source,
-        })?;
-    let mut hello = [0u8; HELLO_LEN];
-    (&stream)
-        .read_exact(&mut hello)
-        .map_err(|source| ReplicaError::Link {
-            what: format!("read the hello of {peer}"),
-            source,
-        })?;
-    let generation = decode_hello(&hello)?;
-    if let Err(reason) = check_generation(generation) {
-        let _ = stream.shutdown(std::net::Shutdown::Both);
-        return Err(ReplicaError::Protocol(format!(
-            "refused the primary at {peer}: {reason}"
-        )));
+impl Incoming {
+    /// Closes the connection without a handshake (the arbiter knows no pair
+    /// with this backup in it).
+    pub fn refuse(self) {
+        match self.stream {
+            IncomingStream::Tcp(stream) => {
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+            }
+            IncomingStream::Shm(stream) => {
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+            }
+        }
     }
-    let reader = LogReader::new(BufReader::with_capacity(1 << 16, stream))?;
-    let meta = reader.meta().clone();
-    let (sender, entries) = sync_channel(QUEUE_ENTRIES);
+
+    /// Runs the authenticated handshake at `generation` (a primary of any
+    /// other generation is refused, and told why), reads the log header,
+    /// and starts the receiver thread. The primary counts as lost when it
+    /// says nothing for the profile's peer timeout.
+    pub fn establish(
+        self,
+        settings: &LinkSettings,
+        generation: u64,
+    ) -> Result<Accepted, ReplicaError> {
+        let session = settings.session(Role::Backup, generation);
+        let peer = self.peer;
+        let refused = |error: TransportError| {
+            ReplicaError::Channel(format!(
+                "refused the primary at {peer}: {}",
+                describe(&error)
+            ))
+        };
+        let (meta, source, transport) = match self.stream {
+            IncomingStream::Tcp(stream) => {
+                let t =
+                    UringTcp::establish_accepted(stream, &session, MAX_FRAME).map_err(refused)?;
+                let (meta, source) = start_receiver(t, generation, settings)?;
+                (meta, source, "uring-tcp")
+            }
+            IncomingStream::Shm(stream) => {
+                let t = ShmListener::establish_accepted(stream, &session, SHM_RING_BYTES)
+                    .map_err(refused)?;
+                let (meta, source) = start_receiver(t, generation, settings)?;
+                (meta, source, "shm")
+            }
+        };
+        Ok(Accepted {
+            meta,
+            source,
+            peer,
+            generation,
+            transport,
+        })
+    }
+}
+
+/// What the receiver has seen so far.
+struct Receiving {
+    queue: SyncSender<Received>,
+    newest_exit: Arc<AtomicU64>,
+    meta: Option<LogMeta>,
+    /// A refused entry (fail-stop), to hand to the replay.
+    refused: Option<VmmError>,
+    /// The end record arrived: a close after it is the clean end.
+    ended: bool,
+    /// The replay is gone.
+    closed: bool,
+}
+
+impl Receiving {
+    /// One channel entry: seq 1 is the header, seq n + 1 log entry n.
+    fn deliver(&mut self, seq: u64, bytes: &[u8]) {
+        if self.refused.is_some() || self.closed {
+            return;
+        }
+        if seq == 1 {
+            match LogMeta::from_header_bytes(bytes) {
+                Ok(meta) => self.meta = Some(meta),
+                Err(error) => self.refused = Some(error.into()),
+            }
+            return;
+        }
+        let entry = match decode_entry(bytes, seq - 1, 0) {
+            Ok(Some((entry, used))) if used == bytes.len() && entry.seq == seq - 1 => entry,
+            Ok(Some((entry, used))) => {
+                self.refused = Some(VmmError::LogMismatch(format!(
+                    "channel entry {seq} of {} bytes holds log entry {} of {used} bytes",
+                    bytes.len(),
+                    entry.seq
+                )));
+                return;
+            }
+            Ok(None) => {
+                self.refused = Some(VmmError::LogMismatch(format!(
+                    "channel entry {seq} is empty"
+                )));
+                return;
+            }
+            Err(error) => {
+                self.refused = Some(error.into());
+                return;
+            }
+        };
+        self.newest_exit.fetch_max(entry.exit, Ordering::Release);
+        if entry.kind == channel::log::EntryKind::End {
+            self.ended = true;
+        }
+        if self.queue.send(Ok((entry, Instant::now()))).is_err() {
+            self.closed = true;
+        }
+    }
+}
+
+/// Starts the receiver thread over `t` (an io_uring transport must be
+/// polled by one thread only: the one that first polls it), and waits for
+/// the log header it reads first.
+fn start_receiver<T: Transport + 'static>(
+    t: T,
+    generation: u64,
+    settings: &LinkSettings,
+) -> Result<(LogMeta, StreamSource), ReplicaError> {
+    let profile = settings.profile.clone();
+    let receiver = LogReceiver::new(t, generation, 1, profile.ack, profile.liveness)
+        .map_err(|e| ReplicaError::Channel(describe(&e)))?;
+    let (queue, entries) = sync_channel(QUEUE_ENTRIES);
     let newest_exit = Arc::new(AtomicU64::new(0));
-    let lost_reason = Arc::new(Mutex::new(None));
-    let receiver = {
-        let newest_exit = Arc::clone(&newest_exit);
-        let lost = Arc::clone(&lost_reason);
+    let state = Receiving {
+        queue,
+        newest_exit: Arc::clone(&newest_exit),
+        meta: None,
+        refused: None,
+        ended: false,
+        closed: false,
+    };
+    let (header_tx, header_rx) = sync_channel(1);
+    let lost = Arc::new(Mutex::new(None));
+    let handle = {
+        let lost = Arc::clone(&lost);
         std::thread::Builder::new()
             .name("log-receiver".into())
             .spawn(move || {
-                if let Some(reason) = receive(reader, &acks, sender, &newest_exit) {
-                    *lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
-                    // Close both directions: a primary that is merely slow
-                    // learns at once that this backup stopped following it.
-                    let _ = acks.shutdown(std::net::Shutdown::Both);
+                let mut receiver = receiver;
+                let mut state = state;
+                match wait_for_header(&mut receiver, &mut state, profile.poll) {
+                    Ok(meta) => {
+                        let _ = header_tx.send(Ok(meta));
+                        receive(receiver, state, profile.poll, &lost);
+                    }
+                    Err(error) => {
+                        let _ = header_tx.send(Err(error));
+                    }
                 }
             })
             .map_err(|source| ReplicaError::Link {
@@ -162,74 +328,92 @@ pub fn accept(
                 source,
             })?
     };
+    let meta = header_rx.recv().map_err(|_| {
+        ReplicaError::Setup("the log receiver ended before the log header".into())
+    })??;
     let lag = Lag {
         max_exits: 0,
         queue_us: Histogram::new_with_bounds(1, 3_600_000_000, 3)
-            .expect("1 µs .. 1 h at 3 significant digits are valid histogram bounds"),
+            .map_err(|e| ReplicaError::Setup(format!("lag histogram: {e}")))?,
     };
-    Ok(Accepted {
+    Ok((
         meta,
-        source: StreamSource {
+        StreamSource {
             entries,
             newest_exit,
             lag,
-            receiver: Some(receiver),
-            lost: lost_reason,
+            _receiver: handle,
+            lost,
         },
-        peer: peer.to_string(),
-        generation,
-    })
+    ))
+}
+
+/// Polls until the log header (channel entry 1) arrives.
+fn wait_for_header<T: Transport>(
+    receiver: &mut LogReceiver<T>,
+    state: &mut Receiving,
+    poll: tuning::PollMode,
+) -> Result<LogMeta, ReplicaError> {
+    let mut waiter = Waiter::new(poll);
+    loop {
+        let delivered = receiver
+            .poll(|seq, bytes| state.deliver(seq, bytes))
+            .map_err(|e| {
+                ReplicaError::Channel(format!("before the log header: {}", describe(&e)))
+            })?;
+        if let Some(error) = state.refused.take() {
+            return Err(ReplicaError::Vmm(error));
+        }
+        if let Some(meta) = state.meta.clone() {
+            return Ok(meta);
+        }
+        if delivered == 0 {
+            waiter.idle();
+        }
+    }
 }
 
 /// The receiver thread: entries into the queue, acks back on receipt.
-/// Returns why the primary counts as lost, if it does (the stream broke or
-/// fell silent); a clean end or a corrupt entry return `None` (the corrupt
-/// entry is passed on as an error: fail-stop, not failover).
-fn receive(
-    mut reader: LogReader<BufReader<TcpStream>>,
-    mut acks: &TcpStream,
-    queue: SyncSender<Received>,
-    newest_exit: &AtomicU64,
-) -> Option<String> {
-    let mut unacked = 0u64;
-    let mut last_seq = 0u64;
+/// Records in `lost` why the primary counts as lost, if it does (the link
+/// broke or fell silent before the end record), before the queue closes; a
+/// refused frame or entry is passed to the replay as an error (fail-stop,
+/// not failover). Returning drops the transport, which closes the link.
+fn receive<T: Transport>(
+    mut receiver: LogReceiver<T>,
+    mut state: Receiving,
+    poll: tuning::PollMode,
+    lost: &Mutex<Option<String>>,
+) {
+    let mut waiter = Waiter::new(poll);
     loop {
-        match reader.next_entry() {
-            Ok(Some(entry)) => {
-                last_seq = entry.seq;
-                newest_exit.fetch_max(entry.exit, Ordering::Release);
-                if queue.send(Ok((entry, Instant::now()))).is_err() {
-                    return None; // the replay is gone
-                }
-                unacked += 1;
-                // Ack when the burst has drained from the receive buffer, or
-                // every ACK_EVERY entries mid-burst.
-                if reader.input().buffer().is_empty() || unacked >= ACK_EVERY {
-                    if let Err(error) = acks.write_all(&encode_ack(last_seq)) {
-                        return Some(format!("cannot ack: {error}"));
-                    }
-                    unacked = 0;
-                }
-            }
-            Ok(None) => break,
-            Err(error @ (LogError::Io { .. } | LogError::Truncated { .. })) => {
-                return Some(match &error {
-                    LogError::Io { source, .. }
-                        if matches!(source.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
-                    {
-                        "the primary fell silent (peer timeout)".to_string()
-                    }
-                    _ => error.to_string(),
-                });
+        let result = receiver.poll(|seq, bytes| state.deliver(seq, bytes));
+        if let Some(error) = state.refused.take() {
+            let _ = state.queue.send(Err(error));
+            return;
+        }
+        if state.closed {
+            return; // the replay is gone
+        }
+        match result {
+            Ok(0) => waiter.idle(),
+            Ok(_) => waiter.work(),
+            Err(_) if state.ended => return,
+            Err(
+                error @ (ChannelError::PeerSilent { .. }
+                | ChannelError::Transport(
+                    TransportError::Closed | TransportError::Io { .. },
+                )),
+            ) => {
+                *lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(describe(&error));
+                return;
             }
             Err(error) => {
-                let _ = queue.send(Err(error));
-                return None;
+                let _ = state.queue.send(Err(VmmError::Io {
+                    what: "the primary's log stream was refused".into(),
+                    source: std::io::Error::other(describe(&error)),
+                }));
+                return;
             }
         }
     }
-    if unacked > 0 {
-        let _ = acks.write_all(&encode_ack(last_seq));
-    }
-    None
 }

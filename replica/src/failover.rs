@@ -18,8 +18,6 @@
 //! - **Arbiter unreachable**: the caller retries and stays as it is (outputs
 //!   held, or not live): the service stalls rather than splits.
 
-use std::io::BufWriter;
-use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,10 +26,10 @@ use channel::log::EntryKind;
 use nic::gate::OutputGate;
 use vmm::VmmError;
 use vmm::digest::Digest;
-use vmm::events::{Discard, EventSink, EventSource, Live, LogSink, Replay};
+use vmm::events::{Discard, EventSink, EventSource, Live, Replay};
 
 use crate::backup::StreamSource;
-use crate::primary::AckReader;
+use crate::primary::PrimaryLink;
 
 /// Exit status of a replica that lost the arbitration and halted for good.
 pub const EXIT_HALTED: u8 = 4;
@@ -254,8 +252,7 @@ impl EventSource for BackupSource {
 /// and on its loss holds output until the arbiter lets this replica run
 /// alone.
 pub struct FailoverSink {
-    link: Option<LogSink<BufWriter<TcpStream>>>,
-    acks: AckReader,
+    link: Option<PrimaryLink>,
     gate: Arc<OutputGate>,
     membership: Option<Membership>,
     timeout: Duration,
@@ -265,60 +262,28 @@ pub struct FailoverSink {
     unacked_since: Option<(u64, Instant)>,
     unprotected: Option<u64>,
     status: Option<crate::status::StatusFile>,
+    /// Acks and the last acknowledged position, kept when the link goes.
+    acks: u64,
+    acked: u64,
+    /// The channel's figures, once the link has finished.
+    metrics: Option<channel::endpoint::Metrics>,
+    transport: &'static str,
 }
 
 impl FailoverSink {
-    /// Publishes this primary's status in `file` (see `lockstep status`).
-    pub fn with_status(mut self, file: crate::status::StatusFile) -> Self {
-        self.status = Some(file);
-        self
-    }
-
-    fn publish(&mut self) {
-        let Some(status) = self.status.as_mut() else {
-            return;
-        };
-        let gate = &self.gate;
-        let acks = &self.acks;
-        let (entries, bytes, unprotected) = (self.entries, self.bytes, self.unprotected);
-        let generation = self.membership.as_ref().map_or(0, |m| m.generation);
-        let linked = self.link.is_some();
-        status.maybe_write(|| {
-            let gate = gate.stats();
-            let acked = acks.acked();
-            format!(
-                "role: primary\npid: {}\ngeneration: {}\nprotection: {}\nlog position: {entries}\nlog bytes: {bytes}\nacknowledged: {acked}\nentries in flight: {}\nacks received: {}\nheld outputs: {}\nmost held: {}\nframes released: {}\nhold p50/p99/p99.9 us: {}/{}/{}\n",
-                std::process::id(),
-                unprotected.unwrap_or(generation),
-                match (unprotected, linked) {
-                    (Some(_), _) => "UNPROTECTED (backup lost; won the arbiter)",
-                    (None, true) => "protected (backup following)",
-                    (None, false) => "backup lost, waiting for the arbiter",
-                },
-                entries.saturating_sub(acked),
-                acks.state().acks,
-                gate.held,
-                gate.max_held,
-                gate.released,
-                gate.hold_ns.value_at_quantile(0.5) / 1000,
-                gate.hold_ns.value_at_quantile(0.99) / 1000,
-                gate.hold_ns.value_at_quantile(0.999) / 1000,
-            )
-        });
-    }
-    /// Streams through `link`; `acks` reports the backup's acks, `gate`
-    /// holds the output; without `membership` the loss of the backup stops
-    /// the primary (fail-stop).
+    /// Streams through `link`, whose acks release `gate`'s frames; without
+    /// `membership` the loss of the backup stops the primary (fail-stop).
+    /// `timeout`: a flushed position unacknowledged this long counts as a
+    /// lost backup even if heartbeats still arrive.
     pub fn new(
-        link: LogSink<BufWriter<TcpStream>>,
-        acks: AckReader,
+        link: PrimaryLink,
         gate: Arc<OutputGate>,
         membership: Option<Membership>,
         timeout: Duration,
     ) -> Self {
+        let transport = link.transport();
         Self {
             link: Some(link),
-            acks,
             gate,
             membership,
             timeout,
@@ -327,7 +292,49 @@ impl FailoverSink {
             unacked_since: None,
             unprotected: None,
             status: None,
+            acks: 0,
+            acked: 0,
+            metrics: None,
+            transport,
         }
+    }
+
+    /// Publishes this primary's status in `file` (see `lockstep status`).
+    pub fn with_status(mut self, file: crate::status::StatusFile) -> Self {
+        self.status = Some(file);
+        self
+    }
+
+    fn publish(&mut self) {
+        let (acks, acked) = (self.acks(), self.acked());
+        let Some(status) = self.status.as_mut() else {
+            return;
+        };
+        let gate = &self.gate;
+        let (entries, bytes, unprotected) = (self.entries, self.bytes, self.unprotected);
+        let generation = self.membership.as_ref().map_or(0, |m| m.generation);
+        let linked = self.link.is_some();
+        let transport = self.transport;
+        status.maybe_write(|| {
+            let gate = gate.stats();
+            format!(
+                "role: primary\npid: {}\ngeneration: {}\nprotection: {}\ntransport: {transport}\nlog position: {entries}\nlog bytes: {bytes}\nacknowledged: {acked}\nentries in flight: {}\nacks received: {acks}\nheld outputs: {}\nmost held: {}\nframes released: {}\nhold p50/p99/p99.9 us: {}/{}/{}\n",
+                std::process::id(),
+                unprotected.unwrap_or(generation),
+                match (unprotected, linked) {
+                    (Some(_), _) => "UNPROTECTED (backup lost; won the arbiter)",
+                    (None, true) => "protected (backup following)",
+                    (None, false) => "backup lost, waiting for the arbiter",
+                },
+                entries.saturating_sub(acked),
+                gate.held,
+                gate.max_held,
+                gate.released,
+                gate.hold_ns.value_at_quantile(0.5) / 1000,
+                gate.hold_ns.value_at_quantile(0.99) / 1000,
+                gate.hold_ns.value_at_quantile(0.999) / 1000,
+            )
+        });
     }
 
     /// Entries produced.
@@ -345,25 +352,55 @@ impl FailoverSink {
         self.unprotected
     }
 
-    /// The ack reader.
-    pub fn acks(&self) -> &AckReader {
-        &self.acks
+    /// Acks received that advanced the watermark.
+    pub fn acks(&self) -> u64 {
+        self.link.as_ref().map_or(self.acks, PrimaryLink::acks)
     }
 
-    /// Finishes the stream: flushes and closes the link (if still up).
-    pub fn finish(&mut self) -> Result<(), VmmError> {
-        if let Some(link) = self.link.take() {
-            let stream = link.into_inner()?.into_inner().map_err(|e| VmmError::Io {
-                what: "flush the replication link".into(),
-                source: e.into_error(),
-            })?;
-            let _ = stream.shutdown(std::net::Shutdown::Write);
+    /// Highest log position the backup acknowledged.
+    pub fn acked(&self) -> u64 {
+        self.link.as_ref().map_or(self.acked, PrimaryLink::acked)
+    }
+
+    /// The transport carrying the log.
+    pub fn transport(&self) -> &'static str {
+        self.transport
+    }
+
+    /// The channel's figures (ack round trips, batches), once finished.
+    pub fn metrics(&self) -> Option<&channel::endpoint::Metrics> {
+        self.metrics.as_ref()
+    }
+
+    /// Finishes the stream: sends what is queued, waits up to 5 s for the
+    /// last acks, and closes the link (if still up). Returns whether every
+    /// entry was acknowledged.
+    pub fn finish(&mut self) -> Result<bool, VmmError> {
+        let Some(link) = self.link.take() else {
+            return Ok(false);
+        };
+        let end = link.finish();
+        self.acks = end.acks;
+        self.acked = end.acked;
+        match end.metrics {
+            Ok(metrics) => self.metrics = Some(metrics),
+            Err(reason) => eprintln!(
+                "lockstep primary: the link ended before every entry was acknowledged: {reason}"
+            ),
         }
-        Ok(())
+        Ok(self.acked >= self.entries)
+    }
+
+    fn take_link(&mut self) {
+        if let Some(link) = self.link.take() {
+            self.acks = link.acks();
+            self.acked = link.acked();
+            link.abandon();
+        }
     }
 
     fn backup_lost(&mut self, why: String) -> Result<(), VmmError> {
-        self.link = None; // closes our side
+        self.take_link(); // closes our side
         let Some(membership) = &self.membership else {
             return Err(VmmError::Halted(format!(
                 "{why}, and no arbiter is configured to let the primary run alone"
@@ -380,20 +417,15 @@ impl FailoverSink {
     }
 
     fn check(&mut self) -> Result<bool, VmmError> {
-        if self.link.is_none() {
+        let Some(link) = self.link.as_mut() else {
             return Ok(false);
-        }
-        if self.acks.lost() {
-            let why = self
-                .acks
-                .state()
-                .ended
-                .unwrap_or_else(|| "the backup's link ended".into());
+        };
+        if let Some(why) = link.lost() {
             self.backup_lost(format!("backup lost ({why})"))?;
             return Ok(false);
         }
         if let Some((position, since)) = self.unacked_since {
-            if self.acks.acked() >= position {
+            if link.acked() >= position {
                 self.unacked_since = None;
             } else if since.elapsed() > self.timeout {
                 self.backup_lost(format!(
@@ -416,16 +448,18 @@ impl EventSink for FailoverSink {
         payload: &[u8],
     ) -> Result<(), VmmError> {
         self.entries += 1;
-        self.bytes += (channel::log::ENTRY_HEADER_LEN + payload.len().div_ceil(8) * 8) as u64;
+        let mut entry = Vec::with_capacity(channel::log::ENTRY_HEADER_LEN + payload.len() + 8);
+        channel::log::encode_entry(kind, flags, self.entries, exit, payload, &mut entry);
+        self.bytes += entry.len() as u64;
         if !self.check()? {
             return Ok(());
         }
         let result = match self.link.as_mut() {
-            Some(link) => link.append(kind, flags, exit, payload),
+            Some(link) => link.push(entry),
             None => Ok(()),
         };
-        if let Err(error) = result {
-            self.backup_lost(format!("the link to the backup failed ({error})"))?;
+        if let Err(why) = result {
+            self.backup_lost(format!("the link to the backup failed ({why})"))?;
         }
         Ok(())
     }
@@ -435,18 +469,11 @@ impl EventSink for FailoverSink {
         if !self.check()? {
             return Ok(());
         }
-        let result = match self.link.as_mut() {
-            Some(link) => link.flush(),
-            None => Ok(()),
-        };
-        match result {
-            Ok(()) => {
-                if self.unacked_since.is_none() && self.acks.acked() < self.entries {
-                    self.unacked_since = Some((self.entries, Instant::now()));
-                }
-                Ok(())
-            }
-            Err(error) => self.backup_lost(format!("the link to the backup failed ({error})")),
+        // The sender thread sends whatever the ring holds as soon as it runs
+        // dry: nothing to push here. Start the ack clock for this position.
+        if self.unacked_since.is_none() && self.acked() < self.entries {
+            self.unacked_since = Some((self.entries, Instant::now()));
         }
+        Ok(())
     }
 }

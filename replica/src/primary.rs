@@ -1,175 +1,249 @@
-//! The primary's side of the link: stream the log to the backup, and feed
-//! the backup's acks to the output gate.
+//! The primary's side of the link: the vCPU hands each log entry to a ring,
+//! a sender thread batches them onto the channel, and each ack releases the
+//! output gate's frames on that thread, the moment it arrives.
+//!
+//! ```text
+//!  vCPU thread                        sender thread                      backup
+//!  entry ─▶ [ SPSC ring ] ─▶ LogSender (batches, crc, generation) ─▶ transport ─▶
+//!                            ack(seq) ◀──────────────────────────────────────────
+//!                            gate.ack(seq - 1): frames produced at ≤ seq - 1 leave
+//! ```
+//!
+//! Channel sequence number 1 carries the log's file header; log entry `n`
+//! travels as channel sequence number `n + 1`.
 
-use std::io::BufWriter;
-use std::net::{TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::net::ToSocketAddrs;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use channel::log::{LogMeta, LogWriter};
+use channel::endpoint::Metrics;
+use channel::log::LogMeta;
+use channel::pipeline::{SenderHandle, spawn_sender_with};
+use channel::protocol::Role;
+use channel::ring::{Producer, PushError, RingBuffer};
+use channel::transport::TransportError;
+use channel::transport::shm::ShmTransport;
+use channel::transport::uring_tcp::UringTcp;
 use nic::gate::OutputGate;
-use vmm::events::LogSink;
+use tuning::HostCores;
 
-use std::io::Write;
+use crate::ReplicaError;
+use crate::link::{LinkSettings, MAX_FRAME, TransportKind, describe};
 
-use crate::{ReplicaError, encode_hello, read_ack};
+/// Acks as the sender thread sees them.
+#[derive(Debug, Default)]
+struct AckCounters {
+    /// Acks that advanced the watermark.
+    acks: AtomicU64,
+    /// Highest log position acknowledged.
+    acked: AtomicU64,
+}
 
-/// The log sink that streams to the backup.
-pub type LinkSink = LogSink<BufWriter<TcpStream>>;
+/// The primary's end of the replication link.
+pub struct PrimaryLink {
+    ring: Producer<Vec<u8>>,
+    sender: Option<SenderHandle>,
+    counters: Arc<AckCounters>,
+    transport: &'static str,
+    ended: Option<String>,
+}
 
-/// Connects to the backup at `address`, retrying until `timeout` (the backup
-/// may still be starting), and sends the log header.
-pub fn connect(
-    address: &str,
-    meta: &LogMeta,
-    generation: u64,
-    timeout: Duration,
-) -> Result<(LinkSink, TcpStream), ReplicaError> {
-    let deadline = Instant::now() + timeout;
-    let stream = loop {
-        let attempt = address
-            .to_socket_addrs()
-            .and_then(|mut addresses| {
-                addresses.next().ok_or_else(|| {
-                    std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address")
-                })
-            })
-            .and_then(|resolved| TcpStream::connect_timeout(&resolved, Duration::from_secs(1)));
-        match attempt {
-            Ok(stream) => break stream,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-            Err(source) => {
-                return Err(ReplicaError::Link {
-                    what: format!("connect to the backup at {address}"),
-                    source,
-                });
+impl PrimaryLink {
+    /// Connects to the backup at `address` over `settings.kind`, retrying
+    /// until `timeout` while nobody listens there yet (the backup may still
+    /// be starting), runs the authenticated handshake for `generation`,
+    /// sends the log header, and starts the sender thread, which releases
+    /// `gate`'s frames as acks arrive.
+    pub fn connect(
+        address: &str,
+        settings: &LinkSettings,
+        generation: u64,
+        meta: &LogMeta,
+        gate: Arc<OutputGate>,
+        timeout: Duration,
+    ) -> Result<Self, ReplicaError> {
+        let session = settings.session(Role::Primary, generation);
+        let deadline = Instant::now() + timeout;
+        let cores = HostCores::detect()
+            .map_err(|e| ReplicaError::Setup(format!("cannot read the host's cores: {e}")))?;
+        let (ring, consumer) = RingBuffer::new::<Vec<u8>>(settings.profile.ring_slots as usize);
+        let counters = Arc::new(AckCounters::default());
+        let on_ack = {
+            let counters = Arc::clone(&counters);
+            move |seq: u64| {
+                // Channel seq 1 is the header: log position = seq - 1.
+                let position = seq - 1;
+                gate.ack(position);
+                counters.acked.fetch_max(position, Ordering::Release);
+                counters.acks.fetch_add(1, Ordering::Relaxed);
+            }
+        };
+        let connected = loop {
+            match connect_once(settings.kind, address, &session) {
+                Ok(connected) => break connected,
+                Err(error) if is_not_listening(&error) && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(error) => {
+                    return Err(ReplicaError::Channel(format!(
+                        "cannot connect to the backup at {address} over {}: {}",
+                        settings.kind.name(),
+                        describe(&error)
+                    )));
+                }
+            }
+        };
+        let (sender, transport) = match connected {
+            Connected::Tcp(t) => (
+                spawn_sender_with(consumer, *t, generation, &settings.profile, &cores, on_ack),
+                "uring-tcp",
+            ),
+            Connected::Shm(t) => (
+                spawn_sender_with(consumer, *t, generation, &settings.profile, &cores, on_ack),
+                "shm",
+            ),
+        };
+        let sender = sender.map_err(|e| ReplicaError::Channel(describe(&e)))?;
+        let mut link = Self {
+            ring,
+            sender: Some(sender),
+            counters,
+            transport,
+            ended: None,
+        };
+        link.push(meta.header_bytes().to_vec())
+            .map_err(ReplicaError::Channel)?;
+        Ok(link)
+    }
+
+    /// The transport's name.
+    pub fn transport(&self) -> &'static str {
+        self.transport
+    }
+
+    /// Hands one encoded log entry to the sender thread, waiting while the
+    /// ring is full. `Err` says why the link is gone (the backup failed, fell
+    /// silent, or refused a frame); the entry is then dropped.
+    pub fn push(&mut self, entry: Vec<u8>) -> Result<(), String> {
+        if let Some(reason) = self.lost() {
+            return Err(reason);
+        }
+        let mut entry = entry;
+        loop {
+            match self.ring.push(entry) {
+                Ok(()) => return Ok(()),
+                Err(PushError::Full(back)) => {
+                    entry = back;
+                    if let Some(sender) = &self.sender {
+                        sender.note_ring_full();
+                    }
+                    if let Some(reason) = self.lost() {
+                        return Err(reason);
+                    }
+                    std::thread::yield_now();
+                }
             }
         }
-    };
-    let link_error = |what: &str| {
-        let what = what.to_string();
-        move |source| ReplicaError::Link { what, source }
-    };
-    stream
-        .set_nodelay(true)
-        .map_err(link_error("set TCP_NODELAY"))?;
-    let acks = stream
-        .try_clone()
-        .map_err(link_error("clone the link socket"))?;
-    (&stream)
-        .write_all(&encode_hello(generation))
-        .map_err(link_error("send the hello"))?;
-    let writer = LogWriter::new(BufWriter::with_capacity(1 << 16, stream), meta)?;
-    Ok((LogSink::new(writer), acks))
+    }
+
+    /// Why the link is gone, once it is (the sender thread ended).
+    pub fn lost(&mut self) -> Option<String> {
+        if self.ended.is_none() && self.sender.as_ref().is_some_and(SenderHandle::ended) {
+            let reason = match self.sender.take().map(SenderHandle::abandon) {
+                Some(Err(error)) => describe(&error),
+                _ => "the sender thread stopped".to_string(),
+            };
+            self.ended = Some(reason);
+        }
+        self.ended.clone()
+    }
+
+    /// Highest log position the backup has acknowledged.
+    pub fn acked(&self) -> u64 {
+        self.counters.acked.load(Ordering::Acquire)
+    }
+
+    /// Acks that advanced the watermark.
+    pub fn acks(&self) -> u64 {
+        self.counters.acks.load(Ordering::Relaxed)
+    }
+
+    /// Sends what is in the ring, waits up to 5 s for the last acks, and
+    /// closes the link.
+    pub fn finish(mut self) -> LinkEnd {
+        let metrics = match self.lost() {
+            Some(reason) => Err(reason),
+            None => match self.sender.take() {
+                Some(sender) => sender.finish().map_err(|e| describe(&e)),
+                None => Err("the link was already closed".into()),
+            },
+        };
+        // The sender thread has ended: its last acks are counted.
+        LinkEnd {
+            metrics,
+            acked: self.acked(),
+            acks: self.acks(),
+        }
+    }
+
+    /// Closes the link at once (the backup is being given up on).
+    pub fn abandon(mut self) {
+        if let Some(sender) = self.sender.take() {
+            let _ = sender.abandon();
+        }
+    }
 }
 
-/// What the ack reader has seen.
-#[derive(Debug, Default)]
-pub struct AckState {
-    /// Acks received.
-    pub acks: u64,
-    /// Highest log position acknowledged.
+/// How a finished link ended.
+pub struct LinkEnd {
+    /// The channel's figures, or why the link failed before the end.
+    pub metrics: Result<Metrics, String>,
+    /// The last log position acknowledged.
     pub acked: u64,
-    /// Why the link ended, if it has.
-    pub ended: Option<String>,
+    /// Acks that advanced the watermark.
+    pub acks: u64,
 }
 
-/// The thread that applies the backup's acks to the output gate.
-pub struct AckReader {
-    state: Arc<Mutex<AckState>>,
-    latest: Arc<AtomicU64>,
-    lost: Arc<AtomicBool>,
-    handle: Option<JoinHandle<()>>,
+enum Connected {
+    Tcp(Box<UringTcp>),
+    Shm(Box<ShmTransport>),
 }
 
-impl AckReader {
-    /// Reads acks from `stream` and releases the gate's frames the moment
-    /// each ack arrives, on this thread (no timer, no hand-off).
-    pub fn spawn(mut stream: TcpStream, gate: Arc<OutputGate>) -> Result<Self, ReplicaError> {
-        let state = Arc::new(Mutex::new(AckState::default()));
-        let latest = Arc::new(AtomicU64::new(0));
-        let lost = Arc::new(AtomicBool::new(false));
-        let handle = {
-            let (state, latest, lost) =
-                (Arc::clone(&state), Arc::clone(&latest), Arc::clone(&lost));
-            std::thread::Builder::new()
-                .name("ack-reader".into())
-                .spawn(move || {
-                    let ending = loop {
-                        match read_ack(&mut stream) {
-                            Ok(Some(seq)) => {
-                                gate.ack(seq);
-                                latest.fetch_max(seq, Ordering::Release);
-                                let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
-                                state.acks += 1;
-                                state.acked = state.acked.max(seq);
-                            }
-                            Ok(None) => break "the backup closed the link".to_string(),
-                            Err(error) => {
-                                let mut message = error.to_string();
-                                let mut cause = std::error::Error::source(&error);
-                                while let Some(inner) = cause {
-                                    message.push_str(&format!(": {inner}"));
-                                    cause = inner.source();
-                                }
-                                break message;
-                            }
-                        }
-                    };
-                    lost.store(true, Ordering::Release);
-                    state.lock().unwrap_or_else(|p| p.into_inner()).ended = Some(ending);
-                })
-                .map_err(|source| ReplicaError::Link {
-                    what: "start the ack reader".into(),
+fn connect_once(
+    kind: TransportKind,
+    address: &str,
+    session: &channel::protocol::Session,
+) -> Result<Connected, TransportError> {
+    match kind {
+        TransportKind::Tcp => {
+            let resolved = address
+                .to_socket_addrs()
+                .map_err(|source| TransportError::Io {
+                    op: "resolving the backup's address",
                     source,
                 })?
-        };
-        Ok(Self {
-            state,
-            latest,
-            lost,
-            handle: Some(handle),
-        })
-    }
-
-    /// Highest position acknowledged so far.
-    pub fn acked(&self) -> u64 {
-        self.latest.load(Ordering::Acquire)
-    }
-
-    /// True once the backup is gone.
-    pub fn lost(&self) -> bool {
-        self.lost.load(Ordering::Acquire)
-    }
-
-    /// Waits until the backup acknowledges `seq` or `timeout` passes.
-    pub fn wait_for(&self, seq: u64, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        while self.acked() < seq {
-            if Instant::now() >= deadline || self.lost() {
-                return self.acked() >= seq;
-            }
-            std::thread::sleep(Duration::from_millis(1));
+                .next()
+                .ok_or_else(|| TransportError::Io {
+                    op: "resolving the backup's address",
+                    source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
+                })?;
+            UringTcp::connect(resolved, session, MAX_FRAME).map(|t| Connected::Tcp(Box::new(t)))
         }
-        true
+        TransportKind::Shm => ShmTransport::connect(&LinkSettings::shm_path(address), session)
+            .map(|t| Connected::Shm(Box::new(t))),
     }
+}
 
-    /// Counters and how the link ended.
-    pub fn state(&self) -> AckState {
-        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        AckState {
-            acks: state.acks,
-            acked: state.acked,
-            ended: state.ended.clone(),
-        }
-    }
-
-    /// Waits for the thread to end (after the backup closed the link).
-    pub fn join(mut self) {
-        if let Some(handle) = self.handle.take() {
-            let _ = handle.join();
-        }
-    }
+/// Nobody listens there yet: worth retrying.
+fn is_not_listening(error: &TransportError) -> bool {
+    matches!(
+        error,
+        TransportError::Io { op, source }
+            if op.starts_with("connecting")
+                && matches!(
+                    source.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                )
+    )
 }

@@ -137,7 +137,8 @@ pub enum PollMode {
     /// Spin forever: lowest latency, burns a whole core. Dedicated cores only.
     BusyPoll,
     /// Spin for `spin_us` microseconds after the last work, then yield the
-    /// core between polls. The default on small hosts.
+    /// core between polls, and after 1 ms idle nap 50 µs between polls.
+    /// The default on small hosts.
     Adaptive {
         /// How long to spin before yielding, in microseconds.
         spin_us: u32,
@@ -145,6 +146,12 @@ pub enum PollMode {
     /// Sleep between polls (about 50 µs); lowest CPU use, highest latency.
     Blocking,
 }
+
+/// How long an adaptive poller yields the core between polls before it
+/// starts to nap.
+const ADAPTIVE_YIELD_FOR: Duration = Duration::from_millis(1);
+/// An adaptive poller's nap once idle for [`ADAPTIVE_YIELD_FOR`].
+const ADAPTIVE_NAP: Duration = Duration::from_micros(50);
 
 /// A waiting strategy built from a [`PollMode`]: call [`Waiter::idle`] each
 /// time a poll found nothing and [`Waiter::work`] when it found something.
@@ -175,10 +182,16 @@ impl Waiter {
             PollMode::Adaptive { spin_us } => {
                 let now = std::time::Instant::now();
                 let since = *self.idle_since.get_or_insert(now);
-                if now.duration_since(since) < Duration::from_micros(u64::from(spin_us)) {
+                let idle = now.duration_since(since);
+                if idle < Duration::from_micros(u64::from(spin_us)) {
                     std::hint::spin_loop();
-                } else {
+                } else if idle < ADAPTIVE_YIELD_FOR {
                     std::thread::yield_now();
+                } else {
+                    // Idle for a while: give the core away for real, so a
+                    // host with fewer cores than busy threads (the vCPUs
+                    // first) is not eaten by pollers that yield and return.
+                    std::thread::sleep(ADAPTIVE_NAP);
                 }
             }
             PollMode::Blocking => std::thread::sleep(Duration::from_micros(50)),

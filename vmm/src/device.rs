@@ -13,8 +13,9 @@ use guest_abi::{
     INPUT_EOF, MAILBOX_GPA, MAILBOX_MAX_LEN, Mailbox, NET_BASE, NET_SIZE, PV_BASE, PV_SIZE, reg,
 };
 use nic::gate::OutputGate;
+use nic::virtio::GuestRam;
 use nic::virtio::{VirtioNet, WriteEffect};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::VmmError;
 use crate::events::EventSource;
@@ -71,7 +72,7 @@ pub struct ExitContext<'a, E: EventSource> {
     /// The paravirtual device.
     pub device: &'a mut PvDevice,
     /// Guest memory.
-    pub memory: &'a GuestMemoryMmap,
+    pub memory: &'a GuestRam,
     /// Where non-deterministic values come from.
     pub events: &'a mut E,
     /// Where console output goes.
@@ -248,7 +249,7 @@ fn read_register<E: EventSource>(
 
 /// Reads and checks the mailbox: the buffer must lie inside guest memory and
 /// be at most [`MAILBOX_MAX_LEN`] bytes.
-fn mailbox(memory: &GuestMemoryMmap, exit: u64) -> Result<(u64, usize), VmmError> {
+fn mailbox(memory: &GuestRam, exit: u64) -> Result<(u64, usize), VmmError> {
     let mut raw = [0u8; size_of::<Mailbox>()];
     memory
         .read_slice(&mut raw, GuestAddress(MAILBOX_GPA))
@@ -274,7 +275,7 @@ fn mailbox(memory: &GuestMemoryMmap, exit: u64) -> Result<(u64, usize), VmmError
     Ok((buf, len as usize))
 }
 
-fn mailbox_read(memory: &GuestMemoryMmap, exit: u64) -> Result<Vec<u8>, VmmError> {
+fn mailbox_read(memory: &GuestRam, exit: u64) -> Result<Vec<u8>, VmmError> {
     let (buf, len) = mailbox(memory, exit)?;
     let mut bytes = vec![0u8; len];
     memory
@@ -283,18 +284,13 @@ fn mailbox_read(memory: &GuestMemoryMmap, exit: u64) -> Result<Vec<u8>, VmmError
     Ok(bytes)
 }
 
-fn write_guest(
-    memory: &GuestMemoryMmap,
-    addr: u64,
-    bytes: &[u8],
-    exit: u64,
-) -> Result<(), VmmError> {
+fn write_guest(memory: &GuestRam, addr: u64, bytes: &[u8], exit: u64) -> Result<(), VmmError> {
     memory
         .write_slice(bytes, GuestAddress(addr))
         .map_err(|e| VmmError::Memory(format!("write guest buffer at exit {exit}: {e}")))
 }
 
-fn memory_end(memory: &GuestMemoryMmap) -> u64 {
+fn memory_end(memory: &GuestRam) -> u64 {
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
     memory
         .iter()
@@ -308,11 +304,11 @@ mod tests {
     use super::*;
     use crate::events::{Discard, Live};
 
-    fn memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("memory")
+    fn memory() -> GuestRam {
+        GuestRam::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("memory")
     }
 
-    fn set_mailbox(memory: &GuestMemoryMmap, buf: u64, len: u64) {
+    fn set_mailbox(memory: &GuestRam, buf: u64, len: u64) {
         let mut raw = buf.to_le_bytes().to_vec();
         raw.extend_from_slice(&len.to_le_bytes());
         memory
@@ -322,7 +318,7 @@ mod tests {
 
     struct Fixture {
         device: PvDevice,
-        memory: GuestMemoryMmap,
+        memory: GuestRam,
         events: Live<Discard>,
         console: Vec<u8>,
     }

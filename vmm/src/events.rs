@@ -25,6 +25,7 @@ use zerocopy::IntoBytes;
 
 use crate::VmmError;
 use crate::digest::Digest;
+use crate::state::EventPosition;
 
 /// A source of the values that make a run non-deterministic.
 pub trait EventSource {
@@ -46,6 +47,14 @@ pub trait EventSource {
     /// The log position of the last event so far: output produced now may
     /// leave only when the backup has acknowledged this position.
     fn log_position(&self) -> u64;
+    /// Where the source stands, for a state transfer: the log position and
+    /// the last clock value the guest saw. (The default knows no clock.)
+    fn position(&self) -> EventPosition {
+        EventPosition {
+            log_position: self.log_position(),
+            last_clock_ns: 0,
+        }
+    }
     /// A point where the backup must hear of everything so far (the guest
     /// is about to wait, or has produced output): a live source flushes its
     /// sink, first marking `exit` as passed if nothing was logged for it.
@@ -153,6 +162,7 @@ pub struct LiveStats {
 pub struct Live<S: EventSink> {
     origin: Instant,
     clock_base: u64,
+    last_clock: u64,
     last_logged_exit: u64,
     progress: bool,
     input: Box<dyn Read + Send>,
@@ -168,6 +178,7 @@ impl<S: EventSink> Live<S> {
         Self {
             origin: Instant::now(),
             clock_base: 0,
+            last_clock: 0,
             last_logged_exit: 0,
             progress: false,
             input,
@@ -234,6 +245,7 @@ impl<S: EventSink> EventSource for Live<S> {
         let elapsed = u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
         let now = self.clock_base.saturating_add(elapsed);
         self.log(EntryKind::Clock, 0, exit, &now.to_le_bytes())?;
+        self.last_clock = now;
         Ok(now)
     }
 
@@ -287,6 +299,13 @@ impl<S: EventSink> EventSource for Live<S> {
 
     fn log_position(&self) -> u64 {
         self.stats.events
+    }
+
+    fn position(&self) -> EventPosition {
+        EventPosition {
+            log_position: self.stats.events,
+            last_clock_ns: self.last_clock,
+        }
     }
 
     fn digest(&mut self, exit: u64, digest: &Digest) -> Result<(), VmmError> {
@@ -359,6 +378,9 @@ pub struct Replay<R: EntrySource> {
     reader: R,
     next: Option<Entry>,
     stats: ReplayStats,
+    /// Entries with sequence numbers up to this one precede a state
+    /// transfer: they are skipped if the source still holds them.
+    base: u64,
 }
 
 impl<R: EntrySource> Replay<R> {
@@ -368,6 +390,25 @@ impl<R: EntrySource> Replay<R> {
             reader,
             next: None,
             stats: ReplayStats::default(),
+            base: 0,
+        }
+    }
+
+    /// Replays from a state transfer at `position`: the machine was restored
+    /// right after the entry `position.log_position`, so replay expects the
+    /// next one. `reader` may start there (a primary streaming from the
+    /// transfer point) or earlier (a whole log): entries up to the position
+    /// are skipped. [`ReplayStats::entries`] counts from the position.
+    pub fn resume(reader: R, position: &EventPosition) -> Self {
+        Self {
+            reader,
+            next: None,
+            stats: ReplayStats {
+                entries: position.log_position,
+                last_clock_ns: position.last_clock_ns,
+                ..ReplayStats::default()
+            },
+            base: position.log_position,
         }
     }
 
@@ -392,6 +433,9 @@ impl<R: EntrySource> Replay<R> {
                     exit,
                     entries: self.stats.entries,
                 })?;
+                if entry.seq <= self.base {
+                    continue;
+                }
                 let expected = self.stats.entries + 1;
                 if entry.seq != expected {
                     return Err(VmmError::LogMismatch(format!(
@@ -566,6 +610,13 @@ impl<R: EntrySource> EventSource for Replay<R> {
 
     fn log_position(&self) -> u64 {
         self.stats.entries
+    }
+
+    fn position(&self) -> EventPosition {
+        EventPosition {
+            log_position: self.stats.entries,
+            last_clock_ns: self.stats.last_clock_ns,
+        }
     }
 
     fn digest(&mut self, exit: u64, digest: &Digest) -> Result<(), VmmError> {

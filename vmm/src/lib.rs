@@ -63,15 +63,29 @@
 //!   to a log sink) or a log being replayed.
 //! - [`digest`]: state digests.
 //! - [`machine`]: the exit loop.
+//! - [`state`]: the complete machine state and its versioned, checksummed
+//!   stream format (for cloning a running VM into a new backup).
+//! - [`snapshot`]: dirty-page pre-copy and the stop-and-copy pause at an
+//!   exit boundary.
 
 pub mod device;
 pub mod digest;
 pub mod events;
 pub mod kvm;
 pub mod machine;
+pub mod snapshot;
+pub mod state;
 
-pub use kvm::{DEFAULT_MAC, Exit, Vm, VmConfig};
+pub use kvm::{DEFAULT_MAC, DirtyLog, Exit, VcpuState, Vm, VmConfig};
 pub use machine::{Machine, RunSummary};
+pub use snapshot::{
+    CaptureMemory, CaptureRequest, Captured, PauseHandle, Precopy, PrecopyPolicy, RoundReport,
+    TransferHandle, TransferReport, send_state,
+};
+pub use state::{
+    EventPosition, MachineState, Received, StateError, StateHeader, StateReader, StateWriter,
+    receive,
+};
 
 /// Everything that can stop the VMM. Messages say what and where.
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +141,9 @@ pub enum VmmError {
     /// The log could not be read or written.
     #[error(transparent)]
     Log(#[from] channel::log::LogError),
+    /// A state transfer failed.
+    #[error(transparent)]
+    State(Box<state::StateError>),
     /// An input or output stream of the VM failed.
     #[error("{what}")]
     Io {
@@ -136,4 +153,13 @@ pub enum VmmError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl From<state::StateError> for VmmError {
+    fn from(error: state::StateError) -> Self {
+        match error {
+            state::StateError::Vmm(inner) => *inner,
+            other => Self::State(Box::new(other)),
+        }
+    }
 }

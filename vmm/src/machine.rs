@@ -11,12 +11,16 @@ use nic::virtio::VirtioNet;
 use crate::device::{ExitAction, ExitContext, NetState, PvDevice, handle_exit};
 use crate::digest::Digest;
 use crate::events::EventSource;
+use crate::snapshot::{
+    CaptureMemory, CaptureRequest, Captured, PauseHandle, PauseShared, TransferHandle, copy_pages,
+};
+use crate::state::{MachineState, NetDeviceState, PvDeviceState, Received};
 use crate::{Vm, VmConfig, VmmError};
 
 /// A guest and where its non-determinism comes from.
 pub struct Machine<E: EventSource> {
     vm: Vm,
-    memory: vm_memory::GuestMemoryMmap,
+    memory: nic::virtio::GuestRam,
     device: PvDevice,
     events: E,
     console: Box<dyn Write + Send>,
@@ -24,6 +28,7 @@ pub struct Machine<E: EventSource> {
     digest_interval: u64,
     exits: u64,
     digests: u64,
+    pause: Arc<PauseShared>,
 }
 
 /// How a run ended.
@@ -81,6 +86,123 @@ impl<E: EventSource> Machine<E> {
             digest_interval,
             exits: 0,
             digests: 0,
+            pause: Arc::default(),
+        })
+    }
+
+    /// Rebuilds a machine from a received state transfer: the VM's memory
+    /// and vCPU are loaded already; this restores the devices and counters
+    /// and wires the machine to `events`, which must continue from
+    /// `received.state.events` (for a backup,
+    /// [`crate::events::Replay::resume`]). The next exit is
+    /// `received.state.exits + 1`.
+    pub fn restore(
+        received: Received,
+        events: E,
+        console: Box<dyn Write + Send>,
+        digest_interval: u64,
+    ) -> Result<Self, VmmError> {
+        let Received {
+            vm, config, state, ..
+        } = received;
+        let memory = vm.memory().clone();
+        let net = match (config.mac, state.net) {
+            (Some(_), Some(saved)) => Some(NetState {
+                device: VirtioNet::restore(&saved.device)
+                    .map_err(|e| VmmError::Config(e.to_string()))?,
+                output: None,
+                suppressed: saved.suppressed,
+            }),
+            (None, None) => None,
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(VmmError::Config(
+                    "the state's network device does not match the VM configuration".into(),
+                ));
+            }
+        };
+        let saved = state.device;
+        Ok(Self {
+            vm,
+            memory,
+            device: PvDevice {
+                arg: saved.arg,
+                mem_size: saved.mem_size,
+                input_ended: saved.input_ended,
+                console_bytes: saved.console_bytes,
+            },
+            events,
+            console,
+            net,
+            digest_interval,
+            exits: state.exits,
+            digests: state.digests,
+            pause: Arc::default(),
+        })
+    }
+
+    /// A handle to pause this machine at an exit boundary and capture its
+    /// state, from another thread, while [`Self::run`] runs.
+    pub fn pause_handle(&self) -> PauseHandle {
+        PauseHandle {
+            shared: Arc::clone(&self.pause),
+        }
+    }
+
+    /// The dirty logs and the pause handle, for a transfer thread
+    /// ([`crate::snapshot::send_state`]).
+    pub fn transfer_handle(&self) -> TransferHandle {
+        TransferHandle {
+            dirty: self.vm.dirty_log(),
+            pause: self.pause_handle(),
+        }
+    }
+
+    /// Captures the state now (the machine is between runs, so between
+    /// exits). The same as a pause served inside [`Self::run`].
+    pub fn capture(&mut self, request: CaptureRequest) -> Result<Captured, VmmError> {
+        self.serve_capture(request)
+    }
+
+    /// The digest of the current state.
+    pub fn digest(&self) -> Result<Digest, VmmError> {
+        Digest::of(&self.vm)
+    }
+
+    fn serve_capture(&mut self, request: CaptureRequest) -> Result<Captured, VmmError> {
+        let started = Instant::now();
+        self.vm.complete_pending_io()?;
+        let dirty = self.vm.dirty_log();
+        let pages = copy_pages(&dirty, request.memory)?;
+        if request.memory == CaptureMemory::Dirty {
+            dirty.set_logging(false)?;
+        }
+        let vcpu = self.vm.vcpu_state()?;
+        let digest = if request.digest {
+            Some(Digest::of(&self.vm)?)
+        } else {
+            None
+        };
+        let state = MachineState {
+            exits: self.exits,
+            digests: self.digests,
+            events: self.events.position(),
+            vcpu,
+            device: PvDeviceState {
+                arg: self.device.arg,
+                mem_size: self.device.mem_size,
+                input_ended: self.device.input_ended,
+                console_bytes: self.device.console_bytes,
+            },
+            net: self.net.as_ref().map(|net| NetDeviceState {
+                device: net.device.save(),
+                suppressed: net.suppressed,
+            }),
+            digest,
+        };
+        Ok(Captured {
+            state,
+            pages,
+            pause: started.elapsed(),
         })
     }
 
@@ -100,7 +222,22 @@ impl<E: EventSource> Machine<E> {
     }
 
     /// Runs the guest until it writes `DONE` or something stops it.
+    ///
+    /// Between the end of one exit's handling and the next `KVM_RUN`, it
+    /// serves a pending [`PauseHandle`] request (a state capture); the
+    /// guest resumes as soon as the capture is in memory.
     pub fn run(&mut self) -> Result<RunSummary, VmmError> {
+        self.pause.reopen();
+        let result = self.run_exits();
+        self.pause.close(match &result {
+            Ok(summary) if summary.stopped => "the host stopped it",
+            Ok(_) => "the guest finished",
+            Err(_) => "it failed",
+        });
+        result
+    }
+
+    fn run_exits(&mut self) -> Result<RunSummary, VmmError> {
         let started = Instant::now();
         loop {
             let number = self.exits + 1;
@@ -142,6 +279,10 @@ impl<E: EventSource> Machine<E> {
                     }
                     if sync {
                         self.events.sync(number)?;
+                    }
+                    if let Some(request) = self.pause.due(number) {
+                        let result = self.serve_capture(request);
+                        self.pause.deliver(result);
                     }
                 }
                 ExitAction::Stop(exit_code) => {

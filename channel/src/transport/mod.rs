@@ -16,7 +16,10 @@
 //! |------------------------|----------------------------------|--------------------------------|
 //! | [`uring_tcp::UringTcp`]| std TCP connect + handshake      | io_uring writev / recv, CQ spun|
 //! | [`shm::ShmTransport`]  | unix socket: handshake, memfd fd | two SPSC byte rings in a memfd |
+//! | `rdma::RdmaTransport` (feature `rdma`) | TCP handshake, then QPN/GID/rkeys exchanged | RDMA WRITE WITH IMM into the peer's ring; status block written back |
 
+#[cfg(feature = "rdma")]
+pub mod rdma;
 pub mod shm;
 pub mod uring_tcp;
 
@@ -69,6 +72,24 @@ pub enum TransportError {
     /// The shared memory region is not what we expect.
     #[error("shared memory region invalid: {0}")]
     BadRegion(&'static str),
+    /// The peer, the path to it or our RDMA device failed, as reported by
+    /// the NIC (a failed work completion: retries exceeded, remote access
+    /// error, QP in the error state) or an asynchronous device event. The
+    /// channel is dead, exactly as if the peer had closed it.
+    #[error("peer failure while {op}: {reason}")]
+    PeerFailed {
+        /// What was being done.
+        op: &'static str,
+        /// What the NIC or device reported.
+        reason: String,
+    },
+    /// No RDMA device to run the RDMA transport on; the caller falls back
+    /// to io_uring TCP.
+    #[error("no RDMA device found: {detail}")]
+    NoRdmaDevice {
+        /// What was looked for and found.
+        detail: String,
+    },
 }
 
 impl TransportError {

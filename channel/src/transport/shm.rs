@@ -46,7 +46,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{Transport, TransportError};
-use crate::protocol::{PROTOCOL_VERSION, Role, Session, handshake};
+use crate::protocol::{HANDSHAKE_TIMEOUT, PROTOCOL_VERSION, Role, Session, handshake};
 
 const MAGIC: [u8; 8] = *b"LKSTPSHM";
 const DATA_OFFSET: usize = 4096;
@@ -288,19 +288,56 @@ impl ShmListener {
         ring_bytes: usize,
         version: u16,
     ) -> Result<ShmTransport, TransportError> {
-        if !ring_bytes.is_power_of_two() || ring_bytes < 64 << 10 {
-            return Err(TransportError::BadRegion(
-                "ring size must be a power of two >= 64 KiB",
-            ));
-        }
-        let (mut sock, _) = self
+        let sock = self.accept_stream()?;
+        Self::establish(sock, session, ring_bytes, version)
+    }
+
+    /// Accepts one peer's connection without the handshake, for a caller
+    /// that learns its session (its current generation) only once a peer
+    /// is there; continue with [`ShmListener::establish_accepted`].
+    pub fn accept_stream(&self) -> Result<UnixStream, TransportError> {
+        let (sock, _) = self
             .listener
             .accept()
             .map_err(|source| TransportError::Io {
                 op: "accepting on the unix socket",
                 source,
             })?;
+        Ok(sock)
+    }
+
+    /// Runs the handshake on a connection from [`ShmListener::accept_stream`],
+    /// then creates and shares the region as [`ShmListener::accept`] does.
+    pub fn establish_accepted(
+        sock: UnixStream,
+        session: &Session,
+        ring_bytes: usize,
+    ) -> Result<ShmTransport, TransportError> {
+        Self::establish(sock, session, ring_bytes, PROTOCOL_VERSION)
+    }
+
+    fn establish(
+        mut sock: UnixStream,
+        session: &Session,
+        ring_bytes: usize,
+        version: u16,
+    ) -> Result<ShmTransport, TransportError> {
+        if !ring_bytes.is_power_of_two() || ring_bytes < 64 << 10 {
+            return Err(TransportError::BadRegion(
+                "ring size must be a power of two >= 64 KiB",
+            ));
+        }
+        sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+            .map_err(|source| TransportError::Io {
+                op: "setting the handshake timeout",
+                source,
+            })?;
         handshake(&mut sock, session, version)?;
+        sock.set_read_timeout(None)
+            .map_err(|source| TransportError::Io {
+                op: "clearing the handshake timeout",
+                source,
+            })?;
         let total = DATA_OFFSET + 2 * ring_bytes;
         // SAFETY: memfd_create takes a NUL-terminated name, which the literal is.
         let raw = unsafe { libc::memfd_create(c"lockstep-channel".as_ptr(), libc::MFD_CLOEXEC) };
@@ -343,7 +380,17 @@ impl ShmTransport {
             op: "connecting to the unix socket",
             source,
         })?;
+        sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+            .map_err(|source| TransportError::Io {
+                op: "setting the handshake timeout",
+                source,
+            })?;
         handshake(&mut sock, session, version)?;
+        sock.set_read_timeout(None)
+            .map_err(|source| TransportError::Io {
+                op: "clearing the handshake timeout",
+                source,
+            })?;
         let fd = recv_fd(&sock)?;
         let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
         // SAFETY: fstat writes one `stat` into the pointed-to buffer.

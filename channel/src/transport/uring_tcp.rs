@@ -27,7 +27,9 @@ use std::os::fd::AsRawFd;
 use io_uring::{IoUring, opcode, types};
 
 use super::{Transport, TransportError};
-use crate::protocol::{FRAME_HEADER_LEN, PROTOCOL_VERSION, Session, frame_len, handshake};
+use crate::protocol::{
+    FRAME_HEADER_LEN, HANDSHAKE_TIMEOUT, PROTOCOL_VERSION, Session, frame_len, handshake,
+};
 
 /// Most frames in one `WRITEV`.
 pub const MAX_IOV: usize = 64;
@@ -122,6 +124,17 @@ impl UringTcp {
         Self::establish(stream, session, max_frame, version)
     }
 
+    /// Runs the handshake on a stream accepted by the caller (who may have
+    /// had to learn its current generation after the peer connected) and
+    /// switches it to io_uring.
+    pub fn establish_accepted(
+        stream: TcpStream,
+        session: &Session,
+        max_frame: usize,
+    ) -> Result<Self, TransportError> {
+        Self::establish(stream, session, max_frame, PROTOCOL_VERSION)
+    }
+
     fn establish(
         mut stream: TcpStream,
         session: &Session,
@@ -132,7 +145,19 @@ impl UringTcp {
         stream
             .set_nodelay(true)
             .map_err(io("setting TCP_NODELAY"))?;
+        stream
+            .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+            .map_err(|source| TransportError::Io {
+                op: "setting the handshake timeout",
+                source,
+            })?;
         handshake(&mut stream, session, version)?;
+        stream
+            .set_read_timeout(None)
+            .map_err(|source| TransportError::Io {
+                op: "clearing the handshake timeout",
+                source,
+            })?;
         // Non-blocking, so io_uring never hands a request to a worker thread
         // (waking one costs tens of µs): it tries inline, then arms a poll.
         stream

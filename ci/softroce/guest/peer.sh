@@ -1,0 +1,17 @@
+#!/bin/sh
+# Two guests, each with rxe0 on its virtio-net, linked back to back: a recorded log streamed from the
+# primary (client guest) to the backup (server guest) over real RoCEv2.
+# role=server|client, ip=<own address>, peer=<server address>, mtu from the kernel cmdline.
+. /common.sh
+rxe_up $ip ${mtu:-}
+export LOCKSTEP_RDMA_DEVICE=rxe0
+if [ "$role" = server ]; then
+  timeout 300 /usr/bin/log_stream log=/data/fold.log transport=rdma role=backup addr=$ip:7100 2>&1
+  res log_stream_rdma_backup $?
+else
+  for i in $(seq 1 100); do ping -c1 -W1 $peer >/dev/null 2>&1 && break; sleep 0.5; done
+  timeout 300 /usr/bin/log_stream log=/data/fold.log transport=rdma role=primary addr=$peer:7100 2>&1
+  res log_stream_rdma_primary $?
+fi
+echo "=== peer.sh ($role) finished: $fails failure(s)"
+exit $fails
