@@ -35,7 +35,7 @@ else
   cp "$TARGET/release/lockstep" "$OUT/bin/"
 fi
 t quiet build-channel cargo build --release -p channel --features rdma --example log_stream
-t quiet clippy-rdma cargo clippy --release -p channel --features rdma --all-targets -- -D warnings
+t quiet clippy-rdma cargo clippy --release -p channel -p replica -p lockstep --features channel/rdma,replica/rdma,lockstep/rdma --all-targets -- -D warnings
 # on the host (no RDMA device): the ring bookkeeping, the info/status encodings, and the clean
 # "no RDMA device" error of every RDMA test
 t quiet host-tests cargo test --release -p channel --features rdma --lib --test rdma --test rdma_bench

@@ -48,8 +48,10 @@ pub struct FtArgs {
     #[arg(long, default_value = replica::status::DEFAULT_DIR)]
     pub status_dir: PathBuf,
     /// The logging channel's transport: `tcp` (io_uring; the backup's
-    /// address is HOST:PORT) or `shm` (shared memory, both replicas on this
-    /// host; the address is a unix socket path).
+    /// address is HOST:PORT), `shm` (shared memory, both replicas on this
+    /// host; the address is a unix socket path) or `rdma` (a build with the
+    /// `rdma` feature and an RDMA device; set up over TCP at HOST:PORT;
+    /// falls back to tcp when either is missing).
     #[arg(long, default_value = "tcp")]
     pub transport: TransportKind,
     /// File holding the pre-shared key both replicas prove in the channel
@@ -114,7 +116,8 @@ impl FtArgs {
             key,
             vm_id: self.vm_id,
             profile,
-        })
+        }
+        .usable())
     }
 
     fn me(&self, default: &str) -> Result<ReplicaId, CliError> {
@@ -147,15 +150,25 @@ pub fn serve_arbiter(listen: &str, state: &Path, key_file: &Path) -> Result<(), 
 }
 
 /// `lockstep primary`.
+/// Where a primary's backup is, and where new backups may join it.
+pub struct Peers<'a> {
+    /// The backup's address.
+    pub backup: &'a str,
+    /// The backup's name at the arbiter.
+    pub backup_id: &'a str,
+    /// Where `lockstep backup --join` may connect while this primary runs alone.
+    pub join_listen: Option<&'a str>,
+}
+
 pub fn primary(
     args: &RunArgs,
-    backup: &str,
-    backup_id: &str,
+    peers: &Peers<'_>,
     ft: &FtArgs,
     digest_interval: u64,
     stop: Arc<AtomicBool>,
     stats_file: Option<&Path>,
 ) -> Result<(), CliError> {
+    let (backup, backup_id, join_listen) = (peers.backup, peers.backup_id, peers.join_listen);
     let guest = GuestImage::resolve(&args.guest)?;
     let config = vm_config(args);
     let meta = log_meta(&guest, &config, args.arg, digest_interval);
@@ -208,10 +221,28 @@ pub fn primary(
         "lockstep primary: {me}, generation {generation}, streaming to the backup at {backup} over {}",
         link.transport()
     );
-    let sink =
+    let join_port = Arc::new(replica::join::JoinPort::default());
+    let join_arbiter = membership.as_ref().map(|m| Arc::clone(&m.arbiter));
+    let mut sink =
         FailoverSink::new(link, Arc::clone(&gate), membership, ft.peer_timeout()).with_status(
             replica::status::StatusFile::new(&ft.status_dir, me.as_str()),
         );
+    let join_listener = match join_listen {
+        None => None,
+        Some(address) => {
+            if join_arbiter.is_none() {
+                return Err(CliError::Usage(
+                    "--join-listen needs --arbiter (each new pair is recorded there)".into(),
+                ));
+            }
+            sink = sink.with_joins(Arc::clone(&join_port));
+            Some(TcpListener::bind(address).map_err(|source| CliError::File {
+                what: "cannot listen for joining backups on",
+                path: PathBuf::from(address),
+                source,
+            })?)
+        }
+    };
     let events = Network::live(&network, Live::new(open_input(args.input.as_ref())?, sink))
         .streaming()
         .with_stop(stop);
@@ -224,6 +255,26 @@ pub fn primary(
         digest_interval,
     )?;
     Network::attach(&network, &mut machine)?;
+    if let (Some(listener), Some(arbiter)) = (join_listener, join_arbiter) {
+        let service = replica::join::JoinService {
+            port: join_port,
+            transfer: machine.transfer_handle(),
+            gate: Arc::clone(&gate),
+            settings: ft.link_settings()?,
+            arbiter,
+            me: me.clone(),
+            meta: meta.clone(),
+            header: vmm::StateHeader::new(&config, guest.bytes(), args.arg),
+        };
+        std::thread::Builder::new()
+            .name("join-service".into())
+            .spawn(move || replica::join::serve(listener, service))
+            .map_err(|source| CliError::File {
+                what: "cannot start the join service",
+                path: PathBuf::from("join-service"),
+                source,
+            })?;
+    }
     let summary = machine.run()?;
     let mut sink = machine.into_events().into_sink();
     let all_acked = sink.finish()?;
@@ -376,6 +427,14 @@ pub fn backup(
         ))
         .into());
     }
+    if accepted.base != 0 {
+        return Err(replica::ReplicaError::Channel(format!(
+            "the primary at {} streams from log entry {}: only a joining backup (--join) starts mid-log",
+            accepted.peer,
+            accepted.base + 1
+        ))
+        .into());
+    }
     let meta = accepted.meta;
     let guest = GuestImage::resolve(&meta.guest_name)?;
     if guest.id() != meta.image_id {
@@ -415,7 +474,7 @@ pub fn backup(
     let status = replica::status::StatusFile::new(&ft.status_dir, me_name.as_str());
     let source =
         BackupSource::new(Replay::new(accepted.source), membership, promote).with_status(status);
-    let mut machine = Machine::new(
+    let machine = Machine::new(
         &config,
         guest.bytes(),
         meta.guest_arg,
@@ -423,6 +482,17 @@ pub fn backup(
         console(quiet),
         meta.digest_interval,
     )?;
+    follow(machine, &config, output, guest.name())
+}
+
+/// Runs a backup's machine until the guest ends or this replica halts, and
+/// reports how it went.
+fn follow(
+    mut machine: Machine<BackupSource>,
+    config: &VmConfig,
+    output: Promotable,
+    guest_name: &str,
+) -> Result<(), CliError> {
     if config.mac.is_some() {
         machine.set_net_output(Arc::new(OutputGate::open(Box::new(output))))?;
     }
@@ -460,7 +530,7 @@ pub fn backup(
                 "backup: replayed {} exits and {} events; {digests}; guest {} {}{role}; {lag_line}",
                 summary.exits,
                 stats.events,
-                guest.name(),
+                guest_name,
                 ending(&summary)
             );
             Ok(())
@@ -482,6 +552,147 @@ pub fn backup(
         }
         Err(other) => Err(other.into()),
     }
+}
+
+/// `lockstep backup --join PRIMARY`: a new backup for a primary that runs
+/// alone, cloned from it by state transfer (see `replica::join`).
+pub fn join(
+    primary: &str,
+    tap: Option<&str>,
+    ft: &FtArgs,
+    quiet: bool,
+    stop: Arc<AtomicBool>,
+) -> Result<(), CliError> {
+    use std::io::Write as _;
+    let me = ft.me("backup")?;
+    let arbiter = ft.arbiter()?.ok_or_else(|| {
+        CliError::Usage("--join needs --arbiter (the new pair is recorded there)".into())
+    })?;
+    let settings = ft.link_settings()?;
+    let record = arbiter
+        .read(ft.vm_id)
+        .map_err(arbiter_error)?
+        .ok_or_else(|| CliError::Usage(format!("the arbiter knows no VM {}", ft.vm_id)))?;
+    let mut stream =
+        std::net::TcpStream::connect(primary).map_err(|source| replica::ReplicaError::Link {
+            what: format!("connect to the primary's join address {primary}"),
+            source,
+        })?;
+    let link_error = |what: &'static str| {
+        move |source| replica::ReplicaError::Link {
+            what: what.into(),
+            source,
+        }
+    };
+    stream
+        .set_nodelay(true)
+        .map_err(link_error("set TCP_NODELAY"))?;
+    stream
+        .set_read_timeout(Some(channel::protocol::HANDSHAKE_TIMEOUT))
+        .map_err(link_error("set the join timeout"))?;
+    channel::protocol::handshake(
+        &mut stream,
+        &settings.session(channel::protocol::Role::Backup, record.generation),
+        channel::protocol::PROTOCOL_VERSION,
+    )
+    .map_err(|e| replica::ReplicaError::Channel(replica::link::describe(&e)))?;
+    replica::join::send_name(&mut stream, me.as_str())?;
+    let generation = replica::join::read_generation(&mut stream)?;
+    if generation == 0 {
+        return Err(VmmError::Halted(format!(
+            "the primary at {primary} refused {me} as its new backup (see its log)"
+        ))
+        .into());
+    }
+    eprintln!(
+        "lockstep backup: {me} joining the primary at {primary} as generation {generation}; receiving its state"
+    );
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(link_error("set the transfer timeout"))?;
+    let started = std::time::Instant::now();
+    let (received, guest) = {
+        let reader = vmm::StateReader::new(std::io::BufReader::with_capacity(1 << 20, &stream))
+            .map_err(VmmError::from)?;
+        let image_id = reader.header().image_id;
+        let guest = guest_images::names()
+            .filter_map(|name| GuestImage::resolve(name).ok())
+            .find(|guest| guest.id() == image_id)
+            .ok_or_else(|| {
+                VmmError::LogMismatch(format!(
+                    "the primary runs guest image {image_id:016x}, which this build does not embed"
+                ))
+            })?;
+        let received = vmm::receive_from(reader, guest.bytes(), None).map_err(VmmError::from)?;
+        (received, guest)
+    };
+    (&stream)
+        .write_all(&[replica::join::STATE_RECEIVED])
+        .map_err(link_error("confirm the state"))?;
+    stream
+        .set_read_timeout(None)
+        .map_err(link_error("clear the transfer timeout"))?;
+    let position = received.state.events;
+    let expected_digest = received.state.digest;
+    let config = received.config.clone();
+    eprintln!(
+        "lockstep backup: state received in {} ms ({} pages, exit {}, log position {})",
+        started.elapsed().as_millis(),
+        received.stats.pages,
+        received.state.exits,
+        position.log_position
+    );
+    let accepted = replica::backup::Incoming::from_tcp(stream, primary.to_string())
+        .establish(&settings, generation)?;
+    if accepted.base != position.log_position {
+        return Err(replica::ReplicaError::Channel(format!(
+            "the primary streams from log entry {} but the state ends at {}",
+            accepted.base + 1,
+            position.log_position
+        ))
+        .into());
+    }
+    let meta = accepted.meta;
+    let output = Promotable::default();
+    let promote = promotion(
+        tap.map(str::to_string),
+        &config,
+        meta.guest_arg,
+        output.clone(),
+        stop,
+    );
+    let me_name = me.to_string();
+    let membership = Membership {
+        arbiter,
+        vm: ft.vm_id,
+        me,
+        generation,
+    };
+    let status = replica::status::StatusFile::new(&ft.status_dir, me_name.as_str());
+    let source = BackupSource::new(
+        Replay::resume(accepted.source, &position),
+        Some(membership),
+        promote,
+    )
+    .with_status(status);
+    let machine = Machine::restore(received, source, console(quiet), meta.digest_interval)?;
+    if let Some(expected) = expected_digest {
+        let digest = machine.digest()?;
+        if digest != expected {
+            return Err(VmmError::Diverged {
+                exit: machine.exits(),
+                detail: format!(
+                    "the cloned state's digest {digest:?} differs from the primary's {expected:?} at the hand-over"
+                ),
+            }
+            .into());
+        }
+        eprintln!(
+            "lockstep backup: clone verified: digest at the hand-over (exit {}) matches the primary's",
+            machine.exits()
+        );
+    }
+    follow(machine, &config, output, guest.name())
 }
 
 /// What a backup does when it wins the arbiter: attach the NIC to the TAP,

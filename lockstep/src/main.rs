@@ -76,6 +76,10 @@ enum Command {
         /// Take a state digest every this many exits (0: only at the end).
         #[arg(long, default_value_t = 1000)]
         digest_interval: u64,
+        /// Accept new backups here (`lockstep backup --join`) whenever this
+        /// primary runs alone: re-protection by state transfer.
+        #[arg(long)]
+        join_listen: Option<String>,
     },
     /// Wait for a primary and replay its guest in lockstep, output suppressed.
     Backup {
@@ -85,6 +89,10 @@ enum Command {
         /// The TAP interface to serve on if this backup goes live.
         #[arg(long)]
         tap: Option<String>,
+        /// Join a running primary that lost its backup (its `--join-listen`
+        /// address): clone it by state transfer, then follow it.
+        #[arg(long)]
+        join: Option<String>,
         #[command(flatten)]
         ft: ft::FtArgs,
         /// Do not print the guest's console output.
@@ -251,10 +259,14 @@ fn execute(command: Command) -> Result<(), CliError> {
             ft,
             digest_interval,
             stats,
+            join_listen,
         } => ft::primary(
             &run,
-            &backup,
-            &backup_id,
+            &ft::Peers {
+                backup: &backup,
+                backup_id: &backup_id,
+                join_listen: join_listen.as_deref(),
+            },
             &ft,
             digest_interval,
             stop_flag(),
@@ -263,9 +275,13 @@ fn execute(command: Command) -> Result<(), CliError> {
         Command::Backup {
             listen,
             tap,
+            join,
             ft,
             quiet,
-        } => ft::backup(&listen, tap.as_deref(), &ft, quiet, stop_flag()),
+        } => match join {
+            Some(primary) => ft::join(&primary, tap.as_deref(), &ft, quiet, stop_flag()),
+            None => ft::backup(&listen, tap.as_deref(), &ft, quiet, stop_flag()),
+        },
         Command::Status { dir } => ft::status(&dir),
         Command::Chaos { trials, seed } => {
             let campaign = chaos::run(trials, seed)?;
@@ -656,7 +672,9 @@ fn up(
     )?;
     let link = link.unwrap_or_else(|| match transport {
         replica::link::TransportKind::Shm => dir.join("link.sock").to_string_lossy().into_owned(),
-        replica::link::TransportKind::Tcp => "127.0.0.1:7700".into(),
+        replica::link::TransportKind::Tcp | replica::link::TransportKind::Rdma => {
+            "127.0.0.1:7700".into()
+        }
     });
     let link = link.as_str();
     let ft_flags = [
@@ -704,7 +722,12 @@ fn up(
     {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    let result = ft::primary(&args, link, "backup", &ft_args, 1000, stop_flag(), None);
+    let peers = ft::Peers {
+        backup: link,
+        backup_id: "backup",
+        join_listen: None,
+    };
+    let result = ft::primary(&args, &peers, &ft_args, 1000, stop_flag(), None);
     if result.is_err() {
         let _ = backup.kill();
     }

@@ -144,6 +144,16 @@ fn start_pair(
     arbiter: &Arbiter,
     relay: bool,
 ) -> (Pair, Option<Relay>) {
+    start_pair_with(subnet, backup_port, arbiter, relay, &[])
+}
+
+fn start_pair_with(
+    subnet: u8,
+    backup_port: u16,
+    arbiter: &Arbiter,
+    relay: bool,
+    primary_extra: &[&str],
+) -> (Pair, Option<Relay>) {
     let tap = Tap::new(subnet);
     let listen = format!("127.0.0.1:{backup_port}");
     let mut backup_args: Vec<String> = vec![
@@ -176,6 +186,7 @@ fn start_pair(
     .map(|s| s.to_string())
     .collect();
     primary_args.extend(arbiter.args());
+    primary_args.extend(primary_extra.iter().map(|s| s.to_string()));
     let primary_refs: Vec<&str> = primary_args.iter().map(String::as_str).collect();
     let primary = start(&primary_refs);
     (
@@ -486,4 +497,111 @@ fn a_primary_of_a_stale_generation_is_refused() {
     );
     kill(&pair.backup, "-TERM");
     let _ = exited(&mut pair.backup, Duration::from_secs(10));
+}
+
+/// Waits until the replica `id` publishes a status containing `text`.
+fn wait_for_status(dir: &str, id: &str, text: &str, timeout: Duration) {
+    let path = format!("{dir}/{id}.status");
+    let deadline = Instant::now() + timeout;
+    loop {
+        if std::fs::read_to_string(&path).is_ok_and(|status| status.contains(text)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{id} never reported `{text}`: {:?}",
+            std::fs::read_to_string(&path)
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_new_backup_joins_by_state_transfer_and_takes_over_at_the_next_failover() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let arbiter = Arbiter::start(17406);
+    let status_dir = tempfile::tempdir().expect("status dir");
+    let status = status_dir.path().to_string_lossy().into_owned();
+    let (mut pair, _) = start_pair_with(
+        89,
+        17789,
+        &arbiter,
+        false,
+        &["--join-listen", "127.0.0.1:17889", "--status-dir", &status],
+    );
+    let mut stream = pair.client();
+    assert_eq!(incr(&mut stream, "j", 50), 50);
+
+    // The backup dies: the primary wins generation 2 and runs alone.
+    kill(&pair.backup, "-KILL");
+    let _ = pair.backup.wait();
+    assert_eq!(incr(&mut stream, "j", 20), 70);
+
+    // A new backup joins under load: cloned by state transfer, generation 3.
+    let load = {
+        let host = pair.host.clone();
+        thread::spawn(move || {
+            let mut stream = connect(&format!("{host}:6379"));
+            stream
+                .set_read_timeout(Some(Duration::from_secs(20)))
+                .expect("timeout");
+            incr(&mut stream, "load", 300)
+        })
+    };
+    let mut joiner_args: Vec<String> = [
+        "backup",
+        "--join",
+        "127.0.0.1:17889",
+        "--tap",
+        &pair._tap.name,
+        "--id",
+        "backup2",
+        "--quiet",
+        "--status-dir",
+        &status,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    joiner_args.extend(arbiter.args());
+    let joiner = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args(&joiner_args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the joining backup");
+    wait_for_status(
+        &status,
+        "backup2",
+        "role: backup (following the primary)",
+        Duration::from_secs(60),
+    );
+    wait_for_status(
+        &status,
+        "primary",
+        "protection: protected",
+        Duration::from_secs(20),
+    );
+    assert_eq!(load.join().expect("load"), 300);
+    assert_eq!(incr(&mut stream, "j", 30), 100);
+
+    // The primary dies: the joined backup goes live with every write.
+    kill(&pair.primary, "-KILL");
+    let _ = pair.primary.wait();
+    let after = incr(&mut stream, "j", 5);
+    assert!(
+        after >= 105,
+        "acknowledged INCRs lost across two failovers: {after}"
+    );
+    assert_eq!(command(&mut stream, &["GET", "load"]), "300");
+    drop(stream);
+    kill(&joiner, "-TERM");
+    let stderr = stderr_of(joiner);
+    eprintln!("the joined backup said:\n{stderr}");
+    assert!(stderr.contains("as generation 3"), "{stderr}");
+    assert!(stderr.contains("clone verified"), "{stderr}");
+    assert!(
+        stderr.contains("won generation 4 at the arbiter: live as primary"),
+        "{stderr}"
+    );
 }

@@ -207,3 +207,78 @@ fn output_waits_for_the_backups_ack() {
     assert!(primary_err.contains("(everything)"), "{primary_err}");
     assert!(backup_out.starts_with("backup: "), "{backup_out}");
 }
+
+/// Runs `fold` as primary and backup over `transport` with the given link
+/// keys; returns both outputs (primary's stderr, backup's stdout+stderr).
+fn fold_pair(transport: &str, address: &str, keys: [&std::path::Path; 2]) -> (String, String) {
+    let backup = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args([
+            "backup",
+            "--quiet",
+            "--transport",
+            transport,
+            "--listen",
+            address,
+        ])
+        .arg("--link-key")
+        .arg(keys[1])
+        .args(["--status-dir", "/tmp/lockstep-status-fold"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the backup");
+    std::thread::sleep(Duration::from_millis(300));
+    let primary = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args([
+            "primary",
+            "--quiet",
+            "--guest",
+            "fold",
+            "--transport",
+            transport,
+        ])
+        .args(["--backup", address, "--digest-interval", "500"])
+        .arg("--link-key")
+        .arg(keys[0])
+        .args(["--status-dir", "/tmp/lockstep-status-fold"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the primary");
+    let backup = backup.wait_with_output().expect("backup");
+    (
+        String::from_utf8_lossy(&primary.stderr).into_owned(),
+        String::from_utf8_lossy(&backup.stdout).into_owned()
+            + &String::from_utf8_lossy(&backup.stderr),
+    )
+}
+
+#[test]
+fn the_log_streams_over_shared_memory_and_a_wrong_key_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = dir.path().join("key");
+    let other = dir.path().join("other");
+    std::fs::write(&key, "the right key").expect("key");
+    std::fs::write(&other, "another key").expect("key");
+    let socket = dir.path().join("link.sock");
+    let socket = socket.to_str().expect("utf-8 path");
+
+    let (primary, backup) = fold_pair("shm", socket, [&key, &key]);
+    assert!(primary.contains("over shm"), "{primary}");
+    assert!(primary.contains("(everything)"), "{primary}");
+    let summary = backup
+        .lines()
+        .find(|line| line.starts_with("backup:"))
+        .unwrap_or_else(|| panic!("no backup summary in {backup}"));
+    let (matched, taken) = common::digests(summary);
+    assert_eq!(matched, taken, "{summary}");
+    assert!(matched >= 5, "{summary}");
+
+    // Same over io_uring TCP, but the primary proves another key.
+    let (primary, backup) = fold_pair("tcp", "127.0.0.1:17795", [&other, &key]);
+    assert!(
+        primary.contains("wrong key") || primary.contains("rejected"),
+        "{primary}"
+    );
+    assert!(backup.contains("refused the primary"), "{backup}");
+    assert!(backup.contains("wrong key"), "{backup}");
+}

@@ -150,6 +150,12 @@ impl OutputGate {
         self.ack(u64::MAX);
     }
 
+    /// Holds again after running alone (a new backup is joining): frames
+    /// produced after log position `position` wait for its acks.
+    pub fn hold_after(&self, position: u64) {
+        self.lock().acked = position;
+    }
+
     /// Current counters.
     pub fn stats(&self) -> GateStats {
         let state = self.lock();

@@ -92,8 +92,8 @@ impl EntrySource for StreamSource {
 
 /// Where the backup waits for its primary.
 pub enum LinkListener {
-    /// io_uring TCP.
-    Tcp(TcpListener),
+    /// io_uring TCP, or RDMA set up over TCP.
+    Tcp(TcpListener, TransportKind),
     /// Shared memory, set up over a unix socket.
     Shm(ShmListener),
 }
@@ -102,14 +102,12 @@ impl LinkListener {
     /// Listens on `address` for the transport `kind`.
     pub fn bind(kind: TransportKind, address: &str) -> Result<Self, ReplicaError> {
         match kind {
-            TransportKind::Tcp => {
-                TcpListener::bind(address)
-                    .map(Self::Tcp)
-                    .map_err(|source| ReplicaError::Link {
-                        what: format!("listen on {address}"),
-                        source,
-                    })
-            }
+            TransportKind::Tcp | TransportKind::Rdma => TcpListener::bind(address)
+                .map(|listener| Self::Tcp(listener, kind))
+                .map_err(|source| ReplicaError::Link {
+                    what: format!("listen on {address}"),
+                    source,
+                }),
             TransportKind::Shm => ShmListener::bind(&LinkSettings::shm_path(address))
                 .map(Self::Shm)
                 .map_err(|e| {
@@ -122,13 +120,16 @@ impl LinkListener {
     /// learns its current generation, see [`Incoming::establish`]).
     pub fn accept(&self) -> Result<Incoming, ReplicaError> {
         match self {
-            Self::Tcp(listener) => {
+            Self::Tcp(listener, kind) => {
                 let (stream, peer) = listener.accept().map_err(|source| ReplicaError::Link {
                     what: "accept the primary's connection".into(),
                     source,
                 })?;
                 Ok(Incoming {
-                    stream: IncomingStream::Tcp(stream),
+                    stream: match kind {
+                        TransportKind::Rdma => IncomingStream::Rdma(stream),
+                        _ => IncomingStream::Tcp(stream),
+                    },
                     peer: peer.to_string(),
                 })
             }
@@ -148,6 +149,8 @@ impl LinkListener {
 enum IncomingStream {
     Tcp(TcpStream),
     Shm(UnixStream),
+    /// RDMA, set up over this TCP connection.
+    Rdma(TcpStream),
 }
 
 /// A primary that connected and has not been authenticated yet.
@@ -169,14 +172,26 @@ pub struct Accepted {
     pub generation: u64,
     /// The transport's name.
     pub transport: &'static str,
+    /// Log entries the stream starts after (0, but for a joined backup: the
+    /// position of the state it received).
+    pub base: u64,
 }
 
 impl Incoming {
+    /// A primary's connection the caller already holds (a join connection,
+    /// after the state transfer), to authenticate again over io_uring TCP.
+    pub fn from_tcp(stream: TcpStream, peer: String) -> Self {
+        Self {
+            stream: IncomingStream::Tcp(stream),
+            peer,
+        }
+    }
+
     /// Closes the connection without a handshake (the arbiter knows no pair
     /// with this backup in it).
     pub fn refuse(self) {
         match self.stream {
-            IncomingStream::Tcp(stream) => {
+            IncomingStream::Tcp(stream) | IncomingStream::Rdma(stream) => {
                 let _ = stream.shutdown(std::net::Shutdown::Both);
             }
             IncomingStream::Shm(stream) => {
@@ -202,18 +217,35 @@ impl Incoming {
                 describe(&error)
             ))
         };
-        let (meta, source, transport) = match self.stream {
+        let (meta, base, source, transport) = match self.stream {
             IncomingStream::Tcp(stream) => {
                 let t =
                     UringTcp::establish_accepted(stream, &session, MAX_FRAME).map_err(refused)?;
-                let (meta, source) = start_receiver(t, generation, settings)?;
-                (meta, source, "uring-tcp")
+                let (meta, base, source) = start_receiver(t, generation, settings)?;
+                (meta, base, source, "uring-tcp")
             }
             IncomingStream::Shm(stream) => {
                 let t = ShmListener::establish_accepted(stream, &session, SHM_RING_BYTES)
                     .map_err(refused)?;
-                let (meta, source) = start_receiver(t, generation, settings)?;
-                (meta, source, "shm")
+                let (meta, base, source) = start_receiver(t, generation, settings)?;
+                (meta, base, source, "shm")
+            }
+            #[cfg(feature = "rdma")]
+            IncomingStream::Rdma(stream) => {
+                let config = settings.rdma_config().map_err(refused)?;
+                let t = channel::transport::rdma::RdmaTransport::establish_accepted(
+                    stream, &session, &config,
+                )
+                .map_err(refused)?;
+                let (meta, base, source) = start_receiver(t, generation, settings)?;
+                (meta, base, source, "rdma")
+            }
+            #[cfg(not(feature = "rdma"))]
+            IncomingStream::Rdma(stream) => {
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+                return Err(ReplicaError::Channel(
+                    crate::link::rdma_available().err().unwrap_or_default(),
+                ));
             }
         };
         Ok(Accepted {
@@ -222,6 +254,7 @@ impl Incoming {
             peer,
             generation,
             transport,
+            base,
         })
     }
 }
@@ -235,6 +268,9 @@ struct Receiving {
     refused: Option<VmmError>,
     /// The end record arrived: a close after it is the clean end.
     ended: bool,
+    /// Log entries the backup already had (a joined backup: those in the
+    /// state it received); the stream starts at `base + 1`.
+    base: u64,
     /// The replay is gone.
     closed: bool,
 }
@@ -246,14 +282,28 @@ impl Receiving {
             return;
         }
         if seq == 1 {
+            // The file header, then (a join) the base position.
             match LogMeta::from_header_bytes(bytes) {
                 Ok(meta) => self.meta = Some(meta),
                 Err(error) => self.refused = Some(error.into()),
             }
+            if let Some(base) = bytes.get(channel::log::FILE_HEADER_LEN..) {
+                let mut raw = [0u8; 8];
+                if base.len() == 8 {
+                    raw.copy_from_slice(base);
+                    self.base = u64::from_le_bytes(raw);
+                } else if !base.is_empty() {
+                    self.refused = Some(VmmError::LogMismatch(format!(
+                        "the stream's header entry has {} bytes after the log header (expected 0 or 8)",
+                        base.len()
+                    )));
+                }
+            }
             return;
         }
-        let entry = match decode_entry(bytes, seq - 1, 0) {
-            Ok(Some((entry, used))) if used == bytes.len() && entry.seq == seq - 1 => entry,
+        let position = self.base + seq - 1;
+        let entry = match decode_entry(bytes, position, 0) {
+            Ok(Some((entry, used))) if used == bytes.len() && entry.seq == position => entry,
             Ok(Some((entry, used))) => {
                 self.refused = Some(VmmError::LogMismatch(format!(
                     "channel entry {seq} of {} bytes holds log entry {} of {used} bytes",
@@ -290,7 +340,7 @@ fn start_receiver<T: Transport + 'static>(
     t: T,
     generation: u64,
     settings: &LinkSettings,
-) -> Result<(LogMeta, StreamSource), ReplicaError> {
+) -> Result<(LogMeta, u64, StreamSource), ReplicaError> {
     let profile = settings.profile.clone();
     let receiver = LogReceiver::new(t, generation, 1, profile.ack, profile.liveness)
         .map_err(|e| ReplicaError::Channel(describe(&e)))?;
@@ -303,6 +353,7 @@ fn start_receiver<T: Transport + 'static>(
         refused: None,
         ended: false,
         closed: false,
+        base: 0,
     };
     let (header_tx, header_rx) = sync_channel(1);
     let lost = Arc::new(Mutex::new(None));
@@ -315,7 +366,7 @@ fn start_receiver<T: Transport + 'static>(
                 let mut state = state;
                 match wait_for_header(&mut receiver, &mut state, profile.poll) {
                     Ok(meta) => {
-                        let _ = header_tx.send(Ok(meta));
+                        let _ = header_tx.send(Ok((meta, state.base)));
                         receive(receiver, state, profile.poll, &lost);
                     }
                     Err(error) => {
@@ -328,7 +379,7 @@ fn start_receiver<T: Transport + 'static>(
                 source,
             })?
     };
-    let meta = header_rx.recv().map_err(|_| {
+    let (meta, base) = header_rx.recv().map_err(|_| {
         ReplicaError::Setup("the log receiver ended before the log header".into())
     })??;
     let lag = Lag {
@@ -338,6 +389,7 @@ fn start_receiver<T: Transport + 'static>(
     };
     Ok((
         meta,
+        base,
         StreamSource {
             entries,
             newest_exit,

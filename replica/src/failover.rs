@@ -227,6 +227,13 @@ impl EventSource for BackupSource {
         }
     }
 
+    fn position(&self) -> vmm::EventPosition {
+        match &self.live {
+            Some(live) => live.position(),
+            None => self.replay.position(),
+        }
+    }
+
     fn sync(&mut self, exit: u64) -> Result<(), VmmError> {
         self.with(exit, |source| source.sync(exit))
     }
@@ -268,6 +275,10 @@ pub struct FailoverSink {
     /// The channel's figures, once the link has finished.
     metrics: Option<channel::endpoint::Metrics>,
     transport: &'static str,
+    /// Where new backups join, if this primary accepts them.
+    joins: Option<Arc<crate::join::JoinPort>>,
+    /// Backups joined so far.
+    joined: u64,
 }
 
 impl FailoverSink {
@@ -296,6 +307,63 @@ impl FailoverSink {
             acked: 0,
             metrics: None,
             transport,
+            joins: None,
+            joined: 0,
+        }
+    }
+
+    /// Lets new backups join through `port` while this primary runs alone.
+    pub fn with_joins(mut self, port: Arc<crate::join::JoinPort>) -> Self {
+        self.joins = Some(port);
+        self
+    }
+
+    /// Backups that joined this primary by state transfer.
+    pub fn joined(&self) -> u64 {
+        self.joined
+    }
+
+    /// A join finished (or failed): take the new backup on.
+    fn on_join(&mut self, event: crate::join::JoinEvent) -> Result<(), VmmError> {
+        match event {
+            crate::join::JoinEvent::Ready {
+                mut link,
+                base,
+                generation,
+                buffered,
+            } => {
+                if let Some(membership) = self.membership.as_mut() {
+                    membership.generation = generation;
+                }
+                let mut failure = None;
+                for (_, entry) in buffered.into_iter().filter(|(seq, _)| *seq > base) {
+                    if let Err(why) = link.push(entry) {
+                        failure = Some(why);
+                        break;
+                    }
+                }
+                self.transport = link.transport();
+                self.link = Some(link);
+                self.unprotected = None;
+                self.unacked_since = None;
+                self.joined += 1;
+                eprintln!(
+                    "lockstep primary: a new backup joined at log position {base}: protected again in generation {generation}"
+                );
+                if let Some(why) = failure {
+                    self.backup_lost(format!("the joined backup's link failed ({why})"))?;
+                }
+                Ok(())
+            }
+            crate::join::JoinEvent::Failed { why, generation } => {
+                if let Some(membership) = self.membership.as_mut() {
+                    membership.generation = generation;
+                }
+                self.unprotected = None;
+                self.backup_lost(format!(
+                    "the backup joining in generation {generation} failed ({why})"
+                ))
+            }
         }
     }
 
@@ -410,6 +478,9 @@ impl FailoverSink {
         let generation = membership.go_live_alone(&why)?;
         self.unprotected = Some(generation);
         self.gate.open_fully();
+        if let Some(port) = &self.joins {
+            port.set_alone(Some(generation));
+        }
         eprintln!(
             "lockstep primary: won generation {generation} at the arbiter: running unprotected (no backup)"
         );
@@ -451,6 +522,13 @@ impl EventSink for FailoverSink {
         let mut entry = Vec::with_capacity(channel::log::ENTRY_HEADER_LEN + payload.len() + 8);
         channel::log::encode_entry(kind, flags, self.entries, exit, payload, &mut entry);
         self.bytes += entry.len() as u64;
+        if let Some(event) = self
+            .joins
+            .as_ref()
+            .and_then(|port| port.observe(self.entries, &entry))
+        {
+            self.on_join(event)?;
+        }
         if !self.check()? {
             return Ok(());
         }

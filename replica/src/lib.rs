@@ -37,6 +37,7 @@
 
 pub mod backup;
 pub mod failover;
+pub mod join;
 pub mod link;
 pub mod primary;
 pub mod relay;

@@ -21,6 +21,10 @@ pub enum TransportKind {
     /// Shared memory (both replicas on one host): the address is the path of
     /// the unix socket the backup listens on.
     Shm,
+    /// RDMA (reliable-connected queue pairs; set up over TCP at `HOST:PORT`):
+    /// needs a build with the `rdma` feature and an RDMA device, see
+    /// [`LinkSettings::usable`].
+    Rdma,
 }
 
 impl TransportKind {
@@ -29,6 +33,7 @@ impl TransportKind {
         match self {
             Self::Tcp => "tcp",
             Self::Shm => "shm",
+            Self::Rdma => "rdma",
         }
     }
 }
@@ -40,12 +45,9 @@ impl FromStr for TransportKind {
         match name {
             "tcp" | "uring-tcp" => Ok(Self::Tcp),
             "shm" => Ok(Self::Shm),
-            "rdma" => Err(
-                "transport `rdma` needs a build with the `rdma` feature and an RDMA device; use tcp"
-                    .into(),
-            ),
+            "rdma" => Ok(Self::Rdma),
             other => Err(format!(
-                "unknown transport `{other}` (expected tcp or shm)"
+                "unknown transport `{other}` (expected tcp, shm or rdma)"
             )),
         }
     }
@@ -76,6 +78,30 @@ impl LinkSettings {
         }
     }
 
+    /// These settings with a transport this build and host can use: `rdma`
+    /// without the `rdma` feature or without a device falls back to
+    /// io_uring TCP (same addresses), and says so.
+    pub fn usable(mut self) -> Self {
+        if self.kind == TransportKind::Rdma
+            && let Err(why) = rdma_available()
+        {
+            eprintln!("lockstep: {why}; falling back to io_uring TCP");
+            self.kind = TransportKind::Tcp;
+        }
+        self
+    }
+
+    /// The RDMA settings (device, GID, MTU, ack mode from the
+    /// `LOCKSTEP_RDMA_*` environment), with frames as large as a batch.
+    #[cfg(feature = "rdma")]
+    pub fn rdma_config(
+        &self,
+    ) -> Result<channel::transport::rdma::RdmaConfig, channel::transport::TransportError> {
+        channel::transport::rdma::RdmaConfig::from_env(
+            self.profile.batch.max_bytes as usize + channel::protocol::FRAME_HEADER_LEN + 4096,
+        )
+    }
+
     /// The unix socket path of the shared-memory transport.
     pub fn shm_path(address: &str) -> PathBuf {
         PathBuf::from(address)
@@ -92,4 +118,20 @@ pub fn describe(error: &dyn std::error::Error) -> String {
         cause = inner.source();
     }
     message
+}
+
+/// Whether the RDMA transport can run here; the reason if not.
+pub fn rdma_available() -> Result<(), String> {
+    #[cfg(feature = "rdma")]
+    {
+        match channel::transport::rdma::probe() {
+            Ok(devices) if !devices.is_empty() => Ok(()),
+            Ok(_) => Err("no RDMA device found".into()),
+            Err(error) => Err(describe(&error)),
+        }
+    }
+    #[cfg(not(feature = "rdma"))]
+    {
+        Err("this build has no RDMA support (build with --features rdma)".into())
+    }
 }

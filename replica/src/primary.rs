@@ -67,20 +67,8 @@ impl PrimaryLink {
         let deadline = Instant::now() + timeout;
         let cores = HostCores::detect()
             .map_err(|e| ReplicaError::Setup(format!("cannot read the host's cores: {e}")))?;
-        let (ring, consumer) = RingBuffer::new::<Vec<u8>>(settings.profile.ring_slots as usize);
-        let counters = Arc::new(AckCounters::default());
-        let on_ack = {
-            let counters = Arc::clone(&counters);
-            move |seq: u64| {
-                // Channel seq 1 is the header: log position = seq - 1.
-                let position = seq - 1;
-                gate.ack(position);
-                counters.acked.fetch_max(position, Ordering::Release);
-                counters.acks.fetch_add(1, Ordering::Relaxed);
-            }
-        };
         let connected = loop {
-            match connect_once(settings.kind, address, &session) {
+            match connect_once(settings, address, &session) {
                 Ok(connected) => break connected,
                 Err(error) if is_not_listening(&error) && Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(50));
@@ -94,6 +82,34 @@ impl PrimaryLink {
                 }
             }
         };
+        Self::start(connected, settings, generation, meta, gate, cores, 0)
+    }
+
+    /// Starts streaming over an established transport; the stream's first
+    /// log entry is `base + 1` (a joined backup already has entries up to
+    /// `base` in the state it received).
+    fn start(
+        connected: Connected,
+        settings: &LinkSettings,
+        generation: u64,
+        meta: &LogMeta,
+        gate: Arc<OutputGate>,
+        cores: HostCores,
+        base: u64,
+    ) -> Result<Self, ReplicaError> {
+        let (ring, consumer) = RingBuffer::new::<Vec<u8>>(settings.profile.ring_slots as usize);
+        let counters = Arc::new(AckCounters::default());
+        let on_ack = {
+            let counters = Arc::clone(&counters);
+            move |seq: u64| {
+                // Channel seq 1 is the header: log position = base + seq - 1.
+                let position = base + seq - 1;
+                gate.ack(position);
+                counters.acked.fetch_max(position, Ordering::Release);
+                counters.acks.fetch_add(1, Ordering::Relaxed);
+            }
+        };
+        counters.acked.store(base, Ordering::Release);
         let (sender, transport) = match connected {
             Connected::Tcp(t) => (
                 spawn_sender_with(consumer, *t, generation, &settings.profile, &cores, on_ack),
@@ -102,6 +118,11 @@ impl PrimaryLink {
             Connected::Shm(t) => (
                 spawn_sender_with(consumer, *t, generation, &settings.profile, &cores, on_ack),
                 "shm",
+            ),
+            #[cfg(feature = "rdma")]
+            Connected::Rdma(t) => (
+                spawn_sender_with(consumer, *t, generation, &settings.profile, &cores, on_ack),
+                "rdma",
             ),
         };
         let sender = sender.map_err(|e| ReplicaError::Channel(describe(&e)))?;
@@ -112,9 +133,38 @@ impl PrimaryLink {
             transport,
             ended: None,
         };
-        link.push(meta.header_bytes().to_vec())
-            .map_err(ReplicaError::Channel)?;
+        let mut header = meta.header_bytes().to_vec();
+        if base > 0 {
+            header.extend_from_slice(&base.to_le_bytes());
+        }
+        link.push(header).map_err(ReplicaError::Channel)?;
         Ok(link)
+    }
+
+    /// Streams to a joined backup over `stream` (its join connection, now
+    /// authenticated again for `generation`), from log entry `base + 1`.
+    pub fn joined(
+        stream: std::net::TcpStream,
+        settings: &LinkSettings,
+        generation: u64,
+        meta: &LogMeta,
+        gate: Arc<OutputGate>,
+        base: u64,
+    ) -> Result<Self, ReplicaError> {
+        let session = settings.session(Role::Primary, generation);
+        let cores = HostCores::detect()
+            .map_err(|e| ReplicaError::Setup(format!("cannot read the host's cores: {e}")))?;
+        let t = UringTcp::establish_accepted(stream, &session, MAX_FRAME)
+            .map_err(|e| ReplicaError::Channel(describe(&e)))?;
+        Self::start(
+            Connected::Tcp(Box::new(t)),
+            settings,
+            generation,
+            meta,
+            gate,
+            cores,
+            base,
+        )
     }
 
     /// The transport's name.
@@ -208,31 +258,46 @@ pub struct LinkEnd {
 enum Connected {
     Tcp(Box<UringTcp>),
     Shm(Box<ShmTransport>),
+    #[cfg(feature = "rdma")]
+    Rdma(Box<channel::transport::rdma::RdmaTransport>),
 }
 
 fn connect_once(
-    kind: TransportKind,
+    settings: &LinkSettings,
     address: &str,
     session: &channel::protocol::Session,
 ) -> Result<Connected, TransportError> {
-    match kind {
-        TransportKind::Tcp => {
-            let resolved = address
-                .to_socket_addrs()
-                .map_err(|source| TransportError::Io {
-                    op: "resolving the backup's address",
-                    source,
-                })?
-                .next()
-                .ok_or_else(|| TransportError::Io {
-                    op: "resolving the backup's address",
-                    source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
-                })?;
-            UringTcp::connect(resolved, session, MAX_FRAME).map(|t| Connected::Tcp(Box::new(t)))
-        }
+    match settings.kind {
+        TransportKind::Tcp => UringTcp::connect(resolve(address)?, session, MAX_FRAME)
+            .map(|t| Connected::Tcp(Box::new(t))),
         TransportKind::Shm => ShmTransport::connect(&LinkSettings::shm_path(address), session)
             .map(|t| Connected::Shm(Box::new(t))),
+        #[cfg(feature = "rdma")]
+        TransportKind::Rdma => {
+            let config = settings.rdma_config()?;
+            channel::transport::rdma::RdmaTransport::connect(resolve(address)?, session, &config)
+                .map(|t| Connected::Rdma(Box::new(t)))
+        }
+        #[cfg(not(feature = "rdma"))]
+        TransportKind::Rdma => Err(TransportError::Io {
+            op: "connecting over RDMA",
+            source: std::io::Error::other(crate::link::rdma_available().err().unwrap_or_default()),
+        }),
     }
+}
+
+fn resolve(address: &str) -> Result<std::net::SocketAddr, TransportError> {
+    address
+        .to_socket_addrs()
+        .map_err(|source| TransportError::Io {
+            op: "resolving the backup's address",
+            source,
+        })?
+        .next()
+        .ok_or_else(|| TransportError::Io {
+            op: "resolving the backup's address",
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
+        })
 }
 
 /// Nobody listens there yet: worth retrying.

@@ -84,7 +84,7 @@ pub use snapshot::{
 };
 pub use state::{
     EventPosition, MachineState, Received, StateError, StateHeader, StateReader, StateWriter,
-    receive,
+    receive, receive_from,
 };
 
 /// Everything that can stop the VMM. Messages say what and where.

@@ -855,7 +855,16 @@ pub fn receive<R: Read>(
     image: &[u8],
     expected: Option<&VmConfig>,
 ) -> Result<Received, StateError> {
-    let mut reader = StateReader::new(input)?;
+    receive_from(StateReader::new(input)?, image, expected)
+}
+
+/// [`receive`] from a reader whose header the caller has already looked at
+/// (to find the guest image it names).
+pub fn receive_from<R: Read>(
+    mut reader: StateReader<R>,
+    image: &[u8],
+    expected: Option<&VmConfig>,
+) -> Result<Received, StateError> {
     let header = *reader.header();
     let local = image_id(image);
     if header.image_id != local {

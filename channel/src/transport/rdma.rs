@@ -687,6 +687,17 @@ impl RdmaTransport {
         Self::establish(stream, session, cfg, version)
     }
 
+    /// Runs the handshake and the RDMA set-up on a connection the caller
+    /// accepted itself (having learnt its current generation since).
+    pub fn establish_accepted(
+        stream: TcpStream,
+        session: &Session,
+        cfg: &RdmaConfig,
+    ) -> Result<Self, TransportError> {
+        check_device(cfg)?;
+        Self::establish(stream, session, cfg, PROTOCOL_VERSION)
+    }
+
     /// The device in use.
     pub fn device(&self) -> &str {
         &self.device

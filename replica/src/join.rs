@@ -1,0 +1,376 @@
+//! Re-protection: a new backup joins a primary that runs alone, by state
+//! transfer, and the pair goes on in lockstep in a new generation.
+//!
+//! One TCP connection to the primary's join address carries everything:
+//!
+//! ```text
+//!  joiner (new backup)                               primary (running alone, generation g)
+//!  ── channel handshake at g (key, VM id) ──────────▶ refuses any other generation
+//!  ── "LKJN" u16 len, replica name ─────────────────▶ arbiter: register pair (me, joiner) as g+1
+//!  ◀──────────────── u64 new generation (0: refused) ─ hold output after the current position
+//!  ◀──── state stream (vmm::state): pre-copy rounds while the guest runs,
+//!        stop-and-copy at exit N, log position P, digest at the hand-over
+//!  ── 1 byte: state received and checked ───────────▶
+//!  ── channel handshake at g+1, then io_uring ──────▶ LogSender from log entry P+1
+//!  ◀──── header{log header, base P}, entries P+1 … ─ (buffered since the hold began)
+//!  ── acks ─────────────────────────────────────────▶ release the held output
+//! ```
+//!
+//! Rule 5 of the view-server lecture: the capture sits between exit N and
+//! N+1, so every log entry is either inside the state (≤ P) or streamed
+//! after it (> P), never both or neither. Output produced after the hold
+//! began waits for the joiner's acks; if the join fails after the arbiter
+//! recorded generation g+1, the primary treats it as a lost backup and must
+//! win g+2 before it releases anything.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::ReplicaError;
+use crate::primary::PrimaryLink;
+
+/// Magic before the joiner's name.
+pub const JOIN_MAGIC: [u8; 4] = *b"LKJN";
+/// Longest replica name.
+pub const MAX_NAME: usize = 255;
+
+/// Sends the joiner's name.
+pub fn send_name(stream: &mut TcpStream, name: &str) -> Result<(), ReplicaError> {
+    if name.is_empty() || name.len() > MAX_NAME {
+        return Err(ReplicaError::Setup(format!(
+            "a replica name has 1 to {MAX_NAME} bytes, `{name}` has {}",
+            name.len()
+        )));
+    }
+    let mut message = Vec::with_capacity(6 + name.len());
+    message.extend_from_slice(&JOIN_MAGIC);
+    message.extend_from_slice(&(name.len() as u16).to_le_bytes());
+    message.extend_from_slice(name.as_bytes());
+    stream
+        .write_all(&message)
+        .map_err(link("send the join request"))
+}
+
+/// Reads the joiner's name.
+pub fn read_name(stream: &mut TcpStream) -> Result<String, ReplicaError> {
+    let mut head = [0u8; 6];
+    stream
+        .read_exact(&mut head)
+        .map_err(link("read the join request"))?;
+    if head[..4] != JOIN_MAGIC {
+        return Err(ReplicaError::Channel(format!(
+            "join request magic {:02x?}, expected \"LKJN\"",
+            &head[..4]
+        )));
+    }
+    let len = usize::from(u16::from_le_bytes([head[4], head[5]]));
+    if len == 0 || len > MAX_NAME {
+        return Err(ReplicaError::Channel(format!(
+            "join request names a replica of {len} bytes (1 to {MAX_NAME})"
+        )));
+    }
+    let mut name = vec![0u8; len];
+    stream
+        .read_exact(&mut name)
+        .map_err(link("read the joiner's name"))?;
+    String::from_utf8(name)
+        .map_err(|_| ReplicaError::Channel("the joiner's name is not UTF-8".into()))
+}
+
+/// Sends the new generation (0: refused).
+pub fn send_generation(stream: &mut TcpStream, generation: u64) -> Result<(), ReplicaError> {
+    stream
+        .write_all(&generation.to_le_bytes())
+        .map_err(link("send the new generation"))
+}
+
+/// Reads the new generation; 0 means the primary refused.
+pub fn read_generation(stream: &mut TcpStream) -> Result<u64, ReplicaError> {
+    let mut raw = [0u8; 8];
+    stream
+        .read_exact(&mut raw)
+        .map_err(link("read the new generation"))?;
+    Ok(u64::from_le_bytes(raw))
+}
+
+/// The joiner's "state received and checked".
+pub const STATE_RECEIVED: u8 = 0x5a;
+
+fn link(what: &'static str) -> impl Fn(std::io::Error) -> ReplicaError {
+    move |source| ReplicaError::Link {
+        what: what.into(),
+        source,
+    }
+}
+
+/// What the join thread hands the primary's log sink.
+pub enum JoinEvent {
+    /// The new backup has the state up to `base` and follows from here.
+    Ready {
+        /// The link to it.
+        link: PrimaryLink,
+        /// The log position of the state.
+        base: u64,
+        /// The pair's generation.
+        generation: u64,
+        /// Entries logged since the hold began, `(seq, bytes)`.
+        buffered: Vec<(u64, Vec<u8>)>,
+    },
+    /// The join failed after the arbiter recorded `generation`: the
+    /// primary's backup of that generation is lost.
+    Failed {
+        /// Why.
+        why: String,
+        /// The generation the arbiter recorded.
+        generation: u64,
+    },
+}
+
+#[derive(Default)]
+struct JoinState {
+    /// The generation this primary runs alone in; `None` while protected.
+    alone: Option<u64>,
+    /// Buffering entries for a joiner.
+    armed: bool,
+    buffer: Vec<(u64, Vec<u8>)>,
+    event: Option<JoinEvent>,
+}
+
+/// Shared by the primary's log sink and its join thread.
+#[derive(Default)]
+pub struct JoinPort {
+    state: Mutex<JoinState>,
+    /// The log position the sink has reached.
+    position: AtomicU64,
+}
+
+impl JoinPort {
+    fn lock(&self) -> std::sync::MutexGuard<'_, JoinState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The sink: this primary now runs alone in `generation` (a joiner may come).
+    pub fn set_alone(&self, generation: Option<u64>) {
+        self.lock().alone = generation;
+    }
+
+    /// The join thread: the generation to authenticate a joiner at, if
+    /// this primary runs alone and no join is under way.
+    pub fn alone(&self) -> Option<u64> {
+        let state = self.lock();
+        if state.armed { None } else { state.alone }
+    }
+
+    /// The join thread: start buffering every entry for the joiner; returns
+    /// the log position reached (output after it waits for the joiner).
+    pub fn arm(&self) -> u64 {
+        let mut state = self.lock();
+        state.armed = true;
+        state.buffer.clear();
+        self.position.load(Ordering::Acquire)
+    }
+
+    /// The join thread: the joiner follows.
+    pub fn ready(&self, link: PrimaryLink, base: u64, generation: u64) {
+        let mut state = self.lock();
+        let buffered = std::mem::take(&mut state.buffer);
+        state.armed = false;
+        state.alone = None;
+        state.event = Some(JoinEvent::Ready {
+            link,
+            base,
+            generation,
+            buffered,
+        });
+    }
+
+    /// The join thread: the join failed. Before the arbiter recorded a new
+    /// generation (`recorded` is `None`) the primary simply goes on alone.
+    pub fn failed(&self, why: String, recorded: Option<u64>) {
+        let mut state = self.lock();
+        state.armed = false;
+        state.buffer.clear();
+        if let Some(generation) = recorded {
+            state.alone = None;
+            state.event = Some(JoinEvent::Failed { why, generation });
+        }
+    }
+
+    /// The sink, at every entry: keeps it for a joiner if armed, and
+    /// collects what the join thread decided.
+    pub fn observe(&self, seq: u64, entry: &[u8]) -> Option<JoinEvent> {
+        self.position.store(seq, Ordering::Release);
+        let mut state = self.lock();
+        if state.armed {
+            state.buffer.push((seq, entry.to_vec()));
+        }
+        state.event.take()
+    }
+}
+
+/// Shared handle.
+pub type SharedJoinPort = Arc<JoinPort>;
+
+/// What the primary's join service needs.
+pub struct JoinService {
+    /// Shared with the primary's log sink.
+    pub port: Arc<JoinPort>,
+    /// Pauses the running machine and reads its memory.
+    pub transfer: vmm::TransferHandle,
+    /// The primary's output gate.
+    pub gate: Arc<nic::gate::OutputGate>,
+    /// Channel settings (key, VM id, profile).
+    pub settings: crate::link::LinkSettings,
+    /// The arbiter that records each new pair.
+    pub arbiter: Arc<dyn arbiter::Arbiter>,
+    /// This primary's name there.
+    pub me: arbiter::ReplicaId,
+    /// The log header of this VM.
+    pub meta: channel::log::LogMeta,
+    /// The state stream's header (image, memory, flags).
+    pub header: vmm::StateHeader,
+}
+
+/// Serves join requests on `listener` until the process ends; each failed
+/// join is reported and the primary goes on.
+pub fn serve(listener: std::net::TcpListener, service: JoinService) {
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let peer = stream
+            .peer_addr()
+            .map_or_else(|_| "?".to_string(), |a| a.to_string());
+        match serve_one(stream, &service) {
+            Ok(report) => eprintln!("lockstep primary: join from {peer}: {report}"),
+            Err(error) => eprintln!(
+                "lockstep primary: join from {peer} refused or failed: {}",
+                crate::link::describe(&error)
+            ),
+        }
+    }
+}
+
+fn serve_one(mut stream: TcpStream, service: &JoinService) -> Result<String, ReplicaError> {
+    use channel::protocol::{PROTOCOL_VERSION, Role, handshake};
+    let Some(generation) = service.port.alone() else {
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        return Err(ReplicaError::Setup(
+            "this primary has a backup (or a join is under way)".into(),
+        ));
+    };
+    stream
+        .set_read_timeout(Some(channel::protocol::HANDSHAKE_TIMEOUT))
+        .map_err(link("set the join timeout"))?;
+    handshake(
+        &mut stream,
+        &service.settings.session(Role::Primary, generation),
+        PROTOCOL_VERSION,
+    )
+    .map_err(|e| ReplicaError::Channel(crate::link::describe(&e)))?;
+    let name = read_name(&mut stream)?;
+    let joiner = arbiter::ReplicaId::new(name.clone())
+        .map_err(|e| ReplicaError::Channel(format!("joiner name: {e}")))?;
+    let vm = service.settings.vm_id;
+    let record = match service
+        .arbiter
+        .register(vm, generation, &service.me, &joiner)
+    {
+        Ok(arbiter::Outcome::Won(record)) => record,
+        Ok(lost) => {
+            let _ = send_generation(&mut stream, 0);
+            return Err(ReplicaError::Setup(format!(
+                "the arbiter refused the pair ({}, {name}) for generation {}: {lost:?}",
+                service.me,
+                generation + 1
+            )));
+        }
+        Err(error) => {
+            let _ = send_generation(&mut stream, 0);
+            return Err(ReplicaError::Setup(format!(
+                "the arbiter cannot record the new pair: {}",
+                arbiter::error_chain(&error)
+            )));
+        }
+    };
+    let new_generation = record.generation;
+    let result = transfer(&mut stream, service, new_generation);
+    match result {
+        Ok((link, report)) => {
+            service
+                .port
+                .ready(link, report.log_position, new_generation);
+            Ok(format!(
+                "{name} joined in generation {new_generation}: {} pre-copy rounds ({} pages), {} pages during a pause of {} µs at exit {}, log position {}; {:.1} MiB in {} ms",
+                report.rounds.len(),
+                report.rounds.iter().map(|r| r.pages).sum::<u64>(),
+                report.final_pages,
+                report.pause.as_micros(),
+                report.exit,
+                report.log_position,
+                report.bytes as f64 / (1 << 20) as f64,
+                report.total.as_millis()
+            ))
+        }
+        Err(error) => {
+            service
+                .port
+                .failed(crate::link::describe(&error), Some(new_generation));
+            Err(error)
+        }
+    }
+}
+
+fn transfer(
+    stream: &mut TcpStream,
+    service: &JoinService,
+    generation: u64,
+) -> Result<(PrimaryLink, vmm::TransferReport), ReplicaError> {
+    send_generation(stream, generation)?;
+    // From here on, output waits for the joiner's acks.
+    let held_from = service.port.arm();
+    service.gate.hold_after(held_from);
+    let writer = vmm::StateWriter::new(
+        std::io::BufWriter::with_capacity(1 << 20, &*stream),
+        &service.header,
+    )
+    .map_err(|e| ReplicaError::Vmm(e.into()))?;
+    let policy = vmm::PrecopyPolicy {
+        digest: true,
+        ..vmm::PrecopyPolicy::default()
+    };
+    let (writer, report, _captured) = vmm::send_state(&service.transfer, writer, &policy)
+        .map_err(|e| ReplicaError::Vmm(e.into()))?;
+    writer.into_inner().map_err(|e| ReplicaError::Link {
+        what: "send the state".into(),
+        source: e.into_error(),
+    })?;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .map_err(link("set the join timeout"))?;
+    let mut received = [0u8; 1];
+    stream
+        .read_exact(&mut received)
+        .map_err(link("read the joiner's receipt"))?;
+    if received[0] != STATE_RECEIVED {
+        return Err(ReplicaError::Channel(format!(
+            "the joiner answered the state with {:#04x}",
+            received[0]
+        )));
+    }
+    stream
+        .set_read_timeout(None)
+        .map_err(link("clear the join timeout"))?;
+    let stream = stream
+        .try_clone()
+        .map_err(link("clone the join connection"))?;
+    let link = PrimaryLink::joined(
+        stream,
+        &service.settings,
+        generation,
+        &service.meta,
+        Arc::clone(&service.gate),
+        report.log_position,
+    )?;
+    Ok((link, report))
+}
