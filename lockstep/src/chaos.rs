@@ -12,6 +12,11 @@
 //!   running as live (must be 0);
 //! - **lost acknowledged writes**: the counter reads less than the number of
 //!   INCRs acknowledged to the client (must be 0).
+//!
+//! With `--reprotect`, once a replica runs alone after the fault, a third
+//! replica joins it by state transfer (`lockstep backup --join`), and then the
+//! survivor is killed too: the joined replica must go live with every
+//! acknowledged write, and no generation may have two winners.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -49,6 +54,10 @@ pub struct Campaign {
     pub lost_writes: u64,
     /// INCRs acknowledged, summed.
     pub acknowledged: u64,
+    /// Re-protections: a new backup joined the survivor (with `--reprotect`).
+    pub joins: u64,
+    /// Joined backups that went live when the survivor was killed in turn.
+    pub second_failovers: u64,
     /// Failover times: from the fault to the client's first acknowledged
     /// reply afterwards, in ms, one per trial.
     pub failover_ms: Vec<f64>,
@@ -156,8 +165,34 @@ fn reap(children: &mut [(&str, Child)]) -> Vec<(String, Option<i32>)> {
     codes
 }
 
+/// Sends INCRs for `duration`, counting the acknowledged ones; reconnects
+/// after a failure. Returns when the time is up.
+fn incr_for(stream: &mut Option<TcpStream>, acknowledged: &mut u64, duration: Duration) {
+    let until = Instant::now() + duration;
+    while Instant::now() < until {
+        let Some(connection) = stream.as_mut() else {
+            *stream = connect(Duration::from_secs(2));
+            continue;
+        };
+        match resp(connection, &["INCR", "chaos"]) {
+            Some(reply) if reply.starts_with(':') => {
+                if let Ok(value) = reply[1..].parse::<u64>() {
+                    *acknowledged = (*acknowledged).max(value);
+                }
+            }
+            _ => *stream = None,
+        }
+    }
+}
+
+fn log_says(path: &Path, text: &str) -> bool {
+    std::fs::read_to_string(path).is_ok_and(|log| log.contains(text))
+}
+
 /// What one trial found.
 struct Outcome {
+    joined: bool,
+    second_failover: bool,
     failover: bool,
     split_brain: bool,
     lost: u64,
@@ -166,7 +201,13 @@ struct Outcome {
 }
 
 /// Runs one trial.
-fn trial(exe: &Path, dir: &Path, number: u64, random: &mut Random) -> Result<Outcome, CliError> {
+fn trial(
+    exe: &Path,
+    dir: &Path,
+    number: u64,
+    random: &mut Random,
+    reprotect: bool,
+) -> Result<Outcome, CliError> {
     let fault = match random.below(3) {
         0 => Fault::KillPrimary,
         1 => Fault::KillBackup,
@@ -216,10 +257,15 @@ fn trial(exe: &Path, dir: &Path, number: u64, random: &mut Random) -> Result<Out
     ];
     let backup_log = dir.join(format!("backup-{number}.log"));
     let primary_log = dir.join(format!("primary-{number}.log"));
+    let primary_join = format!("127.0.0.1:{}", 7450 + (number % 50));
+    let backup_join = format!("127.0.0.1:{}", 7500 + (number % 50));
     let mut backup_args = vec![
         "backup", "--listen", &link, "--tap", TAP, "--id", "b", "--quiet",
     ];
     backup_args.extend(ft);
+    if reprotect {
+        backup_args.extend(["--join-listen", backup_join.as_str()]);
+    }
     let backup = spawn(exe, &backup_args, Some(&backup_log))?;
     let relay = replica::relay::Relay::start(link.clone()).map_err(|source| CliError::File {
         what: "cannot start the chaos relay for",
@@ -243,8 +289,11 @@ fn trial(exe: &Path, dir: &Path, number: u64, random: &mut Random) -> Result<Out
         "--quiet",
     ];
     primary_args.extend(ft);
+    if reprotect {
+        primary_args.extend(["--join-listen", primary_join.as_str()]);
+    }
     let primary = spawn(exe, &primary_args, Some(&primary_log))?;
-    let mut children = [
+    let mut children = vec![
         ("arbiter", arbiter),
         ("backup", backup),
         ("primary", primary),
@@ -287,6 +336,55 @@ fn trial(exe: &Path, dir: &Path, number: u64, random: &mut Random) -> Result<Out
             _ => stream = None, // unanswered: not acknowledged; reconnect
         }
     }
+    // Re-protection: a third replica joins the survivor, then the survivor
+    // dies too and the joined replica must take over.
+    let joiner_log = dir.join(format!("joiner-{number}.log"));
+    let mut joined = false;
+    if reprotect {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let survivor = loop {
+            if log_says(&primary_log, "won generation 2") {
+                break Some((2usize, primary_join.as_str()));
+            }
+            if log_says(&backup_log, "won generation 2") {
+                break Some((1usize, backup_join.as_str()));
+            }
+            if Instant::now() >= deadline {
+                break None;
+            }
+            incr_for(&mut stream, &mut acknowledged, Duration::from_millis(100));
+        };
+        if let Some((survivor, join_address)) = survivor {
+            let mut joiner_args = vec![
+                "backup",
+                "--join",
+                join_address,
+                "--tap",
+                TAP,
+                "--id",
+                "c",
+                "--quiet",
+            ];
+            joiner_args.extend(ft);
+            let joiner = spawn(exe, &joiner_args, Some(&joiner_log))?;
+            children.push(("joiner", joiner));
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !joined && Instant::now() < deadline {
+                incr_for(&mut stream, &mut acknowledged, Duration::from_millis(100));
+                joined = log_says(&joiner_log, "clone verified");
+            }
+            if joined {
+                // Let it follow under load a while, then kill the survivor.
+                incr_for(
+                    &mut stream,
+                    &mut acknowledged,
+                    Duration::from_millis(300 + random.below(1000)),
+                );
+                let _ = children[survivor].1.kill();
+                incr_for(&mut stream, &mut acknowledged, Duration::from_secs(3));
+            }
+        }
+    }
     let final_value = connect(Duration::from_secs(10))
         .and_then(|mut connection| resp(&mut connection, &["GET", "chaos"]))
         .and_then(|value| value.parse::<u64>().ok())
@@ -294,12 +392,23 @@ fn trial(exe: &Path, dir: &Path, number: u64, random: &mut Random) -> Result<Out
     let codes = reap(&mut children);
     let backup_text = std::fs::read_to_string(&backup_log).unwrap_or_default();
     let primary_text = std::fs::read_to_string(&primary_log).unwrap_or_default();
+    let joiner_text = std::fs::read_to_string(&joiner_log).unwrap_or_default();
     let backup_won = backup_text.contains("won generation 2");
     let primary_won = primary_text.contains("won generation 2");
-    let split_brain = backup_won && primary_won;
+    // Two winners of any generation is a split brain (the joined pair is
+    // generation 3, the joined replica going live wins 4).
+    let split_brain = (2..=6).any(|generation| {
+        let won = format!("won generation {generation} ");
+        [&backup_text, &primary_text, &joiner_text]
+            .iter()
+            .filter(|text| text.contains(&won))
+            .count()
+            > 1
+    });
+    let second_failover = joiner_text.contains("won generation 4");
     let lost = acknowledged.saturating_sub(final_value);
     eprintln!(
-        "chaos: trial {number}: {fault:?} after {} ms; acknowledged {acknowledged}, counter {final_value}; service back after {}; live alone: {}; exit codes {codes:?}",
+        "chaos: trial {number}: {fault:?} after {} ms; acknowledged {acknowledged}, counter {final_value}; service back after {}; live alone: {}{}; exit codes {codes:?}",
         fault_after.as_millis(),
         recovered_after.map_or("never".to_string(), |d| format!("{} ms", d.as_millis())),
         match (primary_won, backup_won) {
@@ -307,9 +416,18 @@ fn trial(exe: &Path, dir: &Path, number: u64, random: &mut Random) -> Result<Out
             (true, false) => "primary",
             (false, true) => "backup",
             (false, false) => "nobody",
+        },
+        match (reprotect, joined, second_failover) {
+            (false, _, _) => "",
+            (true, true, true) => "; joined by c, which went live when the survivor was killed",
+            (true, true, false) =>
+                "; joined by c, which did NOT go live after the survivor was killed",
+            (true, false, _) => "; no re-protection",
         }
     );
     Ok(Outcome {
+        joined,
+        second_failover,
         failover: primary_won || backup_won,
         split_brain,
         lost,
@@ -318,8 +436,9 @@ fn trial(exe: &Path, dir: &Path, number: u64, random: &mut Random) -> Result<Out
     })
 }
 
-/// Runs `trials` trials with `seed`.
-pub fn run(trials: u64, seed: u64) -> Result<Campaign, CliError> {
+/// Runs `trials` trials with `seed` (with `reprotect`, a new backup joins
+/// the survivor of each trial and then takes over from it).
+pub fn run(trials: u64, seed: u64, reprotect: bool) -> Result<Campaign, CliError> {
     let exe = std::env::current_exe().map_err(|source| CliError::File {
         what: "cannot find this program",
         path: PathBuf::from("/proc/self/exe"),
@@ -335,8 +454,10 @@ pub fn run(trials: u64, seed: u64) -> Result<Campaign, CliError> {
     let mut random = Random(seed.max(1));
     let mut campaign = Campaign::default();
     for number in 1..=trials {
-        let outcome = trial(&exe, &dir, number, &mut random)?;
+        let outcome = trial(&exe, &dir, number, &mut random, reprotect)?;
         campaign.trials += 1;
+        campaign.joins += u64::from(outcome.joined);
+        campaign.second_failovers += u64::from(outcome.second_failover);
         campaign.failovers += u64::from(outcome.failover);
         campaign.split_brains += u64::from(outcome.split_brain);
         campaign.lost_writes += outcome.lost;

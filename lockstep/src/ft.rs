@@ -15,7 +15,7 @@ use replica::backup::LinkListener;
 use replica::failover::{BackupSource, FailoverSink, Membership, Promote};
 use replica::link::{LinkSettings, TransportKind};
 use replica::primary::PrimaryLink;
-use vmm::events::{Discard, Live, Replay};
+use vmm::events::{Live, Replay};
 use vmm::{Machine, VmConfig, VmmError};
 
 use crate::guests::GuestImage;
@@ -385,6 +385,7 @@ fn gratuitous_arp(mac: [u8; 6], ip: [u8; 4]) -> Vec<u8> {
 pub fn backup(
     listen: &str,
     tap: Option<&str>,
+    join_listen: Option<&str>,
     ft: &FtArgs,
     quiet: bool,
     stop: Arc<AtomicBool>,
@@ -456,14 +457,6 @@ pub fn backup(
         guest.name()
     );
     let config = VmConfig::with_flags(meta.mem_size, meta.vm_flags);
-    let output = Promotable::default();
-    let promote = promotion(
-        tap.map(str::to_string),
-        &config,
-        meta.guest_arg,
-        output.clone(),
-        stop,
-    );
     let me_name = me.to_string();
     let membership = arbiter.map(|arbiter| Membership {
         arbiter,
@@ -471,9 +464,19 @@ pub fn backup(
         me,
         generation: accepted.generation,
     });
+    let mut side = BackupSide::new(
+        tap,
+        &config,
+        &meta,
+        guest.bytes(),
+        membership.clone(),
+        join_listen,
+        ft,
+        stop,
+    )?;
     let status = replica::status::StatusFile::new(&ft.status_dir, me_name.as_str());
-    let source =
-        BackupSource::new(Replay::new(accepted.source), membership, promote).with_status(status);
+    let source = BackupSource::new(Replay::new(accepted.source), membership, side.promote()?)
+        .with_status(status);
     let machine = Machine::new(
         &config,
         guest.bytes(),
@@ -482,19 +485,21 @@ pub fn backup(
         console(quiet),
         meta.digest_interval,
     )?;
-    follow(machine, &config, output, guest.name())
+    follow(machine, side, guest.name())
 }
 
 /// Runs a backup's machine until the guest ends or this replica halts, and
 /// reports how it went.
 fn follow(
     mut machine: Machine<BackupSource>,
-    config: &VmConfig,
-    output: Promotable,
+    side: BackupSide,
     guest_name: &str,
 ) -> Result<(), CliError> {
-    if config.mac.is_some() {
-        machine.set_net_output(Arc::new(OutputGate::open(Box::new(output))))?;
+    if side.has_nic {
+        machine.set_net_output(Arc::clone(&side.gate))?;
+    }
+    if let Some(setup) = side.joins {
+        spawn_join_service(setup, machine.transfer_handle(), Arc::clone(&side.gate))?;
     }
     let result = machine.run();
     let source = machine.events();
@@ -559,6 +564,7 @@ fn follow(
 pub fn join(
     primary: &str,
     tap: Option<&str>,
+    join_listen: Option<&str>,
     ft: &FtArgs,
     quiet: bool,
     stop: Arc<AtomicBool>,
@@ -653,14 +659,6 @@ pub fn join(
         .into());
     }
     let meta = accepted.meta;
-    let output = Promotable::default();
-    let promote = promotion(
-        tap.map(str::to_string),
-        &config,
-        meta.guest_arg,
-        output.clone(),
-        stop,
-    );
     let me_name = me.to_string();
     let membership = Membership {
         arbiter,
@@ -668,11 +666,21 @@ pub fn join(
         me,
         generation,
     };
+    let mut side = BackupSide::new(
+        tap,
+        &config,
+        &meta,
+        guest.bytes(),
+        Some(membership.clone()),
+        join_listen,
+        ft,
+        stop,
+    )?;
     let status = replica::status::StatusFile::new(&ft.status_dir, me_name.as_str());
     let source = BackupSource::new(
         Replay::resume(accepted.source, &position),
         Some(membership),
-        promote,
+        side.promote()?,
     )
     .with_status(status);
     let machine = Machine::restore(received, source, console(quiet), meta.digest_interval)?;
@@ -692,21 +700,181 @@ pub fn join(
             machine.exits()
         );
     }
-    follow(machine, &config, output, guest.name())
+    follow(machine, side, guest.name())
 }
 
-/// What a backup does when it wins the arbiter: attach the NIC to the TAP,
-/// announce the guest, and hand back live event sources.
-fn promotion(
+/// Where a live replica takes a joining backup on, before the machine exists.
+struct JoinSetup {
+    listener: TcpListener,
+    port: Arc<replica::join::JoinPort>,
+    settings: LinkSettings,
+    arbiter: Arc<dyn Arbiter>,
+    me: ReplicaId,
+    meta: channel::log::LogMeta,
+    header: vmm::StateHeader,
+}
+
+impl JoinSetup {
+    /// Listens on `address` for joining backups; `membership` must name the arbiter.
+    fn new(
+        address: &str,
+        membership: Option<&Membership>,
+        ft: &FtArgs,
+        meta: &channel::log::LogMeta,
+        header: vmm::StateHeader,
+    ) -> Result<Self, CliError> {
+        let membership = membership.ok_or_else(|| {
+            CliError::Usage(
+                "--join-listen needs --arbiter (each new pair is recorded there)".into(),
+            )
+        })?;
+        let listener = TcpListener::bind(address).map_err(|source| CliError::File {
+            what: "cannot listen for joining backups on",
+            path: PathBuf::from(address),
+            source,
+        })?;
+        Ok(Self {
+            listener,
+            port: Arc::new(replica::join::JoinPort::default()),
+            settings: ft.link_settings()?,
+            arbiter: Arc::clone(&membership.arbiter),
+            me: membership.me.clone(),
+            meta: meta.clone(),
+            header,
+        })
+    }
+}
+
+fn spawn_join_service(
+    setup: JoinSetup,
+    transfer: vmm::TransferHandle,
+    gate: Arc<OutputGate>,
+) -> Result<(), CliError> {
+    let service = replica::join::JoinService {
+        port: setup.port,
+        transfer,
+        gate,
+        settings: setup.settings,
+        arbiter: setup.arbiter,
+        me: setup.me,
+        meta: setup.meta,
+        header: setup.header,
+    };
+    let listener = setup.listener;
+    std::thread::Builder::new()
+        .name("join-service".into())
+        .spawn(move || replica::join::serve(listener, service))
+        .map(|_| ())
+        .map_err(|source| CliError::File {
+            what: "cannot start the join service",
+            path: PathBuf::from("join-service"),
+            source,
+        })
+}
+
+/// A backup's output side: suppressed until it goes live, then its TAP.
+struct BackupSide {
+    has_nic: bool,
+    gate: Arc<OutputGate>,
+    promotion: Option<Promotion>,
+    joins: Option<JoinSetup>,
+}
+
+impl BackupSide {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        tap: Option<&str>,
+        config: &VmConfig,
+        meta: &channel::log::LogMeta,
+        image: &[u8],
+        membership: Option<Membership>,
+        join_listen: Option<&str>,
+        ft: &FtArgs,
+        stop: Arc<AtomicBool>,
+    ) -> Result<Self, CliError> {
+        let output = Promotable::default();
+        let gate = Arc::new(OutputGate::open(Box::new(output.clone())));
+        let joins = match join_listen {
+            Some(address) => Some(JoinSetup::new(
+                address,
+                membership.as_ref(),
+                ft,
+                meta,
+                vmm::StateHeader::new(config, image, meta.guest_arg),
+            )?),
+            None => None,
+        };
+        let promotion = Promotion {
+            tap: tap.map(str::to_string),
+            mac: config.mac,
+            guest_arg: meta.guest_arg,
+            output,
+            stop,
+            gate: Arc::clone(&gate),
+            membership,
+            joins: joins.as_ref().map(|setup| Arc::clone(&setup.port)),
+            peer_timeout: ft.peer_timeout(),
+        };
+        Ok(Self {
+            has_nic: config.mac.is_some(),
+            gate,
+            promotion: Some(promotion),
+            joins,
+        })
+    }
+
+    /// The promotion closure (it can be taken once).
+    fn promote(&mut self) -> Result<Promote, CliError> {
+        self.promotion
+            .take()
+            .map(promotion)
+            .ok_or_else(|| CliError::Usage("the promotion was already taken".into()))
+    }
+}
+
+/// What a backup needs to go live and, once live, to take a new backup on.
+struct Promotion {
     tap: Option<String>,
-    config: &VmConfig,
+    mac: Option<[u8; 6]>,
     guest_arg: u64,
     output: Promotable,
     stop: Arc<AtomicBool>,
-) -> Promote {
-    let mac = config.mac;
-    Box::new(move |clock| {
-        let live = Live::new(Box::new(std::io::empty()), Discard)
+    /// The backup's output gate (open; it holds again while a backup joins).
+    gate: Arc<OutputGate>,
+    /// Who this replica is at the arbiter.
+    membership: Option<Membership>,
+    /// Where new backups join once this one is live (`--join-listen`).
+    joins: Option<Arc<replica::join::JoinPort>>,
+    peer_timeout: Duration,
+}
+
+/// What a backup does when it wins the arbiter: attach the NIC to the TAP,
+/// announce the guest, and hand back live event sources whose sink runs
+/// alone (and takes a joining backup on, with `--join-listen`).
+fn promotion(promotion: Promotion) -> Promote {
+    let Promotion {
+        tap,
+        mac,
+        guest_arg,
+        output,
+        stop,
+        gate,
+        membership,
+        joins,
+        peer_timeout,
+    } = promotion;
+    Box::new(move |clock, generation| {
+        let mut membership = membership.clone().ok_or_else(|| {
+            VmmError::Halted("a backup without an arbiter never goes live".into())
+        })?;
+        membership.generation = generation;
+        // The backup's own status file keeps reporting (role: live).
+        let mut sink = FailoverSink::alone(Arc::clone(&gate), membership, peer_timeout);
+        if let Some(port) = &joins {
+            sink = sink.with_joins(Arc::clone(port));
+        }
+        let live = Live::new(Box::new(std::io::empty()), sink)
+            .streaming()
             .with_clock_base(clock)
             .with_stop(Arc::clone(&stop));
         let (Some(mac), Some(name)) = (mac, tap.as_deref()) else {

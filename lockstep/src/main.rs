@@ -93,6 +93,10 @@ enum Command {
         /// address): clone it by state transfer, then follow it.
         #[arg(long)]
         join: Option<String>,
+        /// Once this backup has gone live, accept a new backup of its own
+        /// here (`lockstep backup --join`).
+        #[arg(long)]
+        join_listen: Option<String>,
         #[command(flatten)]
         ft: ft::FtArgs,
         /// Do not print the guest's console output.
@@ -116,6 +120,10 @@ enum Command {
         /// Seed of the campaign's random choices.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// After each failover, join a new backup to the survivor by state
+        /// transfer, then kill the survivor: the joined backup must take over.
+        #[arg(long)]
+        reprotect: bool,
     },
     /// The embedded arbiter: an atomic test-and-set on generations that
     /// decides which replica may go live alone.
@@ -276,15 +284,34 @@ fn execute(command: Command) -> Result<(), CliError> {
             listen,
             tap,
             join,
+            join_listen,
             ft,
             quiet,
         } => match join {
-            Some(primary) => ft::join(&primary, tap.as_deref(), &ft, quiet, stop_flag()),
-            None => ft::backup(&listen, tap.as_deref(), &ft, quiet, stop_flag()),
+            Some(primary) => ft::join(
+                &primary,
+                tap.as_deref(),
+                join_listen.as_deref(),
+                &ft,
+                quiet,
+                stop_flag(),
+            ),
+            None => ft::backup(
+                &listen,
+                tap.as_deref(),
+                join_listen.as_deref(),
+                &ft,
+                quiet,
+                stop_flag(),
+            ),
         },
         Command::Status { dir } => ft::status(&dir),
-        Command::Chaos { trials, seed } => {
-            let campaign = chaos::run(trials, seed)?;
+        Command::Chaos {
+            trials,
+            seed,
+            reprotect,
+        } => {
+            let campaign = chaos::run(trials, seed, reprotect)?;
             let mut times = campaign.failover_ms.clone();
             let p50 = perf::median(&mut times);
             let max = times.last().copied().unwrap_or(f64::NAN);
@@ -297,6 +324,17 @@ fn execute(command: Command) -> Result<(), CliError> {
                 campaign.lost_writes,
                 campaign.acknowledged
             );
+            if reprotect {
+                println!(
+                    "chaos: {} re-protections by state transfer; {} joined backups went live when the survivor was killed in turn",
+                    campaign.joins, campaign.second_failovers
+                );
+                if campaign.second_failovers < campaign.joins {
+                    return Err(CliError::Usage(
+                        "a joined backup did not take over from its dead primary".into(),
+                    ));
+                }
+            }
             if campaign.split_brains > 0 || campaign.lost_writes > 0 {
                 return Err(CliError::Usage(
                     "the campaign found split brains or lost writes".into(),

@@ -26,7 +26,7 @@ use channel::log::EntryKind;
 use nic::gate::OutputGate;
 use vmm::VmmError;
 use vmm::digest::Digest;
-use vmm::events::{Discard, EventSink, EventSource, Live, Replay};
+use vmm::events::{EventSink, EventSource, Live, Replay};
 
 use crate::backup::StreamSource;
 use crate::primary::PrimaryLink;
@@ -82,14 +82,16 @@ impl Membership {
 }
 
 /// Builds the live event source of a backup going live (attaches the NIC to
-/// the TAP, announces the guest), given the guest clock to continue from.
-pub type Promote = Box<dyn FnMut(u64) -> Result<Live<Discard>, VmmError> + Send>;
+/// the TAP, announces the guest), given the guest clock to continue from and
+/// the generation it won. Its sink is a [`FailoverSink`] running alone, so a
+/// new backup can join it later.
+pub type Promote = Box<dyn FnMut(u64, u64) -> Result<Live<FailoverSink>, VmmError> + Send>;
 
 /// The backup's event source: the primary's stream while it lasts, then,
 /// after winning the arbiter, live values.
 pub struct BackupSource {
     replay: Replay<StreamSource>,
-    live: Option<Live<Discard>>,
+    live: Option<Live<FailoverSink>>,
     membership: Option<Membership>,
     promote: Promote,
     promoted: Option<(u64, u64)>,
@@ -168,7 +170,7 @@ impl BackupSource {
         let why = format!("the primary is gone (stream ended at exit {exit}: {cause})");
         let generation = membership.go_live_alone(&why)?;
         let clock = self.replay.stats().last_clock_ns;
-        self.live = Some((self.promote)(clock)?);
+        self.live = Some((self.promote)(clock, generation)?);
         self.promoted = Some((exit, generation));
         eprintln!(
             "lockstep backup: primary lost at exit {exit}; won generation {generation} at the arbiter: live as primary"
@@ -312,8 +314,35 @@ impl FailoverSink {
         }
     }
 
+    /// The sink of a replica that went live alone in `membership`'s
+    /// generation (a promoted backup): no link, output open, until a new
+    /// backup joins through the port given with [`FailoverSink::with_joins`].
+    pub fn alone(gate: Arc<OutputGate>, membership: Membership, timeout: Duration) -> Self {
+        let generation = membership.generation;
+        Self {
+            link: None,
+            gate,
+            membership: Some(membership),
+            timeout,
+            entries: 0,
+            bytes: 0,
+            unacked_since: None,
+            unprotected: Some(generation),
+            status: None,
+            acks: 0,
+            acked: 0,
+            metrics: None,
+            transport: "none",
+            joins: None,
+            joined: 0,
+        }
+    }
+
     /// Lets new backups join through `port` while this primary runs alone.
     pub fn with_joins(mut self, port: Arc<crate::join::JoinPort>) -> Self {
+        if let Some(generation) = self.unprotected {
+            port.set_alone(Some(generation));
+        }
         self.joins = Some(port);
         self
     }
