@@ -70,6 +70,13 @@ impl SenderHandle {
         self.ring_full.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Ends the sender thread's nap, if it takes one (see
+    /// [`tuning::Waiter`]): the producer calls it when entries must leave
+    /// now (the guest produced output or is about to wait).
+    pub fn wake(&self) {
+        self.join.thread().unpark();
+    }
+
     /// True once the thread has ended: it failed (the peer is gone, silent
     /// or refused a frame), or it finished after [`SenderHandle::finish`].
     pub fn ended(&self) -> bool {

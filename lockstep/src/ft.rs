@@ -322,8 +322,28 @@ pub fn primary(
     );
     if let Some(path) = stats_file {
         let elapsed = summary.elapsed.as_secs_f64();
+        let channel = match sink.metrics() {
+            Some(m) => format!(
+                ",\"batches\":{},\"ring_full\":{},\"transport_stalls\":{},\"heartbeats_sent\":{},\"ack_rtt_p50_ns\":{},\"ack_rtt_p99_ns\":{},\"ack_rtt_p999_ns\":{}",
+                m.batches,
+                m.ring_full_stalls,
+                m.transport_stalls,
+                m.heartbeats_sent,
+                m.ack_rtt_ns.value_at_quantile(0.5),
+                m.ack_rtt_ns.value_at_quantile(0.99),
+                m.ack_rtt_ns.value_at_quantile(0.999)
+            ),
+            None => String::new(),
+        };
+        let hold_quantiles = [
+            0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9999, 1.0,
+        ]
+        .iter()
+        .map(|q| format!("[{q},{}]", stats.hold_ns.value_at_quantile(*q)))
+        .collect::<Vec<_>>()
+        .join(",");
         let json = format!(
-            "{{\"exits\":{},\"elapsed_s\":{elapsed:.3},\"entries\":{entries},\"log_bytes\":{},\"acks\":{},\"frames_released\":{},\"max_held\":{},\"hold_p50_ns\":{},\"hold_p99_ns\":{},\"hold_p999_ns\":{},\"unprotected\":{}}}\n",
+            "{{\"exits\":{},\"elapsed_s\":{elapsed:.3},\"entries\":{entries},\"log_bytes\":{},\"acks\":{},\"frames_released\":{},\"max_held\":{},\"hold_p50_ns\":{},\"hold_p99_ns\":{},\"hold_p999_ns\":{},\"hold_quantiles_ns\":[{hold_quantiles}],\"transport\":\"{}\",\"unprotected\":{}{channel}}}\n",
             summary.exits,
             sink.bytes(),
             sink.acks(),
@@ -332,6 +352,7 @@ pub fn primary(
             stats.hold_ns.value_at_quantile(0.5),
             stats.hold_ns.value_at_quantile(0.99),
             stats.hold_ns.value_at_quantile(0.999),
+            sink.transport(),
             sink.unprotected().is_some()
         );
         std::fs::write(path, json).map_err(|source| CliError::File {

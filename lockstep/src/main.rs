@@ -175,6 +175,10 @@ enum Command {
         /// committed baseline by more than its tolerance.
         #[arg(long)]
         check: Option<PathBuf>,
+        /// table2: write the SVG plots to this directory (default:
+        /// target/table2 beside the executable's profile directory).
+        #[arg(long)]
+        plots: Option<PathBuf>,
     },
 }
 
@@ -357,7 +361,8 @@ fn execute(command: Command) -> Result<(), CliError> {
             quick,
             json,
             check,
-        } => bench(name.as_deref(), quick, json, check),
+            plots,
+        } => bench(name.as_deref(), quick, json, check, plots),
     }
 }
 
@@ -823,6 +828,7 @@ fn bench(
     quick: bool,
     json: Option<PathBuf>,
     check: Option<PathBuf>,
+    plots: Option<PathBuf>,
 ) -> Result<(), CliError> {
     let Some(name) = name else {
         println!("benchmarks (run one with `lockstep bench NAME [--quick] [--json FILE]`):");
@@ -838,7 +844,11 @@ fn bench(
             path: PathBuf::from("/proc/self/exe"),
             source,
         })?;
-        let (report, rows) = perf::table2::run(&perf::table2::Options::new(exe, quick))?;
+        let mut options = perf::table2::Options::new(exe, quick);
+        if plots.is_some() {
+            options.plots = plots;
+        }
+        let (report, rows) = perf::table2::run(&options)?;
         if let Some(path) = &check {
             let baseline = std::fs::read_to_string(path).map_err(|source| CliError::File {
                 what: "cannot read the baseline",

@@ -577,7 +577,10 @@ impl EventSink for FailoverSink {
             return Ok(());
         }
         // The sender thread sends whatever the ring holds as soon as it runs
-        // dry: nothing to push here. Start the ack clock for this position.
+        // dry; wake it if it naps. Start the ack clock for this position.
+        if let Some(link) = &self.link {
+            link.wake();
+        }
         if self.unacked_since.is_none() && self.acked() < self.entries {
             self.unacked_since = Some((self.entries, Instant::now()));
         }

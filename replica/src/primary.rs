@@ -197,6 +197,13 @@ impl PrimaryLink {
         }
     }
 
+    /// Wakes the sender thread: the entries pushed so far must leave now.
+    pub fn wake(&self) {
+        if let Some(sender) = &self.sender {
+            sender.wake();
+        }
+    }
+
     /// Why the link is gone, once it is (the sender thread ended).
     pub fn lost(&mut self) -> Option<String> {
         if self.ended.is_none() && self.sender.as_ref().is_some_and(SenderHandle::ended) {
