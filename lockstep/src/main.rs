@@ -732,13 +732,66 @@ fn up(
         "backup", "--listen", link, "--quiet", "--tap", tap, "--id", "backup",
     ];
     backup_args.extend(ft_flags);
-    let mut backup = spawn(&backup_args, "cannot start the backup")?;
+    let backup = spawn(&backup_args, "cannot start the backup")?;
     eprintln!(
         "lockstep up: arbiter pid {}, backup pid {}, primary pid {}; guest at 10.77.0.2 on {tap}: redis 6379, echo 7, sink 5001, source 5002; Ctrl-C stops",
         arbiter.id(),
         backup.id(),
         std::process::id()
     );
+    // Re-protection: whenever the backup dies, a new one joins the primary
+    // by state transfer (`backup --join`), for as long as the primary runs.
+    let join_address = "127.0.0.1:7800";
+    let current_backup = Arc::new(std::sync::Mutex::new(Some(backup)));
+    let finished = Arc::new(AtomicBool::new(false));
+    {
+        let current_backup = Arc::clone(&current_backup);
+        let finished = Arc::clone(&finished);
+        let binary = binary.clone();
+        let mut join_args: Vec<String> =
+            ["backup", "--join", join_address, "--quiet", "--tap", tap]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        join_args.extend(ft_flags.iter().map(|s| s.to_string()));
+        std::thread::Builder::new()
+            .name("up-reprotect".into())
+            .spawn(move || {
+                let mut generation = 1u32;
+                while !finished.load(Ordering::Acquire) {
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                    let mut slot = current_backup.lock().unwrap_or_else(|p| p.into_inner());
+                    let exited = match slot.as_mut().map(std::process::Child::try_wait) {
+                        Some(Ok(Some(status))) => Some(status),
+                        _ => None,
+                    };
+                    let Some(status) = exited else { continue };
+                    if finished.load(Ordering::Acquire) {
+                        break;
+                    }
+                    if status.success() {
+                        // It followed the primary to the end: nothing to replace.
+                        *slot = None;
+                        continue;
+                    }
+                    generation += 1;
+                    let id = format!("backup-{generation}");
+                    eprintln!(
+                        "lockstep up: the backup exited ({status}); starting {id}, which joins the primary by state transfer"
+                    );
+                    // Give the primary time to notice and win the arbiter.
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                    let mut args = join_args.clone();
+                    args.extend(["--id".to_string(), id]);
+                    *slot = std::process::Command::new(&binary).args(&args).spawn().ok();
+                }
+            })
+            .map_err(|source| CliError::File {
+                what: "cannot start the re-protection watcher",
+                path: PathBuf::from("up-reprotect"),
+                source,
+            })?;
+    }
     let args = RunArgs {
         guest: "net".into(),
         mem_mib: 32,
@@ -768,13 +821,20 @@ fn up(
     let peers = ft::Peers {
         backup: link,
         backup_id: "backup",
-        join_listen: None,
+        join_listen: Some(join_address),
     };
     let result = ft::primary(&args, &peers, &ft_args, 1000, stop_flag(), None);
-    if result.is_err() {
-        let _ = backup.kill();
+    finished.store(true, Ordering::Release);
+    if let Some(mut backup) = current_backup
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+    {
+        if result.is_err() {
+            let _ = backup.kill();
+        }
+        let _ = backup.wait();
     }
-    let _ = backup.wait();
     let _ = arbiter.kill();
     let _ = arbiter.wait();
     let _ = std::fs::remove_dir_all(&dir);
