@@ -421,7 +421,13 @@ impl<T: Transport> LogSender<T> {
         self.flush()?;
         let deadline = Instant::now() + timeout;
         while self.acked < self.next_seq - 1 && Instant::now() < deadline {
-            self.poll()?;
+            match self.poll() {
+                Ok(_) => {}
+                // The peer may close as soon as its last ack is out: the
+                // poll that read that ack then also saw the close.
+                Err(_) if self.acked >= self.next_seq - 1 => break,
+                Err(error) => return Err(error),
+            }
         }
         Ok(self.acked)
     }
@@ -471,6 +477,12 @@ impl<T: Transport> LogReceiver<T> {
     /// The transport's name.
     pub fn transport_name(&self) -> &'static str {
         self.t.name()
+    }
+
+    /// True once every frame this end sent (acks, heartbeats) has left the
+    /// process: poll until it is before closing, or the last ack may be lost.
+    pub fn sent_everything(&self) -> bool {
+        self.t.flushed()
     }
 
     /// Highest sequence number received.

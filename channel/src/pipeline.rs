@@ -186,9 +186,15 @@ where
                 && std::time::Instant::now() < deadline
                 && control2.load(Ordering::Acquire) != ABANDON
             {
-                s.poll()?;
+                let polled = s.poll();
                 report(&s);
-                waiter.idle();
+                match polled {
+                    Ok(_) => waiter.idle(),
+                    // The peer may close as soon as its last ack is out:
+                    // the poll that read that ack then also saw the close.
+                    Err(_) if s.acked() >= s.next_seq() - 1 => break,
+                    Err(error) => return Err(error.into()),
+                }
             }
             Ok(s.metrics().clone())
         })

@@ -213,7 +213,10 @@ pub fn run_backup<T: Transport>(
             waiter.idle();
         }
     }
-    // One more poll so the final ack goes out even under a lazy policy.
+    // Poll until the final ack has left (even under a lazy policy), so the
+    // sender hears it before it sees this end close.
+    let deadline = Instant::now() + std::time::Duration::from_secs(1);
+    while r.poll(|_, _| {}).is_ok() && !r.sent_everything() && Instant::now() < deadline {}
     let _ = r.poll(|_, _| {});
     Ok(RunSummary {
         entries: r.received(),

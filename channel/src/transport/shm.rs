@@ -244,7 +244,11 @@ impl RingEnd {
 pub struct ShmTransport {
     tx: RingEnd,
     rx: RingEnd,
-    _control: UnixStream,
+    /// The unix socket of the set-up, kept open for life: when the peer
+    /// process ends, the kernel closes its end, and this end reads EOF.
+    control: UnixStream,
+    peer_closed: bool,
+    last_check: std::time::Instant,
     // Declared last so it is unmapped after the ring ends are gone.
     _map: Mapping,
 }
@@ -442,9 +446,49 @@ impl ShmTransport {
         Self {
             tx,
             rx,
-            _control: control,
+            control,
+            peer_closed: false,
+            last_check: std::time::Instant::now(),
             _map: map,
         }
+    }
+}
+
+/// How often an idle end looks at the control socket for the peer's exit.
+const PEER_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(1);
+
+impl ShmTransport {
+    /// True once the peer process has closed its end of the control socket
+    /// (it exited or was killed). Looked at most every
+    /// [`PEER_CHECK_INTERVAL`]: one non-blocking `recv` with `MSG_PEEK`.
+    fn peer_gone(&mut self) -> bool {
+        if self.peer_closed {
+            return self.peer_closed;
+        }
+        if self.last_check.elapsed() < PEER_CHECK_INTERVAL {
+            return false;
+        }
+        self.last_check = std::time::Instant::now();
+        let mut byte = [0u8; 1];
+        // SAFETY: recv writes at most 1 byte into `byte`, which outlives the
+        // call, on a socket `self.control` owns; MSG_DONTWAIT never blocks.
+        let n = unsafe {
+            libc::recv(
+                self.control.as_raw_fd(),
+                byte.as_mut_ptr().cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        self.peer_closed = match n {
+            0 => true,
+            n if n > 0 => false,
+            _ => !matches!(
+                std::io::Error::last_os_error().kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+            ),
+        };
+        self.peer_closed
     }
 }
 
@@ -471,7 +515,14 @@ impl Transport for ShmTransport {
     }
 
     fn recv(&mut self) -> Result<Option<&[u8]>, TransportError> {
-        self.rx.recv()
+        // Checked before reading: a peer gone by now wrote everything it
+        // ever will, so its frames are all delivered before `Closed`.
+        let gone = self.peer_gone();
+        match self.rx.recv()? {
+            Some(frame) => Ok(Some(frame)),
+            None if gone => Err(TransportError::Closed),
+            None => Ok(None),
+        }
     }
 
     fn flushed(&self) -> bool {
