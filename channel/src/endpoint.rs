@@ -189,6 +189,8 @@ pub struct LogSender<T: Transport> {
     last_heard: Instant,
     metrics: Metrics,
     corrupt_next: bool,
+    /// Called with the new watermark whenever an ack advances it.
+    ack_hook: Option<Box<dyn FnMut(u64) + Send>>,
 }
 
 impl<T: Transport> LogSender<T> {
@@ -218,7 +220,16 @@ impl<T: Transport> LogSender<T> {
             last_heard: now,
             metrics: Metrics::new()?,
             corrupt_next: false,
+            ack_hook: None,
         })
+    }
+
+    /// Calls `hook(seq)` on this end's thread the moment an ack advances the
+    /// watermark to `seq` (the output gate releases its frames from there:
+    /// no timer, no hand-off to another thread).
+    pub fn with_ack_hook(mut self, hook: impl FnMut(u64) + Send + 'static) -> Self {
+        self.ack_hook = Some(Box::new(hook));
+        self
     }
 
     /// The transport's name.
@@ -345,6 +356,9 @@ impl<T: Transport> LogSender<T> {
         self.acked = ack;
         // Release pairs with the output gate's Acquire load.
         self.watermark.store(ack, Ordering::Release);
+        if let Some(hook) = self.ack_hook.as_mut() {
+            hook(ack);
+        }
         self.metrics.acks += 1;
         while let Some(&(last, at)) = self.inflight.front() {
             if last > ack {

@@ -126,14 +126,15 @@ pub fn spawn_sender_with<T, F>(
     generation: u64,
     profile: &Profile,
     cores: &HostCores,
-    mut on_ack: F,
+    on_ack: F,
 ) -> Result<SenderHandle, PipelineError>
 where
     T: Transport + 'static,
     F: FnMut(u64) + Send + 'static,
 {
     profile.validate(cores)?;
-    let sender = LogSender::new(transport, generation, 1, profile.batch, profile.liveness)?;
+    let sender = LogSender::new(transport, generation, 1, profile.batch, profile.liveness)?
+        .with_ack_hook(on_ack);
     let watermark = sender.watermark();
     let control = Arc::new(AtomicU8::new(RUN));
     let control2 = control.clone();
@@ -146,14 +147,6 @@ where
             let mut s = sender;
             let mut waiter = Waiter::new(profile.poll);
             let mut batch = Vec::with_capacity(profile.batch.max_entries as usize);
-            let mut reported = 0u64;
-            let mut report = |s: &LogSender<T>| {
-                let acked = s.acked();
-                if acked > reported {
-                    reported = acked;
-                    on_ack(acked);
-                }
-            };
             loop {
                 if control2.load(Ordering::Acquire) == ABANDON {
                     return Ok(s.metrics().clone());
@@ -163,39 +156,21 @@ where
                 for e in &batch {
                     while s.try_push(e)?.is_none() {
                         s.poll_io()?;
-                        report(&s);
                     }
                 }
                 if n == 0 {
                     // The ring ran dry: seal what we have, read acks.
                     s.poll()?;
-                    report(&s);
                     if control2.load(Ordering::Acquire) != RUN && ring.is_empty() {
                         break;
                     }
                     waiter.idle();
                 } else {
                     s.poll_io()?;
-                    report(&s);
                     waiter.work();
                 }
             }
-            s.flush()?;
-            let deadline = std::time::Instant::now() + DRAIN_ACK_TIMEOUT;
-            while s.acked() < s.next_seq() - 1
-                && std::time::Instant::now() < deadline
-                && control2.load(Ordering::Acquire) != ABANDON
-            {
-                let polled = s.poll();
-                report(&s);
-                match polled {
-                    Ok(_) => waiter.idle(),
-                    // The peer may close as soon as its last ack is out:
-                    // the poll that read that ack then also saw the close.
-                    Err(_) if s.acked() >= s.next_seq() - 1 => break,
-                    Err(error) => return Err(error.into()),
-                }
-            }
+            s.wait_all_acked(DRAIN_ACK_TIMEOUT)?;
             Ok(s.metrics().clone())
         })
         .map_err(PipelineError::Spawn)?;

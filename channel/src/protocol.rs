@@ -350,6 +350,37 @@ fn proof(
     Ok(mac)
 }
 
+/// A stream whose reads can time out: what [`handshake_timed`] runs on.
+pub trait TimedStream: std::io::Read + std::io::Write {
+    /// As `TcpStream::set_read_timeout`.
+    fn set_read_timeout(&self, timeout: Option<std::time::Duration>) -> std::io::Result<()>;
+}
+
+impl TimedStream for std::net::TcpStream {
+    fn set_read_timeout(&self, timeout: Option<std::time::Duration>) -> std::io::Result<()> {
+        std::net::TcpStream::set_read_timeout(self, timeout)
+    }
+}
+
+impl TimedStream for std::os::unix::net::UnixStream {
+    fn set_read_timeout(&self, timeout: Option<std::time::Duration>) -> std::io::Result<()> {
+        std::os::unix::net::UnixStream::set_read_timeout(self, timeout)
+    }
+}
+
+/// [`handshake`] waiting at most [`HANDSHAKE_TIMEOUT`] for each message; the
+/// stream is left without a read timeout when it succeeds.
+pub fn handshake_timed<S: TimedStream>(
+    stream: &mut S,
+    session: &Session,
+    version: u16,
+) -> Result<Established, HandshakeError> {
+    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let established = handshake(stream, session, version)?;
+    stream.set_read_timeout(None)?;
+    Ok(established)
+}
+
 /// Runs the handshake on a connected stream (TCP or unix socket) with the
 /// given identity and `version` (normally [`PROTOCOL_VERSION`]; tests pass
 /// another to play an incompatible peer).

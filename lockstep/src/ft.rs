@@ -622,7 +622,7 @@ pub fn join(
         &settings.session(channel::protocol::Role::Backup, record.generation),
         channel::protocol::PROTOCOL_VERSION,
     )
-    .map_err(|e| replica::ReplicaError::Channel(replica::link::describe(&e)))?;
+    .map_err(|e| replica::ReplicaError::Channel(arbiter::error_chain(&e)))?;
     replica::join::send_name(&mut stream, me.as_str())?;
     let generation = replica::join::read_generation(&mut stream)?;
     if generation == 0 {

@@ -483,7 +483,7 @@ fn a_primary_of_a_stale_generation_is_refused() {
             {
                 thread::sleep(Duration::from_millis(20));
             }
-            Err(error) => break replica::link::describe(&error),
+            Err(error) => break arbiter::error_chain(&error),
         }
     };
     assert!(

@@ -27,7 +27,7 @@ use vmm::VmmError;
 use vmm::events::EntrySource;
 
 use crate::ReplicaError;
-use crate::link::{LinkSettings, MAX_FRAME, SHM_RING_BYTES, TransportKind, describe};
+use crate::link::{LinkSettings, MAX_FRAME, SHM_RING_BYTES, TransportKind};
 
 /// Entries received but not yet replayed, at most (then the receiver stops
 /// reading and TCP flow control slows the primary: nothing is dropped).
@@ -111,7 +111,10 @@ impl LinkListener {
             TransportKind::Shm => ShmListener::bind(&LinkSettings::shm_path(address))
                 .map(Self::Shm)
                 .map_err(|e| {
-                    ReplicaError::Channel(format!("cannot listen on {address}: {}", describe(&e)))
+                    ReplicaError::Channel(format!(
+                        "cannot listen on {address}: {}",
+                        arbiter::error_chain(&e)
+                    ))
                 }),
         }
     }
@@ -136,7 +139,7 @@ impl LinkListener {
             Self::Shm(listener) => {
                 let stream = listener
                     .accept_stream()
-                    .map_err(|e| ReplicaError::Channel(describe(&e)))?;
+                    .map_err(|e| ReplicaError::Channel(arbiter::error_chain(&e)))?;
                 Ok(Incoming {
                     stream: IncomingStream::Shm(stream),
                     peer: "a local primary (shared memory)".into(),
@@ -214,7 +217,7 @@ impl Incoming {
         let refused = |error: TransportError| {
             ReplicaError::Channel(format!(
                 "refused the primary at {peer}: {}",
-                describe(&error)
+                arbiter::error_chain(&error)
             ))
         };
         let (meta, base, source, transport) = match self.stream {
@@ -343,7 +346,7 @@ fn start_receiver<T: Transport + 'static>(
 ) -> Result<(LogMeta, u64, StreamSource), ReplicaError> {
     let profile = settings.profile.clone();
     let receiver = LogReceiver::new(t, generation, 1, profile.ack, profile.liveness)
-        .map_err(|e| ReplicaError::Channel(describe(&e)))?;
+        .map_err(|e| ReplicaError::Channel(arbiter::error_chain(&e)))?;
     let (queue, entries) = sync_channel(QUEUE_ENTRIES);
     let newest_exit = Arc::new(AtomicU64::new(0));
     let state = Receiving {
@@ -411,7 +414,10 @@ fn wait_for_header<T: Transport>(
         let delivered = receiver
             .poll(|seq, bytes| state.deliver(seq, bytes))
             .map_err(|e| {
-                ReplicaError::Channel(format!("before the log header: {}", describe(&e)))
+                ReplicaError::Channel(format!(
+                    "before the log header: {}",
+                    arbiter::error_chain(&e)
+                ))
             })?;
         if let Some(error) = state.refused.take() {
             return Err(ReplicaError::Vmm(error));
@@ -456,13 +462,14 @@ fn receive<T: Transport>(
                     TransportError::Closed | TransportError::Io { .. },
                 )),
             ) => {
-                *lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(describe(&error));
+                *lost.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(arbiter::error_chain(&error));
                 return;
             }
             Err(error) => {
                 let _ = state.queue.send(Err(VmmError::Io {
                     what: "the primary's log stream was refused".into(),
-                    source: std::io::Error::other(describe(&error)),
+                    source: std::io::Error::other(arbiter::error_chain(&error)),
                 }));
                 return;
             }

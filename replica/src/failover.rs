@@ -279,8 +279,6 @@ pub struct FailoverSink {
     transport: &'static str,
     /// Where new backups join, if this primary accepts them.
     joins: Option<Arc<crate::join::JoinPort>>,
-    /// Backups joined so far.
-    joined: u64,
 }
 
 impl FailoverSink {
@@ -294,23 +292,10 @@ impl FailoverSink {
         membership: Option<Membership>,
         timeout: Duration,
     ) -> Self {
-        let transport = link.transport();
         Self {
+            transport: link.transport(),
             link: Some(link),
-            gate,
-            membership,
-            timeout,
-            entries: 0,
-            bytes: 0,
-            unacked_since: None,
-            unprotected: None,
-            status: None,
-            acks: 0,
-            acked: 0,
-            metrics: None,
-            transport,
-            joins: None,
-            joined: 0,
+            ..Self::unlinked(gate, membership, timeout, None)
         }
     }
 
@@ -319,22 +304,30 @@ impl FailoverSink {
     /// backup joins through the port given with [`FailoverSink::with_joins`].
     pub fn alone(gate: Arc<OutputGate>, membership: Membership, timeout: Duration) -> Self {
         let generation = membership.generation;
+        Self::unlinked(gate, Some(membership), timeout, Some(generation))
+    }
+
+    fn unlinked(
+        gate: Arc<OutputGate>,
+        membership: Option<Membership>,
+        timeout: Duration,
+        unprotected: Option<u64>,
+    ) -> Self {
         Self {
             link: None,
             gate,
-            membership: Some(membership),
+            membership,
             timeout,
             entries: 0,
             bytes: 0,
             unacked_since: None,
-            unprotected: Some(generation),
+            unprotected,
             status: None,
             acks: 0,
             acked: 0,
             metrics: None,
             transport: "none",
             joins: None,
-            joined: 0,
         }
     }
 
@@ -345,11 +338,6 @@ impl FailoverSink {
         }
         self.joins = Some(port);
         self
-    }
-
-    /// Backups that joined this primary by state transfer.
-    pub fn joined(&self) -> u64 {
-        self.joined
     }
 
     /// A join finished (or failed): take the new backup on.
@@ -375,7 +363,6 @@ impl FailoverSink {
                 self.link = Some(link);
                 self.unprotected = None;
                 self.unacked_since = None;
-                self.joined += 1;
                 eprintln!(
                     "lockstep primary: a new backup joined at log position {base}: protected again in generation {generation}"
                 );

@@ -144,6 +144,9 @@ pub struct JoinPort {
     state: Mutex<JoinState>,
     /// The log position the sink has reached.
     position: AtomicU64,
+    /// A join is under way or has news for the sink: only then does the
+    /// sink take the lock (it looks at every entry, on the vCPU thread).
+    attention: std::sync::atomic::AtomicBool,
 }
 
 impl JoinPort {
@@ -169,7 +172,10 @@ impl JoinPort {
         let mut state = self.lock();
         state.armed = true;
         state.buffer.clear();
-        self.position.load(Ordering::Acquire)
+        // SeqCst pairs with `observe`: either it sees the flag and buffers
+        // its entry, or this load sees that entry's position.
+        self.attention.store(true, Ordering::SeqCst);
+        self.position.load(Ordering::SeqCst)
     }
 
     /// The join thread: the joiner follows.
@@ -184,6 +190,7 @@ impl JoinPort {
             generation,
             buffered,
         });
+        self.attention.store(true, Ordering::SeqCst);
     }
 
     /// The join thread: the join failed. Before the arbiter recorded a new
@@ -195,23 +202,28 @@ impl JoinPort {
         if let Some(generation) = recorded {
             state.alone = None;
             state.event = Some(JoinEvent::Failed { why, generation });
+            self.attention.store(true, Ordering::SeqCst);
         }
     }
 
     /// The sink, at every entry: keeps it for a joiner if armed, and
     /// collects what the join thread decided.
     pub fn observe(&self, seq: u64, entry: &[u8]) -> Option<JoinEvent> {
-        self.position.store(seq, Ordering::Release);
+        self.position.store(seq, Ordering::SeqCst);
+        if !self.attention.load(Ordering::SeqCst) {
+            return None;
+        }
         let mut state = self.lock();
         if state.armed {
             state.buffer.push((seq, entry.to_vec()));
         }
-        state.event.take()
+        let event = state.event.take();
+        if !state.armed {
+            self.attention.store(false, Ordering::SeqCst);
+        }
+        event
     }
 }
-
-/// Shared handle.
-pub type SharedJoinPort = Arc<JoinPort>;
 
 /// What the primary's join service needs.
 pub struct JoinService {
@@ -245,7 +257,7 @@ pub fn serve(listener: std::net::TcpListener, service: JoinService) {
             Ok(report) => eprintln!("lockstep primary: join from {peer}: {report}"),
             Err(error) => eprintln!(
                 "lockstep primary: join from {peer} refused or failed: {}",
-                crate::link::describe(&error)
+                arbiter::error_chain(&error)
             ),
         }
     }
@@ -267,7 +279,7 @@ fn serve_one(mut stream: TcpStream, service: &JoinService) -> Result<String, Rep
         &service.settings.session(Role::Primary, generation),
         PROTOCOL_VERSION,
     )
-    .map_err(|e| ReplicaError::Channel(crate::link::describe(&e)))?;
+    .map_err(|e| ReplicaError::Channel(arbiter::error_chain(&e)))?;
     let name = read_name(&mut stream)?;
     let joiner = arbiter::ReplicaId::new(name.clone())
         .map_err(|e| ReplicaError::Channel(format!("joiner name: {e}")))?;
@@ -315,7 +327,7 @@ fn serve_one(mut stream: TcpStream, service: &JoinService) -> Result<String, Rep
         Err(error) => {
             service
                 .port
-                .failed(crate::link::describe(&error), Some(new_generation));
+                .failed(arbiter::error_chain(&error), Some(new_generation));
             Err(error)
         }
     }

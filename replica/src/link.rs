@@ -108,18 +108,6 @@ impl LinkSettings {
     }
 }
 
-/// A channel error with all its causes, on one line.
-pub fn describe(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut cause = error.source();
-    while let Some(inner) = cause {
-        message.push_str(": ");
-        message.push_str(&inner.to_string());
-        cause = inner.source();
-    }
-    message
-}
-
 /// Whether the RDMA transport can run here; the reason if not.
 pub fn rdma_available() -> Result<(), String> {
     #[cfg(feature = "rdma")]
@@ -127,7 +115,7 @@ pub fn rdma_available() -> Result<(), String> {
         match channel::transport::rdma::probe() {
             Ok(devices) if !devices.is_empty() => Ok(()),
             Ok(_) => Err("no RDMA device found".into()),
-            Err(error) => Err(describe(&error)),
+            Err(error) => Err(arbiter::error_chain(&error)),
         }
     }
     #[cfg(not(feature = "rdma"))]

@@ -29,7 +29,7 @@ use nic::gate::OutputGate;
 use tuning::HostCores;
 
 use crate::ReplicaError;
-use crate::link::{LinkSettings, MAX_FRAME, TransportKind, describe};
+use crate::link::{LinkSettings, MAX_FRAME, TransportKind};
 
 /// Acks as the sender thread sees them.
 #[derive(Debug, Default)]
@@ -65,8 +65,6 @@ impl PrimaryLink {
     ) -> Result<Self, ReplicaError> {
         let session = settings.session(Role::Primary, generation);
         let deadline = Instant::now() + timeout;
-        let cores = HostCores::detect()
-            .map_err(|e| ReplicaError::Setup(format!("cannot read the host's cores: {e}")))?;
         let connected = loop {
             match connect_once(settings, address, &session) {
                 Ok(connected) => break connected,
@@ -77,12 +75,12 @@ impl PrimaryLink {
                     return Err(ReplicaError::Channel(format!(
                         "cannot connect to the backup at {address} over {}: {}",
                         settings.kind.name(),
-                        describe(&error)
+                        arbiter::error_chain(&error)
                     )));
                 }
             }
         };
-        Self::start(connected, settings, generation, meta, gate, cores, 0)
+        Self::start(connected, settings, generation, meta, gate, 0)
     }
 
     /// Starts streaming over an established transport; the stream's first
@@ -94,9 +92,10 @@ impl PrimaryLink {
         generation: u64,
         meta: &LogMeta,
         gate: Arc<OutputGate>,
-        cores: HostCores,
         base: u64,
     ) -> Result<Self, ReplicaError> {
+        let cores = HostCores::detect()
+            .map_err(|e| ReplicaError::Setup(format!("cannot read the host's cores: {e}")))?;
         let (ring, consumer) = RingBuffer::new::<Vec<u8>>(settings.profile.ring_slots as usize);
         let counters = Arc::new(AckCounters::default());
         let on_ack = {
@@ -125,7 +124,7 @@ impl PrimaryLink {
                 "rdma",
             ),
         };
-        let sender = sender.map_err(|e| ReplicaError::Channel(describe(&e)))?;
+        let sender = sender.map_err(|e| ReplicaError::Channel(arbiter::error_chain(&e)))?;
         let mut link = Self {
             ring,
             sender: Some(sender),
@@ -152,17 +151,14 @@ impl PrimaryLink {
         base: u64,
     ) -> Result<Self, ReplicaError> {
         let session = settings.session(Role::Primary, generation);
-        let cores = HostCores::detect()
-            .map_err(|e| ReplicaError::Setup(format!("cannot read the host's cores: {e}")))?;
         let t = UringTcp::establish_accepted(stream, &session, MAX_FRAME)
-            .map_err(|e| ReplicaError::Channel(describe(&e)))?;
+            .map_err(|e| ReplicaError::Channel(arbiter::error_chain(&e)))?;
         Self::start(
             Connected::Tcp(Box::new(t)),
             settings,
             generation,
             meta,
             gate,
-            cores,
             base,
         )
     }
@@ -208,7 +204,7 @@ impl PrimaryLink {
     pub fn lost(&mut self) -> Option<String> {
         if self.ended.is_none() && self.sender.as_ref().is_some_and(SenderHandle::ended) {
             let reason = match self.sender.take().map(SenderHandle::abandon) {
-                Some(Err(error)) => describe(&error),
+                Some(Err(error)) => arbiter::error_chain(&error),
                 _ => "the sender thread stopped".to_string(),
             };
             self.ended = Some(reason);
@@ -232,7 +228,7 @@ impl PrimaryLink {
         let metrics = match self.lost() {
             Some(reason) => Err(reason),
             None => match self.sender.take() {
-                Some(sender) => sender.finish().map_err(|e| describe(&e)),
+                Some(sender) => sender.finish().map_err(|e| arbiter::error_chain(&e)),
                 None => Err("the link was already closed".into()),
             },
         };

@@ -153,7 +153,7 @@ use self::verbs::{Buf, DeviceList, Verbs, wc_array, wc_fields};
 pub use self::verbs::{DeviceInfo, list_devices};
 use super::{Transport, TransportError};
 use crate::protocol::{
-    FRAME_HEADER_LEN, FrameKind, HANDSHAKE_TIMEOUT, PROTOCOL_VERSION, Role, Session, handshake,
+    FRAME_HEADER_LEN, FrameKind, PROTOCOL_VERSION, Role, Session, handshake_timed,
 };
 
 const INFO_LEN: usize = 128;
@@ -718,22 +718,11 @@ impl RdmaTransport {
         stream
             .set_nodelay(true)
             .map_err(io("setting TCP_NODELAY"))?;
+        handshake_timed(&mut stream, session, version)?;
+        // The RDMA set-up that follows on this stream has its own bound.
         stream
             .set_read_timeout(Some(cfg.setup_timeout))
             .map_err(io("setting the set-up timeout"))?;
-        stream
-            .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
-            .map_err(|source| TransportError::Io {
-                op: "setting the handshake timeout",
-                source,
-            })?;
-        handshake(&mut stream, session, version)?;
-        stream
-            .set_read_timeout(None)
-            .map_err(|source| TransportError::Io {
-                op: "clearing the handshake timeout",
-                source,
-            })?;
         let local_ip = stream
             .local_addr()
             .map_err(io("reading the local address"))?

@@ -46,7 +46,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{Transport, TransportError};
-use crate::protocol::{HANDSHAKE_TIMEOUT, PROTOCOL_VERSION, Role, Session, handshake};
+use crate::protocol::{PROTOCOL_VERSION, Role, Session, handshake_timed};
 
 const MAGIC: [u8; 8] = *b"LKSTPSHM";
 const DATA_OFFSET: usize = 4096;
@@ -331,17 +331,7 @@ impl ShmListener {
                 "ring size must be a power of two >= 64 KiB",
             ));
         }
-        sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
-            .map_err(|source| TransportError::Io {
-                op: "setting the handshake timeout",
-                source,
-            })?;
-        handshake(&mut sock, session, version)?;
-        sock.set_read_timeout(None)
-            .map_err(|source| TransportError::Io {
-                op: "clearing the handshake timeout",
-                source,
-            })?;
+        handshake_timed(&mut sock, session, version)?;
         let total = DATA_OFFSET + 2 * ring_bytes;
         // SAFETY: memfd_create takes a NUL-terminated name, which the literal is.
         let raw = unsafe { libc::memfd_create(c"lockstep-channel".as_ptr(), libc::MFD_CLOEXEC) };
@@ -384,17 +374,7 @@ impl ShmTransport {
             op: "connecting to the unix socket",
             source,
         })?;
-        sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
-            .map_err(|source| TransportError::Io {
-                op: "setting the handshake timeout",
-                source,
-            })?;
-        handshake(&mut sock, session, version)?;
-        sock.set_read_timeout(None)
-            .map_err(|source| TransportError::Io {
-                op: "clearing the handshake timeout",
-                source,
-            })?;
+        handshake_timed(&mut sock, session, version)?;
         let fd = recv_fd(&sock)?;
         let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
         // SAFETY: fstat writes one `stat` into the pointed-to buffer.

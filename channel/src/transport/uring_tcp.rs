@@ -27,9 +27,7 @@ use std::os::fd::AsRawFd;
 use io_uring::{IoUring, opcode, types};
 
 use super::{Transport, TransportError};
-use crate::protocol::{
-    FRAME_HEADER_LEN, HANDSHAKE_TIMEOUT, PROTOCOL_VERSION, Session, frame_len, handshake,
-};
+use crate::protocol::{FRAME_HEADER_LEN, PROTOCOL_VERSION, Session, frame_len, handshake_timed};
 
 /// Most frames in one `WRITEV`.
 pub const MAX_IOV: usize = 64;
@@ -145,19 +143,7 @@ impl UringTcp {
         stream
             .set_nodelay(true)
             .map_err(io("setting TCP_NODELAY"))?;
-        stream
-            .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
-            .map_err(|source| TransportError::Io {
-                op: "setting the handshake timeout",
-                source,
-            })?;
-        handshake(&mut stream, session, version)?;
-        stream
-            .set_read_timeout(None)
-            .map_err(|source| TransportError::Io {
-                op: "clearing the handshake timeout",
-                source,
-            })?;
+        handshake_timed(&mut stream, session, version)?;
         // Non-blocking, so io_uring never hands a request to a worker thread
         // (waking one costs tens of µs): it tries inline, then arms a poll.
         stream
