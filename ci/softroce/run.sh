@@ -6,11 +6,13 @@
 #      `lockstep`, and records a real log with `lockstep record --guest fold`
 #   3. one TCG guest: the channel conformance tests over rxe, the recorded log streamed primary ->
 #      backup and compared with the file, perftest ib_write_bw/ib_write_lat and the channel benchmark
-#      (RDMA and io_uring TCP) on the same device in the same boot, and a nested-KVM probe
+#      (RDMA and io_uring TCP) on the same device in the same boot, side by side in BENCH_ROUNDS
+#      rounds (default 3), and a nested-KVM probe
 #   4. two TCG guests back to back: the recorded log over real RoCEv2 between them
-#   5. the perf gate: ratios from step 3 against perf/baselines/rdma.txt
-# Fails on any failure. env: SKIP_2VM=1, SKIP_BENCH=1, RDMA_ENTRIES (default 1000000),
-# SOFTROCE_OUT (default $CARGO_TARGET_DIR/softroce).
+#   5. the perf gate: the median over the rounds of each ratio from step 3 against
+#      perf/baselines/rdma.txt
+# Fails on any failure. env: SKIP_2VM=1, SKIP_BENCH=1, BENCH_ROUNDS (default 3),
+# RDMA_ENTRIES (default 1000000), SOFTROCE_OUT (default $CARGO_TARGET_DIR/softroce).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
@@ -73,6 +75,7 @@ rc=0
 echo "== softroce: one guest (conformance, log stream, benchmark)"
 extra="softroce.entries=${RDMA_ENTRIES:-1000000}"
 [ -n "${SKIP_BENCH:-}" ] && extra="$extra softroce.bench=0"
+extra="$extra softroce.bench_rounds=${BENCH_ROUNDS:-3}"
 t "$HERE/run-vm.sh" "$OUT/initramfs.cpio.gz" "$OUT/vm1.log" "$extra" || rc=1
 grep -E '^(RESULT|PERF|BENCH|KVM_PROBE|===)|^test .*\.\.\. |entries in|reported after' "$OUT/vm1.log" || true
 grep -q 'GUEST_DONE' "$OUT/vm1.log" || { echo "softroce: the guest did not finish; console tail:"; tail -30 "$OUT/vm1.log"; }
@@ -86,11 +89,13 @@ fi
 if [ -z "${SKIP_BENCH:-}" ]; then
   echo "== softroce: perf gate ($BASELINE)"
   python3 - "$OUT/vm1.log" "$BASELINE" > "$OUT/gate.log" <<'PY' || rc=1
-import re, sys
+import re, statistics, sys
 log, base = open(sys.argv[1]).read(), sys.argv[2]
-def kv(prefix):
+# the guest measures in rounds, each opened by "PERF_ROUND n"; a log without markers is one round
+rounds = [r for r in re.split(r"(?m)^PERF_ROUND \d+\s*$", log) if "BENCH " in r or "PERF " in r]
+def kv(text, prefix):
     out = {}
-    for line in log.splitlines():
+    for line in text.splitlines():
         if prefix in line:   # libtest may print "test name ... " before it
             for k, v in re.findall(r"(\w+)=([^\s]+)", line[line.index(prefix):]):
                 out[k] = v
@@ -101,20 +106,29 @@ def num(d, k):
         return x if x == x and x not in (float("inf"), 0.0) else None
     except (KeyError, ValueError):
         return None
-bw, lat = kv("PERF ib_write_bw"), kv("PERF ib_write_lat")
-rdma, tcp = kv("BENCH rdma "), kv("BENCH uring-tcp ")
-ib_mbps = num(bw, "avg_gbps") and num(bw, "avg_gbps") * 1000 / 8
-ib_lat = num(lat, "typical_us")
-r_bw, r_rtt = num(rdma, "bw_MBps"), num(rdma, "rtt_p50_us")
-t_bw, t_rtt = num(tcp, "bw_MBps"), num(tcp, "rtt_p50_us")
-ratios = {
-    "bw_vs_ib_write_bw": r_bw / ib_mbps if r_bw and ib_mbps else None,
-    "rtt_vs_ib_write_lat": 2 * ib_lat / r_rtt if ib_lat and r_rtt else None,
-    "bw_vs_uring_tcp": r_bw / t_bw if r_bw and t_bw else None,
-    "rtt_vs_uring_tcp": t_rtt / r_rtt if t_rtt and r_rtt else None,
-}
-print(f"  ib_write_bw {ib_mbps and round(ib_mbps, 2)} MB/s, ib_write_lat {ib_lat} us one-way")
-print(f"  channel rdma {r_bw} MB/s, ack rtt p50 {r_rtt} us; io_uring tcp {t_bw} MB/s, ack rtt p50 {t_rtt} us")
+per_round = []
+for i, text in enumerate(rounds, 1):
+    bw, lat = kv(text, "PERF ib_write_bw"), kv(text, "PERF ib_write_lat")
+    rdma, tcp = kv(text, "BENCH rdma "), kv(text, "BENCH uring-tcp ")
+    ib_mbps = num(bw, "avg_gbps") and num(bw, "avg_gbps") * 1000 / 8
+    ib_lat = num(lat, "typical_us")
+    r_bw, r_rtt = num(rdma, "bw_MBps"), num(rdma, "rtt_p50_us")
+    t_bw, t_rtt = num(tcp, "bw_MBps"), num(tcp, "rtt_p50_us")
+    per_round.append({
+        "bw_vs_ib_write_bw": r_bw / ib_mbps if r_bw and ib_mbps else None,
+        "rtt_vs_ib_write_lat": 2 * ib_lat / r_rtt if ib_lat and r_rtt else None,
+        "bw_vs_uring_tcp": r_bw / t_bw if r_bw and t_bw else None,
+        "rtt_vs_uring_tcp": t_rtt / r_rtt if t_rtt and r_rtt else None,
+    })
+    print(f"  round {i}: ib_write_bw {ib_mbps and round(ib_mbps, 2)} MB/s, ib_write_lat {ib_lat} us one-way;"
+          f" channel rdma {r_bw} MB/s, ack rtt p50 {r_rtt} us; io_uring tcp {t_bw} MB/s, ack rtt p50 {t_rtt} us")
+keys = ["bw_vs_ib_write_bw", "rtt_vs_ib_write_lat", "bw_vs_uring_tcp", "rtt_vs_uring_tcp"]
+ratios = {}
+for k in keys:
+    got = [r[k] for r in per_round if r[k] is not None]
+    ratios[k] = statistics.median(got) if got else None
+    if got:
+        print(f"  {k}: rounds " + " ".join(f"{x:.3f}" for x in got) + f", median {ratios[k]:.3f}")
 tol, want = None, {}
 for line in open(base):
     line = line.split("#")[0].strip()
