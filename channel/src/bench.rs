@@ -231,7 +231,7 @@ fn sock_path() -> PathBuf {
 /// One end of a connected pair.
 enum Primary {
     Uring(Box<UringTcp>),
-    Shm(ShmTransport),
+    Shm(Box<ShmTransport>),
 }
 
 /// Sets up both ends; the backup end is handed to `backup` on a new thread.
@@ -271,11 +271,11 @@ where
             let l = ShmListener::bind(&path).map_err(setup)?;
             let h = std::thread::spawn(move || {
                 let t = l.accept(&session(Role::Backup), 16 << 20).map_err(setup)?;
-                backup(Primary::Shm(t))
+                backup(Primary::Shm(Box::new(t)))
             });
             let t = ShmTransport::connect(&path, &session(Role::Primary)).map_err(setup);
             let _ = std::fs::remove_file(&path);
-            Ok((Primary::Shm(t?), h))
+            Ok((Primary::Shm(Box::new(t?)), h))
         }
     }
 }
@@ -296,7 +296,7 @@ fn throughput(
     let (t, h) = connect(kind, max_frame, move |t| {
         let r = match t {
             Primary::Uring(t) => run_backup(*t, 1, &p2, entries, size, Content::TagOnly, |_| {}),
-            Primary::Shm(t) => run_backup(t, 1, &p2, entries, size, Content::TagOnly, |_| {}),
+            Primary::Shm(t) => run_backup(*t, 1, &p2, entries, size, Content::TagOnly, |_| {}),
         };
         r.map_err(|source| BenchError::Receiver {
             transport: name,
@@ -305,7 +305,7 @@ fn throughput(
     })?;
     let sent = match t {
         Primary::Uring(t) => run_primary(*t, 1, profile, entries, size, Content::TagOnly, None),
-        Primary::Shm(t) => run_primary(t, 1, profile, entries, size, Content::TagOnly, None),
+        Primary::Shm(t) => run_primary(*t, 1, profile, entries, size, Content::TagOnly, None),
     };
     // If both ends failed, the receiver's error is the cause (the sender
     // only saw the connection close).
@@ -357,7 +357,7 @@ fn ack_rtt(
     let (t, h) = connect(kind, max_frame, move |t| {
         let r = match t {
             Primary::Uring(t) => run_backup(*t, 1, &p2, samples, 64, Content::Full, |_| {}),
-            Primary::Shm(t) => run_backup(t, 1, &p2, samples, 64, Content::Full, |_| {}),
+            Primary::Shm(t) => run_backup(*t, 1, &p2, samples, 64, Content::Full, |_| {}),
         };
         r.map_err(|source| BenchError::Receiver {
             transport: name,
@@ -366,7 +366,7 @@ fn ack_rtt(
     })?;
     let hist = match t {
         Primary::Uring(t) => ack_rtt_on(*t, samples, profile),
-        Primary::Shm(t) => ack_rtt_on(t, samples, profile),
+        Primary::Shm(t) => ack_rtt_on(*t, samples, profile),
     };
     join(h)?;
     let hist = hist.map_err(|source| BenchError::Sender {

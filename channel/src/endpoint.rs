@@ -4,8 +4,11 @@
 //! order and acks them by policy. Both send heartbeats when idle and report a
 //! silent peer.
 //!
-//! Neither blocks: the owner calls `poll` in its loop (spinning, adaptively
-//! or with sleeps, per [`tuning::PollMode`]).
+//! Neither blocks in `poll`: the owner calls it in its loop (spinning,
+//! adaptively or sleeping, per [`tuning::PollMode`]) and, when it found
+//! nothing, may call `wait`, which sleeps until the peer may have sent
+//! something (see [`crate::transport::Transport::wait`]) or a timer of the
+//! end's own (heartbeat, delayed ack) is due.
 //!
 //! ```text
 //!  primary                                   backup
@@ -18,6 +21,7 @@
 //! ```
 
 use std::collections::VecDeque;
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -429,6 +433,19 @@ impl<T: Transport> LogSender<T> {
         Ok(self.acked)
     }
 
+    /// Sleeps until the peer may have sent something (an ack), `wake`
+    /// turned readable (the producer has entries), or `timeout` passed, and
+    /// no longer than until the next heartbeat is due; see
+    /// [`Transport::wait`]. For an owner whose `poll` found nothing to do.
+    pub fn wait(&mut self, wake: Option<RawFd>, timeout: Duration) -> Result<(), ChannelError> {
+        let until_heartbeat = self
+            .liveness
+            .heartbeat
+            .saturating_sub(self.last_sent.elapsed());
+        self.t.wait(wake, timeout.min(until_heartbeat))?;
+        Ok(())
+    }
+
     /// Flushes, then polls until every entry pushed so far is acked or
     /// `timeout` passes; returns the acked seq either way.
     pub fn wait_all_acked(&mut self, timeout: Duration) -> Result<u64, ChannelError> {
@@ -607,6 +624,24 @@ impl<T: Transport> LogReceiver<T> {
         }
         silent(self.last_heard, now, &self.liveness, self.expected - 1)?;
         Ok(delivered)
+    }
+
+    /// Sleeps until the primary may have sent something or `timeout`
+    /// passed, and no longer than until the next heartbeat or delayed ack
+    /// is due; see [`Transport::wait`]. For an owner whose `poll` delivered
+    /// nothing.
+    pub fn wait(&mut self, timeout: Duration) -> Result<(), ChannelError> {
+        let now = Instant::now();
+        let mut until = self
+            .liveness
+            .heartbeat
+            .saturating_sub(now.saturating_duration_since(self.last_sent));
+        if let Some(&(_, oldest)) = self.unacked.front() {
+            let delay = Duration::from_micros(u64::from(self.ack.max_delay_us));
+            until = until.min(delay.saturating_sub(now.saturating_duration_since(oldest)));
+        }
+        self.t.wait(None, timeout.min(until))?;
+        Ok(())
     }
 }
 

@@ -8,9 +8,23 @@
 //!   └ Full(entry): stall, retry      ring empty: poll() seals the batch
 //!                                   acks ─▶ watermark (AtomicU64, Release) ─▶ output gate
 //! ```
+//!
+//! # Sleeping
+//!
+//! An idle sender spins, then yields, then sleeps ([`tuning::Waiter`]) in
+//! [`LogSender::wait`]: on the transport (an ack or a close wakes it) and on
+//! an eventfd, the doorbell. Before it sleeps it sets `asleep` and looks at
+//! the ring once more; [`SenderHandle::wake`] (the producer, at a sync point:
+//! the guest produced output or is about to wait) and a stall on a full ring
+//! swap `asleep` back and write the eventfd only if it was set, so the vCPU
+//! pays a system call only when the sender really sleeps. A SeqCst fence on
+//! both sides between the store and the load makes sure one of them sees
+//! the other. Entries pushed without a wake wait for the next poll, at most
+//! [`tuning::BLOCK_FOR`] later.
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering, fence};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -32,6 +46,9 @@ pub enum PipelineError {
     /// Spawning the thread failed.
     #[error("cannot spawn the sender thread")]
     Spawn(#[source] std::io::Error),
+    /// Creating the sender's doorbell (an eventfd) failed.
+    #[error("cannot create the sender's eventfd")]
+    Doorbell(#[source] std::io::Error),
     /// The thread panicked (a bug: nothing the peer sends may cause it).
     #[error("the sender thread panicked")]
     Panicked,
@@ -42,7 +59,67 @@ pub struct SenderHandle {
     watermark: Arc<AtomicU64>,
     control: Arc<AtomicU8>,
     ring_full: AtomicU64,
+    doorbell: Arc<Doorbell>,
     join: JoinHandle<Result<Metrics, PipelineError>>,
+}
+
+/// How the producer wakes a sleeping sender (see the module docs).
+struct Doorbell {
+    /// Readable while a wake is pending; non-blocking.
+    eventfd: OwnedFd,
+    /// Set by the sender before it sleeps.
+    asleep: AtomicBool,
+}
+
+impl Doorbell {
+    fn new() -> Result<Self, PipelineError> {
+        // SAFETY: eventfd takes no pointers; the fd it returns is checked
+        // and then owned by the OwnedFd alone.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(PipelineError::Doorbell(std::io::Error::last_os_error()));
+        }
+        Ok(Self {
+            // SAFETY: fd is a fresh, valid descriptor nothing else owns.
+            eventfd: unsafe { OwnedFd::from_raw_fd(fd) },
+            asleep: AtomicBool::new(false),
+        })
+    }
+
+    /// Rings if the sender sleeps (or is about to).
+    fn wake(&self) {
+        // Pairs with the sender's fence between its `asleep` store and its
+        // look at the ring: our push is ordered before this load.
+        fence(Ordering::SeqCst);
+        if self.asleep.load(Ordering::Relaxed) && self.asleep.swap(false, Ordering::SeqCst) {
+            self.ring();
+        }
+    }
+
+    /// Makes the eventfd readable.
+    fn ring(&self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: write reads 8 bytes from `one`, which outlives the call,
+        // on the eventfd this struct owns; it never blocks (EFD_NONBLOCK:
+        // a counter at its maximum is already readable, so the result is
+        // not needed).
+        let _ = unsafe { libc::write(self.eventfd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    }
+
+    /// Consumes pending wakes.
+    fn clear(&self) {
+        let mut count = [0u8; 8];
+        // SAFETY: read writes at most 8 bytes into `count`, which outlives
+        // the call, on the eventfd this struct owns; EFD_NONBLOCK: an empty
+        // counter returns EAGAIN at once, which is as good as a read.
+        let _ = unsafe {
+            libc::read(
+                self.eventfd.as_raw_fd(),
+                count.as_mut_ptr().cast(),
+                count.len(),
+            )
+        };
+    }
 }
 
 /// What the owner asks of the sender thread (`control`).
@@ -66,15 +143,18 @@ impl SenderHandle {
 
     /// Counts one stall of the producer on a full ring (the vCPU calls it
     /// when `push` hands its entry back).
+    /// It also wakes the sender, which is evidently behind.
     pub fn note_ring_full(&self) {
         self.ring_full.fetch_add(1, Ordering::Relaxed);
+        self.doorbell.wake();
     }
 
-    /// Ends the sender thread's nap, if it takes one (see
-    /// [`tuning::Waiter`]): the producer calls it when entries must leave
-    /// now (the guest produced output or is about to wait).
+    /// Wakes the sender thread if it sleeps (see the module docs): the
+    /// producer calls it when entries must leave now (the guest produced
+    /// output or is about to wait). Costs a fence and a load when the
+    /// sender is awake.
     pub fn wake(&self) {
-        self.join.thread().unpark();
+        self.doorbell.wake();
     }
 
     /// True once the thread has ended: it failed (the peer is gone, silent
@@ -88,6 +168,7 @@ impl SenderHandle {
     /// stalls), or the error that ended it.
     pub fn finish(self) -> Result<Metrics, PipelineError> {
         self.control.store(DRAIN, Ordering::Release);
+        self.doorbell.ring();
         self.join_thread()
     }
 
@@ -95,6 +176,7 @@ impl SenderHandle {
     /// error that ended it, if it had already failed.
     pub fn abandon(self) -> Result<Metrics, PipelineError> {
         self.control.store(ABANDON, Ordering::Release);
+        self.doorbell.ring();
         self.join_thread()
     }
 
@@ -138,6 +220,8 @@ where
     let watermark = sender.watermark();
     let control = Arc::new(AtomicU8::new(RUN));
     let control2 = control.clone();
+    let doorbell = Arc::new(Doorbell::new()?);
+    let bell = doorbell.clone();
     let profile = profile.clone();
     let cores = cores.clone();
     let join = std::thread::Builder::new()
@@ -164,7 +248,18 @@ where
                     if control2.load(Ordering::Acquire) != RUN && ring.is_empty() {
                         break;
                     }
-                    waiter.idle();
+                    let mut slept = Ok(());
+                    waiter.idle_with(|timeout| {
+                        bell.asleep.store(true, Ordering::SeqCst);
+                        // Pairs with the fence in `Doorbell::wake`.
+                        fence(Ordering::SeqCst);
+                        if ring.is_empty() && control2.load(Ordering::Acquire) == RUN {
+                            slept = s.wait(Some(bell.eventfd.as_raw_fd()), timeout);
+                        }
+                        bell.asleep.store(false, Ordering::Relaxed);
+                        bell.clear();
+                    });
+                    slept?;
                 } else {
                     s.poll_io()?;
                     waiter.work();
@@ -178,6 +273,7 @@ where
         watermark,
         control,
         ring_full: AtomicU64::new(0),
+        doorbell,
         join,
     })
 }
@@ -189,9 +285,10 @@ const DRAIN_ACK_TIMEOUT: Duration = Duration::from_secs(5);
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::protocol::{Role, Session};
+    use crate::protocol::{FRAME_HEADER_LEN, FrameKind, Role, Session, encode_control};
     use crate::ring::{PushError, RingBuffer};
     use crate::testkit::{Content, fill_entry, run_backup};
+    use crate::transport::TransportError;
     use crate::transport::shm::{ShmListener, ShmTransport};
     use crate::transport::uring_tcp::UringTcp;
 
@@ -284,5 +381,103 @@ mod tests {
         });
         let t = UringTcp::connect(addr, &session(Role::Primary), 1 << 20).unwrap();
         drive(t, backup, entries);
+    }
+
+    /// A sleeping end wakes when the peer sends a frame, and when the peer
+    /// goes away, long before its timeout; the doorbell wakes it too.
+    fn sleeper_wakes<T: Transport + 'static>(mut primary: T, mut backup: T) {
+        const LONG: Duration = Duration::from_secs(20);
+        fn heartbeat<T: Transport>(t: &mut T) {
+            let buf = t.reserve(FRAME_HEADER_LEN).unwrap().unwrap();
+            let len = encode_control(buf, FrameKind::Heartbeat, 2, 0);
+            t.commit(len).unwrap();
+            while !t.flushed() {
+                t.poll().unwrap();
+            }
+        }
+        fn sleep_until_frame<T: Transport>(t: &mut T) -> Duration {
+            let start = std::time::Instant::now();
+            loop {
+                t.poll().unwrap();
+                if t.recv().unwrap().is_some() {
+                    return start.elapsed();
+                }
+                t.wait(None, LONG).unwrap();
+                assert!(start.elapsed() < LONG, "slept through a frame");
+            }
+        }
+        primary.poll().unwrap();
+        let (woke, woke_rx) = std::sync::mpsc::channel();
+        let sleeper = std::thread::spawn(move || {
+            woke.send(sleep_until_frame(&mut backup)).unwrap();
+            // then sleep until the primary is gone
+            let start = std::time::Instant::now();
+            loop {
+                match backup
+                    .poll()
+                    .and_then(|_| backup.recv().map(|f| f.is_some()))
+                {
+                    Err(TransportError::Closed) => break start.elapsed(),
+                    Err(e) => panic!("{e}"),
+                    Ok(_) => backup.wait(None, LONG).unwrap(),
+                }
+                assert!(start.elapsed() < LONG, "slept through the close");
+            }
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        heartbeat(&mut primary);
+        // The primary stays until the frame woke the sleeper: its close
+        // must not be what wakes it.
+        let woke_after = woke_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the sleeper did not wake on the frame");
+        assert!(
+            woke_after < Duration::from_secs(5),
+            "woke after {woke_after:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        drop(primary);
+        let closed_after = sleeper.join().unwrap();
+        assert!(
+            closed_after < Duration::from_secs(5),
+            "close seen after {closed_after:?}"
+        );
+
+        let bell = Arc::new(Doorbell::new().unwrap());
+        let bell2 = bell.clone();
+        let start = std::time::Instant::now();
+        let waker = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            bell2.asleep.store(true, Ordering::SeqCst); // as the sender does
+            bell2.wake();
+        });
+        crate::transport::wait_readable(&[], Some(bell.eventfd.as_raw_fd()), LONG).unwrap();
+        waker.join().unwrap();
+        assert!(start.elapsed() < Duration::from_secs(5));
+        assert!(
+            !bell.asleep.load(Ordering::SeqCst),
+            "wake swaps asleep back"
+        );
+    }
+
+    #[test]
+    fn sleeping_ends_wake_on_frames_close_and_doorbell_shm() {
+        let path = std::env::temp_dir().join(format!("lockstep-sleep-{}.sock", std::process::id()));
+        let l = ShmListener::bind(&path).unwrap();
+        let backup = std::thread::spawn(move || l.accept(&session(Role::Backup), 1 << 20).unwrap());
+        let primary = ShmTransport::connect(&path, &session(Role::Primary)).unwrap();
+        let _ = std::fs::remove_file(&path);
+        sleeper_wakes(primary, backup.join().unwrap());
+    }
+
+    #[test]
+    fn sleeping_ends_wake_on_frames_close_and_doorbell_uring() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let backup = std::thread::spawn(move || {
+            UringTcp::accept(&l, &session(Role::Backup), 1 << 20).unwrap()
+        });
+        let primary = UringTcp::connect(addr, &session(Role::Primary), 1 << 20).unwrap();
+        sleeper_wakes(primary, backup.join().unwrap());
     }
 }

@@ -210,7 +210,11 @@ pub fn run_backup<T: Transport>(
             waiter.work();
             on_progress(r.received());
         } else {
-            waiter.idle();
+            // Sleeps on the transport (the shm doorbell, the socket) once
+            // past the spin and yield phases.
+            let mut slept = Ok(());
+            waiter.idle_with(|timeout| slept = r.wait(timeout));
+            slept.map_err(|e| chan(r.received(), e))?;
         }
     }
     // Poll until the final ack has left (even under a lazy policy), so the

@@ -132,7 +132,9 @@ fn accept(kind: Kind, tag: &str, extra: &[String]) -> (Result<Accepted, Transpor
             let path = sock_path(tag);
             let l = ShmListener::bind(&path).expect("bind unix socket");
             let child = spawn_peer(kind, path.to_str().expect("utf8"), extra);
-            let r = l.accept(&session(), 1 << 20).map(Accepted::Shm);
+            let r = l
+                .accept(&session(), 1 << 20)
+                .map(|t| Accepted::Shm(Box::new(t)));
             let _ = std::fs::remove_file(&path);
             (r, child)
         }
@@ -141,7 +143,7 @@ fn accept(kind: Kind, tag: &str, extra: &[String]) -> (Result<Accepted, Transpor
 
 enum Accepted {
     Uring(Box<UringTcp>),
-    Shm(channel::transport::shm::ShmTransport),
+    Shm(Box<channel::transport::shm::ShmTransport>),
 }
 
 impl Accepted {
@@ -161,7 +163,7 @@ impl Accepted {
         }
         match self {
             Accepted::Uring(t) => go(*t, entries, size, progress),
-            Accepted::Shm(t) => go(t, entries, size, progress),
+            Accepted::Shm(t) => go(*t, entries, size, progress),
         }
     }
 }

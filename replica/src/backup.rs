@@ -426,7 +426,14 @@ fn wait_for_header<T: Transport>(
             return Ok(meta);
         }
         if delivered == 0 {
-            waiter.idle();
+            let mut slept = Ok(());
+            waiter.idle_with(|timeout| slept = receiver.wait(timeout));
+            slept.map_err(|e| {
+                ReplicaError::Channel(format!(
+                    "before the log header: {}",
+                    arbiter::error_chain(&e)
+                ))
+            })?;
         }
     }
 }
@@ -452,8 +459,18 @@ fn receive<T: Transport>(
         if state.closed {
             return; // the replay is gone
         }
+        // A failed sleep is a failed poll: the next one reports it.
+        let result = result.and_then(|delivered| {
+            if delivered == 0 {
+                let mut slept = Ok(());
+                waiter.idle_with(|timeout| slept = receiver.wait(timeout));
+                slept.map(|()| 0)
+            } else {
+                Ok(delivered)
+            }
+        });
         match result {
-            Ok(0) => waiter.idle(),
+            Ok(0) => {}
             Ok(_) => waiter.work(),
             Err(_) if state.ended => return,
             Err(

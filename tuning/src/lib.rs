@@ -14,8 +14,9 @@
 //! | heartbeat / timeout| 10 ms / 200 ms                   | 2 ms / 50 ms                       |
 //!
 //! On a 2-core host the vCPU owns one core and everything else shares the
-//! other, so the channel threads spin a while and then yield (a thread that
-//! sleeps costs ~70 µs to wake on this kind of VM). On a dedicated-core server
+//! other, so the channel threads spin a while, then yield, then sleep until
+//! their peer or their producer wakes them (a thread that sleeps costs
+//! ~70 µs to wake on this kind of VM). On a dedicated-core server
 //! (cores 0-1 for the OS, vCPU on its own core, channel threads on 2 and 3,
 //! isolated with `isolcpus=`/`nohz_full=`), they busy-poll forever.
 //!
@@ -137,20 +138,22 @@ pub enum PollMode {
     /// Spin forever: lowest latency, burns a whole core. Dedicated cores only.
     BusyPoll,
     /// Spin for `spin_us` microseconds after the last work, then yield the
-    /// core between polls, and after 100 µs idle nap 50 µs between polls.
-    /// The default on small hosts.
+    /// core between polls, and after 100 µs idle sleep until work arrives
+    /// (see [`Waiter::idle_with`]). The default on small hosts.
     Adaptive {
         /// How long to spin before yielding, in microseconds.
         spin_us: u32,
     },
-    /// Sleep between polls (about 50 µs); lowest CPU use, highest latency.
+    /// Sleep between polls (until work arrives, see [`Waiter::idle_with`]);
+    /// lowest CPU use, highest latency.
     Blocking,
 }
 
 /// How long an adaptive poller yields the core between polls before it
 /// starts to nap.
 const ADAPTIVE_YIELD_FOR: Duration = Duration::from_micros(100);
-/// An adaptive poller's nap once idle for [`ADAPTIVE_YIELD_FOR`].
+/// An adaptive poller's nap once idle for [`ADAPTIVE_YIELD_FOR`], when it
+/// has nothing to block on but its park token ([`Waiter::idle`]).
 const ADAPTIVE_NAP: Duration = Duration::from_micros(50);
 
 /// A waiting strategy built from a [`PollMode`]: call [`Waiter::idle`] each
@@ -175,8 +178,19 @@ impl Waiter {
         self.idle_since = None;
     }
 
-    /// Waits a little after a poll that found nothing.
+    /// Waits a little after a poll that found nothing; once past the spin
+    /// and yield phases it naps on the thread's park token (50 µs at most;
+    /// `Thread::unpark` ends the nap).
     pub fn idle(&mut self) {
+        self.idle_with(|_| std::thread::park_timeout(ADAPTIVE_NAP));
+    }
+
+    /// Like [`Waiter::idle`], but once past the spin and yield phases it
+    /// calls `block(timeout)` to sleep (at most [`BLOCK_FOR`]): a caller that
+    /// can sleep until its work arrives (a readable socket, an eventfd the
+    /// producer writes) passes a `block` that does, and so spends no CPU at
+    /// all while idle. `block` may return early.
+    pub fn idle_with(&mut self, block: impl FnOnce(Duration)) {
         match self.mode {
             PollMode::BusyPoll => std::hint::spin_loop(),
             PollMode::Adaptive { spin_us } => {
@@ -191,15 +205,18 @@ impl Waiter {
                     // Idle for a while: give the core away for real, so a
                     // host with fewer cores than busy threads (the vCPUs
                     // first) is not eaten by pollers that yield and return.
-                    // A producer with work for this thread ends the nap at
-                    // once with `Thread::unpark`.
-                    std::thread::park_timeout(ADAPTIVE_NAP);
+                    block(BLOCK_FOR);
                 }
             }
-            PollMode::Blocking => std::thread::park_timeout(Duration::from_micros(50)),
+            PollMode::Blocking => block(BLOCK_FOR),
         }
     }
 }
+
+/// The longest a [`Waiter::idle_with`] caller is asked to sleep at once: it
+/// bounds how late a timer of the caller's (a heartbeat, an ack delay, the
+/// peer-silence check) can fire while nothing arrives.
+pub const BLOCK_FOR: Duration = Duration::from_millis(1);
 
 /// When the receiver acknowledges: after `every_entries` entries, when its
 /// receive queue drains, or `max_delay_us` after the oldest unacked entry,
@@ -584,5 +601,23 @@ mod tests {
         }
         w.work();
         Waiter::new(PollMode::BusyPoll).idle();
+    }
+
+    #[test]
+    fn idle_with_blocks_only_past_the_spin_and_yield_phases() {
+        let mut w = Waiter::new(PollMode::Adaptive { spin_us: 1 });
+        let mut asked = None;
+        w.idle_with(|t| asked = Some(t));
+        assert_eq!(asked, None, "the first idle poll spins");
+        std::thread::sleep(ADAPTIVE_YIELD_FOR);
+        w.idle_with(|t| asked = Some(t));
+        assert_eq!(asked, Some(BLOCK_FOR));
+        w.work();
+        asked = None;
+        w.idle_with(|t| asked = Some(t));
+        assert_eq!(asked, None, "work starts the phases again");
+        let mut blocking = Waiter::new(PollMode::Blocking);
+        blocking.idle_with(|t| asked = Some(t));
+        assert_eq!(asked, Some(BLOCK_FOR));
     }
 }

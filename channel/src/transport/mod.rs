@@ -23,6 +23,9 @@ pub mod rdma;
 pub mod shm;
 pub mod uring_tcp;
 
+use std::os::fd::RawFd;
+use std::time::Duration;
+
 use thiserror::Error;
 
 use crate::protocol::HandshakeError;
@@ -138,4 +141,66 @@ pub trait Transport: Send {
     fn transport_ack(&mut self) -> Option<u64> {
         None
     }
+
+    /// Sleeps until a frame may have arrived from the peer (or the peer is
+    /// gone), `wake` turned readable, or `timeout` passed; it may return
+    /// early. The caller has just found `recv` empty. A transport that can
+    /// be woken by the peer (a readable socket, a doorbell) sleeps for the
+    /// whole `timeout`; the default, for one that cannot (RDMA: the peer's
+    /// NIC writes into our memory and raises no event), sleeps on `wake`
+    /// alone for at most [`UNWAKEABLE_NAP`] and polls again.
+    fn wait(&mut self, wake: Option<RawFd>, timeout: Duration) -> Result<(), TransportError> {
+        wait_readable(&[], wake, timeout.min(UNWAKEABLE_NAP))
+    }
+}
+
+/// The longest a transport that cannot be woken by its peer sleeps in
+/// [`Transport::wait`].
+pub const UNWAKEABLE_NAP: Duration = Duration::from_micros(50);
+
+/// Sleeps until one of `fds` or `wake` is readable (or hung up), or
+/// `timeout` passed. `EINTR` counts as an early return.
+pub(crate) fn wait_readable(
+    fds: &[RawFd],
+    wake: Option<RawFd>,
+    timeout: Duration,
+) -> Result<(), TransportError> {
+    let mut polled = [libc::pollfd {
+        fd: -1,
+        events: libc::POLLIN,
+        revents: 0,
+    }; 4];
+    let mut n = 0;
+    for fd in fds.iter().copied().chain(wake) {
+        if n == polled.len() {
+            break;
+        }
+        polled[n].fd = fd;
+        n += 1;
+    }
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: `polled[..n]` is a live, initialised array of pollfd the call
+    // may write `revents` into; `ts` outlives the call; a null sigmask keeps
+    // the thread's mask.
+    let r = unsafe {
+        libc::ppoll(
+            polled.as_mut_ptr(),
+            n as libc::nfds_t,
+            &ts,
+            std::ptr::null(),
+        )
+    };
+    if r < 0 {
+        let source = std::io::Error::last_os_error();
+        if source.kind() != std::io::ErrorKind::Interrupted {
+            return Err(TransportError::Io {
+                op: "ppoll (waiting for the peer)",
+                source,
+            });
+        }
+    }
+    Ok(())
 }

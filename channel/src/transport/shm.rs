@@ -19,6 +19,8 @@
 //! 256           8     ring 0 tail  (producer index)
 //! 384           8     ring 1 head
 //! 512           8     ring 1 tail
+//! 640           8     ring 0 consumer asleep (1: ring its doorbell)
+//! 768           8     ring 1 consumer asleep
 //! 4096          R     ring 0 data: primary -> backup
 //! 4096 + R      R     ring 1 data: backup -> primary
 //! ```
@@ -39,11 +41,24 @@
 //! is done with a record and the producer loads it with Acquire before
 //! reusing the space. Indices read from the peer are bounds-checked, so a
 //! corrupt or hostile peer yields an error, never an out-of-bounds access.
+//!
+//! # Sleeping and the doorbell
+//!
+//! An idle end need not poll ([`Transport::wait`]): it stores 1 in its
+//! ring's *asleep* word, looks at the tail once more, and sleeps on the
+//! set-up's unix socket. A producer that commits a record and then finds the
+//! consumer asleep (it swaps the word back to 0, so one byte per sleep)
+//! writes one doorbell byte to that socket. Both sides put a SeqCst fence
+//! between their store and their load, so either the consumer sees the new
+//! tail or the producer sees the asleep word: no record is slept through.
+//! The socket carries nothing else after set-up; its EOF is how a consumer
+//! learns that the peer exited, and it wakes a sleeper too.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use super::{Transport, TransportError};
 use crate::protocol::{PROTOCOL_VERSION, Role, Session, handshake_timed};
@@ -114,6 +129,9 @@ struct RingEnd {
     open: Option<(u64, usize)>,
     /// Consumer: bytes of the record lent out by `recv`, released next call.
     lent: u64,
+    /// The consumer's asleep word (see the module docs): ours on the
+    /// receiving end, the peer's on the sending end.
+    asleep: *const AtomicU64,
 }
 
 impl RingEnd {
@@ -249,6 +267,9 @@ pub struct ShmTransport {
     control: UnixStream,
     peer_closed: bool,
     last_check: std::time::Instant,
+    /// Look at the control socket on the next `recv`, whatever the time
+    /// (set after a sleep: doorbell bytes are waiting, or an EOF).
+    check_now: bool,
     // Declared last so it is unmapped after the ring ends are gone.
     _map: Mapping,
 }
@@ -417,6 +438,7 @@ impl ShmTransport {
                 theirs: 0,
                 open: None,
                 lent: 0,
+                asleep: map.atomic(640 + ring * 128),
             }
         };
         let (tx, rx) = match role {
@@ -429,6 +451,7 @@ impl ShmTransport {
             control,
             peer_closed: false,
             last_check: std::time::Instant::now(),
+            check_now: false,
             _map: map,
         }
     }
@@ -445,30 +468,63 @@ impl ShmTransport {
         if self.peer_closed {
             return self.peer_closed;
         }
-        if self.last_check.elapsed() < PEER_CHECK_INTERVAL {
+        if !self.check_now && self.last_check.elapsed() < PEER_CHECK_INTERVAL {
             return false;
         }
+        self.check_now = false;
         self.last_check = std::time::Instant::now();
-        let mut byte = [0u8; 1];
-        // SAFETY: recv writes at most 1 byte into `byte`, which outlives the
-        // call, on a socket `self.control` owns; MSG_DONTWAIT never blocks.
-        let n = unsafe {
-            libc::recv(
+        // Doorbell bytes are read and dropped until the socket is empty
+        // (alive) or reads EOF (gone).
+        let mut bytes = [0u8; 64];
+        loop {
+            // SAFETY: recv writes at most `bytes.len()` bytes into `bytes`,
+            // which outlives the call, on a socket `self.control` owns;
+            // MSG_DONTWAIT never blocks.
+            let n = unsafe {
+                libc::recv(
+                    self.control.as_raw_fd(),
+                    bytes.as_mut_ptr().cast(),
+                    bytes.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n > 0 {
+                continue;
+            }
+            self.peer_closed = n == 0
+                || !matches!(
+                    std::io::Error::last_os_error().kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                );
+            return self.peer_closed;
+        }
+    }
+
+    /// After a commit: one doorbell byte if the consumer is asleep.
+    fn ring_doorbell(&mut self) {
+        // SAFETY: `asleep` points into the live mapping, 8-aligned, and is
+        // only ever accessed atomically by either process.
+        let asleep = unsafe { &*self.tx.asleep };
+        // Pairs with the consumer's fence between its asleep store and its
+        // tail load: our tail store (in commit) is ordered before this load.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if asleep.load(Ordering::Relaxed) == 0 || asleep.swap(0, Ordering::SeqCst) == 0 {
+            return;
+        }
+        let byte = [1u8];
+        // SAFETY: send reads one byte from `byte`, which outlives the call,
+        // on a socket `self.control` owns; it never blocks (MSG_DONTWAIT)
+        // and never raises SIGPIPE (MSG_NOSIGNAL). A full socket already
+        // holds a doorbell, and a dead peer is found by its reader: the
+        // result is not needed.
+        let _ = unsafe {
+            libc::send(
                 self.control.as_raw_fd(),
-                byte.as_mut_ptr().cast(),
+                byte.as_ptr().cast(),
                 1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
             )
         };
-        self.peer_closed = match n {
-            0 => true,
-            n if n > 0 => false,
-            _ => !matches!(
-                std::io::Error::last_os_error().kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-            ),
-        };
-        self.peer_closed
     }
 }
 
@@ -486,7 +542,9 @@ impl Transport for ShmTransport {
     }
 
     fn commit(&mut self, len: usize) -> Result<(), TransportError> {
-        self.tx.commit(len)
+        self.tx.commit(len)?;
+        self.ring_doorbell();
+        Ok(())
     }
 
     fn poll(&mut self) -> Result<bool, TransportError> {
@@ -508,6 +566,29 @@ impl Transport for ShmTransport {
     fn flushed(&self) -> bool {
         // A committed record is in the shared ring: it has left this process.
         true
+    }
+
+    /// Sleeps on the control socket, woken by the peer's doorbell or its
+    /// exit (see the module docs).
+    fn wait(&mut self, wake: Option<RawFd>, timeout: Duration) -> Result<(), TransportError> {
+        if self.peer_closed {
+            return Ok(());
+        }
+        // SAFETY: as in `ring_doorbell`.
+        let asleep = unsafe { &*self.rx.asleep };
+        asleep.store(1, Ordering::SeqCst);
+        // Pairs with the producer's fence between its tail store and its
+        // asleep load.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let result = if RingEnd::load(self.rx.tail) != self.rx.mine + self.rx.lent {
+            Ok(()) // a record arrived meanwhile
+        } else {
+            super::wait_readable(&[self.control.as_raw_fd()], wake, timeout)
+        };
+        asleep.store(0, Ordering::Relaxed);
+        // The next recv reads the doorbell bytes (and sees an EOF) at once.
+        self.check_now = true;
+        result
     }
 }
 

@@ -22,7 +22,8 @@
 
 use std::collections::VecDeque;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::Duration;
 
 use io_uring::{IoUring, opcode, types};
 
@@ -489,5 +490,27 @@ impl Transport for UringTcp {
 
     fn flushed(&self) -> bool {
         self.queue.is_empty()
+    }
+
+    /// Sleeps on the socket itself: with DEFER_TASKRUN an armed RECV only
+    /// completes when we next enter the ring, so bytes that arrived are still
+    /// in the socket and make it readable (a close makes it hang up). The
+    /// ring's fd is watched too, for completions already posted. While a
+    /// WRITEV is in flight its completion raises no event we can sleep on,
+    /// so the nap is short then.
+    fn wait(&mut self, wake: Option<RawFd>, timeout: Duration) -> Result<(), TransportError> {
+        if self.closed || self.eof {
+            return Ok(());
+        }
+        let timeout = if self.send_inflight {
+            timeout.min(super::UNWAKEABLE_NAP)
+        } else {
+            timeout
+        };
+        super::wait_readable(
+            &[self.stream.as_raw_fd(), self.ring.as_raw_fd()],
+            wake,
+            timeout,
+        )
     }
 }
