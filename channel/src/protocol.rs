@@ -209,6 +209,10 @@ pub struct Established {
     pub generation: u64,
     /// Peer's role.
     pub peer_role: Role,
+    /// The primary's nonce then the backup's: unique to this connection,
+    /// so a MAC over anything exchanged after the handshake (the RDMA
+    /// set-up) that covers it cannot be replayed into another connection.
+    pub binding: [u8; 64],
 }
 
 /// Handshake failures. Each says which check failed and with which values.
@@ -502,10 +506,18 @@ pub fn handshake<S: std::io::Read + std::io::Write>(
     if verdict.code.get() != 0 {
         return Err(rejected(&verdict));
     }
+    let mut binding = [0u8; 64];
+    let (primary, backup) = match session.role {
+        Role::Primary => (&hello.data, &peer.data),
+        Role::Backup => (&peer.data, &hello.data),
+    };
+    binding[..32].copy_from_slice(primary);
+    binding[32..].copy_from_slice(backup);
     Ok(Established {
         vm_id: session.vm_id,
         generation: session.generation,
         peer_role,
+        binding,
     })
 }
 

@@ -47,7 +47,9 @@
 //! 64     8    address of the status block
 //! 72     8    largest frame accepted
 //! 80     16   reserved
-//! 96     32   HMAC-SHA256(key, "lockstep-rdma-info-v1" ‖ role ‖ bytes 0..96)
+//! 96     32   HMAC-SHA256(key, "lockstep-rdma-info-v2" ‖ role ‖ binding ‖ bytes 0..96)
+//!             binding: both handshake nonces (primary's, then backup's), so an
+//!             info block recorded from one connection is refused on another
 //! ```
 //!
 //! # Data path
@@ -345,18 +347,30 @@ fn role_label(r: Role) -> &'static [u8] {
     }
 }
 
-fn info_mac(key: &[u8], role: Role, body: &[u8]) -> Result<Hmac<Sha256>, TransportError> {
+fn info_mac(
+    key: &[u8],
+    role: Role,
+    binding: &[u8; 64],
+    body: &[u8],
+) -> Result<Hmac<Sha256>, TransportError> {
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key)
         .map_err(|_| TransportError::Handshake(crate::protocol::HandshakeError::BadKey))?;
-    mac.update(b"lockstep-rdma-info-v1");
+    mac.update(b"lockstep-rdma-info-v2");
     mac.update(role_label(role));
+    mac.update(binding);
     mac.update(body);
     Ok(mac)
 }
 
 impl PeerInfo {
-    /// Encodes and MACs (see the module docs).
-    pub fn encode(&self, key: &[u8], role: Role) -> Result<[u8; INFO_LEN], TransportError> {
+    /// Encodes and MACs for the connection whose handshake gave `binding`
+    /// (see the module docs).
+    pub fn encode(
+        &self,
+        key: &[u8],
+        role: Role,
+        binding: &[u8; 64],
+    ) -> Result<[u8; INFO_LEN], TransportError> {
         let mut b = [0u8; INFO_LEN];
         b[..8].copy_from_slice(&INFO_MAGIC);
         b[8..12].copy_from_slice(&self.qpn.to_le_bytes());
@@ -371,13 +385,21 @@ impl PeerInfo {
         b[60..64].copy_from_slice(&self.recv_depth.to_le_bytes());
         b[64..72].copy_from_slice(&self.status_addr.to_le_bytes());
         b[72..80].copy_from_slice(&self.max_frame.to_le_bytes());
-        let mac = info_mac(key, role, &b[..96])?.finalize().into_bytes();
+        let mac = info_mac(key, role, binding, &b[..96])?
+            .finalize()
+            .into_bytes();
         b[96..].copy_from_slice(&mac);
         Ok(b)
     }
 
-    /// Checks the MAC (made by a peer of role `role`) and decodes.
-    pub fn decode(b: &[u8; INFO_LEN], key: &[u8], role: Role) -> Result<Self, TransportError> {
+    /// Checks the MAC (made by a peer of role `role` on the connection
+    /// whose handshake gave `binding`) and decodes.
+    pub fn decode(
+        b: &[u8; INFO_LEN],
+        key: &[u8],
+        role: Role,
+        binding: &[u8; 64],
+    ) -> Result<Self, TransportError> {
         if b[..8] == REFUSE_MAGIC {
             let reason = String::from_utf8_lossy(&b[8..96])
                 .trim_end_matches('\0')
@@ -392,12 +414,12 @@ impl PeerInfo {
                 "the peer's RDMA info has a bad magic",
             ));
         }
-        if info_mac(key, role, &b[..96])?
+        if info_mac(key, role, binding, &b[..96])?
             .verify_slice(&b[96..])
             .is_err()
         {
             return Err(TransportError::BadRegion(
-                "the peer's RDMA info does not verify under the session key",
+                "the peer's RDMA info does not verify under the session key and this connection's nonces",
             ));
         }
         let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
@@ -718,7 +740,7 @@ impl RdmaTransport {
         stream
             .set_nodelay(true)
             .map_err(io("setting TCP_NODELAY"))?;
-        handshake_timed(&mut stream, session, version)?;
+        let established = handshake_timed(&mut stream, session, version)?;
         // The RDMA set-up that follows on this stream has its own bound.
         stream
             .set_read_timeout(Some(cfg.setup_timeout))
@@ -744,7 +766,7 @@ impl RdmaTransport {
             }
         };
         stream
-            .write_all(&ours.encode(&session.key, session.role)?)
+            .write_all(&ours.encode(&session.key, session.role, &established.binding)?)
             .map_err(io("sending the RDMA info"))?;
         let mut b = [0u8; INFO_LEN];
         stream
@@ -754,7 +776,7 @@ impl RdmaTransport {
             Role::Primary => Role::Backup,
             Role::Backup => Role::Primary,
         };
-        let peer = PeerInfo::decode(&b, &session.key, peer_role)?;
+        let peer = PeerInfo::decode(&b, &session.key, peer_role, &established.binding)?;
         if !peer.ring_bytes.is_power_of_two()
             || !(64 << 10..=1 << 30).contains(&peer.ring_bytes)
             || peer.recv_depth == 0
@@ -1301,14 +1323,23 @@ mod tests {
 
     #[test]
     fn info_round_trips_and_is_authenticated() {
-        let b = info().encode(b"key", Role::Backup).unwrap();
-        assert_eq!(PeerInfo::decode(&b, b"key", Role::Backup).unwrap(), info());
-        // Another key, or a primary's info replayed as a backup's: refused.
-        assert!(PeerInfo::decode(&b, b"other", Role::Backup).is_err());
-        assert!(PeerInfo::decode(&b, b"key", Role::Primary).is_err());
+        let binding = [7u8; 64];
+        let b = info().encode(b"key", Role::Backup, &binding).unwrap();
+        assert_eq!(
+            PeerInfo::decode(&b, b"key", Role::Backup, &binding).unwrap(),
+            info()
+        );
+        // Another key, a primary's info replayed as a backup's, or an info
+        // block recorded from another connection: refused.
+        assert!(PeerInfo::decode(&b, b"other", Role::Backup, &binding).is_err());
+        assert!(PeerInfo::decode(&b, b"key", Role::Primary, &binding).is_err());
+        let mut other = binding;
+        other[40] ^= 1;
+        let e = PeerInfo::decode(&b, b"key", Role::Backup, &other).unwrap_err();
+        assert!(e.to_string().contains("nonces"), "{e}");
         let mut t = b;
         t[40] ^= 1;
-        assert!(PeerInfo::decode(&t, b"key", Role::Backup).is_err());
+        assert!(PeerInfo::decode(&t, b"key", Role::Backup, &binding).is_err());
     }
 
     #[test]
@@ -1316,7 +1347,7 @@ mod tests {
         let mut b = [0u8; INFO_LEN];
         b[..8].copy_from_slice(&REFUSE_MAGIC);
         b[8..19].copy_from_slice(b"no gid here");
-        let e = PeerInfo::decode(&b, b"key", Role::Backup).unwrap_err();
+        let e = PeerInfo::decode(&b, b"key", Role::Backup, &[0; 64]).unwrap_err();
         assert!(e.to_string().contains("no gid here"), "{e}");
     }
 
