@@ -247,6 +247,9 @@ fn trial(
         thread::sleep(Duration::from_millis(20));
     }
     let link = format!("127.0.0.1:{port}");
+    // The campaign's own status directory: `lockstep status` on the host
+    // never lists its replicas.
+    let status_dir = dir.join("status").to_string_lossy().into_owned();
     let ft = [
         "--arbiter",
         arbiter_address.as_str(),
@@ -254,6 +257,8 @@ fn trial(
         key_text.as_str(),
         "--peer-timeout-ms",
         "1500",
+        "--status-dir",
+        status_dir.as_str(),
     ];
     let backup_log = dir.join(format!("backup-{number}.log"));
     let primary_log = dir.join(format!("primary-{number}.log"));

@@ -28,8 +28,10 @@ const TEST_KEY: &[u8] = b"lockstep failover test key, 32+ bytes long";
 /// An arbiter process: the embedded one, or a real etcd.
 struct Arbiter {
     child: Child,
+    /// What every replica of the test is started with: the arbiter, the
+    /// peer timeout, a status directory of the test's own.
     args: Vec<String>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Arbiter {
@@ -54,12 +56,12 @@ impl Arbiter {
             key.to_string_lossy().into_owned(),
             "--peer-timeout-ms".into(),
             PEER_TIMEOUT_MS.into(),
+            // the test's own, so `lockstep status` on the host never lists
+            // the test's replicas
+            "--status-dir".into(),
+            dir.path().join("status").to_string_lossy().into_owned(),
         ];
-        Self {
-            child,
-            args,
-            _dir: dir,
-        }
+        Self { child, args, dir }
     }
 
     /// A single-member etcd cluster on loopback (Debian's etcd-server).
@@ -92,16 +94,25 @@ impl Arbiter {
             format!("etcd://{endpoint}"),
             "--peer-timeout-ms".into(),
             PEER_TIMEOUT_MS.into(),
+            // the test's own, so `lockstep status` on the host never lists
+            // the test's replicas
+            "--status-dir".into(),
+            dir.path().join("status").to_string_lossy().into_owned(),
         ];
-        Self {
-            child,
-            args,
-            _dir: dir,
-        }
+        Self { child, args, dir }
     }
 
     fn args(&self) -> Vec<String> {
         self.args.clone()
+    }
+
+    /// Where the test's replicas publish their status.
+    fn status_dir(&self) -> String {
+        self.dir
+            .path()
+            .join("status")
+            .to_string_lossy()
+            .into_owned()
     }
 }
 
@@ -520,14 +531,13 @@ fn wait_for_status(dir: &str, id: &str, text: &str, timeout: Duration) {
 fn a_new_backup_joins_by_state_transfer_and_takes_over_at_the_next_failover() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let arbiter = Arbiter::start(17406);
-    let status_dir = tempfile::tempdir().expect("status dir");
-    let status = status_dir.path().to_string_lossy().into_owned();
+    let status = arbiter.status_dir();
     let (mut pair, _) = start_pair_with(
         89,
         17789,
         &arbiter,
         false,
-        &["--join-listen", "127.0.0.1:17889", "--status-dir", &status],
+        &["--join-listen", "127.0.0.1:17889"],
     );
     let mut stream = pair.client();
     assert_eq!(incr(&mut stream, "j", 50), 50);
@@ -557,8 +567,6 @@ fn a_new_backup_joins_by_state_transfer_and_takes_over_at_the_next_failover() {
         "--id",
         "backup2",
         "--quiet",
-        "--status-dir",
-        &status,
     ]
     .iter()
     .map(|s| s.to_string())
