@@ -12,11 +12,11 @@
 //! NIC writes straight into our memory (an RDMA WRITE of the ack word), with
 //! no ack frame at all.
 //!
-//! | transport              | setup                            | data path                      |
-//! |------------------------|----------------------------------|--------------------------------|
-//! | [`uring_tcp::UringTcp`]| std TCP connect + handshake      | io_uring writev / recv, CQ spun|
-//! | [`shm::ShmTransport`]  | unix socket: handshake, memfd fd | two SPSC byte rings in a memfd |
-//! | `rdma::RdmaTransport` (feature `rdma`) | TCP handshake, then QPN/GID/rkeys exchanged | RDMA WRITE WITH IMM into the peer's ring; status block written back |
+//! | transport              | setup                            | data path                      | an idle end sleeps on |
+//! |------------------------|----------------------------------|--------------------------------|-----------------------|
+//! | [`uring_tcp::UringTcp`]| std TCP connect + handshake      | io_uring writev / recv, CQ polled | the socket (and the ring fd) |
+//! | [`shm::ShmTransport`]  | unix socket: handshake, memfd fd | two SPSC byte rings in a memfd | the unix socket: a doorbell byte or EOF |
+//! | `rdma::RdmaTransport` (feature `rdma`) | TCP handshake, then QPN/GID/rkeys exchanged | RDMA WRITE WITH IMM into the peer's ring; status block written back | nothing: 50 µs naps |
 
 #[cfg(feature = "rdma")]
 pub mod rdma;
