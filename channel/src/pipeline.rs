@@ -106,7 +106,9 @@ impl Doorbell {
         let _ = unsafe { libc::write(self.eventfd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
     }
 
-    /// Consumes pending wakes.
+    /// Consumes pending wakes. A wake that lands after this (its producer
+    /// took `asleep` just before the sender did) only makes the next sleep
+    /// return at once.
     fn clear(&self) {
         let mut count = [0u8; 8];
         // SAFETY: read writes at most 8 bytes into `count`, which outlives
@@ -248,18 +250,22 @@ where
                     if control2.load(Ordering::Acquire) != RUN && ring.is_empty() {
                         break;
                     }
-                    let mut slept = Ok(());
                     waiter.idle_with(|timeout| {
                         bell.asleep.store(true, Ordering::SeqCst);
                         // Pairs with the fence in `Doorbell::wake`.
                         fence(Ordering::SeqCst);
-                        if ring.is_empty() && control2.load(Ordering::Acquire) == RUN {
-                            slept = s.wait(Some(bell.eventfd.as_raw_fd()), timeout);
+                        let slept = if ring.is_empty() && control2.load(Ordering::Acquire) == RUN {
+                            s.wait(Some(bell.eventfd.as_raw_fd()), timeout)
+                        } else {
+                            Ok(())
+                        };
+                        // Still set: nobody rang. Taken: a producer rang
+                        // (or is about to), so the eventfd is emptied.
+                        if !bell.asleep.swap(false, Ordering::SeqCst) {
+                            bell.clear();
                         }
-                        bell.asleep.store(false, Ordering::Relaxed);
-                        bell.clear();
-                    });
-                    slept?;
+                        slept
+                    })?;
                 } else {
                     s.poll_io()?;
                     waiter.work();

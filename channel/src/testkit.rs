@@ -7,7 +7,7 @@ use std::net::TcpListener;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use tuning::{PollMode, Profile, Waiter};
+use tuning::{Profile, Waiter};
 
 use crate::endpoint::{ChannelError, LogReceiver, LogSender, Metrics};
 use crate::protocol::{Role, Session};
@@ -174,10 +174,7 @@ pub fn run_backup<T: Transport>(
     let chan = |received, source| BackupError::Channel { received, source };
     let mut r = LogReceiver::new(t, generation, 1, profile.ack, profile.liveness)
         .map_err(|e| chan(0, e))?;
-    let mut waiter = Waiter::new(match profile.poll {
-        PollMode::BusyPoll => PollMode::BusyPoll,
-        other => other,
-    });
+    let mut waiter = Waiter::new(profile.poll);
     let mut digest = 0u32;
     let mut bad = None;
     let mut start = None;
@@ -212,9 +209,9 @@ pub fn run_backup<T: Transport>(
         } else {
             // Sleeps on the transport (the shm doorbell, the socket) once
             // past the spin and yield phases.
-            let mut slept = Ok(());
-            waiter.idle_with(|timeout| slept = r.wait(timeout));
-            slept.map_err(|e| chan(r.received(), e))?;
+            waiter
+                .idle_with(|timeout| r.wait(timeout))
+                .map_err(|e| chan(r.received(), e))?;
         }
     }
     // Poll until the final ack has left (even under a lazy policy), so the

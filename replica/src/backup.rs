@@ -426,14 +426,14 @@ fn wait_for_header<T: Transport>(
             return Ok(meta);
         }
         if delivered == 0 {
-            let mut slept = Ok(());
-            waiter.idle_with(|timeout| slept = receiver.wait(timeout));
-            slept.map_err(|e| {
-                ReplicaError::Channel(format!(
-                    "before the log header: {}",
-                    arbiter::error_chain(&e)
-                ))
-            })?;
+            waiter
+                .idle_with(|timeout| receiver.wait(timeout))
+                .map_err(|e| {
+                    ReplicaError::Channel(format!(
+                        "before the log header: {}",
+                        arbiter::error_chain(&e)
+                    ))
+                })?;
         }
     }
 }
@@ -459,16 +459,13 @@ fn receive<T: Transport>(
         if state.closed {
             return; // the replay is gone
         }
-        // A failed sleep is a failed poll: the next one reports it.
-        let result = result.and_then(|delivered| {
-            if delivered == 0 {
-                let mut slept = Ok(());
-                waiter.idle_with(|timeout| slept = receiver.wait(timeout));
-                slept.map(|()| 0)
-            } else {
-                Ok(delivered)
-            }
-        });
+        // A failed sleep counts as a failed poll.
+        let result = match result {
+            Ok(0) => waiter
+                .idle_with(|timeout| receiver.wait(timeout))
+                .map(|()| 0),
+            other => other,
+        };
         match result {
             Ok(0) => {}
             Ok(_) => waiter.work(),

@@ -153,7 +153,7 @@ pub enum PollMode {
 /// starts to nap.
 const ADAPTIVE_YIELD_FOR: Duration = Duration::from_micros(100);
 /// An adaptive poller's nap once idle for [`ADAPTIVE_YIELD_FOR`], when it
-/// has nothing to block on but its park token ([`Waiter::idle`]).
+/// has nothing to sleep on ([`Waiter::idle`]).
 const ADAPTIVE_NAP: Duration = Duration::from_micros(50);
 
 /// A waiting strategy built from a [`PollMode`]: call [`Waiter::idle`] each
@@ -179,18 +179,22 @@ impl Waiter {
     }
 
     /// Waits a little after a poll that found nothing; once past the spin
-    /// and yield phases it naps on the thread's park token (50 µs at most;
-    /// `Thread::unpark` ends the nap).
+    /// and yield phases it naps for [`ADAPTIVE_NAP`], for a caller with
+    /// nothing to sleep on.
     pub fn idle(&mut self) {
-        self.idle_with(|_| std::thread::park_timeout(ADAPTIVE_NAP));
+        let napped: Result<(), std::convert::Infallible> = self.idle_with(|_| {
+            std::thread::sleep(ADAPTIVE_NAP);
+            Ok(())
+        });
+        let Ok(()) = napped;
     }
 
     /// Like [`Waiter::idle`], but once past the spin and yield phases it
     /// calls `block(timeout)` to sleep (at most [`BLOCK_FOR`]): a caller that
     /// can sleep until its work arrives (a readable socket, an eventfd the
     /// producer writes) passes a `block` that does, and so spends no CPU at
-    /// all while idle. `block` may return early.
-    pub fn idle_with(&mut self, block: impl FnOnce(Duration)) {
+    /// all while idle. `block` may return early; its error is returned.
+    pub fn idle_with<E>(&mut self, block: impl FnOnce(Duration) -> Result<(), E>) -> Result<(), E> {
         match self.mode {
             PollMode::BusyPoll => std::hint::spin_loop(),
             PollMode::Adaptive { spin_us } => {
@@ -205,11 +209,12 @@ impl Waiter {
                     // Idle for a while: give the core away for real, so a
                     // host with fewer cores than busy threads (the vCPUs
                     // first) is not eaten by pollers that yield and return.
-                    block(BLOCK_FOR);
+                    return block(BLOCK_FOR);
                 }
             }
-            PollMode::Blocking => block(BLOCK_FOR),
+            PollMode::Blocking => return block(BLOCK_FOR),
         }
+        Ok(())
     }
 }
 
@@ -607,17 +612,19 @@ mod tests {
     fn idle_with_blocks_only_past_the_spin_and_yield_phases() {
         let mut w = Waiter::new(PollMode::Adaptive { spin_us: 1 });
         let mut asked = None;
-        w.idle_with(|t| asked = Some(t));
-        assert_eq!(asked, None, "the first idle poll spins");
+        let mut ask = |w: &mut Waiter| {
+            w.idle_with(|t| {
+                asked = Some(t);
+                Err::<(), _>(t)
+            })
+        };
+        assert_eq!(ask(&mut w), Ok(()), "the first idle poll spins");
         std::thread::sleep(ADAPTIVE_YIELD_FOR);
-        w.idle_with(|t| asked = Some(t));
-        assert_eq!(asked, Some(BLOCK_FOR));
+        assert_eq!(ask(&mut w), Err(BLOCK_FOR), "block's error is returned");
         w.work();
-        asked = None;
-        w.idle_with(|t| asked = Some(t));
-        assert_eq!(asked, None, "work starts the phases again");
+        assert_eq!(ask(&mut w), Ok(()), "work starts the phases again");
         let mut blocking = Waiter::new(PollMode::Blocking);
-        blocking.idle_with(|t| asked = Some(t));
+        assert_eq!(ask(&mut blocking), Err(BLOCK_FOR));
         assert_eq!(asked, Some(BLOCK_FOR));
     }
 }

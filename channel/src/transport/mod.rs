@@ -158,23 +158,25 @@ pub trait Transport: Send {
 /// [`Transport::wait`].
 pub const UNWAKEABLE_NAP: Duration = Duration::from_micros(50);
 
-/// Sleeps until one of `fds` or `wake` is readable (or hung up), or
-/// `timeout` passed. `EINTR` counts as an early return.
+/// Sleeps until one of `fds` (at most two) or `wake` is readable (or hung
+/// up), or `timeout` passed. `EINTR` counts as an early return.
 pub(crate) fn wait_readable(
     fds: &[RawFd],
     wake: Option<RawFd>,
     timeout: Duration,
 ) -> Result<(), TransportError> {
-    let mut polled = [libc::pollfd {
-        fd: -1,
+    let unused = libc::pollfd {
+        fd: -1, // ppoll skips negative descriptors
         events: libc::POLLIN,
         revents: 0,
-    }; 4];
+    };
+    let mut polled = [unused; 3];
+    assert!(
+        fds.len() < polled.len(),
+        "wait_readable takes at most two fds"
+    );
     let mut n = 0;
     for fd in fds.iter().copied().chain(wake) {
-        if n == polled.len() {
-            break;
-        }
         polled[n].fd = fd;
         n += 1;
     }

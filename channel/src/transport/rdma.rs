@@ -772,11 +772,12 @@ impl RdmaTransport {
         stream
             .read_exact(&mut b)
             .map_err(read_err("receiving the RDMA info"))?;
-        let peer_role = match session.role {
-            Role::Primary => Role::Backup,
-            Role::Backup => Role::Primary,
-        };
-        let peer = PeerInfo::decode(&b, &session.key, peer_role, &established.binding)?;
+        let peer = PeerInfo::decode(
+            &b,
+            &session.key,
+            established.peer_role,
+            &established.binding,
+        )?;
         if !peer.ring_bytes.is_power_of_two()
             || !(64 << 10..=1 << 30).contains(&peer.ring_bytes)
             || peer.recv_depth == 0
