@@ -1,7 +1,8 @@
 //! Record and replay real KVM guests (needs /dev/kvm).
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+mod common;
+
+use common::Console;
 
 use channel::log::{
     ENTRY_HEADER_LEN, EntryKind, FILE_HEADER_LEN, LogError, LogMeta, LogReader, LogWriter,
@@ -9,29 +10,6 @@ use channel::log::{
 };
 use vmm::events::{Live, LogSink, Replay};
 use vmm::{Machine, RunSummary, VmConfig, VmmError};
-
-/// A console that keeps what the guest printed.
-#[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Console {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .expect("console lock")
-            .extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Console {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().expect("console lock")).into_owned()
-    }
-}
 
 struct Recording {
     log: Vec<u8>,

@@ -1,7 +1,10 @@
 //! State transfer on real KVM guests: capture, stream, restore, replay.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+mod common;
+
+use common::Console;
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use channel::log::{LogMeta, LogReader, LogWriter};
@@ -11,28 +14,6 @@ use vmm::{
     CaptureMemory, CaptureRequest, Captured, Machine, PrecopyPolicy, StateHeader, StateWriter,
     VmConfig, VmmError, receive, send_state,
 };
-
-#[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Console {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .expect("console lock")
-            .extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Console {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().expect("console lock")).into_owned()
-    }
-}
 
 type Recorder = Machine<Live<LogSink<Vec<u8>>>>;
 
