@@ -153,6 +153,21 @@ fn reset(slot: &mut Slot, server: &mut Server) {
     slot.closing = false;
 }
 
+/// Makes room for `more` input bytes if the heap stays under `limit`:
+/// amortized growth when that fits, exact growth when only that does.
+fn reserve_input(input: &mut Vec<u8>, more: usize, limit: usize) -> bool {
+    let spare = input.capacity() - input.len();
+    if spare >= more {
+        return true;
+    }
+    let used = heap::used();
+    let doubled = (input.capacity() * 2).max(input.len() + more);
+    if used + doubled <= limit && input.try_reserve(more).is_ok() {
+        return true;
+    }
+    used + input.len() + more <= limit && input.try_reserve_exact(more).is_ok()
+}
+
 fn serve(
     slot: &mut Slot,
     sockets: &mut SocketSet<'_>,
@@ -175,11 +190,7 @@ fn serve(
     // Read what fits, as long as memory allows (otherwise TCP holds it).
     let waiting = socket.recv_queue();
     let room = INPUT_LIMIT.saturating_sub(slot.input.len()).min(waiting);
-    if room > 0
-        && !slot.closing
-        && heap::used() + room <= buffer_limit
-        && slot.input.try_reserve(room).is_ok()
-    {
+    if room > 0 && !slot.closing && reserve_input(&mut slot.input, room, buffer_limit) {
         let _ = socket.recv(|data| {
             let take = data.len().min(room);
             slot.input.extend_from_slice(&data[..take]);

@@ -92,21 +92,18 @@ pub fn run() -> ! {
             });
         }
     }
+    // The Redis service last: its slot count depends on the memory left.
+    let mut redis = crate::redis::Redis::new(&mut sockets);
+    let (slots, maxmemory) = redis.start(now_ns / 1_000_000, pv::entropy());
     let [a, b, c, d] = address;
     crate::println!(
-        "net: {a}.{b}.{c}.{d}/{prefix} mac {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}; echo {ECHO_PORT}, sink {SINK_PORT}, source {SOURCE_PORT}, redis {REDIS_PORT}",
+        "net: {a}.{b}.{c}.{d}/{prefix} mac {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}; echo {ECHO_PORT}, sink {SINK_PORT}, source {SOURCE_PORT}, redis {REDIS_PORT} ({slots} connections, maxmemory {maxmemory} of a {} byte heap)",
         mac[0],
         mac[1],
         mac[2],
         mac[3],
         mac[4],
-        mac[5]
-    );
-    // The Redis service last: its slot count depends on the memory left.
-    let mut redis = crate::redis::Redis::new(&mut sockets);
-    let (slots, maxmemory) = redis.start(now_ns / 1_000_000, pv::entropy());
-    crate::println!(
-        "net: redis {REDIS_PORT}: {slots} connections, maxmemory {maxmemory} of a {} byte heap",
+        mac[5],
         crate::heap::size()
     );
     let pattern: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
