@@ -58,7 +58,8 @@ pub fn format_double(value: f64, out: &mut DoubleText) {
         return;
     }
     if value == 0.0 {
-        let _ = out.write_str(if value.is_sign_negative() { "-0" } else { "0" });
+        // Redis replies 0 for a score of -0 too.
+        let _ = out.write_str("0");
         return;
     }
     // 17 significant digits, correctly rounded, from core's formatter:
@@ -164,6 +165,7 @@ mod tests {
         assert_eq!(show(f64::INFINITY), "inf");
         assert_eq!(show(f64::NEG_INFINITY), "-inf");
         assert_eq!(show(0.0), "0");
+        assert_eq!(show(-0.0), "0");
     }
 
     #[test]

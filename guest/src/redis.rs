@@ -182,7 +182,12 @@ fn serve(
         return;
     }
     if !socket.is_active() {
-        return; // listening, or a handshake under way
+        // Listening; or back to listening after a reset handshake, whose
+        // client (made at SYN-RECEIVED) is gone.
+        if slot.client.is_some() {
+            reset(slot, server);
+        }
+        return;
     }
     if slot.client.is_none() {
         slot.client = Some(server.connect(now_ms));
