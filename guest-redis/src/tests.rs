@@ -580,3 +580,79 @@ fn spop_is_a_function_of_the_seed() {
     assert_eq!(picks(7), picks(7));
     assert_ne!(picks(7), picks(8));
 }
+
+/// A deterministic stream of request-like garbage: RESP punctuation,
+/// digits, command names and arbitrary bytes.
+fn garbage(seed: u64, len: usize) -> Vec<u8> {
+    const PIECES: [&[u8]; 16] = [
+        b"*",
+        b"$",
+        b"\r\n",
+        b"\n",
+        b"-1",
+        b"3",
+        b"0",
+        b"99999999999999999999",
+        b"SET ",
+        b"GET",
+        b"ZADD",
+        b"\"",
+        b"'",
+        b"\\x4",
+        b" ",
+        b"LPUSH",
+    ];
+    let mut state = seed | 1;
+    let mut out = Vec::new();
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        if state % 5 == 0 {
+            out.push((state >> 8) as u8);
+        } else {
+            out.extend_from_slice(PIECES[(state >> 16) as usize % PIECES.len()]);
+        }
+    }
+    out
+}
+
+#[test]
+fn arbitrary_input_never_panics_and_never_over_consumes() {
+    let mut s = server();
+    USED.with(|used| used.set(0));
+    for seed in 0..3000u64 {
+        let input = garbage(seed, (seed % 200) as usize + 1);
+        let mut client = s.connect(0);
+        let mut out = Vec::new();
+        let mut at = 0;
+        // Feed it in two pieces, as a socket might.
+        for end in [input.len() / 2, input.len()] {
+            let (used, after) = s.serve(&mut client, &input[at..end], 0, &mut out, 1 << 20);
+            assert!(at + used <= end, "seed {seed}");
+            at += used;
+            if after == After::Close {
+                assert!(
+                    out.starts_with(b"-") || out.ends_with(b"\r\n"),
+                    "seed {seed}"
+                );
+                break;
+            }
+        }
+        s.disconnect(client);
+    }
+    // Arbitrary commands with arbitrary arguments, too.
+    let mut client = s.connect(0);
+    for (index, spec) in TABLE.iter().enumerate() {
+        if spec.name == "QUIT" {
+            continue;
+        }
+        for seed in 0..40u64 {
+            let words = garbage(seed * 97 + index as u64, 24);
+            let mut args: Vec<&str> = std::vec![spec.name];
+            let text = String::from_utf8_lossy(&words).replace(['\r', '\n'], "");
+            args.extend(text.split(' ').filter(|w| !w.is_empty()).take(6));
+            run(&mut s, &mut client, seed, &args);
+        }
+    }
+}

@@ -11,7 +11,7 @@
 //! - **Connections**: one listening socket per slot; the slot count comes
 //!   from guest memory (a third of the heap left after the other services,
 //!   13 KiB a slot, between [`MIN_SLOTS`] and [`MAX_SLOTS`]: 512 at 32 MiB,
-//!   about 230 at 16 MiB). A SYN that finds no listening slot is answered
+//!   214 at 16 MiB). A SYN that finds no listening slot is answered
 //!   with RST (connection refused). When a peer has closed and every reply
 //!   was acknowledged the slot resets at once, so a client that reconnects
 //!   in a burst (redis-benchmark between tests) finds it listening again.
