@@ -608,7 +608,7 @@ fn garbage(seed: u64, len: usize) -> Vec<u8> {
         state ^= state << 13;
         state ^= state >> 7;
         state ^= state << 17;
-        if state % 5 == 0 {
+        if state.is_multiple_of(5) {
             out.push((state >> 8) as u8);
         } else {
             out.extend_from_slice(PIECES[(state >> 16) as usize % PIECES.len()]);
