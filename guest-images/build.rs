@@ -79,6 +79,8 @@ fn main() {
         "build.rs",
         "linker.ld",
         "../guest-abi/src",
+        "../guest-redis/src",
+        "../guest-redis/Cargo.toml",
     ] {
         println!("cargo:rerun-if-changed={}", guest_dir.join(path).display());
     }

@@ -50,3 +50,17 @@ pub fn init() {
     // lie below the image. Called once, before any allocation.
     unsafe { (*HEAP.0.get()).init(start as *mut u8, end.saturating_sub(start)) }
 }
+
+/// Bytes of the heap in use now (allocations, including the allocator's
+/// rounding), for the store's `maxmemory` gate and INFO.
+pub fn used() -> usize {
+    // SAFETY: exclusive access (single-threaded guest, see Sync above); a
+    // read of the allocator's counters only.
+    unsafe { (*HEAP.0.get()).used() }
+}
+
+/// Bytes the heap manages in total.
+pub fn size() -> usize {
+    // SAFETY: as in `used`.
+    unsafe { (*HEAP.0.get()).size() }
+}

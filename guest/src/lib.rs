@@ -15,7 +15,7 @@ extern crate alloc;
 pub mod fold;
 pub mod heap;
 pub mod pv;
-pub mod resp;
+pub mod redis;
 pub mod services;
 pub mod virtio_net;
 

@@ -1,7 +1,7 @@
 //! The network guest's services over smoltcp: TCP echo (port 7), sink
 //! (5001: reads and discards, for the receive benchmark), source (5002:
 //! writes without end, for the transmit benchmark) and a Redis-protocol
-//! key-value store (6379).
+//! store (6379, in [`crate::redis`]: its own sockets and connection limit).
 //!
 //! One loop, no interrupts: poll the stack, serve every socket, flush TX
 //! (one notify exit), then `WAIT` (one exit that delivers received frames and
@@ -16,7 +16,6 @@ use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
 
 use crate::pv;
-use crate::resp::{After, Parsed, Store, parse};
 use crate::virtio_net::NetDevice;
 
 /// Port of the echo service.
@@ -26,19 +25,16 @@ pub const SINK_PORT: u16 = 5001;
 /// Port of the source (transmit benchmark).
 pub const SOURCE_PORT: u16 = 5002;
 /// Port of the key-value store.
-pub const REDIS_PORT: u16 = 6379;
+pub const REDIS_PORT: u16 = crate::redis::PORT;
 
 /// Longest the loop sleeps in `WAIT` when the stack has no timer due.
 const MAX_WAIT_NS: u64 = 50_000_000;
-/// Bytes of unparsed requests a Redis connection may buffer.
-const REDIS_INPUT_LIMIT: usize = 2 << 20;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Service {
     Echo,
     Sink,
     Source,
-    Redis,
 }
 
 impl Service {
@@ -47,7 +43,6 @@ impl Service {
             Self::Echo => ECHO_PORT,
             Self::Sink => SINK_PORT,
             Self::Source => SOURCE_PORT,
-            Self::Redis => REDIS_PORT,
         }
     }
 }
@@ -55,9 +50,7 @@ impl Service {
 struct Connection {
     handle: SocketHandle,
     service: Service,
-    input: Vec<u8>,
     output: Vec<u8>,
-    closing: bool,
 }
 
 /// Runs the services forever.
@@ -83,13 +76,9 @@ pub fn run() -> ! {
     let mut sockets = SocketSet::new(vec![]);
     let mut connections = Vec::new();
     for (service, count, buffer) in [
-        // Redis: more listeners than redis-benchmark's 50 clients, so that a
-        // new round of connections finds listeners while the last round's
-        // sockets are still closing.
         (Service::Echo, 4, 64 << 10),
         (Service::Sink, 2, 512 << 10),
         (Service::Source, 2, 512 << 10),
-        (Service::Redis, 128, 8 << 10),
     ] {
         for _ in 0..count {
             let socket = tcp::Socket::new(
@@ -99,30 +88,32 @@ pub fn run() -> ! {
             connections.push(Connection {
                 handle: sockets.add(socket),
                 service,
-                input: Vec::new(),
                 output: Vec::new(),
-                closing: false,
             });
         }
     }
+    // The Redis service last: its slot count depends on the memory left.
+    let mut redis = crate::redis::Redis::new(&mut sockets);
+    let (slots, maxmemory) = redis.start(now_ns / 1_000_000, pv::entropy());
     let [a, b, c, d] = address;
     crate::println!(
-        "net: {a}.{b}.{c}.{d}/{prefix} mac {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}; echo {ECHO_PORT}, sink {SINK_PORT}, source {SOURCE_PORT}, redis {REDIS_PORT}",
+        "net: {a}.{b}.{c}.{d}/{prefix} mac {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}; echo {ECHO_PORT}, sink {SINK_PORT}, source {SOURCE_PORT}, redis {REDIS_PORT} ({slots} connections, maxmemory {maxmemory} of a {} byte heap)",
         mac[0],
         mac[1],
         mac[2],
         mac[3],
         mac[4],
-        mac[5]
+        mac[5],
+        crate::heap::size()
     );
-    let mut store = Store::default();
     let pattern: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
     loop {
         let now = instant(now_ns);
         iface.poll(now, &mut device, &mut sockets);
         for connection in connections.iter_mut() {
-            serve(connection, &mut sockets, &mut store, &pattern);
+            serve(connection, &mut sockets, &pattern);
         }
+        redis.poll(&mut sockets, now_ns / 1_000_000);
         iface.poll(now, &mut device, &mut sockets);
         device.tx.flush();
         let wait_ns = match iface.poll_delay(now, &sockets) {
@@ -137,17 +128,10 @@ fn instant(ns: u64) -> Instant {
     Instant::from_micros((ns / 1000) as i64)
 }
 
-fn serve(
-    connection: &mut Connection,
-    sockets: &mut SocketSet<'_>,
-    store: &mut Store,
-    pattern: &[u8],
-) {
+fn serve(connection: &mut Connection, sockets: &mut SocketSet<'_>, pattern: &[u8]) {
     let socket = sockets.get_mut::<tcp::Socket>(connection.handle);
     if !socket.is_open() {
-        connection.input.clear();
         connection.output.clear();
-        connection.closing = false;
         let _ = socket.listen(connection.service.port());
         return;
     }
@@ -179,35 +163,6 @@ fn serve(
                 });
             }
         }
-        Service::Redis => {
-            if socket.can_recv() && connection.input.len() < REDIS_INPUT_LIMIT {
-                let _ = socket.recv(|data| {
-                    connection.input.extend_from_slice(data);
-                    (data.len(), ())
-                });
-            }
-            let mut used = 0;
-            while !connection.closing {
-                match parse(&connection.input[used..]) {
-                    Parsed::Incomplete => break,
-                    Parsed::Command(args, consumed) => {
-                        used += consumed;
-                        if store.execute(&args, &mut connection.output) == After::Close {
-                            connection.closing = true;
-                        }
-                    }
-                    Parsed::Error(message) => {
-                        connection
-                            .output
-                            .extend_from_slice(b"-ERR Protocol error: ");
-                        connection.output.extend_from_slice(message.as_bytes());
-                        connection.output.extend_from_slice(b"\r\n");
-                        connection.closing = true;
-                    }
-                }
-            }
-            connection.input.drain(..used);
-        }
     }
     if !connection.output.is_empty() && socket.can_send() {
         if let Ok(sent) = socket.send_slice(&connection.output) {
@@ -215,7 +170,7 @@ fn serve(
         }
     }
     let peer_done = !socket.may_recv() && socket.state() == tcp::State::CloseWait;
-    if connection.output.is_empty() && (connection.closing || peer_done) {
+    if connection.output.is_empty() && peer_done {
         socket.close();
     }
 }
