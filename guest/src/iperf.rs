@@ -560,11 +560,13 @@ fn step(test: &mut Test, slot: &mut Slot, now_ns: u64, tests_done: &mut u64) -> 
                 Ok(None) => return timeout(test, now_ns, ie::RECVPARAMS, "parameters"),
                 Ok(Some(text)) => text,
             };
+            let used = 4 + text.len();
             let params = match parse_params(text) {
                 Ok(params) => params,
                 Err(end) => return Some(end),
             };
-            slot.input.clear();
+            // Whatever follows the message is the next message.
+            slot.input.drain(..used);
             test.params = params;
             test.wanted = if params.bidirectional {
                 (params.parallel, params.parallel)
@@ -641,7 +643,8 @@ fn step(test: &mut Test, slot: &mut Slot, now_ns: u64, tests_done: &mut u64) -> 
                     "client results are not iperf3 results",
                 ));
             }
-            slot.input.clear();
+            let used = 4 + text.len();
+            slot.input.drain(..used);
             let results = server_results(test);
             slot.output
                 .extend_from_slice(&(results.len() as u32).to_be_bytes());
@@ -901,6 +904,17 @@ fn add_listeners(
     sockets: &mut SocketSet<'_>,
     now_ns: u64,
 ) -> Result<(), End> {
+    if test.data_sockets == 0 {
+        // A new test's streams need the memory more than the last test's
+        // closing handshakes do: cut those off now.
+        slots.retain(|slot| {
+            let done = slot.data && slot.role == Role::Orphan;
+            if done {
+                sockets.remove(slot.handle);
+            }
+            !done
+        });
+    }
     let listening = slots
         .iter()
         .filter(|slot| {
