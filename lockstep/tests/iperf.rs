@@ -6,7 +6,15 @@
 //! in host a (and b), iperf3 in the client namespace, the primary/backup log
 //! over the logging link; nothing in the root namespace.
 
+extern crate alloc;
+
 mod common;
+
+/// The guest's bounded JSON reader, compiled for the host and tested at the
+/// end of this file.
+#[allow(dead_code)]
+#[path = "../../guest/src/json.rs"]
+mod json;
 
 use std::io::{Read, Write};
 use std::process::{Child, Output, Stdio};
@@ -126,6 +134,15 @@ fn stock_iperf3_receive_and_transmit_ft_off() {
     iperf3(&net, &["-t", "1", "-R", "-P", "3"]);
     iperf3(&net, &["-n", "4M"]);
     iperf3(&net, &["-t", "1", "--bidir"]);
+    iperf3(&net, &["-t", "1", "-O", "1"]);
+    // -b paces the guest's sending: never faster than asked (under load
+    // it can only be slower).
+    let (_, paced) = iperf3(&net, &["-t", "2", "-R", "-b", "40M"]);
+    assert!(
+        paced > 0.0 && paced < 60e6,
+        "-R -b 40M received {:.1} Mbit/s",
+        mbit(paced)
+    );
     let output = stop(guest);
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -315,4 +332,93 @@ fn wait_with_deadline(mut child: Child, limit: Duration) -> Output {
         std::thread::sleep(Duration::from_millis(50));
     }
     child.wait_with_output().expect("output")
+}
+
+/// The parameters stock iperf3 3.12 sends (`iperf3 -c -t 1 -d`), unformatted.
+const PARAMS_3_12: &str = r#"{"tcp":true,"omit":0,"time":1,"num":0,"blockcount":0,"parallel":1,"len":131072,"pacing_timer":1000,"client_version":"3.12"}"#;
+
+/// Results as stock iperf3 3.12 sends them.
+const RESULTS_3_12: &str = r#"{"cpu_util_total":2.72613475298209,"cpu_util_user":0.571821011256204,"cpu_util_system":2.1541189134426646,"sender_has_retransmits":1,"congestion_used":"bbr","streams":[{"id":1,"bytes":89522176,"retransmits":1,"jitter":0,"errors":0,"packets":0,"start_time":0,"end_time":1.000123}]}"#;
+
+#[test]
+fn json_reads_stock_iperf3_messages() {
+    use json::Value;
+    let members = json::object_members(PARAMS_3_12.as_bytes()).expect("params");
+    assert_eq!(members.len(), 9);
+    assert_eq!(json::get(&members, "tcp"), Some(Value::Bool(true)));
+    assert_eq!(json::get(&members, "time"), Some(Value::Number(1)));
+    assert_eq!(json::get(&members, "len"), Some(Value::Number(131072)));
+    assert_eq!(
+        json::get(&members, "client_version"),
+        Some(Value::String(b"3.12"))
+    );
+    assert_eq!(json::get(&members, "reverse"), None);
+
+    let members = json::object_members(RESULTS_3_12.as_bytes()).expect("results");
+    assert_eq!(
+        json::get(&members, "cpu_util_total"),
+        Some(Value::Number(2))
+    );
+    assert_eq!(json::get(&members, "streams"), Some(Value::Array));
+    let pretty = "{\n\t\"a\":\t[ {\"b\" : null} , \"\\u00e9\\n\" ],\r\n \"c\": {} }";
+    let members = json::object_members(pretty.as_bytes()).expect("whitespace");
+    assert_eq!(json::get(&members, "c"), Some(Value::Object));
+    assert_eq!(json::object_members(b" {} ").expect("empty"), vec![]);
+}
+
+#[test]
+fn json_numbers_truncate_and_saturate_like_cjson_valueint() {
+    let number = |text: &str| {
+        let text = format!("{{\"n\":{text}}}");
+        let members =
+            json::object_members(text.as_bytes()).unwrap_or_else(|e| panic!("{text}: {e:?}"));
+        match json::get(&members, "n") {
+            Some(json::Value::Number(value)) => value,
+            other => panic!("{text}: {other:?}"),
+        }
+    };
+    assert_eq!(number("0"), 0);
+    assert_eq!(number("-7"), -7);
+    assert_eq!(number("1e3"), 1000);
+    assert_eq!(number("1.5E1"), 15);
+    assert_eq!(number("-2.9"), -2);
+    assert_eq!(number("0.5"), 0);
+    assert_eq!(number("123e-2"), 1);
+    assert_eq!(number("10000000000"), 10_000_000_000);
+    assert_eq!(number("1e+16"), 10_000_000_000_000_000);
+    assert_eq!(number("9e99"), i64::MAX);
+    assert_eq!(number("99999999999999999999999"), i64::MAX);
+    assert_eq!(number("-9e99"), -i64::MAX);
+    assert_eq!(number("0e999999999"), 0);
+}
+
+#[test]
+fn json_rejects_what_is_not_json_with_the_offset() {
+    use json::Error;
+    let error = |text: &str| json::object_members(text.as_bytes()).expect_err(text);
+    assert_eq!(error("[1]"), Error::NotAnObject);
+    assert_eq!(error(""), Error::NotAnObject);
+    assert_eq!(error(r#"{"a":1,}"#), Error::Syntax(7));
+    assert_eq!(error(r#"{"a":01}"#), Error::Syntax(6));
+    assert_eq!(error(r#"{"a":1} x"#), Error::Syntax(8));
+    assert_eq!(error(r#"{"a":1."#), Error::Syntax(7));
+    assert_eq!(error(r#"{"a":-}"#), Error::Syntax(6));
+    assert_eq!(error(r#"{"a":tru}"#), Error::Syntax(5));
+    assert_eq!(error(r#"{"a":"x"#), Error::Syntax(7));
+    assert_eq!(error(r#"{"a":"\x"}"#), Error::Syntax(7));
+    assert_eq!(error(r#"{"a":"\u12g4"}"#), Error::Syntax(10));
+    assert_eq!(error("{\"a\":\"\u{1}\"}"), Error::Syntax(6));
+    assert_eq!(error(r#"{a:1}"#), Error::Syntax(1));
+    assert_eq!(error(r#"{"a" 1}"#), Error::Syntax(5));
+    let deep = format!("{{\"a\":{}{}}}", "[".repeat(40), "]".repeat(40));
+    assert!(matches!(error(&deep), Error::TooDeep(_)), "{deep}");
+    let nested = format!("{{\"a\":{}{}}}", "[".repeat(15), "]".repeat(15));
+    assert!(json::object_members(nested.as_bytes()).is_ok());
+    let many: Vec<String> = (0..=json::MAX_MEMBERS)
+        .map(|i| format!("\"k{i}\":{i}"))
+        .collect();
+    assert_eq!(
+        error(&format!("{{{}}}", many.join(","))),
+        Error::TooManyMembers
+    );
 }
