@@ -64,3 +64,9 @@ pub fn size() -> usize {
     // SAFETY: as in `used`.
     unsafe { (*HEAP.0.get()).size() }
 }
+
+/// Bytes of the heap not allocated now (possibly in several pieces).
+pub fn free_bytes() -> usize {
+    // SAFETY: exclusive access, see `GuestHeap`'s Sync; `free` only reads.
+    unsafe { (*HEAP.0.get()).free() }
+}
