@@ -179,6 +179,13 @@ enum Command {
         /// target/table2 beside the executable's profile directory).
         #[arg(long)]
         plots: Option<PathBuf>,
+        /// table2: what drives the traffic: `builtin` (the guest's sink and
+        /// source) or `iperf3` (stock iperf3 against the guest's port 5201).
+        #[arg(long, default_value = "builtin")]
+        load: String,
+        /// table2: rounds of every configuration (default: 5, or 3 with --quick).
+        #[arg(long)]
+        rounds: Option<usize>,
     },
 }
 
@@ -362,7 +369,9 @@ fn execute(command: Command) -> Result<(), CliError> {
             json,
             check,
             plots,
-        } => bench(name.as_deref(), quick, json, check, plots),
+            load,
+            rounds,
+        } => bench(name.as_deref(), quick, json, check, plots, &load, rounds),
     }
 }
 
@@ -889,6 +898,8 @@ fn bench(
     json: Option<PathBuf>,
     check: Option<PathBuf>,
     plots: Option<PathBuf>,
+    load: &str,
+    rounds: Option<usize>,
 ) -> Result<(), CliError> {
     let Some(name) = name else {
         println!("benchmarks (run one with `lockstep bench NAME [--quick] [--json FILE]`):");
@@ -907,6 +918,10 @@ fn bench(
         let mut options = perf::table2::Options::new(exe, quick);
         if plots.is_some() {
             options.plots = plots;
+        }
+        options.load = perf::table2::LoadKind::from_name(load)?;
+        if let Some(rounds) = rounds {
+            options.rounds = rounds.max(1);
         }
         let (report, rows) = perf::table2::run(&options)?;
         if let Some(path) = &check {
