@@ -50,3 +50,9 @@ pub fn init() {
     // lie below the image. Called once, before any allocation.
     unsafe { (*HEAP.0.get()).init(start as *mut u8, end.saturating_sub(start)) }
 }
+
+/// Bytes of the heap not allocated now (possibly in several pieces).
+pub fn free_bytes() -> usize {
+    // SAFETY: exclusive access, see `GuestHeap`'s Sync; `free` only reads.
+    unsafe { (*HEAP.0.get()).free() }
+}

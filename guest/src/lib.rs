@@ -14,6 +14,8 @@ extern crate alloc;
 
 pub mod fold;
 pub mod heap;
+pub mod iperf;
+pub mod json;
 pub mod pv;
 pub mod resp;
 pub mod services;

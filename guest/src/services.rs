@@ -1,7 +1,7 @@
 //! The network guest's services over smoltcp: TCP echo (port 7), sink
 //! (5001: reads and discards, for the receive benchmark), source (5002:
 //! writes without end, for the transmit benchmark) and a Redis-protocol
-//! key-value store (6379).
+//! key-value store (6379); an iperf3 server (5201, see [`crate::iperf`]).
 //!
 //! One loop, no interrupts: poll the stack, serve every socket, flush TX
 //! (one notify exit), then `WAIT` (one exit that delivers received frames and
@@ -105,15 +105,17 @@ pub fn run() -> ! {
             });
         }
     }
+    let mut iperf = crate::iperf::Server::new(&mut sockets);
     let [a, b, c, d] = address;
     crate::println!(
-        "net: {a}.{b}.{c}.{d}/{prefix} mac {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}; echo {ECHO_PORT}, sink {SINK_PORT}, source {SOURCE_PORT}, redis {REDIS_PORT}",
+        "net: {a}.{b}.{c}.{d}/{prefix} mac {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}; echo {ECHO_PORT}, sink {SINK_PORT}, source {SOURCE_PORT}, redis {REDIS_PORT}, iperf3 {}",
         mac[0],
         mac[1],
         mac[2],
         mac[3],
         mac[4],
-        mac[5]
+        mac[5],
+        crate::iperf::PORT
     );
     let mut store = Store::default();
     let pattern: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
@@ -123,12 +125,14 @@ pub fn run() -> ! {
         for connection in connections.iter_mut() {
             serve(connection, &mut sockets, &mut store, &pattern);
         }
+        iperf.serve(&mut sockets, now_ns);
         iface.poll(now, &mut device, &mut sockets);
         device.tx.flush();
         let wait_ns = match iface.poll_delay(now, &sockets) {
             Some(delay) => (delay.total_micros() * 1000).min(MAX_WAIT_NS),
             None => MAX_WAIT_NS,
-        };
+        }
+        .min(iperf.wait_limit_ns());
         now_ns = pv::wait(wait_ns);
     }
 }
