@@ -179,9 +179,9 @@ enum Command {
         /// target/table2 beside the executable's profile directory).
         #[arg(long)]
         plots: Option<PathBuf>,
-        /// table2: what drives the traffic: `builtin` (the guest's sink and
-        /// source) or `iperf3` (stock iperf3 against the guest's port 5201).
-        #[arg(long, default_value = "builtin")]
+        /// table2: what drives the traffic: `iperf3` (stock iperf3 against
+        /// the guest's port 5201) or `builtin` (the guest's sink and source).
+        #[arg(long, default_value = "iperf3")]
         load: String,
         /// table2: rounds of every configuration (default: 5, or 3 with --quick).
         #[arg(long)]
@@ -930,7 +930,12 @@ fn bench(
                 path: path.clone(),
                 source,
             })?;
-            regressions = perf::table2::check(&rows, &baseline)?;
+            let verdict = perf::table2::gate::judge(&rows, &baseline)?;
+            eprintln!("table2 gate ({}):", path.display());
+            for note in &verdict.notes {
+                eprintln!("  {note}");
+            }
+            regressions = verdict.regressions;
         }
         report
     } else {

@@ -115,7 +115,7 @@ impl Options {
             warmup: if quick { 0.5 } else { 1.0 },
             rounds: if quick { 3 } else { 5 },
             scenarios: scenario::default_scenarios(),
-            load: LoadKind::Builtin,
+            load: LoadKind::Iperf3,
             anatomy: true,
             plots,
         }
@@ -246,7 +246,7 @@ pub fn run(options: &Options) -> Result<(Report, Vec<Row>), BenchError> {
     drop(hosts);
     let _ = std::fs::remove_dir_all(&dir);
     let cells = Cells { samples: &samples };
-    let rows = report::rows(scenarios, &cells);
+    let rows = report::rows(scenarios, &cells, cores);
     let heading = format!(
         "Table 2: guest TCP bandwidth, Mbit/s (load {}; {} rounds of {:.1} s per cell after {:.1} s warm-up, interleaved, fresh processes; median [min..max]; {elapsed:.0} s in all)",
         load.name(),

@@ -46,8 +46,13 @@ pub struct Row {
     pub cpu_ratio: Spread,
     /// The backup host's core-seconds per Gbit (FT on), median.
     pub backup_cpu_per_gbit: f64,
+    /// CPU of other work on the host during the row's runs (FT off and
+    /// FT on), cores, median: how shared the host was.
+    pub outside_cores: f64,
     /// Why FT-on runs failed, if any did.
     pub failures: Vec<String>,
+    /// Why FT-off runs of the row's scenario failed, if any did.
+    pub base_failures: Vec<String>,
 }
 
 impl Row {
@@ -111,13 +116,15 @@ impl Row {
                 "log_bytes_per_client_byte": self.log_per_client_byte.to_json(),
                 "primary_cpu_ratio": self.cpu_ratio.to_json(),
             },
+            "other_work_cores": number(self.outside_cores),
             "failures": self.failures,
+            "ft_off_failures": self.base_failures,
         })
     }
 }
 
 /// The rows of every scenario, in table order (direction, then scenario).
-pub fn rows(scenarios: &[Scenario], cells: &Cells) -> Vec<Row> {
+pub fn rows(scenarios: &[Scenario], cells: &Cells, cores: usize) -> Vec<Row> {
     let mut rows = Vec::new();
     for direction in Direction::ALL {
         for (index, scenario) in scenarios.iter().enumerate() {
@@ -158,7 +165,16 @@ pub fn rows(scenarios: &[Scenario], cells: &Cells) -> Vec<Row> {
                     cpu_ratio: cells
                         .paired(index, variant, direction, |m| m.primary_cpu_per_gbit()),
                     backup_cpu_per_gbit: on(&|m| m.backup_cpu_per_gbit()).median,
+                    outside_cores: Spread::of(
+                        &cells
+                            .ok(index, ft, direction)
+                            .chain(cells.ok(index, Config::FtOff, direction))
+                            .map(|m| outside(m, cores))
+                            .collect::<Vec<_>>(),
+                    )
+                    .median,
                     failures: cells.failures(index, ft, direction),
+                    base_failures: cells.failures(index, Config::FtOff, direction),
                 });
             }
         }
@@ -613,7 +629,9 @@ pub(crate) mod tests {
             primary_cpu_per_gbit: (1.0, 1.0),
             cpu_ratio: one(1.0),
             backup_cpu_per_gbit: 0.5,
+            outside_cores: 0.0,
             failures: Vec::new(),
+            base_failures: Vec::new(),
         }
     }
 
