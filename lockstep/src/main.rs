@@ -203,6 +203,13 @@ enum Command {
         /// target/table2 beside the executable's profile directory).
         #[arg(long)]
         plots: Option<PathBuf>,
+        /// table2: what drives the traffic: `iperf3` (stock iperf3 against
+        /// the guest's port 5201) or `builtin` (the guest's sink and source).
+        #[arg(long, default_value = "iperf3")]
+        load: String,
+        /// table2: rounds of every configuration (default: 5, or 3 with --quick).
+        #[arg(long)]
+        rounds: Option<usize>,
     },
 }
 
@@ -464,7 +471,9 @@ fn execute(command: Command) -> Result<(), CliError> {
             json,
             check,
             plots,
-        } => bench(name.as_deref(), quick, json, check, plots),
+            load,
+            rounds,
+        } => bench(name.as_deref(), quick, json, check, plots, &load, rounds),
     }
 }
 
@@ -1217,6 +1226,8 @@ fn bench(
     json: Option<PathBuf>,
     check: Option<PathBuf>,
     plots: Option<PathBuf>,
+    load: &str,
+    rounds: Option<usize>,
 ) -> Result<(), CliError> {
     let Some(name) = name else {
         println!("benchmarks (run one with `lockstep bench NAME [--quick] [--json FILE]`):");
@@ -1236,6 +1247,10 @@ fn bench(
         if plots.is_some() {
             options.plots = plots;
         }
+        options.load = perf::table2::LoadKind::from_name(load)?;
+        if let Some(rounds) = rounds {
+            options.rounds = rounds.max(1);
+        }
         let (report, rows) = perf::table2::run(&options)?;
         if let Some(path) = &check {
             let baseline = std::fs::read_to_string(path).map_err(|source| CliError::File {
@@ -1243,7 +1258,12 @@ fn bench(
                 path: path.clone(),
                 source,
             })?;
-            regressions = perf::table2::check(&rows, &baseline)?;
+            let verdict = perf::table2::gate::judge(&rows, &baseline)?;
+            eprintln!("table2 gate ({}):", path.display());
+            for note in &verdict.notes {
+                eprintln!("  {note}");
+            }
+            regressions = verdict.regressions;
         }
         report
     } else {

@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 
 use plotters::prelude::*;
 
-use super::{Cells, Config, Direction, GOAL, Measured, Options, PAPER, Row};
+use super::Options;
+use super::report::Row;
+use super::scenario::{Config, Direction, paper, rate_name};
+use super::stats::{Cells, Measured};
 use crate::BenchError;
 
 fn failed<E: std::fmt::Debug>(path: &Path) -> impl Fn(E) -> BenchError + '_ {
@@ -191,22 +194,21 @@ fn dedup_labels(references: &[(String, usize, f64)]) -> Vec<(String, usize)> {
     labels
 }
 
-fn configs(options: &Options) -> Vec<Config> {
-    let mut configs = vec![Config::FtOff];
-    configs.extend(options.transports.iter().map(|&t| Config::FtOn(t)));
-    configs
-}
-
 fn draw_throughput(path: &Path, cells: &Cells, options: &Options) -> Result<(), BenchError> {
     let mut bars = Vec::new();
     for direction in Direction::ALL {
-        for (colour, config) in configs(options).into_iter().enumerate() {
-            let s = cells.values(config, direction, |m| m.mbit_s);
-            bars.push(Bar {
-                label: format!("{} {}", direction.name(), config.label()),
-                value: (s.median, s.min, s.max),
-                colour,
-            });
+        for (index, scenario) in options.scenarios.iter().enumerate() {
+            for (colour, config) in scenario.configs().into_iter().enumerate() {
+                let s = cells.values(index, config, direction, |m| m.mbit_s);
+                let link = scenario
+                    .client_mbit
+                    .map_or_else(|| "unshaped".to_string(), rate_name);
+                bars.push(Bar {
+                    label: format!("{} {link} {}", direction.name(), config.label()),
+                    value: (s.median, s.min, s.max),
+                    colour,
+                });
+            }
         }
     }
     bar_chart(
@@ -225,29 +227,28 @@ fn draw_ratios(path: &Path, rows: &[Row]) -> Result<(), BenchError> {
     let bars: Vec<Bar> = rows
         .iter()
         .map(|row| Bar {
-            label: format!("{} {}", row.direction, row.transport),
+            label: row.key.clone(),
             value: (row.ratio.median, row.ratio.min, row.ratio.max),
-            colour: if row.transport == "shm" { 2 } else { 1 },
+            colour: if row.variant.transport == super::scenario::Transport::Shm {
+                2
+            } else {
+                1
+            },
         })
         .collect();
     // One reference per bar and label, in bar order (the chart places the
     // i-th reference of a label over bar i).
     let mut references = Vec::new();
-    references.extend(rows.iter().map(|_| (format!("goal {GOAL}"), 3, GOAL)));
+    references.extend(
+        rows.iter()
+            .map(|row| ("goal".to_string(), 3, row.variant.goal())),
+    );
     for row in rows {
-        let paper = PAPER.iter().find(|p| p.0 == row.direction);
         references.push((
-            "paper, 10 Gbit/s logging".to_string(),
-            4,
-            paper.map_or(f64::NAN, |p| p.3 / p.1),
-        ));
-    }
-    for row in rows {
-        let paper = PAPER.iter().find(|p| p.0 == row.direction);
-        references.push((
-            "paper, 1 Gbit/s logging".to_string(),
+            "paper, same logging link".to_string(),
             5,
-            paper.map_or(f64::NAN, |p| p.2 / p.1),
+            row.paper_ft()
+                .map_or(f64::NAN, |(ft, _)| ft / paper(row.direction).ft_off),
         ));
     }
     bar_chart(
@@ -265,27 +266,31 @@ fn draw_hold(path: &Path, cells: &Cells, options: &Options) -> Result<(), BenchE
     let nines = |q: f64| -(1.0 - q).log10();
     let mut curves: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
     for direction in Direction::ALL {
-        for &transport in &options.transports {
-            let config = Config::FtOn(transport);
-            let mut quantiles: Vec<f64> = cells
-                .ok(config, direction)
-                .flat_map(|m: &Measured| m.hold_us.iter().map(|(q, _)| *q))
-                .filter(|q| *q < 1.0)
-                .collect();
-            quantiles.sort_by(f64::total_cmp);
-            quantiles.dedup();
-            let points: Vec<(f64, f64)> = quantiles
-                .into_iter()
-                .map(|q| {
-                    (
-                        nines(q),
-                        cells.values(config, direction, |m| m.hold_at(q)).median,
-                    )
-                })
-                .filter(|(_, us)| us.is_finite() && *us > 0.0)
-                .collect();
-            if !points.is_empty() {
-                curves.push((format!("{} {}", direction.name(), transport.name()), points));
+        for (index, scenario) in options.scenarios.iter().enumerate() {
+            for &variant in &scenario.variants {
+                let config = Config::FtOn(variant);
+                let mut quantiles: Vec<f64> = cells
+                    .ok(index, config, direction)
+                    .flat_map(|m: &Measured| m.hold_us.iter().map(|(q, _)| *q))
+                    .filter(|q| *q < 1.0)
+                    .collect();
+                quantiles.sort_by(f64::total_cmp);
+                quantiles.dedup();
+                let points: Vec<(f64, f64)> = quantiles
+                    .into_iter()
+                    .map(|q| {
+                        (
+                            nines(q),
+                            cells
+                                .values(index, config, direction, |m| m.hold_at(q))
+                                .median,
+                        )
+                    })
+                    .filter(|(_, us)| us.is_finite() && *us > 0.0)
+                    .collect();
+                if !points.is_empty() {
+                    curves.push((scenario.key(direction, variant), points));
+                }
             }
         }
     }
