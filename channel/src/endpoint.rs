@@ -174,6 +174,8 @@ struct OpenBatch {
     first_seq: u64,
     count: u32,
     len: usize,
+    /// Payload bytes of its reservation (`cap`, or one oversized entry's space).
+    reserved: usize,
 }
 
 /// The primary's end; see the module docs.
@@ -182,8 +184,12 @@ pub struct LogSender<T: Transport> {
     generation: u64,
     batch: BatchPolicy,
     liveness: Liveness,
-    /// Payload capacity of every batch buffer.
+    /// Payload bytes a batch is filled to (the batch policy's size, within
+    /// the transport's frame): the size of every ordinary reservation.
     cap: usize,
+    /// Payload bytes the transport's largest frame holds: an entry larger
+    /// than `cap` but within this travels alone in a batch of its own size.
+    max_payload: usize,
     next_seq: u64,
     open: Option<OpenBatch>,
     acked: u64,
@@ -207,7 +213,8 @@ impl<T: Transport> LogSender<T> {
         batch: BatchPolicy,
         liveness: Liveness,
     ) -> Result<Self, ChannelError> {
-        let cap = (batch.max_bytes as usize).min(t.max_frame() - FRAME_HEADER_LEN);
+        let max_payload = t.max_frame().saturating_sub(FRAME_HEADER_LEN);
+        let cap = (batch.max_bytes as usize).min(max_payload);
         let now = Instant::now();
         Ok(Self {
             t,
@@ -215,6 +222,7 @@ impl<T: Transport> LogSender<T> {
             batch,
             liveness,
             cap,
+            max_payload,
             next_seq: first_seq,
             open: None,
             acked: first_seq - 1,
@@ -277,20 +285,29 @@ impl<T: Transport> LogSender<T> {
     /// Appends `entry` to the open batch (opening one if needed) and returns
     /// its sequence number, or `None` if the transport has no room now (call
     /// [`LogSender::poll`] and retry; counted as a stall).
+    ///
+    /// An entry larger than the batch policy's size (a 1 MiB mailbox fill:
+    /// the guest may legally cause one) closes the open batch and travels
+    /// alone in a batch sized to it; only an entry larger than the
+    /// transport's largest frame is refused ([`ChannelError::EntryTooLarge`]).
     pub fn try_push(&mut self, entry: &[u8]) -> Result<Option<u64>, ChannelError> {
         let space = entry_space(entry.len());
-        if space > self.cap {
+        if space > self.max_payload {
             return Err(ChannelError::EntryTooLarge {
                 len: entry.len(),
-                max: self.cap - entry_space(0),
+                max: self.max_payload.saturating_sub(entry_space(0)),
             });
         }
         if let Some(o) = self.open
-            && (o.count >= self.batch.max_entries || o.len + space > self.cap)
+            && (o.count >= self.batch.max_entries || o.len + space > o.reserved)
         {
             self.seal()?;
         }
-        let Some(buf) = self.t.reserve(FRAME_HEADER_LEN + self.cap)? else {
+        let reserved = match self.open {
+            Some(o) => o.reserved,
+            None => space.max(self.cap),
+        };
+        let Some(buf) = self.t.reserve(FRAME_HEADER_LEN + reserved)? else {
             self.metrics.transport_stalls += 1;
             return Ok(None);
         };
@@ -298,14 +315,21 @@ impl<T: Transport> LogSender<T> {
             first_seq: self.next_seq,
             count: 0,
             len: 0,
+            reserved,
         });
         let end = put_entry(buf, FRAME_HEADER_LEN + o.len, entry);
         o.len = end - FRAME_HEADER_LEN;
         o.count += 1;
+        let oversized = o.reserved > self.cap;
         let seq = self.next_seq;
         self.next_seq += 1;
         self.metrics.entries += 1;
         self.metrics.bytes += entry.len() as u64;
+        if oversized {
+            // Its reservation fits it alone: send it now, so the next
+            // entry opens an ordinary batch.
+            self.seal()?;
+        }
         Ok(Some(seq))
     }
 
@@ -319,7 +343,7 @@ impl<T: Transport> LogSender<T> {
 
     fn seal(&mut self) -> Result<(), ChannelError> {
         let Some(o) = self.open else { return Ok(()) };
-        let Some(buf) = self.t.reserve(FRAME_HEADER_LEN + self.cap)? else {
+        let Some(buf) = self.t.reserve(FRAME_HEADER_LEN + o.reserved)? else {
             // An open batch always has its reservation.
             return Err(TransportError::BadCommit {
                 len: o.len,
@@ -846,5 +870,35 @@ mod tests {
                 sent: 10
             }))
         ));
+    }
+
+    /// An entry larger than the batch policy's size travels alone (it used
+    /// to be refused with EntryTooLarge, killing the sender); only one
+    /// larger than the transport's frame is refused.
+    #[test]
+    fn oversized_entries_travel_alone_and_only_frame_sized_ones_are_refused() {
+        let mut p = tuning::Profile::two_core();
+        p.batch.max_bytes = 4096;
+        let mut s = LogSender::new(Mock::default(), 5, 1, p.batch, p.liveness).unwrap();
+        let big = vec![0xb1u8; 100_000];
+        assert_eq!(s.try_push(b"small-1").unwrap(), Some(1));
+        assert_eq!(s.try_push(&big).unwrap(), Some(2));
+        assert_eq!(s.try_push(b"small-3").unwrap(), Some(3));
+        s.flush().unwrap();
+        let frames: Vec<_> = s.t.sent.clone();
+        assert_eq!(frames.len(), 3, "small, big alone, small");
+        let mut r = receiver(frames);
+        let mut got = Vec::new();
+        assert_eq!(r.poll(|seq, e| got.push((seq, e.len()))).unwrap(), 3);
+        assert_eq!(got, vec![(1, 7), (2, 100_000), (3, 7)]);
+
+        let huge = vec![0u8; (1 << 20) - FRAME_HEADER_LEN - entry_space(0) + 1];
+        assert!(matches!(
+            s.try_push(&huge),
+            Err(ChannelError::EntryTooLarge { len, max })
+                if len == huge.len() && max == huge.len() - 1
+        ));
+        let largest = vec![0u8; huge.len() - 8];
+        assert_eq!(s.try_push(&largest).unwrap(), Some(4));
     }
 }
