@@ -74,7 +74,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::{Transport, TransportError};
-use crate::protocol::{PROTOCOL_VERSION, Role, Session, handshake_timed};
+use crate::protocol::{FrameKeys, PROTOCOL_VERSION, Role, Session, handshake_timed};
 
 const MAGIC: [u8; 8] = *b"LKSTPSHM";
 const DATA_OFFSET: usize = 4096;
@@ -372,6 +372,8 @@ pub struct ShmTransport {
     /// Look at the control socket on the next `recv`, whatever the time
     /// (set after a sleep: doorbell bytes are waiting, or an EOF).
     check_now: bool,
+    /// The handshake's frame keys.
+    keys: FrameKeys,
     // Declared last so it is unmapped after the ring ends are gone.
     _map: Mapping,
 }
@@ -454,7 +456,7 @@ impl ShmListener {
                 "ring size must be a power of two >= 64 KiB",
             ));
         }
-        handshake_timed(&mut sock, session, version)?;
+        let keys = handshake_timed(&mut sock, session, version)?.keys;
         let total = DATA_OFFSET + 2 * ring_bytes;
         // SAFETY: memfd_create takes a NUL-terminated name, which the literal is.
         let raw = unsafe {
@@ -485,7 +487,7 @@ impl ShmListener {
         // SAFETY: the mapping is at least DATA_OFFSET > 24 bytes long.
         unsafe { volatile_copy_to(&header, map.ptr) };
         send_fd(&sock, fd.as_raw_fd())?;
-        Ok(ShmTransport::new(map, ring_bytes, session.role, sock))
+        Ok(ShmTransport::new(map, ring_bytes, session.role, sock, keys))
     }
 }
 
@@ -507,7 +509,7 @@ impl ShmTransport {
             op: "connecting to the unix socket",
             source,
         })?;
-        handshake_timed(&mut sock, session, version)?;
+        let keys = handshake_timed(&mut sock, session, version)?.keys;
         let fd = recv_fd(&sock)?;
         // SAFETY: fcntl(F_GET_SEALS) on an fd we own; no pointer argument.
         let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
@@ -541,10 +543,16 @@ impl ShmTransport {
                 "ring size does not match the region",
             ));
         }
-        Ok(Self::new(map, ring_bytes, session.role, sock))
+        Ok(Self::new(map, ring_bytes, session.role, sock, keys))
     }
 
-    fn new(map: Mapping, ring_bytes: usize, role: Role, control: UnixStream) -> Self {
+    fn new(
+        map: Mapping,
+        ring_bytes: usize,
+        role: Role,
+        control: UnixStream,
+        keys: FrameKeys,
+    ) -> Self {
         let end = |ring: usize| {
             // SAFETY: DATA_OFFSET + (ring + 1) * ring_bytes == map.len, checked
             // by both constructors, so the data area is inside the mapping.
@@ -573,6 +581,7 @@ impl ShmTransport {
             peer_closed: false,
             last_check: std::time::Instant::now(),
             check_now: false,
+            keys,
             _map: map,
         }
     }
@@ -656,6 +665,10 @@ impl Transport for ShmTransport {
 
     fn max_frame(&self) -> usize {
         self.tx.size as usize / 2 - REC_PREFIX
+    }
+
+    fn frame_keys(&self) -> &FrameKeys {
+        &self.keys
     }
 
     fn reserve(&mut self, max_len: usize) -> Result<Option<&mut [u8]>, TransportError> {
@@ -829,8 +842,9 @@ mod tests {
         let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_WRITE) };
         assert_eq!(r, -1, "seals could still be changed");
         // The backup still reads and writes its rings.
+        let mut sealer = backup.frame_keys().sealer(Role::Backup);
         let buf = backup.reserve(FRAME_HEADER_LEN).unwrap().unwrap();
-        let n = encode_control(buf, FrameKind::Heartbeat, 1, 0);
+        let n = encode_control(buf, FrameKind::Heartbeat, 1, 0, &mut sealer).unwrap();
         backup.commit(n).unwrap();
         assert!(backup.recv().unwrap().is_none());
     }
