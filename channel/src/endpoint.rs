@@ -31,8 +31,8 @@ use thiserror::Error;
 use tuning::{AckPolicy, BatchPolicy, Liveness};
 
 use crate::protocol::{
-    FRAME_HEADER_LEN, FrameError, FrameKind, batch_entries, decode_frame, encode_control,
-    entry_space, put_entry, seal,
+    FRAME_HEADER_LEN, FrameError, FrameKind, FrameOpener, FrameSealer, Role, batch_entries,
+    decode_frame, encode_control, entry_space, put_entry, seal,
 };
 use crate::transport::{Transport, TransportError};
 
@@ -157,6 +157,7 @@ fn silent(
 /// Sends a control frame if the transport has room; false if it had none.
 fn send_control<T: Transport>(
     t: &mut T,
+    sealer: &mut FrameSealer,
     kind: FrameKind,
     generation: u64,
     seq: u64,
@@ -164,7 +165,7 @@ fn send_control<T: Transport>(
     let Some(buf) = t.reserve(FRAME_HEADER_LEN)? else {
         return Ok(false);
     };
-    let n = encode_control(buf, kind, generation, seq);
+    let n = encode_control(buf, kind, generation, seq, sealer)?;
     t.commit(n)?;
     Ok(true)
 }
@@ -174,6 +175,8 @@ struct OpenBatch {
     first_seq: u64,
     count: u32,
     len: usize,
+    /// Payload bytes of its reservation (`cap`, or one oversized entry's space).
+    reserved: usize,
 }
 
 /// The primary's end; see the module docs.
@@ -182,8 +185,12 @@ pub struct LogSender<T: Transport> {
     generation: u64,
     batch: BatchPolicy,
     liveness: Liveness,
-    /// Payload capacity of every batch buffer.
+    /// Payload bytes a batch is filled to (the batch policy's size, within
+    /// the transport's frame): the size of every ordinary reservation.
     cap: usize,
+    /// Payload bytes the transport's largest frame holds: an entry larger
+    /// than `cap` but within this travels alone in a batch of its own size.
+    max_payload: usize,
     next_seq: u64,
     open: Option<OpenBatch>,
     acked: u64,
@@ -192,7 +199,9 @@ pub struct LogSender<T: Transport> {
     last_sent: Instant,
     last_heard: Instant,
     metrics: Metrics,
-    corrupt_next: bool,
+    /// Seals the frames we send; checks those we receive.
+    sealer: FrameSealer,
+    opener: FrameOpener,
     /// Called with the new watermark whenever an ack advances it.
     ack_hook: Option<Box<dyn FnMut(u64) + Send>>,
 }
@@ -207,14 +216,19 @@ impl<T: Transport> LogSender<T> {
         batch: BatchPolicy,
         liveness: Liveness,
     ) -> Result<Self, ChannelError> {
-        let cap = (batch.max_bytes as usize).min(t.max_frame() - FRAME_HEADER_LEN);
+        let max_payload = t.max_frame().saturating_sub(FRAME_HEADER_LEN);
+        let cap = (batch.max_bytes as usize).min(max_payload);
         let now = Instant::now();
+        let keys = *t.frame_keys();
         Ok(Self {
+            sealer: keys.sealer(Role::Primary),
+            opener: keys.opener(Role::Primary),
             t,
             generation,
             batch,
             liveness,
             cap,
+            max_payload,
             next_seq: first_seq,
             open: None,
             acked: first_seq - 1,
@@ -223,7 +237,6 @@ impl<T: Transport> LogSender<T> {
             last_sent: now,
             last_heard: now,
             metrics: Metrics::new()?,
-            corrupt_next: false,
             ack_hook: None,
         })
     }
@@ -268,29 +281,32 @@ impl<T: Transport> LogSender<T> {
         &mut self.metrics
     }
 
-    /// Test hook: flip one byte of the next batch after sealing it.
-    #[doc(hidden)]
-    pub fn corrupt_next_batch(&mut self) {
-        self.corrupt_next = true;
-    }
-
     /// Appends `entry` to the open batch (opening one if needed) and returns
     /// its sequence number, or `None` if the transport has no room now (call
     /// [`LogSender::poll`] and retry; counted as a stall).
+    ///
+    /// An entry larger than the batch policy's size (a 1 MiB mailbox fill:
+    /// the guest may legally cause one) closes the open batch and travels
+    /// alone in a batch sized to it; only an entry larger than the
+    /// transport's largest frame is refused ([`ChannelError::EntryTooLarge`]).
     pub fn try_push(&mut self, entry: &[u8]) -> Result<Option<u64>, ChannelError> {
         let space = entry_space(entry.len());
-        if space > self.cap {
+        if space > self.max_payload {
             return Err(ChannelError::EntryTooLarge {
                 len: entry.len(),
-                max: self.cap - entry_space(0),
+                max: self.max_payload.saturating_sub(entry_space(0)),
             });
         }
         if let Some(o) = self.open
-            && (o.count >= self.batch.max_entries || o.len + space > self.cap)
+            && (o.count >= self.batch.max_entries || o.len + space > o.reserved)
         {
             self.seal()?;
         }
-        let Some(buf) = self.t.reserve(FRAME_HEADER_LEN + self.cap)? else {
+        let reserved = match self.open {
+            Some(o) => o.reserved,
+            None => space.max(self.cap),
+        };
+        let Some(buf) = self.t.reserve(FRAME_HEADER_LEN + reserved)? else {
             self.metrics.transport_stalls += 1;
             return Ok(None);
         };
@@ -298,14 +314,21 @@ impl<T: Transport> LogSender<T> {
             first_seq: self.next_seq,
             count: 0,
             len: 0,
+            reserved,
         });
         let end = put_entry(buf, FRAME_HEADER_LEN + o.len, entry);
         o.len = end - FRAME_HEADER_LEN;
         o.count += 1;
+        let oversized = o.reserved > self.cap;
         let seq = self.next_seq;
         self.next_seq += 1;
         self.metrics.entries += 1;
         self.metrics.bytes += entry.len() as u64;
+        if oversized {
+            // Its reservation fits it alone: send it now, so the next
+            // entry opens an ordinary batch.
+            self.seal()?;
+        }
         Ok(Some(seq))
     }
 
@@ -319,7 +342,7 @@ impl<T: Transport> LogSender<T> {
 
     fn seal(&mut self) -> Result<(), ChannelError> {
         let Some(o) = self.open else { return Ok(()) };
-        let Some(buf) = self.t.reserve(FRAME_HEADER_LEN + self.cap)? else {
+        let Some(buf) = self.t.reserve(FRAME_HEADER_LEN + o.reserved)? else {
             // An open batch always has its reservation.
             return Err(TransportError::BadCommit {
                 len: o.len,
@@ -334,11 +357,8 @@ impl<T: Transport> LogSender<T> {
             o.first_seq,
             o.count,
             o.len,
-        );
-        if self.corrupt_next {
-            self.corrupt_next = false;
-            buf[FRAME_HEADER_LEN + o.len / 2] ^= 0x5a;
-        }
+            &mut self.sealer,
+        )?;
         self.t.commit(n)?;
         self.open = None;
         let now = Instant::now();
@@ -403,7 +423,7 @@ impl<T: Transport> LogSender<T> {
         for _ in 0..MAX_FRAMES_PER_POLL {
             let (kind, seq) = {
                 let Some(bytes) = self.t.recv()? else { break };
-                let f = decode_frame(bytes, self.generation, self.acked + 1)?;
+                let f = decode_frame(bytes, self.generation, self.acked + 1, &mut self.opener)?;
                 (f.kind, f.seq)
             };
             now = Instant::now();
@@ -421,6 +441,7 @@ impl<T: Transport> LogSender<T> {
             && now.saturating_duration_since(self.last_sent) >= self.liveness.heartbeat
             && send_control(
                 &mut self.t,
+                &mut self.sealer,
                 FrameKind::Heartbeat,
                 self.generation,
                 self.next_seq - 1,
@@ -479,6 +500,9 @@ pub struct LogReceiver<T: Transport> {
     last_sent: Instant,
     last_heard: Instant,
     metrics: Metrics,
+    /// Seals the frames we send; checks those we receive.
+    sealer: FrameSealer,
+    opener: FrameOpener,
 }
 
 impl<T: Transport> LogReceiver<T> {
@@ -491,7 +515,10 @@ impl<T: Transport> LogReceiver<T> {
         liveness: Liveness,
     ) -> Result<Self, ChannelError> {
         let now = Instant::now();
+        let keys = *t.frame_keys();
         Ok(Self {
+            sealer: keys.sealer(Role::Backup),
+            opener: keys.opener(Role::Backup),
             t,
             generation,
             ack,
@@ -528,7 +555,13 @@ impl<T: Transport> LogReceiver<T> {
 
     fn send_ack(&mut self, now: Instant) -> Result<(), ChannelError> {
         let upto = self.expected - 1;
-        if !send_control(&mut self.t, FrameKind::Ack, self.generation, upto)? {
+        if !send_control(
+            &mut self.t,
+            &mut self.sealer,
+            FrameKind::Ack,
+            self.generation,
+            upto,
+        )? {
             return Ok(()); // no room now; the next poll retries
         }
         self.acked_sent = upto;
@@ -559,7 +592,7 @@ impl<T: Transport> LogReceiver<T> {
         for _ in 0..MAX_FRAMES_PER_POLL {
             let (kind, seq, count) = {
                 let Some(bytes) = self.t.recv()? else { break };
-                let f = decode_frame(bytes, self.generation, self.expected)?;
+                let f = decode_frame(bytes, self.generation, self.expected, &mut self.opener)?;
                 if f.kind == FrameKind::Batch {
                     if f.seq < self.expected {
                         return Err(FrameError::Duplicate {
@@ -589,7 +622,12 @@ impl<T: Transport> LogReceiver<T> {
             self.last_heard = now;
             match kind {
                 FrameKind::Batch => {
-                    self.expected += u64::from(count);
+                    self.expected = self.expected.checked_add(u64::from(count)).ok_or(
+                        FrameError::Malformed {
+                            seq,
+                            reason: "sequence numbers past 2^64",
+                        },
+                    )?;
                     delivered += count as usize;
                     self.metrics.entries += u64::from(count);
                     self.metrics.batches += 1;
@@ -614,6 +652,7 @@ impl<T: Transport> LogReceiver<T> {
         if now.saturating_duration_since(self.last_sent) >= self.liveness.heartbeat
             && send_control(
                 &mut self.t,
+                &mut self.sealer,
                 FrameKind::Heartbeat,
                 self.generation,
                 self.acked_sent,
@@ -624,6 +663,36 @@ impl<T: Transport> LogReceiver<T> {
         }
         silent(self.last_heard, now, &self.liveness, self.expected - 1)?;
         Ok(delivered)
+    }
+
+    /// For an owner that cannot take more entries now (its consumer is
+    /// behind): reads nothing, but acks every entry already received (the
+    /// ack means *received*: they are in this process's memory) and sends
+    /// heartbeats, so the primary is slowed by back-pressure (its transport
+    /// fills, its ring stalls the vCPU) and never mistakes a slow backup
+    /// for a dead one. Silence from the primary is not counted meanwhile:
+    /// its frames wait unread in our transport; when the owner polls again,
+    /// the peer timeout starts afresh.
+    pub fn keep_alive(&mut self) -> Result<(), ChannelError> {
+        self.t.poll()?;
+        let now = Instant::now();
+        self.last_heard = now;
+        if self.expected - 1 > self.acked_sent {
+            self.send_ack(now)?;
+        }
+        if now.saturating_duration_since(self.last_sent) >= self.liveness.heartbeat
+            && send_control(
+                &mut self.t,
+                &mut self.sealer,
+                FrameKind::Heartbeat,
+                self.generation,
+                self.acked_sent,
+            )?
+        {
+            self.last_sent = now;
+            self.metrics.heartbeats_sent += 1;
+        }
+        Ok(())
     }
 
     /// Sleeps until the primary may have sent something or `timeout`
@@ -649,22 +718,55 @@ impl<T: Transport> LogReceiver<T> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::protocol::seal;
+    use crate::protocol::{FrameKeys, seal};
+    use std::cell::RefCell;
     use std::collections::VecDeque;
+
+    thread_local! {
+        /// Seal frames as the primary and as the backup would, counters
+        /// rising across a test's frames.
+        static SEALERS: RefCell<(FrameSealer, FrameSealer)> = RefCell::new((
+            FrameKeys::for_tests().sealer(Role::Primary),
+            FrameKeys::for_tests().sealer(Role::Backup),
+        ));
+    }
+
+    fn as_primary<R>(f: impl FnOnce(&mut FrameSealer) -> R) -> R {
+        SEALERS.with(|s| f(&mut s.borrow_mut().0))
+    }
+
+    fn as_backup<R>(f: impl FnOnce(&mut FrameSealer) -> R) -> R {
+        SEALERS.with(|s| f(&mut s.borrow_mut().1))
+    }
 
     /// An in-memory transport: frames pushed by the test arrive in order;
     /// frames the end sends are collected.
-    #[derive(Default)]
     struct Mock {
         inbox: VecDeque<Vec<u8>>,
         current: Vec<u8>,
         open: Vec<u8>,
         sent: Vec<Vec<u8>>,
+        keys: FrameKeys,
+    }
+
+    impl Default for Mock {
+        fn default() -> Self {
+            Self {
+                inbox: VecDeque::new(),
+                current: Vec::new(),
+                open: Vec::new(),
+                sent: Vec::new(),
+                keys: FrameKeys::for_tests(),
+            }
+        }
     }
 
     impl Transport for Mock {
         fn name(&self) -> &'static str {
             "mock"
+        }
+        fn frame_keys(&self) -> &FrameKeys {
+            &self.keys
         }
         fn max_frame(&self) -> usize {
             1 << 20
@@ -703,16 +805,24 @@ mod tests {
         for i in 0..n {
             at = put_entry(&mut buf, at, &(seq + u64::from(i)).to_le_bytes());
         }
-        let len = seal(
-            &mut buf,
-            FrameKind::Batch,
-            generation,
-            seq,
-            n,
-            at - FRAME_HEADER_LEN,
-        );
+        let len = as_primary(|s| {
+            seal(
+                &mut buf,
+                FrameKind::Batch,
+                generation,
+                seq,
+                n,
+                at - FRAME_HEADER_LEN,
+                s,
+            )
+        })
+        .unwrap();
         buf.truncate(len);
         buf
+    }
+
+    fn backup_opener() -> FrameOpener {
+        FrameKeys::for_tests().opener(Role::Backup)
     }
 
     fn receiver(frames: Vec<Vec<u8>>) -> LogReceiver<Mock> {
@@ -745,7 +855,7 @@ mod tests {
         assert!(got.iter().all(|(s, e)| e == &s.to_le_bytes()));
         // On drain the receiver acked everything, cumulatively.
         let ack = r.t.sent.last().unwrap();
-        let f = decode_frame(ack, 5, 0).unwrap();
+        let f = decode_frame(ack, 5, 0, &mut FrameKeys::for_tests().opener(Role::Primary)).unwrap();
         assert_eq!((f.kind, f.seq), (FrameKind::Ack, 5));
     }
 
@@ -828,16 +938,16 @@ mod tests {
             assert_eq!(s.try_push(&i.to_le_bytes()).unwrap(), Some(i + 1));
         }
         s.flush().unwrap();
-        let f = decode_frame(&s.t.sent[0], 5, 1).unwrap();
+        let f = decode_frame(&s.t.sent[0], 5, 1, &mut backup_opener()).unwrap();
         assert_eq!((f.kind, f.seq, f.count), (FrameKind::Batch, 1, 10));
         let mut ack = vec![0u8; FRAME_HEADER_LEN];
-        encode_control(&mut ack, FrameKind::Ack, 5, 10);
+        as_backup(|b| encode_control(&mut ack, FrameKind::Ack, 5, 10, b)).unwrap();
         s.t.inbox.push_back(ack);
         assert_eq!(s.poll().unwrap(), 10);
         assert_eq!(s.watermark().load(Ordering::Acquire), 10);
         assert_eq!(s.metrics().ack_rtt_ns.len(), 1);
         let mut beyond = vec![0u8; FRAME_HEADER_LEN];
-        encode_control(&mut beyond, FrameKind::Ack, 5, 11);
+        as_backup(|b| encode_control(&mut beyond, FrameKind::Ack, 5, 11, b)).unwrap();
         s.t.inbox.push_back(beyond);
         assert!(matches!(
             s.poll(),
@@ -846,5 +956,35 @@ mod tests {
                 sent: 10
             }))
         ));
+    }
+
+    /// An entry larger than the batch policy's size travels alone (it used
+    /// to be refused with EntryTooLarge, killing the sender); only one
+    /// larger than the transport's frame is refused.
+    #[test]
+    fn oversized_entries_travel_alone_and_only_frame_sized_ones_are_refused() {
+        let mut p = tuning::Profile::two_core();
+        p.batch.max_bytes = 4096;
+        let mut s = LogSender::new(Mock::default(), 5, 1, p.batch, p.liveness).unwrap();
+        let big = vec![0xb1u8; 100_000];
+        assert_eq!(s.try_push(b"small-1").unwrap(), Some(1));
+        assert_eq!(s.try_push(&big).unwrap(), Some(2));
+        assert_eq!(s.try_push(b"small-3").unwrap(), Some(3));
+        s.flush().unwrap();
+        let frames: Vec<_> = s.t.sent.clone();
+        assert_eq!(frames.len(), 3, "small, big alone, small");
+        let mut r = receiver(frames);
+        let mut got = Vec::new();
+        assert_eq!(r.poll(|seq, e| got.push((seq, e.len()))).unwrap(), 3);
+        assert_eq!(got, vec![(1, 7), (2, 100_000), (3, 7)]);
+
+        let huge = vec![0u8; (1 << 20) - FRAME_HEADER_LEN - entry_space(0) + 1];
+        assert!(matches!(
+            s.try_push(&huge),
+            Err(ChannelError::EntryTooLarge { len, max })
+                if len == huge.len() && max == huge.len() - 1
+        ));
+        let largest = vec![0u8; huge.len() - 8];
+        assert_eq!(s.try_push(&largest).unwrap(), Some(4));
     }
 }

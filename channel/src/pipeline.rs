@@ -394,8 +394,9 @@ mod tests {
     fn sleeper_wakes<T: Transport + 'static>(mut primary: T, mut backup: T) {
         const LONG: Duration = Duration::from_secs(20);
         fn heartbeat<T: Transport>(t: &mut T) {
+            let mut sealer = t.frame_keys().sealer(Role::Primary);
             let buf = t.reserve(FRAME_HEADER_LEN).unwrap().unwrap();
-            let len = encode_control(buf, FrameKind::Heartbeat, 2, 0);
+            let len = encode_control(buf, FrameKind::Heartbeat, 2, 0, &mut sealer).unwrap();
             t.commit(len).unwrap();
             while !t.flushed() {
                 t.poll().unwrap();

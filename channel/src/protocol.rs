@@ -35,10 +35,27 @@
 //! 32     32   data      Hello: random nonce; Proof: HMAC-SHA256; Verdict: 0
 //! ```
 //!
+//! # Per-connection keys
+//!
+//! A successful handshake derives two 32-byte frame keys, one per direction,
+//! that no other connection shares (both nonces are in them) and that only
+//! holders of the pre-shared key can compute ([`FrameKeys`]):
+//!
+//! ```text
+//! material = len(psk) as u64 LE ‖ psk ‖ nonce_primary ‖ nonce_backup ‖ vm id ‖ generation
+//! key P→B  = BLAKE3-derive_key("lockstep channel 2026-12 frames primary to backup v2", material)
+//! key B→P  = BLAKE3-derive_key("lockstep channel 2026-12 frames backup to primary v2", material)
+//! ```
+//!
 //! # Frames
 //!
-//! After the handshake both directions carry frames: a 32-byte header and a
-//! payload.
+//! After the handshake both directions carry frames: a 56-byte header and a
+//! payload. Every frame (batch, ack, heartbeat) is authenticated: its tag
+//! is keyed BLAKE3 under the direction's key over the header's first 40
+//! bytes and the payload, truncated to 128 bits. Each direction numbers its
+//! frames 1, 2, 3, ...; a receiver accepts only a counter above the last
+//! one it accepted, so a recorded frame can be neither replayed nor
+//! reordered, and a frame or ack without the key can't be forged.
 //!
 //! ```text
 //! offset size field
@@ -50,7 +67,9 @@
 //!                         Ack: cumulative, every entry <= seq was received
 //!                         Heartbeat: the sender's latest ack (backup) or seq (primary)
 //! 24     4    count       Batch: number of entries; else 0
-//! 28     4    crc32c      over bytes 0..28, then the payload
+//! 28     4    reserved    0
+//! 32     8    counter     this direction's frame number, from 1, strictly increasing
+//! 40     16   tag         keyed BLAKE3(key of the direction, bytes 0..40 ‖ payload)[..16]
 //! ```
 //!
 //! A batch payload is `count` entries, each length-prefixed and padded so
@@ -81,8 +100,9 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 /// refused, never waited for forever.
 pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Version of the handshake and frame layout; bumped on any change.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Version of the handshake and frame layout; bumped on any change
+/// (2: authenticated frames).
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Magic at the start of every handshake message.
 pub const HANDSHAKE_MAGIC: [u8; 8] = *b"LKSTPCHN";
 /// Size of a handshake message.
@@ -91,6 +111,10 @@ pub const HANDSHAKE_LEN: usize = size_of::<HandshakeMsg>();
 pub const FRAME_HEADER_LEN: usize = size_of::<FrameHeader>();
 /// Size of the prefix before each entry in a batch.
 pub const ENTRY_PREFIX_LEN: usize = 8;
+/// Size of a frame's authentication tag.
+pub const TAG_LEN: usize = 16;
+/// Bytes of the header the tag covers (all before the tag).
+const TAGGED_HEADER_LEN: usize = FRAME_HEADER_LEN - TAG_LEN;
 
 /// A handshake message on the wire; see the module docs.
 #[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, KnownLayout)]
@@ -213,6 +237,109 @@ pub struct Established {
     /// so a MAC over anything exchanged after the handshake (the RDMA
     /// set-up) that covers it cannot be replayed into another connection.
     pub binding: [u8; 64],
+    /// The connection's frame keys (see the module docs).
+    pub keys: FrameKeys,
+}
+
+/// The two frame keys of one connection (see the module docs); `Debug`
+/// shows neither.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct FrameKeys {
+    /// Authenticates frames from the primary to the backup.
+    pub primary_to_backup: [u8; 32],
+    /// Authenticates frames from the backup to the primary.
+    pub backup_to_primary: [u8; 32],
+}
+
+impl std::fmt::Debug for FrameKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FrameKeys(..)")
+    }
+}
+
+impl FrameKeys {
+    /// Derives a connection's keys (see the module docs).
+    pub fn derive(psk: &[u8], binding: &[u8; 64], vm_id: u64, generation: u64) -> Self {
+        let mut material = Vec::with_capacity(8 + psk.len() + 64 + 16);
+        material.extend_from_slice(&(psk.len() as u64).to_le_bytes());
+        material.extend_from_slice(psk);
+        material.extend_from_slice(binding);
+        material.extend_from_slice(&vm_id.to_le_bytes());
+        material.extend_from_slice(&generation.to_le_bytes());
+        Self {
+            primary_to_backup: blake3::derive_key(
+                "lockstep channel 2026-12 frames primary to backup v2",
+                &material,
+            ),
+            backup_to_primary: blake3::derive_key(
+                "lockstep channel 2026-12 frames backup to primary v2",
+                &material,
+            ),
+        }
+    }
+
+    /// Fixed keys for unit tests that build frames without a handshake.
+    #[doc(hidden)]
+    pub fn for_tests() -> Self {
+        Self::derive(b"unit-test key", &[7; 64], 0, 0)
+    }
+
+    /// The sealer for frames `role` sends.
+    pub fn sealer(&self, role: Role) -> FrameSealer {
+        FrameSealer {
+            key: self.key_of(role),
+            next: 1,
+        }
+    }
+
+    /// The opener for frames `role` receives (sent by its peer).
+    pub fn opener(&self, role: Role) -> FrameOpener {
+        let peer = match role {
+            Role::Primary => Role::Backup,
+            Role::Backup => Role::Primary,
+        };
+        FrameOpener {
+            key: self.key_of(peer),
+            last: 0,
+        }
+    }
+
+    /// The key of frames sent by `sender`.
+    pub fn key_of(&self, sender: Role) -> [u8; 32] {
+        match sender {
+            Role::Primary => self.primary_to_backup,
+            Role::Backup => self.backup_to_primary,
+        }
+    }
+}
+
+/// Seals the frames one end sends: its direction's key and frame counter.
+#[derive(Clone)]
+pub struct FrameSealer {
+    key: [u8; 32],
+    next: u64,
+}
+
+/// Checks the frames one end receives: the peer's direction key and the
+/// last counter accepted.
+#[derive(Clone)]
+pub struct FrameOpener {
+    key: [u8; 32],
+    last: u64,
+}
+
+fn frame_tag(key: &[u8; 32], tagged_header: &[u8], payload: &[u8]) -> [u8; TAG_LEN] {
+    let mut h = blake3::Hasher::new_keyed(key);
+    h.update(tagged_header);
+    h.update(payload);
+    let mut tag = [0u8; TAG_LEN];
+    h.finalize_xof().fill(&mut tag);
+    tag
+}
+
+/// Constant-time equality of two tags.
+fn tags_equal(a: &[u8; TAG_LEN], b: &[u8; TAG_LEN]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Handshake failures. Each says which check failed and with which values.
@@ -518,6 +645,7 @@ pub fn handshake<S: std::io::Read + std::io::Write>(
         generation: session.generation,
         peer_role,
         binding,
+        keys: FrameKeys::derive(&session.key, &binding, session.vm_id, session.generation),
     })
 }
 
@@ -555,8 +683,12 @@ pub struct FrameHeader {
     pub seq: U64,
     /// Entry count.
     pub count: U32,
-    /// crc32c over bytes 0..28 and the payload.
-    pub crc: U32,
+    /// Reserved, 0.
+    pub reserved: U32,
+    /// The direction's frame counter.
+    pub counter: U64,
+    /// Authentication tag.
+    pub tag: [u8; TAG_LEN],
 }
 
 /// Frame kinds. 0 is reserved as invalid.
@@ -587,7 +719,7 @@ impl FrameKind {
 /// header's bytes are given.
 pub fn frame_len(bytes: &[u8]) -> Option<usize> {
     let (h, _) = FrameHeader::ref_from_prefix(bytes).ok()?;
-    Some(FRAME_HEADER_LEN + h.len.get() as usize)
+    Some(FRAME_HEADER_LEN.saturating_add(h.len.get() as usize))
 }
 
 /// Frame and batch decoding failures. Each names the sequence numbers involved.
@@ -601,20 +733,35 @@ pub enum FrameError {
         /// Bytes announced.
         want: usize,
     },
-    /// The crc does not match: bytes were corrupted on the way.
+    /// The tag does not verify: the bytes were damaged on the way, or the
+    /// frame was forged by someone without this connection's key.
     #[error(
-        "corrupt frame (crc32c {found:#010x}, computed {computed:#010x}) claiming sequence number {seq}; expected sequence number {expected_seq}"
+        "corrupt frame: its authentication tag does not verify (damaged, or forged without the key) claiming sequence number {seq} (frame counter {counter}); expected sequence number {expected_seq}"
     )]
     Corrupt {
         /// seq field as read (it may itself be corrupt).
         seq: u64,
         /// The next sequence number we expected.
         expected_seq: u64,
-        /// crc in the header.
-        found: u32,
-        /// crc computed.
-        computed: u32,
+        /// Frame counter as read.
+        counter: u64,
     },
+    /// An authentic frame whose counter is not above the last one
+    /// accepted: a recorded frame played again or out of order.
+    #[error(
+        "replayed frame: frame counter {counter} is not above {last}, the last accepted (sequence number {seq})"
+    )]
+    Replayed {
+        /// Its counter.
+        counter: u64,
+        /// The last counter accepted.
+        last: u64,
+        /// Its seq field.
+        seq: u64,
+    },
+    /// The sender ran out of frame counters (2^64 frames: never in practice).
+    #[error("frame counter exhausted")]
+    CounterExhausted,
     /// Unknown kind (0 or newer than us).
     #[error("frame of unknown kind {kind} at sequence number {seq}")]
     UnknownKind {
@@ -684,18 +831,16 @@ pub struct Frame<'a> {
     pub payload: &'a [u8],
 }
 
-fn crc_of(header: &FrameHeader, payload: &[u8]) -> u32 {
-    let hb = header.as_bytes();
-    crc32c::crc32c_append(crc32c::crc32c(&hb[..28]), payload)
-}
-
-/// Checks a whole frame's crc, kind and generation. `expected_seq` only
-/// serves the error message.
-pub fn decode_frame(
-    bytes: &[u8],
+/// Checks a whole frame's tag, counter, kind and generation with `opener`
+/// (which then expects a higher counter). `expected_seq` only serves the
+/// error message. The returned payload is the very bytes the tag was
+/// checked on: decode from it, never from another read of the source.
+pub fn decode_frame<'a>(
+    bytes: &'a [u8],
     generation: u64,
     expected_seq: u64,
-) -> Result<Frame<'_>, FrameError> {
+    opener: &mut FrameOpener,
+) -> Result<Frame<'a>, FrameError> {
     let (h, rest) = FrameHeader::ref_from_prefix(bytes).map_err(|_| FrameError::Truncated {
         got: bytes.len(),
         want: FRAME_HEADER_LEN,
@@ -704,19 +849,26 @@ pub fn decode_frame(
     if rest.len() < len {
         return Err(FrameError::Truncated {
             got: bytes.len(),
-            want: FRAME_HEADER_LEN + len,
+            want: FRAME_HEADER_LEN.saturating_add(len),
         });
     }
     let payload = &rest[..len];
-    let computed = crc_of(h, payload);
-    if computed != h.crc.get() {
+    let computed = frame_tag(&opener.key, &h.as_bytes()[..TAGGED_HEADER_LEN], payload);
+    if !tags_equal(&computed, &h.tag) {
         return Err(FrameError::Corrupt {
             seq: h.seq.get(),
             expected_seq,
-            found: h.crc.get(),
-            computed,
+            counter: h.counter.get(),
         });
     }
+    if h.counter.get() <= opener.last {
+        return Err(FrameError::Replayed {
+            counter: h.counter.get(),
+            last: opener.last,
+            seq: h.seq.get(),
+        });
+    }
+    opener.last = h.counter.get();
     let kind = FrameKind::from_wire(h.kind.get()).ok_or(FrameError::UnknownKind {
         kind: h.kind.get(),
         seq: h.seq.get(),
@@ -738,12 +890,19 @@ pub fn decode_frame(
 
 /// Writes a complete frame with an empty payload (ack, heartbeat) into `buf`;
 /// returns its length.
-pub fn encode_control(buf: &mut [u8], kind: FrameKind, generation: u64, seq: u64) -> usize {
-    seal(buf, kind, generation, seq, 0, 0)
+pub fn encode_control(
+    buf: &mut [u8],
+    kind: FrameKind,
+    generation: u64,
+    seq: u64,
+    sealer: &mut FrameSealer,
+) -> Result<usize, FrameError> {
+    seal(buf, kind, generation, seq, 0, 0, sealer)
 }
 
 /// Writes the header of a frame whose `payload_len` payload bytes already sit
-/// at `buf[FRAME_HEADER_LEN..]`, computing the crc; returns the frame length.
+/// at `buf[FRAME_HEADER_LEN..]`, with the next counter of `sealer` and the
+/// tag; returns the frame length.
 ///
 /// # Panics
 /// If `buf` is shorter than the frame (a caller bug).
@@ -754,19 +913,33 @@ pub fn seal(
     seq: u64,
     count: u32,
     payload_len: usize,
-) -> usize {
+    sealer: &mut FrameSealer,
+) -> Result<usize, FrameError> {
+    let counter = sealer.next;
+    sealer.next = counter.checked_add(1).ok_or(FrameError::CounterExhausted)?;
     let mut h = FrameHeader {
         kind: (kind as u16).into(),
         flags: 0.into(),
-        len: (payload_len as u32).into(),
+        len: u32::try_from(payload_len)
+            .map_err(|_| FrameError::Malformed {
+                seq,
+                reason: "payload longer than 4 GiB",
+            })?
+            .into(),
         generation: generation.into(),
         seq: seq.into(),
         count: count.into(),
-        crc: 0.into(),
+        reserved: 0.into(),
+        counter: counter.into(),
+        tag: [0; TAG_LEN],
     };
-    h.crc = crc_of(&h, &buf[FRAME_HEADER_LEN..FRAME_HEADER_LEN + payload_len]).into();
+    h.tag = frame_tag(
+        &sealer.key,
+        &h.as_bytes()[..TAGGED_HEADER_LEN],
+        &buf[FRAME_HEADER_LEN..FRAME_HEADER_LEN + payload_len],
+    );
     buf[..FRAME_HEADER_LEN].copy_from_slice(h.as_bytes());
-    FRAME_HEADER_LEN + payload_len
+    Ok(FRAME_HEADER_LEN + payload_len)
 }
 
 /// Space an entry of `len` bytes takes in a batch payload.
@@ -839,7 +1012,7 @@ impl<'a> Iterator for BatchEntries<'a> {
         self.rest = &self.rest[space..];
         self.left -= 1;
         let seq = self.seq;
-        self.seq += 1;
+        self.seq = self.seq.saturating_add(1);
         Some(Ok((seq, entry)))
     }
 }
@@ -849,7 +1022,19 @@ impl<'a> Iterator for BatchEntries<'a> {
 mod tests {
     use super::*;
 
+    fn sealer() -> FrameSealer {
+        FrameKeys::for_tests().sealer(Role::Primary)
+    }
+
+    fn opener() -> FrameOpener {
+        FrameKeys::for_tests().opener(Role::Backup)
+    }
+
     fn batch(gen_: u64, seq: u64, entries: &[&[u8]]) -> Vec<u8> {
+        batch_with(&mut sealer(), gen_, seq, entries)
+    }
+
+    fn batch_with(sealer: &mut FrameSealer, gen_: u64, seq: u64, entries: &[&[u8]]) -> Vec<u8> {
         let mut buf = vec![0u8; 4096];
         let mut at = FRAME_HEADER_LEN;
         for e in entries {
@@ -862,16 +1047,73 @@ mod tests {
             seq,
             entries.len() as u32,
             at - FRAME_HEADER_LEN,
-        );
+            sealer,
+        )
+        .unwrap();
         buf.truncate(n);
         buf
+    }
+
+    /// A frame sealed with another connection's keys (an attacker who saw
+    /// the handshake but lacks the pre-shared key), or replayed, or sent
+    /// in the wrong direction, is refused.
+    #[test]
+    fn forged_replayed_and_reflected_frames_are_refused() {
+        let other = FrameKeys::derive(b"another key", &[7; 64], 0, 0);
+        let forged = batch_with(&mut other.sealer(Role::Primary), 1, 1, &[b"x"]);
+        assert!(matches!(
+            decode_frame(&forged, 1, 1, &mut opener()),
+            Err(FrameError::Corrupt { .. })
+        ));
+        let mut s = sealer();
+        let first = batch_with(&mut s, 1, 1, &[b"a"]);
+        let second = batch_with(&mut s, 1, 2, &[b"b"]);
+        let mut o = opener();
+        decode_frame(&first, 1, 1, &mut o).unwrap();
+        decode_frame(&second, 1, 2, &mut o).unwrap();
+        let e = decode_frame(&first, 1, 3, &mut o).unwrap_err();
+        assert_eq!(
+            e,
+            FrameError::Replayed {
+                counter: 1,
+                last: 2,
+                seq: 1
+            }
+        );
+        // An ack the backup sent, reflected back to it as if from the primary.
+        let mut ack = vec![0u8; FRAME_HEADER_LEN];
+        let keys = FrameKeys::for_tests();
+        encode_control(
+            &mut ack,
+            FrameKind::Ack,
+            1,
+            9,
+            &mut keys.sealer(Role::Backup),
+        )
+        .unwrap();
+        assert!(matches!(
+            decode_frame(&ack, 1, 1, &mut keys.opener(Role::Backup)),
+            Err(FrameError::Corrupt { .. })
+        ));
+        assert!(decode_frame(&ack, 1, 1, &mut keys.opener(Role::Primary)).is_ok());
+    }
+
+    #[test]
+    fn handshake_keys_agree_and_differ_per_connection() {
+        let (a, b) = pair(s(Role::Primary, 5, b"k"), 1, s(Role::Backup, 5, b"k"), 1);
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_eq!(a.keys, b.keys);
+        assert_ne!(a.keys.primary_to_backup, a.keys.backup_to_primary);
+        let (c, _) = pair(s(Role::Primary, 5, b"k"), 1, s(Role::Backup, 5, b"k"), 1);
+        assert_ne!(c.unwrap().keys, a.keys, "fresh nonces, fresh keys");
+        assert_eq!(format!("{:?}", a.keys), "FrameKeys(..)");
     }
 
     #[test]
     fn batch_roundtrip() {
         let b = batch(7, 10, &[b"hello", b"", &[9u8; 16]]);
         assert_eq!(frame_len(&b), Some(b.len()));
-        let f = decode_frame(&b, 7, 10).unwrap();
+        let f = decode_frame(&b, 7, 10, &mut opener()).unwrap();
         assert_eq!(f.kind, FrameKind::Batch);
         let got: Vec<_> = batch_entries(&f).collect::<Result<_, _>>().unwrap();
         assert_eq!(
@@ -886,7 +1128,7 @@ mod tests {
         for i in 0..b.len() {
             let mut c = b.clone();
             c[i] ^= 0x10;
-            match decode_frame(&c, 1, 5) {
+            match decode_frame(&c, 1, 5, &mut opener()) {
                 Err(FrameError::Corrupt { .. }) | Err(FrameError::Truncated { .. }) => {}
                 other => panic!("byte {i}: {other:?}"),
             }
@@ -896,7 +1138,7 @@ mod tests {
     #[test]
     fn stale_generation_named() {
         let b = batch(3, 42, &[b"a"]);
-        let e = decode_frame(&b, 4, 42).unwrap_err();
+        let e = decode_frame(&b, 4, 42, &mut opener()).unwrap_err();
         assert_eq!(
             e,
             FrameError::StaleGeneration {
@@ -912,8 +1154,17 @@ mod tests {
     fn malformed_count() {
         let mut buf = vec![0u8; 256];
         let at = put_entry(&mut buf, FRAME_HEADER_LEN, b"abc");
-        let n = seal(&mut buf, FrameKind::Batch, 1, 1, 2, at - FRAME_HEADER_LEN);
-        let f = decode_frame(&buf[..n], 1, 1).unwrap();
+        let n = seal(
+            &mut buf,
+            FrameKind::Batch,
+            1,
+            1,
+            2,
+            at - FRAME_HEADER_LEN,
+            &mut sealer(),
+        )
+        .unwrap();
+        let f = decode_frame(&buf[..n], 1, 1, &mut opener()).unwrap();
         let r: Result<Vec<_>, _> = batch_entries(&f).collect();
         assert!(
             matches!(r, Err(FrameError::Malformed { seq: 2, .. })),

@@ -10,10 +10,12 @@ use std::time::{Duration, Instant};
 use tuning::{Profile, Waiter};
 
 use crate::endpoint::{ChannelError, LogReceiver, LogSender, Metrics};
+use crate::protocol::{FRAME_HEADER_LEN, FrameHeader, FrameKind};
 use crate::protocol::{Role, Session};
-use crate::transport::Transport;
 use crate::transport::shm::{ShmListener, ShmTransport};
 use crate::transport::uring_tcp::UringTcp;
+use crate::transport::{Transport, TransportError};
+use zerocopy::FromBytes;
 
 /// Fills `buf` with the content of entry `seq`: the seq little-endian, then a
 /// pattern derived from it, so any misplaced or damaged byte is detected.
@@ -89,6 +91,10 @@ pub fn run_primary<T: Transport>(
     content: Content,
     corrupt_at: Option<u64>,
 ) -> Result<RunSummary, ChannelError> {
+    let t = Corrupting {
+        inner: t,
+        at: corrupt_at,
+    };
     let mut s = LogSender::new(t, generation, 1, profile.batch, profile.liveness)?;
     let mut buf = vec![0u8; size];
     fill_entry(0, &mut buf);
@@ -105,9 +111,6 @@ pub fn run_primary<T: Transport>(
             Some(_) => {
                 if content == Content::Full {
                     digest = crc32c::crc32c_append(digest, &buf);
-                }
-                if corrupt_at == Some(seq) {
-                    s.corrupt_next_batch();
                 }
                 seq += 1;
                 if seq.is_multiple_of(64) {
@@ -138,6 +141,64 @@ pub fn run_primary<T: Transport>(
         metrics: s.metrics().clone(),
         digest,
     })
+}
+
+/// A transport that flips one payload byte of the batch carrying entry
+/// `at` after the sender sealed it (as a bad link or an on-path forger
+/// would), and is otherwise `inner`: how tests damage a frame without a
+/// hook in the production sealing path.
+pub struct Corrupting<T> {
+    /// The real transport.
+    pub inner: T,
+    /// The entry whose batch to damage, once.
+    pub at: Option<u64>,
+}
+
+impl<T: Transport> Transport for Corrupting<T> {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn max_frame(&self) -> usize {
+        self.inner.max_frame()
+    }
+    fn frame_keys(&self) -> &crate::protocol::FrameKeys {
+        self.inner.frame_keys()
+    }
+    fn reserve(&mut self, max_len: usize) -> Result<Option<&mut [u8]>, TransportError> {
+        self.inner.reserve(max_len)
+    }
+    fn commit(&mut self, len: usize) -> Result<(), TransportError> {
+        if let Some(at) = self.at
+            && len > FRAME_HEADER_LEN
+            && let Some(frame) = self.inner.reserve(len)?
+            && let Ok((h, _)) = FrameHeader::ref_from_prefix(&frame[..])
+            && h.kind.get() == FrameKind::Batch as u16
+            && (h.seq.get()..h.seq.get().saturating_add(u64::from(h.count.get()))).contains(&at)
+        {
+            frame[FRAME_HEADER_LEN + (len - FRAME_HEADER_LEN) / 2] ^= 0x5a;
+            self.at = None;
+        }
+        self.inner.commit(len)
+    }
+    fn poll(&mut self) -> Result<bool, TransportError> {
+        self.inner.poll()
+    }
+    fn recv(&mut self) -> Result<Option<&[u8]>, TransportError> {
+        self.inner.recv()
+    }
+    fn flushed(&self) -> bool {
+        self.inner.flushed()
+    }
+    fn transport_ack(&mut self) -> Option<u64> {
+        self.inner.transport_ack()
+    }
+    fn wait(
+        &mut self,
+        wake: Option<std::os::fd::RawFd>,
+        timeout: Duration,
+    ) -> Result<(), TransportError> {
+        self.inner.wait(wake, timeout)
+    }
 }
 
 /// Why a backup run stopped early.

@@ -7,6 +7,7 @@
 //! | `exits` | `arg` clock reads in a tight loop: the exit-cost benchmark |
 //! | `net`   | virtio-net + smoltcp: TCP echo (7), sink (5001), source (5002), Redis-protocol KV store (6379) |
 //! | `scribble` | writes pages all over memory between exits, and has the VMM fill others: the state-transfer (clone) workload |
+//! | `bulk` | 1 MiB entropy fills and 1 MiB input reads: the largest log entries a guest can cause |
 //!
 //! The programs themselves live in `guest/` (a `#![no_std]` crate outside the
 //! workspace); `build.rs` builds them with their own linker script.
@@ -38,7 +39,7 @@ mod tests {
 
     #[test]
     fn every_guest_is_an_elf_image() {
-        assert_eq!(names().count(), 5);
+        assert_eq!(names().count(), 6);
         for (name, bytes) in IMAGES {
             assert_eq!(&bytes[..4], b"\x7fELF", "{name} is not an ELF image");
         }

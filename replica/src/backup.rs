@@ -7,10 +7,11 @@
 //!               └ ack(seq) by policy (on drain, every N, after T µs), heartbeats when idle
 //! ```
 
+use std::collections::VecDeque;
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -30,8 +31,14 @@ use crate::ReplicaError;
 use crate::link::{LinkSettings, MAX_FRAME, SHM_RING_BYTES, TransportKind};
 
 /// Entries received but not yet replayed, at most (then the receiver stops
-/// reading and TCP flow control slows the primary: nothing is dropped).
+/// reading, and the transport's flow control slows the primary: nothing is
+/// dropped). While it is full the receiver still acks what it received
+/// and heartbeats, so a slow replay throttles the primary instead of
+/// looking dead to it.
 pub const QUEUE_ENTRIES: usize = 65_536;
+
+/// How long the receiver naps between looks at a full queue.
+const BACKLOG_NAP: std::time::Duration = std::time::Duration::from_micros(200);
 
 type Received = Result<(Entry, Instant), VmmError>;
 
@@ -276,6 +283,9 @@ struct Receiving {
     base: u64,
     /// The replay is gone.
     closed: bool,
+    /// Entries received while the queue was full (at most one poll's
+    /// worth), in order, ahead of anything received later.
+    pending: VecDeque<Received>,
 }
 
 impl Receiving {
@@ -330,8 +340,50 @@ impl Receiving {
         if entry.kind == channel::log::EntryKind::End {
             self.ended = true;
         }
-        if self.queue.send(Ok((entry, Instant::now()))).is_err() {
-            self.closed = true;
+        self.enqueue(Ok((entry, Instant::now())));
+    }
+
+    /// Queues `item` for the replay without blocking: behind the pending
+    /// entries, if any, or there if the queue is full.
+    fn enqueue(&mut self, item: Received) {
+        if !self.pending.is_empty() {
+            self.pending.push_back(item);
+            return;
+        }
+        match self.queue.try_send(item) {
+            Ok(()) => {}
+            Err(TrySendError::Full(item)) => self.pending.push_back(item),
+            Err(TrySendError::Disconnected(_)) => self.closed = true,
+        }
+    }
+
+    /// Moves pending entries into the queue while it has room; true when
+    /// none is left.
+    fn flush_pending(&mut self) -> bool {
+        while let Some(item) = self.pending.pop_front() {
+            match self.queue.try_send(item) {
+                Ok(()) => {}
+                Err(TrySendError::Full(item)) => {
+                    self.pending.push_front(item);
+                    return false;
+                }
+                Err(TrySendError::Disconnected(_)) => {
+                    self.closed = true;
+                    self.pending.clear();
+                }
+            }
+        }
+        true
+    }
+
+    /// Hands every pending entry to the replay, waiting for room (the
+    /// channel is ending: nothing received may be lost), then `last`.
+    fn drain_pending(&mut self, last: Option<VmmError>) {
+        for item in self.pending.drain(..).chain(last.map(Err)) {
+            if self.queue.send(item).is_err() {
+                self.closed = true;
+                return;
+            }
         }
     }
 }
@@ -357,6 +409,7 @@ fn start_receiver<T: Transport + 'static>(
         ended: false,
         closed: false,
         base: 0,
+        pending: VecDeque::new(),
     };
     let (header_tx, header_rx) = sync_channel(1);
     let lost = Arc::new(Mutex::new(None));
@@ -451,9 +504,19 @@ fn receive<T: Transport>(
 ) {
     let mut waiter = Waiter::new(poll);
     loop {
-        let result = receiver.poll(|seq, bytes| state.deliver(seq, bytes));
+        let result = if state.flush_pending() {
+            receiver.poll(|seq, bytes| state.deliver(seq, bytes))
+        } else {
+            // The replay is behind and its queue is full: read nothing
+            // more (the primary's transport fills and its ring stalls its
+            // vCPU), but ack what was received and keep heartbeating.
+            receiver.keep_alive().map(|()| {
+                std::thread::sleep(BACKLOG_NAP);
+                usize::MAX
+            })
+        };
         if let Some(error) = state.refused.take() {
-            let _ = state.queue.send(Err(error));
+            state.drain_pending(Some(error));
             return;
         }
         if state.closed {
@@ -464,24 +527,31 @@ fn receive<T: Transport>(
             Ok(0) => waiter
                 .idle_with(|timeout| receiver.wait(timeout))
                 .map(|()| 0),
+            Ok(usize::MAX) => Ok(0), // backlogged: no idle sleep either
             other => other,
         };
         match result {
             Ok(0) => {}
             Ok(_) => waiter.work(),
-            Err(_) if state.ended => return,
+            Err(_) if state.ended => {
+                state.drain_pending(None);
+                return;
+            }
             Err(
                 error @ (ChannelError::PeerSilent { .. }
                 | ChannelError::Transport(
                     TransportError::Closed | TransportError::Io { .. },
                 )),
             ) => {
+                // Everything received still reaches the replay, then it
+                // learns the primary is lost.
+                state.drain_pending(None);
                 *lost.lock().unwrap_or_else(|p| p.into_inner()) =
                     Some(arbiter::error_chain(&error));
                 return;
             }
             Err(error) => {
-                let _ = state.queue.send(Err(VmmError::Io {
+                state.drain_pending(Some(VmmError::Io {
                     what: "the primary's log stream was refused".into(),
                     source: std::io::Error::other(arbiter::error_chain(&error)),
                 }));

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::protocol::HandshakeError;
+use crate::protocol::{FrameKeys, HandshakeError};
 
 /// Transport failures.
 #[derive(Debug, Error)]
@@ -112,6 +112,11 @@ pub trait Transport: Send {
 
     /// Largest frame this transport carries.
     fn max_frame(&self) -> usize;
+
+    /// The frame keys its handshake derived: every frame either end sends
+    /// over this connection is authenticated with them (see
+    /// [`crate::protocol`]).
+    fn frame_keys(&self) -> &FrameKeys;
 
     /// Opens (or returns the already open) reservation of `max_len` bytes to
     /// build one frame in. `Ok(None)` means no room right now: call

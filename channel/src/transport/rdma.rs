@@ -81,12 +81,19 @@
 //! 0      8    consumed: bytes of our frames the peer has finished with (ring credit)
 //! 8      8    reaped:   our WRITE_WITH_IMMs the peer has completed and re-armed
 //! 16     8    ack:      cumulative ack (backup → primary; 0 the other way)
-//! 24     8    check:    a 64-bit mix of the three fields
+//! 24     8    counter:  the writer's status number, from 1, rising
+//! 32     16   tag:      keyed BLAKE3(status key of the writer, bytes 0..32)[..16]
 //! ```
 //!
-//! The block is read by polling memory, so a torn read is possible; one
-//! whose check does not match is ignored (the next poll reads the complete
-//! block). One status write is in flight at a time; the next goes out when
+//! The status key is derived from the writer's frame key (see
+//! [`crate::protocol`]): only the peer of this connection can write a block
+//! that verifies, so an ack can't be forged. The block is read by polling
+//! memory, so a torn read is possible; one whose tag does not verify is
+//! ignored (the next poll reads the complete block), and so is one whose
+//! counter is below the last accepted (an old block written again); acks
+//! beyond what was sent are refused by the endpoint. Frames received in
+//! the ring are copied out before they are checked and decoded, so the
+//! peer's later writes there cannot change a frame under its check. One status write is in flight at a time; the next goes out when
 //! the ack changed, when a quarter of the ring or of the receive requests
 //! is waiting to be reported, or whenever the reader drained its ring.
 //! Ack frames committed by the backup's endpoint do not enter the ring:
@@ -155,14 +162,14 @@ use self::verbs::{Buf, DeviceList, Verbs, wc_array, wc_fields};
 pub use self::verbs::{DeviceInfo, list_devices};
 use super::{Transport, TransportError};
 use crate::protocol::{
-    FRAME_HEADER_LEN, FrameKind, PROTOCOL_VERSION, Role, Session, handshake_timed,
+    FRAME_HEADER_LEN, FrameKeys, FrameKind, PROTOCOL_VERSION, Role, Session, handshake_timed,
 };
 
 const INFO_LEN: usize = 128;
 const INFO_MAGIC: [u8; 8] = *b"LKSTPRDM";
 const REFUSE_MAGIC: [u8; 8] = *b"LKSTPRDN";
 const READY: [u8; 8] = *b"LKSTPRDY";
-const STATUS_LEN: usize = 32;
+const STATUS_LEN: usize = 48;
 /// Receive requests each end keeps posted.
 const RECV_DEPTH: u32 = 256;
 /// Send queue depth: data writes + status writes.
@@ -447,30 +454,57 @@ impl PeerInfo {
     }
 }
 
-/// The status block's check word.
-fn status_check(consumed: u64, reaped: u64, ack: u64) -> u64 {
-    let mut h = 0x6c6b_7374_7073_7462u64; // "lkstpstb"
-    for v in [consumed, reaped, ack] {
-        h = (h ^ v).wrapping_mul(0xff51_afd7_ed55_8ccd);
-        h ^= h >> 33;
-    }
-    h
+/// The key of the status blocks `sender` writes on a connection.
+fn status_key(keys: &FrameKeys, sender: Role) -> [u8; 32] {
+    blake3::derive_key(
+        "lockstep rdma 2026-12 status block v1",
+        &keys.key_of(sender),
+    )
 }
 
-fn encode_status(consumed: u64, reaped: u64, ack: u64) -> [u8; STATUS_LEN] {
+fn status_tag(key: &[u8; 32], head: &[u8]) -> [u8; 16] {
+    let mut tag = [0u8; 16];
+    blake3::Hasher::new_keyed(key)
+        .update(head)
+        .finalize_xof()
+        .fill(&mut tag);
+    tag
+}
+
+fn encode_status(
+    key: &[u8; 32],
+    counter: u64,
+    consumed: u64,
+    reaped: u64,
+    ack: u64,
+) -> [u8; STATUS_LEN] {
     let mut b = [0u8; STATUS_LEN];
-    for (i, v) in [consumed, reaped, ack, status_check(consumed, reaped, ack)]
-        .into_iter()
-        .enumerate()
-    {
+    for (i, v) in [consumed, reaped, ack, counter].into_iter().enumerate() {
         b[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
     }
+    let tag = status_tag(key, &b[..32]);
+    b[32..].copy_from_slice(&tag);
     b
 }
 
-fn decode_status(words: [u64; 4]) -> Option<(u64, u64, u64)> {
-    let [c, r, a, k] = words.map(u64::from_le);
-    (status_check(c, r, a) == k).then_some((c, r, a))
+/// `(counter, consumed, reaped, ack)` of a block whose tag verifies.
+fn decode_status(key: &[u8; 32], b: &[u8; STATUS_LEN]) -> Option<(u64, u64, u64, u64)> {
+    let tag = status_tag(key, &b[..32]);
+    if tag
+        .iter()
+        .zip(&b[32..])
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        != 0
+    {
+        return None;
+    }
+    let w = |i: usize| {
+        let mut x = [0u8; 8];
+        x.copy_from_slice(&b[i * 8..i * 8 + 8]);
+        u64::from_le_bytes(x)
+    };
+    let counter = w(3);
+    (counter > 0).then(|| (counter, w(0), w(1), w(2)))
 }
 
 /// The chosen device, port and GID.
@@ -645,6 +679,15 @@ pub struct RdmaTransport {
     peer_eof: bool,
     last_check: Instant,
     failed: Option<(&'static str, String)>,
+    /// The handshake's frame keys.
+    keys: FrameKeys,
+    /// Key and last counter of the status blocks we write and read.
+    status_out_key: [u8; 32],
+    status_out_counter: u64,
+    status_in_key: [u8; 32],
+    status_in_counter: u64,
+    /// The frame `recv` lends: a private copy of the peer-written ring bytes.
+    rx_copy: Vec<u8>,
 }
 
 // SAFETY: the raw verbs pointers and buffer addresses are owned by this
@@ -849,6 +892,12 @@ impl RdmaTransport {
             peer_eof: false,
             last_check: Instant::now(),
             failed: None,
+            keys: established.keys,
+            status_out_key: status_key(&established.keys, session.role),
+            status_out_counter: 0,
+            status_in_key: status_key(&established.keys, established.peer_role),
+            status_in_counter: 0,
+            rx_copy: Vec::new(),
         })
     }
 
@@ -1031,16 +1080,20 @@ impl RdmaTransport {
     /// Reads the status block the peer writes into our memory.
     fn refresh_status(&mut self) -> Result<(), TransportError> {
         let p = self.conn.status_in.ptr().cast::<u64>();
-        let mut w = [0u64; 4];
-        for (i, x) in w.iter_mut().enumerate() {
-            // SAFETY: the status page is ours, 8-aligned, and at least 32
-            // bytes; the peer's NIC may write it at any time, hence volatile
-            // loads and the check word.
-            *x = unsafe { std::ptr::read_volatile(p.add(i)) };
+        let mut b = [0u8; STATUS_LEN];
+        for (i, x) in b.chunks_exact_mut(8).enumerate() {
+            // SAFETY: the status page is ours, 8-aligned, and at least
+            // STATUS_LEN bytes; the peer's NIC may write it at any time,
+            // hence volatile loads and the tag.
+            x.copy_from_slice(&unsafe { std::ptr::read_volatile(p.add(i)) }.to_ne_bytes());
         }
-        let Some((consumed, reaped, ack)) = decode_status(w) else {
-            return Ok(()); // never written yet, or torn: read again next time
+        let Some((counter, consumed, reaped, ack)) = decode_status(&self.status_in_key, &b) else {
+            return Ok(()); // never written yet, torn or forged: read again next time
         };
+        if counter < self.status_in_counter {
+            return Ok(()); // an older block than one already read
+        }
+        self.status_in_counter = counter;
         if reaped > self.spans_posted {
             return Err(TransportError::BadRegion(
                 "the peer reports more writes than we posted",
@@ -1096,7 +1149,14 @@ impl RdmaTransport {
         if !due {
             return Ok(false);
         }
-        let bytes = encode_status(now.0, now.1, now.2);
+        self.status_out_counter += 1;
+        let bytes = encode_status(
+            &self.status_out_key,
+            self.status_out_counter,
+            now.0,
+            now.1,
+            now.2,
+        );
         // SAFETY: the status source page is ours and holds 4096 bytes; the
         // NIC reads it only while a status write is in flight, and none is.
         unsafe {
@@ -1169,6 +1229,10 @@ impl Transport for RdmaTransport {
         self.max_frame
     }
 
+    fn frame_keys(&self) -> &FrameKeys {
+        &self.keys
+    }
+
     fn reserve(&mut self, max_len: usize) -> Result<Option<&mut [u8]>, TransportError> {
         if max_len > self.max_frame {
             return Err(TransportError::TooBig {
@@ -1239,7 +1303,14 @@ impl Transport for RdmaTransport {
 
     fn recv(&mut self) -> Result<Option<&[u8]>, TransportError> {
         match self.rx.next_frame(self.conn.rx_buf.bytes())? {
-            Some((off, len)) => Ok(Some(&self.conn.rx_buf.bytes()[off..off + len])),
+            Some((off, len)) => {
+                // One copy, checked and decoded by the endpoint: the peer
+                // may write the ring again at any time.
+                self.rx_copy.clear();
+                self.rx_copy
+                    .extend_from_slice(&self.conn.rx_buf.bytes()[off..off + len]);
+                Ok(Some(&self.rx_copy))
+            }
             None => {
                 if let Some(e) = self.failure() {
                     return Err(e);
@@ -1353,17 +1424,27 @@ mod tests {
     }
 
     #[test]
-    fn status_block_detects_torn_reads() {
-        let b = encode_status(4096, 17, 99);
-        let mut w = [0u64; 4];
-        for (i, x) in w.iter_mut().enumerate() {
-            *x = u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().unwrap());
-        }
-        assert_eq!(decode_status(w), Some((4096, 17, 99)));
-        let mut torn = w;
-        torn[2] = 100;
-        assert_eq!(decode_status(torn), None);
-        assert_eq!(decode_status([0; 4]), None, "an unwritten block is invalid");
+    fn status_block_detects_torn_reads_and_forgeries() {
+        let keys = FrameKeys::for_tests();
+        let key = status_key(&keys, Role::Backup);
+        let b = encode_status(&key, 3, 4096, 17, 99);
+        assert_eq!(decode_status(&key, &b), Some((3, 4096, 17, 99)));
+        let mut torn = b;
+        torn[16] ^= 1;
+        assert_eq!(decode_status(&key, &torn), None);
+        let unwritten = [0u8; STATUS_LEN];
+        assert_eq!(
+            decode_status(&key, &unwritten),
+            None,
+            "an unwritten block is invalid"
+        );
+        // The primary's own key, or another connection's, cannot make an
+        // ack the primary accepts as the backup's.
+        let forged = encode_status(&status_key(&keys, Role::Primary), 4, 0, 0, 1 << 40);
+        assert_eq!(decode_status(&key, &forged), None);
+        let other = FrameKeys::derive(b"other", &[1; 64], 0, 0);
+        let forged = encode_status(&status_key(&other, Role::Backup), 4, 0, 0, 1 << 40);
+        assert_eq!(decode_status(&key, &forged), None);
     }
 
     #[test]

@@ -35,6 +35,19 @@
 //! 8+len  pad   to a multiple of 8
 //! ```
 //!
+//! # What the peer can and cannot do to us
+//!
+//! The memfd is sealed by its creator before it is shared
+//! (`F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL`) and the receiving end
+//! refuses one without those seals: neither process can shrink the file
+//! under the other's mapping (a SIGBUS on the next access) or change the
+//! seals. The peer can still write any byte of the region at any time, so
+//! nothing here hands out a reference into shared memory: a received record
+//! is copied out with volatile reads into a private buffer, and the frame's
+//! checks and its decoding both run on that one copy (no check-then-use);
+//! a frame is built in a private buffer and copied into the ring with
+//! volatile writes on commit; the region header is read the same way.
+//!
 //! Head and tail are monotonic u64 byte counts; the producer stores `tail`
 //! with Release after writing a record and the consumer loads it with
 //! Acquire before reading; the consumer stores `head` with Release after it
@@ -61,12 +74,66 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::{Transport, TransportError};
-use crate::protocol::{PROTOCOL_VERSION, Role, Session, handshake_timed};
+use crate::protocol::{FrameKeys, PROTOCOL_VERSION, Role, Session, handshake_timed};
 
 const MAGIC: [u8; 8] = *b"LKSTPSHM";
 const DATA_OFFSET: usize = 4096;
 const WRAP: u32 = u32::MAX;
 const REC_PREFIX: usize = 8;
+/// The seals the region must carry (see the module docs).
+const REQUIRED_SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+
+/// Copies `out.len()` bytes from `src` with volatile reads (8 bytes at a
+/// time where aligned).
+///
+/// # Safety
+/// `src .. src + out.len()` must be readable memory of a live mapping
+/// (another process may write it meanwhile: the copy may then be torn,
+/// which the caller's checks on the copy catch).
+unsafe fn volatile_copy_from(src: *const u8, out: &mut [u8]) {
+    let mut i = 0;
+    if src.align_offset(8) == 0 {
+        while i + 8 <= out.len() {
+            // SAFETY: in bounds (the caller's contract) and 8-aligned
+            // (src is, and i is a multiple of 8).
+            let word = unsafe { src.add(i).cast::<u64>().read_volatile() };
+            out[i..i + 8].copy_from_slice(&word.to_ne_bytes());
+            i += 8;
+        }
+    }
+    while i < out.len() {
+        // SAFETY: in bounds, by the caller's contract.
+        out[i] = unsafe { src.add(i).read_volatile() };
+        i += 1;
+    }
+}
+
+/// Copies `bytes` to `dst` with volatile writes (8 bytes at a time where
+/// aligned).
+///
+/// # Safety
+/// `dst .. dst + bytes.len()` must be writable memory of a live mapping.
+unsafe fn volatile_copy_to(bytes: &[u8], dst: *mut u8) {
+    let mut i = 0;
+    if dst.align_offset(8) == 0 {
+        while i + 8 <= bytes.len() {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(&bytes[i..i + 8]);
+            // SAFETY: in bounds (the caller's contract) and 8-aligned.
+            unsafe {
+                dst.add(i)
+                    .cast::<u64>()
+                    .write_volatile(u64::from_ne_bytes(word))
+            };
+            i += 8;
+        }
+    }
+    while i < bytes.len() {
+        // SAFETY: in bounds, by the caller's contract.
+        unsafe { dst.add(i).write_volatile(bytes[i]) };
+        i += 1;
+    }
+}
 
 /// An mmap of the shared region, unmapped on drop.
 struct Mapping {
@@ -129,6 +196,9 @@ struct RingEnd {
     open: Option<(u64, usize)>,
     /// Consumer: bytes of the record lent out by `recv`, released next call.
     lent: u64,
+    /// Private memory the frames are built in (producer) or copied out to
+    /// (consumer): nothing is ever referenced in shared memory.
+    private: Vec<u8>,
     /// The consumer's asleep word (see the module docs): ours on the
     /// receiving end, the peer's on the sending end.
     asleep: *const AtomicU64,
@@ -146,13 +216,32 @@ impl RingEnd {
         unsafe { &*p }.store(v, Ordering::Release)
     }
 
-    fn bytes(&mut self, offset: u64, len: usize) -> &mut [u8] {
-        debug_assert!(offset as usize + len <= self.size as usize);
-        // SAFETY: offset + len <= size (checked by every caller against the
-        // ring size), so the slice is inside this ring's data area; by the
-        // ring protocol the peer does not touch the bytes between our index
-        // and its index, which is where every caller points.
-        unsafe { std::slice::from_raw_parts_mut(self.data.add(offset as usize), len) }
+    /// Copies `out.len()` bytes at `offset` of this ring's data area into
+    /// `out` with volatile reads: the peer may write them at any time, so
+    /// they are never referenced, only copied.
+    fn read_into(&self, offset: u64, out: &mut [u8]) {
+        debug_assert!(offset as usize + out.len() <= self.size as usize);
+        // SAFETY: offset + out.len() <= size (checked by every caller
+        // against the ring size), so the source is inside this ring's data
+        // area of the live mapping; `out` is private memory.
+        unsafe { volatile_copy_from(self.data.add(offset as usize), out) }
+    }
+
+    /// Copies `bytes` to `offset` of this ring's data area with volatile
+    /// writes.
+    fn write_from(&mut self, offset: u64, bytes: &[u8]) {
+        debug_assert!(offset as usize + bytes.len() <= self.size as usize);
+        // SAFETY: offset + bytes.len() <= size (checked by every caller),
+        // so the destination is inside this ring's data area of the live
+        // mapping, in the part the ring protocol gives to us (between our
+        // tail and the peer's head).
+        unsafe { volatile_copy_to(bytes, self.data.add(offset as usize)) }
+    }
+
+    fn read_u32(&self, offset: u64) -> u32 {
+        let mut l = [0u8; 4];
+        self.read_into(offset, &mut l);
+        u32::from_le_bytes(l)
     }
 
     fn reserve(&mut self, max_len: usize) -> Result<Option<&mut [u8]>, TransportError> {
@@ -163,9 +252,9 @@ impl RingEnd {
                 max: self.size as usize / 2 - REC_PREFIX,
             });
         }
-        if let Some((at, len)) = self.open {
+        if let Some((_, len)) = self.open {
             if len >= max_len {
-                return Ok(Some(self.bytes(at + REC_PREFIX as u64, max_len)));
+                return Ok(Some(&mut self.private[..max_len]));
             }
             return Err(TransportError::BadCommit {
                 len: max_len,
@@ -187,12 +276,15 @@ impl RingEnd {
             }
         }
         if need > contiguous {
-            self.bytes(pos, 4).copy_from_slice(&WRAP.to_le_bytes());
+            self.write_from(pos, &WRAP.to_le_bytes());
             self.mine += contiguous;
         }
         let at = self.mine % self.size;
         self.open = Some((at, max_len));
-        Ok(Some(self.bytes(at + REC_PREFIX as u64, max_len)))
+        if self.private.len() < max_len {
+            self.private.resize(max_len, 0);
+        }
+        Ok(Some(&mut self.private[..max_len]))
     }
 
     fn commit(&mut self, len: usize) -> Result<(), TransportError> {
@@ -203,9 +295,12 @@ impl RingEnd {
             self.open = Some((at, reserved));
             return Err(TransportError::BadCommit { len, reserved });
         }
-        let prefix = self.bytes(at, REC_PREFIX);
+        let private = std::mem::take(&mut self.private);
+        self.write_from(at + REC_PREFIX as u64, &private[..len]);
+        self.private = private;
+        let mut prefix = [0u8; REC_PREFIX];
         prefix[..4].copy_from_slice(&(len as u32).to_le_bytes());
-        prefix[4..].fill(0);
+        self.write_from(at, &prefix);
         self.mine += (REC_PREFIX + len.next_multiple_of(8)) as u64;
         // Release pairs with the consumer's Acquire of `tail`: the record
         // (and any wrap marker before it) is visible before the new tail.
@@ -228,22 +323,29 @@ impl RingEnd {
                 return Err(TransportError::BadRegion("peer's tail is outside the ring"));
             }
             let pos = self.mine % self.size;
-            let mut l = [0u8; 4];
-            l.copy_from_slice(&self.bytes(pos, 4)[..]);
-            let len = u32::from_le_bytes(l);
+            let len = self.read_u32(pos);
             if len == WRAP {
                 self.mine += self.size - pos;
                 Self::store(self.head, self.mine);
                 continue;
             }
-            let rec = (REC_PREFIX + (len as usize).next_multiple_of(8)) as u64;
-            if rec > avail || pos + rec > self.size {
+            let rec = (REC_PREFIX as u64).saturating_add(u64::from(len).next_multiple_of(8));
+            if rec > avail || pos.saturating_add(rec) > self.size {
                 return Err(TransportError::BadRegion(
                     "record runs past the peer's tail",
                 ));
             }
+            let len = len as usize;
+            // The frame is copied out once; everything after (crc, MAC,
+            // decoding, delivery) reads this private copy only.
+            let mut private = std::mem::take(&mut self.private);
+            if private.len() < len {
+                private.resize(len, 0);
+            }
+            self.read_into(pos + REC_PREFIX as u64, &mut private[..len]);
+            self.private = private;
             self.lent = rec;
-            return Ok(Some(self.bytes(pos + REC_PREFIX as u64, len as usize)));
+            return Ok(Some(&self.private[..len]));
         }
     }
 
@@ -270,6 +372,8 @@ pub struct ShmTransport {
     /// Look at the control socket on the next `recv`, whatever the time
     /// (set after a sleep: doorbell bytes are waiting, or an EOF).
     check_now: bool,
+    /// The handshake's frame keys.
+    keys: FrameKeys,
     // Declared last so it is unmapped after the ring ends are gone.
     _map: Mapping,
 }
@@ -352,10 +456,15 @@ impl ShmListener {
                 "ring size must be a power of two >= 64 KiB",
             ));
         }
-        handshake_timed(&mut sock, session, version)?;
+        let keys = handshake_timed(&mut sock, session, version)?.keys;
         let total = DATA_OFFSET + 2 * ring_bytes;
         // SAFETY: memfd_create takes a NUL-terminated name, which the literal is.
-        let raw = unsafe { libc::memfd_create(c"lockstep-channel".as_ptr(), libc::MFD_CLOEXEC) };
+        let raw = unsafe {
+            libc::memfd_create(
+                c"lockstep-channel".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
         if raw < 0 {
             return Err(TransportError::last_os("memfd_create"));
         }
@@ -365,15 +474,20 @@ impl ShmListener {
         if unsafe { libc::ftruncate(fd.as_raw_fd(), total as libc::off_t) } != 0 {
             return Err(TransportError::last_os("ftruncate of the memfd"));
         }
+        // Neither end may ever resize the file under the other's mapping.
+        // SAFETY: fcntl(F_ADD_SEALS) on an fd we own, with an int argument.
+        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, REQUIRED_SEALS) } != 0 {
+            return Err(TransportError::last_os("sealing the memfd"));
+        }
         let map = Mapping::map(fd.as_raw_fd(), total)?;
-        // SAFETY: the first 24 bytes of the fresh mapping are ours alone
-        // until the fd is sent below.
-        let header = unsafe { std::slice::from_raw_parts_mut(map.ptr, 24) };
+        let mut header = [0u8; 24];
         header[..8].copy_from_slice(&MAGIC);
         header[8..12].copy_from_slice(&u32::from(version).to_le_bytes());
         header[16..24].copy_from_slice(&(ring_bytes as u64).to_le_bytes());
+        // SAFETY: the mapping is at least DATA_OFFSET > 24 bytes long.
+        unsafe { volatile_copy_to(&header, map.ptr) };
         send_fd(&sock, fd.as_raw_fd())?;
-        Ok(ShmTransport::new(map, ring_bytes, session.role, sock))
+        Ok(ShmTransport::new(map, ring_bytes, session.role, sock, keys))
     }
 }
 
@@ -395,8 +509,15 @@ impl ShmTransport {
             op: "connecting to the unix socket",
             source,
         })?;
-        handshake_timed(&mut sock, session, version)?;
+        let keys = handshake_timed(&mut sock, session, version)?.keys;
         let fd = recv_fd(&sock)?;
+        // SAFETY: fcntl(F_GET_SEALS) on an fd we own; no pointer argument.
+        let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 || seals & REQUIRED_SEALS != REQUIRED_SEALS {
+            return Err(TransportError::BadRegion(
+                "the peer's memfd is not sealed against shrinking, growing and unsealing",
+            ));
+        }
         let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
         // SAFETY: fstat writes one `stat` into the pointed-to buffer.
         if unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) } != 0 {
@@ -408,8 +529,9 @@ impl ShmTransport {
             return Err(TransportError::BadRegion("memfd smaller than its header"));
         }
         let map = Mapping::map(fd.as_raw_fd(), total)?;
-        // SAFETY: the mapping is at least DATA_OFFSET bytes long.
-        let header = unsafe { std::slice::from_raw_parts(map.ptr, 24) };
+        let mut header = [0u8; 24];
+        // SAFETY: the mapping is at least DATA_OFFSET > 24 bytes long.
+        unsafe { volatile_copy_from(map.ptr, &mut header) };
         if header[..8] != MAGIC {
             return Err(TransportError::BadRegion("bad magic"));
         }
@@ -421,10 +543,16 @@ impl ShmTransport {
                 "ring size does not match the region",
             ));
         }
-        Ok(Self::new(map, ring_bytes, session.role, sock))
+        Ok(Self::new(map, ring_bytes, session.role, sock, keys))
     }
 
-    fn new(map: Mapping, ring_bytes: usize, role: Role, control: UnixStream) -> Self {
+    fn new(
+        map: Mapping,
+        ring_bytes: usize,
+        role: Role,
+        control: UnixStream,
+        keys: FrameKeys,
+    ) -> Self {
         let end = |ring: usize| {
             // SAFETY: DATA_OFFSET + (ring + 1) * ring_bytes == map.len, checked
             // by both constructors, so the data area is inside the mapping.
@@ -438,6 +566,7 @@ impl ShmTransport {
                 theirs: 0,
                 open: None,
                 lent: 0,
+                private: Vec::new(),
                 asleep: map.atomic(640 + ring * 128),
             }
         };
@@ -452,6 +581,7 @@ impl ShmTransport {
             peer_closed: false,
             last_check: std::time::Instant::now(),
             check_now: false,
+            keys,
             _map: map,
         }
     }
@@ -535,6 +665,10 @@ impl Transport for ShmTransport {
 
     fn max_frame(&self) -> usize {
         self.tx.size as usize / 2 - REC_PREFIX
+    }
+
+    fn frame_keys(&self) -> &FrameKeys {
+        &self.keys
     }
 
     fn reserve(&mut self, max_len: usize) -> Result<Option<&mut [u8]>, TransportError> {
@@ -662,4 +796,112 @@ fn recv_fd(sock: &UnixStream) -> Result<OwnedFd, TransportError> {
     let fd = unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>()) };
     // SAFETY: fd was just installed by the kernel for us and nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::protocol::{FRAME_HEADER_LEN, FrameKind, encode_control, handshake};
+
+    fn session(role: Role) -> Session {
+        Session {
+            vm_id: 9,
+            generation: 1,
+            role,
+            key: b"shm test key, thirty-two bytes long".to_vec(),
+        }
+    }
+
+    fn socket_path(name: &str) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("lockstep-shm-{name}-{}.sock", std::process::id()))
+    }
+
+    /// A peer that passed the handshake and holds the memfd cannot shrink
+    /// it (which would SIGBUS this process at its next ring access) nor
+    /// grow it, nor remove the seals; the listener's end keeps working.
+    #[test]
+    fn the_peer_cannot_resize_the_region() {
+        let path = socket_path("seal");
+        let listener = ShmListener::bind(&path).unwrap();
+        let backup =
+            std::thread::spawn(move || listener.accept(&session(Role::Backup), 64 << 10).unwrap());
+        let mut sock = UnixStream::connect(&path).unwrap();
+        handshake(&mut sock, &session(Role::Primary), PROTOCOL_VERSION).unwrap();
+        let fd = recv_fd(&sock).unwrap();
+        let mut backup = backup.join().unwrap();
+        let _ = std::fs::remove_file(&path);
+        for size in [0, 4096, 1 << 30] {
+            // SAFETY: ftruncate on an fd we own.
+            let r = unsafe { libc::ftruncate(fd.as_raw_fd(), size) };
+            let e = std::io::Error::last_os_error();
+            assert_eq!(r, -1, "a resize to {size} bytes succeeded");
+            assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+        }
+        // SAFETY: fcntl(F_ADD_SEALS) on an fd we own.
+        let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_WRITE) };
+        assert_eq!(r, -1, "seals could still be changed");
+        // The backup still reads and writes its rings.
+        let mut sealer = backup.frame_keys().sealer(Role::Backup);
+        let buf = backup.reserve(FRAME_HEADER_LEN).unwrap().unwrap();
+        let n = encode_control(buf, FrameKind::Heartbeat, 1, 0, &mut sealer).unwrap();
+        backup.commit(n).unwrap();
+        assert!(backup.recv().unwrap().is_none());
+    }
+
+    /// A listener that shares an unsealed memfd (which it could shrink
+    /// under our mapping) is refused before anything is mapped.
+    #[test]
+    fn an_unsealed_region_is_refused() {
+        let path = socket_path("unsealed");
+        let listener = UnixListener::bind(&path).unwrap();
+        let hostile = std::thread::spawn(move || {
+            let (mut sock, _) = listener.accept().unwrap();
+            handshake(&mut sock, &session(Role::Backup), PROTOCOL_VERSION).unwrap();
+            // SAFETY: a NUL-terminated literal name.
+            let raw = unsafe { libc::memfd_create(c"hostile".as_ptr(), libc::MFD_CLOEXEC) };
+            assert!(raw >= 0);
+            // SAFETY: raw is a fresh fd nothing else owns.
+            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+            let total = DATA_OFFSET + 2 * (64 << 10);
+            // SAFETY: ftruncate on an fd we own.
+            assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), total as i64) }, 0);
+            let map = Mapping::map(fd.as_raw_fd(), total).unwrap();
+            let mut header = [0u8; 24];
+            header[..8].copy_from_slice(&MAGIC);
+            header[16..24].copy_from_slice(&(64u64 << 10).to_le_bytes());
+            // SAFETY: the mapping is longer than 24 bytes.
+            unsafe { volatile_copy_to(&header, map.ptr) };
+            send_fd(&sock, fd.as_raw_fd()).unwrap();
+            let mut rest = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut sock, &mut rest);
+        });
+        let result = ShmTransport::connect(&path, &session(Role::Primary));
+        let _ = std::fs::remove_file(&path);
+        let error = result.err().expect("an unsealed region was accepted");
+        assert!(error.to_string().contains("not sealed"), "{error}");
+        hostile.join().unwrap();
+    }
+
+    /// Bytes the peer changes after a frame was received do not change the
+    /// frame this end is looking at: it is a private copy.
+    #[test]
+    fn a_received_frame_is_a_private_copy() {
+        let path = socket_path("copy");
+        let listener = ShmListener::bind(&path).unwrap();
+        let backup =
+            std::thread::spawn(move || listener.accept(&session(Role::Backup), 64 << 10).unwrap());
+        let mut primary = ShmTransport::connect(&path, &session(Role::Primary)).unwrap();
+        let mut backup = backup.join().unwrap();
+        let _ = std::fs::remove_file(&path);
+        let buf = primary.reserve(64).unwrap().unwrap();
+        buf.fill(0x11);
+        primary.commit(64).unwrap();
+        let data = primary.tx.data;
+        let frame = backup.recv().unwrap().unwrap();
+        // The "peer" overwrites the record in the shared ring meanwhile.
+        // SAFETY: the first 72 bytes of ring 0's data area (prefix + frame).
+        unsafe { volatile_copy_to(&[0x22; 64], data.add(REC_PREFIX)) };
+        assert!(frame.iter().all(|&b| b == 0x11));
+    }
 }

@@ -28,7 +28,9 @@ use std::time::Duration;
 use io_uring::{IoUring, opcode, types};
 
 use super::{Transport, TransportError};
-use crate::protocol::{FRAME_HEADER_LEN, PROTOCOL_VERSION, Session, frame_len, handshake_timed};
+use crate::protocol::{
+    FRAME_HEADER_LEN, FrameKeys, PROTOCOL_VERSION, Session, frame_len, handshake_timed,
+};
 
 /// Most frames in one `WRITEV`.
 pub const MAX_IOV: usize = 64;
@@ -66,6 +68,8 @@ pub struct UringTcp {
     eof: bool,
     /// False until the first `poll` enables the (R_DISABLED) ring.
     enabled: bool,
+    /// The handshake's frame keys.
+    keys: FrameKeys,
 }
 
 // SAFETY: the raw pointers in `iovecs` point into buffers this struct owns
@@ -144,7 +148,7 @@ impl UringTcp {
         stream
             .set_nodelay(true)
             .map_err(io("setting TCP_NODELAY"))?;
-        handshake_timed(&mut stream, session, version)?;
+        let keys = handshake_timed(&mut stream, session, version)?.keys;
         // Non-blocking, so io_uring never hands a request to a worker thread
         // (waking one costs tens of µs): it tries inline, then arms a poll.
         stream
@@ -185,6 +189,7 @@ impl UringTcp {
             closed: false,
             eof: false,
             enabled,
+            keys,
         })
     }
 
@@ -396,6 +401,10 @@ impl Transport for UringTcp {
 
     fn max_frame(&self) -> usize {
         self.max_frame
+    }
+
+    fn frame_keys(&self) -> &FrameKeys {
+        &self.keys
     }
 
     fn reserve(&mut self, max_len: usize) -> Result<Option<&mut [u8]>, TransportError> {

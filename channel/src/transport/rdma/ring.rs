@@ -316,7 +316,12 @@ impl RxRing {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::protocol::{FrameKind, encode_control, seal};
+    use crate::protocol::{FrameKeys, FrameKind, Role, encode_control, seal};
+
+    thread_local! {
+        static SEALER: std::cell::RefCell<crate::protocol::FrameSealer> =
+            std::cell::RefCell::new(FrameKeys::for_tests().sealer(Role::Primary));
+    }
 
     /// A frame of `payload` bytes whose payload encodes `id`.
     fn frame(buf: &mut [u8], id: u64, payload: usize) -> usize {
@@ -326,7 +331,19 @@ mod tests {
         {
             *b = (id as u8).wrapping_add(i as u8);
         }
-        seal(buf, FrameKind::Batch, 1, id, 0, payload)
+        SEALER
+            .with(|s| {
+                seal(
+                    buf,
+                    FrameKind::Batch,
+                    1,
+                    id,
+                    0,
+                    payload,
+                    &mut s.borrow_mut(),
+                )
+            })
+            .unwrap()
     }
 
     /// Writer and reader over two byte arrays standing in for the staging
@@ -342,6 +359,7 @@ mod tests {
         let mut inflight: VecDeque<(Span, bool)> = VecDeque::new();
         let mut next_id = 1u64;
         let mut expect = 1u64;
+        let mut opener = FrameKeys::for_tests().opener(Role::Backup);
         let mut seed = 0x1234_5678u64;
         let mut rand = || {
             seed ^= seed << 13;
@@ -381,7 +399,9 @@ mod tests {
                 let Some((off, len)) = rx.next_frame(&remote).unwrap() else {
                     break;
                 };
-                let f = crate::protocol::decode_frame(&remote[off..off + len], 1, expect).unwrap();
+                let f =
+                    crate::protocol::decode_frame(&remote[off..off + len], 1, expect, &mut opener)
+                        .unwrap();
                 assert_eq!(f.seq, expect);
                 expect += 1;
             }
@@ -407,13 +427,15 @@ mod tests {
         let mut rx = RxRing::new(4096, 64);
         rx.on_span(128, 128).unwrap();
         let mut ring = vec![0u8; 4096];
-        let n = encode_control(&mut ring, FrameKind::Heartbeat, 1, 0);
+        let n = SEALER
+            .with(|s| encode_control(&mut ring, FrameKind::Heartbeat, 1, 0, &mut s.borrow_mut()))
+            .unwrap();
         assert_eq!(n, FRAME_HEADER_LEN);
         // A header announcing more than max_frame.
         ring[4..8].copy_from_slice(&100u32.to_le_bytes());
         assert!(matches!(
             rx.next_frame(&ring),
-            Err(TransportError::FrameTooLarge { len: 132, max: 64 })
+            Err(TransportError::FrameTooLarge { len, max: 64 }) if len == FRAME_HEADER_LEN + 100
         ));
     }
 
