@@ -1,12 +1,14 @@
 //! `lockstep chaos --trials N`: a randomized failover campaign.
 //!
-//! Each trial starts an embedded arbiter, a backup and a primary of the
-//! `net` guest (real processes, real TAP), with the replication link running
-//! through a relay that can be cut. A client increments a counter and counts
-//! the INCRs it saw acknowledged. At a random moment one fault strikes: the
-//! primary or the backup is killed with SIGKILL, or the link is partitioned
-//! (nothing forwarded, nothing closed). The client carries on. At the end
-//! the trial checks:
+//! The campaign runs on a testbed of namespaces (the `testbed` crate) made
+//! for it and removed after it: each trial starts an embedded arbiter in the
+//! arbiter's namespace, a backup in host b and a primary of the `net` guest
+//! in host a (real processes, real TAPs bridged to the client's switch), the
+//! log over the logging link. A client in the client namespace increments a
+//! counter and counts the INCRs it saw acknowledged. At a random moment one
+//! fault strikes: the primary or the backup is killed with SIGKILL, or the
+//! logging link is cut (nothing crosses, nothing is closed; the arbiter
+//! stays reachable). The client carries on. At the end the trial checks:
 //!
 //! - **split brain**: two replicas won the same generation, or both are still
 //!   running as live (must be 0);
@@ -14,24 +16,24 @@
 //!   INCRs acknowledged to the client (must be 0).
 //!
 //! With `--reprotect`, once a replica runs alone after the fault, a third
-//! replica joins it by state transfer (`lockstep backup --join`), and then the
-//! survivor is killed too: the joined replica must go live with every
-//! acknowledged write, and no generation may have two winners.
+//! replica joins it by state transfer (`lockstep backup --join`) from the
+//! other host (after a partition, once the loser halted, the logging link
+//! is restored first), and then the survivor is killed too: the joined
+//! replica must go live with every acknowledged write, and no generation may
+//! have two winners.
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use testbed::{Link, Ns, Testbed};
+
 use crate::CliError;
 
-const TAP: &str = "lschaos0";
-const HOST_CIDR: &str = "10.79.0.1/24";
-const GUEST: &str = "10.79.0.2";
-/// `--arg` for 10.79.0.2/24: (24 << 32) | 0x0a4f0002.
-const GUEST_ARG: &str = "103252164610";
+const TAP: &str = testbed::TAP;
 
 /// The fault a trial injects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,8 +81,15 @@ impl Random {
     }
 }
 
-fn spawn(exe: &Path, args: &[&str], stderr: Option<&Path>) -> Result<Child, CliError> {
-    let mut command = Command::new(exe);
+/// Starts this program in namespace `ns` of `bed`.
+fn spawn(
+    bed: &Testbed,
+    ns: Ns,
+    exe: &Path,
+    args: &[&str],
+    stderr: Option<&Path>,
+) -> Result<Child, CliError> {
+    let mut command: Command = bed.command(ns, exe)?;
     command
         .args(args)
         .stdin(Stdio::null())
@@ -128,10 +137,12 @@ fn resp(stream: &mut TcpStream, words: &[&str]) -> Option<String> {
     Some(String::from_utf8_lossy(&reply[..reply.len() - 2]).into_owned())
 }
 
-fn connect(timeout: Duration) -> Option<TcpStream> {
+/// A connection to the guest's RESP port, made from the calling thread's
+/// namespace (the campaign's client thread is in the client namespace).
+fn connect(guest: Ipv4Addr, timeout: Duration) -> Option<TcpStream> {
     let deadline = Instant::now() + timeout;
     loop {
-        let address = format!("{GUEST}:6379").parse().ok()?;
+        let address = SocketAddr::from((guest, 6379));
         if let Ok(stream) = TcpStream::connect_timeout(&address, Duration::from_millis(500)) {
             stream.set_read_timeout(Some(Duration::from_secs(8))).ok()?;
             return Some(stream);
@@ -167,11 +178,16 @@ fn reap(children: &mut [(&str, Child)]) -> Vec<(String, Option<i32>)> {
 
 /// Sends INCRs for `duration`, counting the acknowledged ones; reconnects
 /// after a failure. Returns when the time is up.
-fn incr_for(stream: &mut Option<TcpStream>, acknowledged: &mut u64, duration: Duration) {
+fn incr_for(
+    guest: Ipv4Addr,
+    stream: &mut Option<TcpStream>,
+    acknowledged: &mut u64,
+    duration: Duration,
+) {
     let until = Instant::now() + duration;
     while Instant::now() < until {
         let Some(connection) = stream.as_mut() else {
-            *stream = connect(Duration::from_secs(2));
+            *stream = connect(guest, Duration::from_secs(2));
             continue;
         };
         match resp(connection, &["INCR", "chaos"]) {
@@ -200,22 +216,27 @@ struct Outcome {
     recovered_after: Option<Duration>,
 }
 
-/// Runs one trial.
+/// Runs one trial on `bed`, from a thread inside its client namespace.
 fn trial(
+    bed: &Testbed,
     exe: &Path,
     dir: &Path,
     number: u64,
     random: &mut Random,
     reprotect: bool,
 ) -> Result<Outcome, CliError> {
+    let at = bed.addresses().clone();
+    let guest = at.guest;
+    let guest_arg = at.guest_arg().to_string();
     let fault = match random.below(3) {
         0 => Fault::KillPrimary,
         1 => Fault::KillBackup,
         _ => Fault::Partition,
     };
     let fault_after = Duration::from_millis(200 + random.below(1200));
+    // Ports inside the testbed's namespaces; a fresh one each trial.
     let port = 7600 + (number % 50) as u16;
-    let arbiter_address = format!("127.0.0.1:{}", 7550 + (number % 50));
+    let arbiter_address = format!("{}:{}", at.arbiter, 7550 + (number % 50));
     let key = dir.join("key");
     std::fs::write(
         &key,
@@ -230,6 +251,8 @@ fn trial(
     let key_text = key.to_string_lossy().into_owned();
     let state_text = state.to_string_lossy().into_owned();
     let arbiter = spawn(
+        bed,
+        Ns::Arbiter,
         exe,
         &[
             "arbiter",
@@ -242,11 +265,18 @@ fn trial(
         ],
         None,
     )?;
+    let arbiter_socket: SocketAddr = arbiter_address
+        .parse()
+        .map_err(|e| CliError::Usage(format!("arbiter address {arbiter_address}: {e}")))?;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(&arbiter_address).is_err() && Instant::now() < deadline {
+    while bed
+        .connect(Ns::A, arbiter_socket, Duration::from_millis(500))
+        .is_err()
+        && Instant::now() < deadline
+    {
         thread::sleep(Duration::from_millis(20));
     }
-    let link = format!("127.0.0.1:{port}");
+    let link = format!("{}:{port}", at.log_b);
     // The campaign's own status directory: `lockstep status` on the host
     // never lists its replicas.
     let status_dir = dir.join("status").to_string_lossy().into_owned();
@@ -262,8 +292,8 @@ fn trial(
     ];
     let backup_log = dir.join(format!("backup-{number}.log"));
     let primary_log = dir.join(format!("primary-{number}.log"));
-    let primary_join = format!("127.0.0.1:{}", 7450 + (number % 50));
-    let backup_join = format!("127.0.0.1:{}", 7500 + (number % 50));
+    let primary_join = format!("{}:{}", at.log_a, 7450 + (number % 50));
+    let backup_join = format!("{}:{}", at.log_b, 7500 + (number % 50));
     let mut backup_args = vec![
         "backup", "--listen", &link, "--tap", TAP, "--id", "b", "--quiet",
     ];
@@ -271,16 +301,11 @@ fn trial(
     if reprotect {
         backup_args.extend(["--join-listen", backup_join.as_str()]);
     }
-    let backup = spawn(exe, &backup_args, Some(&backup_log))?;
-    let relay = replica::relay::Relay::start(link.clone()).map_err(|source| CliError::File {
-        what: "cannot start the chaos relay for",
-        path: PathBuf::from(&link),
-        source,
-    })?;
+    let backup = spawn(bed, Ns::B, exe, &backup_args, Some(&backup_log))?;
     let mut primary_args = vec![
         "primary",
         "--backup",
-        relay.address(),
+        &link,
         "--backup-id",
         "b",
         "--id",
@@ -290,14 +315,14 @@ fn trial(
         "--tap",
         TAP,
         "--arg",
-        GUEST_ARG,
+        &guest_arg,
         "--quiet",
     ];
     primary_args.extend(ft);
     if reprotect {
         primary_args.extend(["--join-listen", primary_join.as_str()]);
     }
-    let primary = spawn(exe, &primary_args, Some(&primary_log))?;
+    let primary = spawn(bed, Ns::A, exe, &primary_args, Some(&primary_log))?;
     let mut children = vec![
         ("arbiter", arbiter),
         ("backup", backup),
@@ -305,7 +330,8 @@ fn trial(
     ];
 
     let mut acknowledged = 0u64;
-    let mut stream = connect(Duration::from_secs(20));
+    let mut stream = connect(guest, Duration::from_secs(20));
+    let mut cut = false;
     let started = Instant::now();
     let mut struck = false;
     let mut struck_at = None;
@@ -322,11 +348,14 @@ fn trial(
                 Fault::KillBackup => {
                     let _ = children[1].1.kill();
                 }
-                Fault::Partition => relay.cut(),
+                Fault::Partition => {
+                    bed.cut(Link::Log)?;
+                    cut = true;
+                }
             }
         }
         let Some(connection) = stream.as_mut() else {
-            stream = connect(Duration::from_secs(2));
+            stream = connect(guest, Duration::from_secs(2));
             continue;
         };
         match resp(connection, &["INCR", "chaos"]) {
@@ -357,9 +386,36 @@ fn trial(
             if Instant::now() >= deadline {
                 break None;
             }
-            incr_for(&mut stream, &mut acknowledged, Duration::from_millis(100));
+            incr_for(
+                guest,
+                &mut stream,
+                &mut acknowledged,
+                Duration::from_millis(100),
+            );
         };
         if let Some((survivor, join_address)) = survivor {
+            // The joiner runs on the other host, over the logging link: after
+            // a partition, heal it once the loser has halted.
+            let (joiner_host, loser) = if survivor == 2 {
+                (Ns::B, 1usize)
+            } else {
+                (Ns::A, 2usize)
+            };
+            if cut {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while children[loser].1.try_wait().ok().flatten().is_none()
+                    && Instant::now() < deadline
+                {
+                    incr_for(
+                        guest,
+                        &mut stream,
+                        &mut acknowledged,
+                        Duration::from_millis(100),
+                    );
+                }
+                bed.restore(Link::Log)?;
+                cut = false;
+            }
             let mut joiner_args = vec![
                 "backup",
                 "--join",
@@ -371,30 +427,44 @@ fn trial(
                 "--quiet",
             ];
             joiner_args.extend(ft);
-            let joiner = spawn(exe, &joiner_args, Some(&joiner_log))?;
+            let joiner = spawn(bed, joiner_host, exe, &joiner_args, Some(&joiner_log))?;
             children.push(("joiner", joiner));
             let deadline = Instant::now() + Duration::from_secs(30);
             while !joined && Instant::now() < deadline {
-                incr_for(&mut stream, &mut acknowledged, Duration::from_millis(100));
+                incr_for(
+                    guest,
+                    &mut stream,
+                    &mut acknowledged,
+                    Duration::from_millis(100),
+                );
                 joined = log_says(&joiner_log, "clone verified");
             }
             if joined {
                 // Let it follow under load a while, then kill the survivor.
                 incr_for(
+                    guest,
                     &mut stream,
                     &mut acknowledged,
                     Duration::from_millis(300 + random.below(1000)),
                 );
                 let _ = children[survivor].1.kill();
-                incr_for(&mut stream, &mut acknowledged, Duration::from_secs(3));
+                incr_for(
+                    guest,
+                    &mut stream,
+                    &mut acknowledged,
+                    Duration::from_secs(3),
+                );
             }
         }
     }
-    let final_value = connect(Duration::from_secs(10))
+    let final_value = connect(guest, Duration::from_secs(10))
         .and_then(|mut connection| resp(&mut connection, &["GET", "chaos"]))
         .and_then(|value| value.parse::<u64>().ok())
         .unwrap_or(0);
     let codes = reap(&mut children);
+    if cut {
+        bed.restore(Link::Log)?;
+    }
     let backup_text = std::fs::read_to_string(&backup_log).unwrap_or_default();
     let primary_text = std::fs::read_to_string(&primary_log).unwrap_or_default();
     let joiner_text = std::fs::read_to_string(&joiner_log).unwrap_or_default();
@@ -449,7 +519,7 @@ pub fn run(trials: u64, seed: u64, reprotect: bool) -> Result<Campaign, CliError
         path: PathBuf::from("/proc/self/exe"),
         source,
     })?;
-    nic::tap::ensure_persistent(TAP, HOST_CIDR)?;
+    let bed = Testbed::up(&testbed::Config::new("chaos"))?;
     let dir = std::env::temp_dir().join(format!("lockstep-chaos-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|source| CliError::File {
         what: "cannot create",
@@ -458,19 +528,37 @@ pub fn run(trials: u64, seed: u64, reprotect: bool) -> Result<Campaign, CliError
     })?;
     let mut random = Random(seed.max(1));
     let mut campaign = Campaign::default();
-    for number in 1..=trials {
-        let outcome = trial(&exe, &dir, number, &mut random, reprotect)?;
-        campaign.trials += 1;
-        campaign.joins += u64::from(outcome.joined);
-        campaign.second_failovers += u64::from(outcome.second_failover);
-        campaign.failovers += u64::from(outcome.failover);
-        campaign.split_brains += u64::from(outcome.split_brain);
-        campaign.lost_writes += outcome.lost;
-        campaign.acknowledged += outcome.acknowledged;
-        if let Some(after) = outcome.recovered_after {
-            campaign.failover_ms.push(after.as_secs_f64() * 1000.0);
-        }
-    }
+    // The client's thread lives in the client namespace: every connection
+    // to the guest it makes starts there. Processes are started in their
+    // own namespaces whatever the thread's.
+    thread::scope(|scope| {
+        thread::Builder::new()
+            .name("chaos-client".into())
+            .spawn_scoped(scope, || -> Result<(), CliError> {
+                bed.enter(Ns::Client)?;
+                for number in 1..=trials {
+                    let outcome = trial(&bed, &exe, &dir, number, &mut random, reprotect)?;
+                    campaign.trials += 1;
+                    campaign.joins += u64::from(outcome.joined);
+                    campaign.second_failovers += u64::from(outcome.second_failover);
+                    campaign.failovers += u64::from(outcome.failover);
+                    campaign.split_brains += u64::from(outcome.split_brain);
+                    campaign.lost_writes += outcome.lost;
+                    campaign.acknowledged += outcome.acknowledged;
+                    if let Some(after) = outcome.recovered_after {
+                        campaign.failover_ms.push(after.as_secs_f64() * 1000.0);
+                    }
+                }
+                Ok(())
+            })
+            .map_err(|source| CliError::File {
+                what: "cannot start the chaos client thread",
+                path: PathBuf::from("chaos-client"),
+                source,
+            })?
+            .join()
+            .map_err(|_| CliError::Usage("the chaos client thread panicked".into()))?
+    })?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(campaign)
 }

@@ -138,21 +138,45 @@ enum Command {
         #[arg(long)]
         key_file: PathBuf,
     },
-    /// The embedded default deployment: an arbiter, a backup and a primary
-    /// on this host, the `net` guest on TAP lstap0 at 10.77.0.2, until
-    /// interrupted. Kill either replica and the other goes live.
+    /// The embedded default deployment on a testbed of network namespaces
+    /// made for it: an arbiter in its own namespace, the primary of the `net`
+    /// guest in host a, the backup in host b, until interrupted. Kill either
+    /// replica and the other goes live; a new backup then joins it.
     Up {
-        /// TAP interface (created with 10.77.0.1/24 if missing).
-        #[arg(long, default_value = "lstap0")]
-        tap: String,
-        /// The logging channel's transport: `shm` (shared memory; both
-        /// replicas run on this host) or `tcp` (io_uring TCP).
-        #[arg(long, default_value = "shm")]
+        /// The logging channel's transport: `tcp` (io_uring TCP over the
+        /// logging link between host a and host b) or `shm` (shared memory:
+        /// both hosts are on this machine, and a unix socket path works
+        /// across network namespaces).
+        #[arg(long, default_value = "tcp")]
         transport: replica::link::TransportKind,
-        /// Link address between primary and backup (default: a unix socket
-        /// in the deployment's directory for shm, 127.0.0.1:7700 for tcp).
+        /// Link address between primary and backup (default: host b's end
+        /// of the logging link, port 7700, for tcp; a unix socket in the
+        /// deployment's directory for shm).
         #[arg(long)]
         link: Option<String>,
+        /// Both hosts' client links: a rate (`1gbit`, `100mbit`) or `unshaped`.
+        #[arg(long, default_value = "unshaped", value_parser = parse_rate)]
+        client_link: testbed::Rate,
+        /// The logging link between the hosts: a rate or `unshaped`.
+        #[arg(long, default_value = "unshaped", value_parser = parse_rate)]
+        log_link: testbed::Rate,
+    },
+    /// Run a command in the client namespace of the running `lockstep up`
+    /// (or of testbed `--run ID`), e.g. `lockstep client -- redis-cli -h
+    /// GUEST incr counter`. The guest's address is in $LOCKSTEP_GUEST.
+    Client {
+        /// The testbed (default: the one `lockstep up` is running).
+        #[arg(long)]
+        run: Option<String>,
+        /// The command and its arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<String>,
+    },
+    /// The emulated hosts by hand: network namespaces for a client, host a,
+    /// host b and an arbiter, joined by shaped links.
+    Testbed {
+        #[command(subcommand)]
+        action: TestbedAction,
     },
     /// The embedded default: record the `fold` guest fed with 1 MiB of input,
     /// then replay the log in a fresh VM and check every digest.
@@ -189,6 +213,79 @@ enum Command {
     },
 }
 
+/// `lockstep testbed …`.
+#[derive(Subcommand)]
+enum TestbedAction {
+    /// Build a testbed that stays until `lockstep testbed down`.
+    Up {
+        /// Both hosts' client links: a rate (`1gbit`, `100mbit`) or `unshaped`.
+        #[arg(long, default_value = "unshaped", value_parser = parse_rate)]
+        client_link: testbed::Rate,
+        /// The logging link.
+        #[arg(long, default_value = "unshaped", value_parser = parse_rate)]
+        log_link: testbed::Rate,
+        /// Both management links.
+        #[arg(long, default_value = "unshaped", value_parser = parse_rate)]
+        mgmt_link: testbed::Rate,
+    },
+    /// Remove testbed RUN (and what runs in it), or every one with --all.
+    Down {
+        /// The run id (`lockstep testbed status` lists them).
+        run: Option<String>,
+        /// Remove every testbed on this host.
+        #[arg(long)]
+        all: bool,
+    },
+    /// List the testbeds on this host with their links, rates and the
+    /// switch port the guest was learnt on.
+    Status {
+        /// Only this run.
+        run: Option<String>,
+    },
+    /// Cut a link (both ends down): `log`, `client-a`, `client-b`, `mgmt-a`, `mgmt-b`.
+    Cut {
+        /// The link.
+        #[arg(value_parser = parse_link)]
+        link: testbed::Link,
+        /// The testbed (default: the only one).
+        #[arg(long)]
+        run: Option<String>,
+    },
+    /// Restore a cut link.
+    Restore {
+        /// The link.
+        #[arg(value_parser = parse_link)]
+        link: testbed::Link,
+        /// The testbed (default: the only one).
+        #[arg(long)]
+        run: Option<String>,
+    },
+    /// Shape a link to RATE in both directions (`unshaped` removes it).
+    Shape {
+        /// The link.
+        #[arg(value_parser = parse_link)]
+        link: testbed::Link,
+        /// The rate.
+        #[arg(value_parser = parse_rate)]
+        rate: testbed::Rate,
+        /// The testbed (default: the only one).
+        #[arg(long)]
+        run: Option<String>,
+    },
+}
+
+fn parse_rate(text: &str) -> Result<testbed::Rate, String> {
+    testbed::Rate::parse(text)
+        .ok_or_else(|| format!("`{text}` is not a rate (say 1gbit, 100mbit or unshaped)"))
+}
+
+fn parse_link(text: &str) -> Result<testbed::Link, String> {
+    testbed::Link::from_name(text).ok_or_else(|| {
+        let names: Vec<&str> = testbed::Link::ALL.iter().map(|l| l.name()).collect();
+        format!("`{text}` is not a link (one of {})", names.join(", "))
+    })
+}
+
 #[derive(Args)]
 pub(crate) struct RunArgs {
     /// Guest program: an embedded guest's name (see --help) or a path to an ELF file.
@@ -210,7 +307,7 @@ pub(crate) struct RunArgs {
     #[arg(long)]
     quiet: bool,
     /// Give the guest a virtio-net NIC backed by this TAP interface (created
-    /// if missing; needs CAP_NET_ADMIN). See scripts/net-setup.sh.
+    /// if missing; needs CAP_NET_ADMIN). In a testbed host it is `tap0`.
     #[arg(long)]
     tap: Option<String>,
 }
@@ -228,6 +325,8 @@ pub(crate) enum CliError {
     Nic(#[from] nic::NicError),
     #[error(transparent)]
     Replica(#[from] replica::ReplicaError),
+    #[error(transparent)]
+    Testbed(#[from] testbed::TestbedError),
     #[error("{what} {path}")]
     File {
         what: &'static str,
@@ -359,10 +458,13 @@ fn execute(command: Command) -> Result<(), CliError> {
             key_file,
         } => ft::serve_arbiter(&listen, &state, &key_file),
         Command::Up {
-            tap,
             transport,
             link,
-        } => up(&tap, transport, link),
+            client_link,
+            log_link,
+        } => up(transport, link, client_link, log_link),
+        Command::Client { run, command } => client(run.as_deref(), &command),
+        Command::Testbed { action } => testbed_command(action),
         Command::Bench {
             name,
             quick,
@@ -669,19 +771,31 @@ pub(crate) fn log_meta(
     }
 }
 
+/// Port of each replica's join service (`--join-listen`) on its end of the
+/// logging link, and of the arbiter in its namespace.
+const UP_JOIN_PORT: u16 = 7800;
+const UP_ARBITER_PORT: u16 = 7400;
+
 fn up(
-    tap: &str,
     transport: replica::link::TransportKind,
     link: Option<String>,
+    client_link: testbed::Rate,
+    log_link: testbed::Rate,
 ) -> Result<(), CliError> {
-    nic::tap::ensure_persistent(tap, "10.77.0.1/24")?;
+    use testbed::Ns;
+    let bed = testbed::Testbed::up(&testbed::Config {
+        client_link,
+        log_link,
+        ..testbed::Config::new("up")
+    })?;
+    let at = bed.addresses().clone();
     let binary = std::env::current_exe().map_err(|source| CliError::File {
         what: "cannot find this program",
         path: PathBuf::from("/proc/self/exe"),
         source,
     })?;
-    let spawn = |args: &[&str], what: &'static str| {
-        std::process::Command::new(&binary)
+    let spawn = |ns: Ns, args: &[String], what: &'static str| -> Result<_, CliError> {
+        bed.command(ns, &binary)?
             .args(args)
             .spawn()
             .map_err(|source| CliError::File {
@@ -707,147 +821,361 @@ fn up(
         .map_err(|e| CliError::Usage(format!("no host entropy for the arbiter key: {e}")))?;
     std::fs::write(&key, secret).map_err(file_error(&key))?;
     let state = dir.join("arbiter.state");
-    let arbiter_address = "127.0.0.1:7400";
+    let arbiter_address = format!("{}:{UP_ARBITER_PORT}", at.arbiter);
     let key_text = key.to_string_lossy().into_owned();
     let state_text = state.to_string_lossy().into_owned();
+    let owned = |words: &[&str]| words.iter().map(|w| w.to_string()).collect::<Vec<_>>();
     let mut arbiter = spawn(
-        &[
+        Ns::Arbiter,
+        &owned(&[
             "arbiter",
             "--listen",
-            arbiter_address,
+            &arbiter_address,
             "--state",
             &state_text,
             "--key-file",
             &key_text,
-        ],
+        ]),
         "cannot start the arbiter",
     )?;
     let link = link.unwrap_or_else(|| match transport {
         replica::link::TransportKind::Shm => dir.join("link.sock").to_string_lossy().into_owned(),
         replica::link::TransportKind::Tcp | replica::link::TransportKind::Rdma => {
-            "127.0.0.1:7700".into()
+            format!("{}:7700", at.log_b)
         }
     });
-    let link = link.as_str();
-    let ft_flags = [
+    let ft_flags = owned(&[
         "--arbiter",
-        arbiter_address,
+        &arbiter_address,
         "--arbiter-key",
         &key_text,
         "--transport",
         transport.name(),
-    ];
-    let mut backup_args = vec![
-        "backup", "--listen", link, "--quiet", "--tap", tap, "--id", "backup",
-    ];
-    backup_args.extend(ft_flags);
-    let backup = spawn(&backup_args, "cannot start the backup")?;
-    eprintln!(
-        "lockstep up: arbiter pid {}, backup pid {}, primary pid {}; guest at 10.77.0.2 on {tap}: redis 6379, echo 7, sink 5001, source 5002; Ctrl-C stops",
-        arbiter.id(),
-        backup.id(),
-        std::process::id()
-    );
-    // Re-protection: whenever the backup dies, a new one joins the primary
-    // by state transfer (`backup --join`), for as long as the primary runs.
-    let join_address = "127.0.0.1:7800";
-    let current_backup = Arc::new(std::sync::Mutex::new(Some(backup)));
-    let finished = Arc::new(AtomicBool::new(false));
-    {
-        let current_backup = Arc::clone(&current_backup);
-        let finished = Arc::clone(&finished);
-        let binary = binary.clone();
-        let mut join_args: Vec<String> =
-            ["backup", "--join", join_address, "--quiet", "--tap", tap]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
-        join_args.extend(ft_flags.iter().map(|s| s.to_string()));
-        std::thread::Builder::new()
-            .name("up-reprotect".into())
-            .spawn(move || {
-                let mut generation = 1u32;
-                while !finished.load(Ordering::Acquire) {
-                    std::thread::sleep(std::time::Duration::from_millis(200));
-                    let mut slot = current_backup.lock().unwrap_or_else(|p| p.into_inner());
-                    let exited = match slot.as_mut().map(std::process::Child::try_wait) {
-                        Some(Ok(Some(status))) => Some(status),
-                        _ => None,
-                    };
-                    let Some(status) = exited else { continue };
-                    if finished.load(Ordering::Acquire) {
-                        break;
-                    }
-                    if status.success() {
-                        // It followed the primary to the end: nothing to replace.
-                        *slot = None;
-                        continue;
-                    }
-                    generation += 1;
-                    let id = format!("backup-{generation}");
-                    eprintln!(
-                        "lockstep up: the backup exited ({status}); starting {id}, which joins the primary by state transfer"
-                    );
-                    // Give the primary time to notice and win the arbiter.
-                    std::thread::sleep(std::time::Duration::from_secs(1));
-                    let mut args = join_args.clone();
-                    args.extend(["--id".to_string(), id]);
-                    *slot = std::process::Command::new(&binary).args(&args).spawn().ok();
-                }
-            })
-            .map_err(|source| CliError::File {
-                what: "cannot start the re-protection watcher",
-                path: PathBuf::from("up-reprotect"),
-                source,
-            })?;
-    }
-    let args = RunArgs {
-        guest: "net".into(),
-        mem_mib: 32,
-        arg: 0,
-        input: None,
-        allow_rdtsc: false,
-        quiet: false,
-        tap: Some(tap.to_string()),
+    ]);
+    let join_address = |ns: Ns| {
+        format!(
+            "{}:{UP_JOIN_PORT}",
+            at.log(ns).unwrap_or(std::net::Ipv4Addr::LOCALHOST)
+        )
     };
-    let ft_args = ft::FtArgs {
-        arbiter: Some(arbiter_address.into()),
-        arbiter_key: Some(key.clone()),
-        vm_id: 1,
-        id: Some("primary".into()),
-        peer_timeout_ms: 500,
-        status_dir: PathBuf::from(replica::status::DEFAULT_DIR),
-        transport,
-        link_key: None,
-    };
-    // Give the arbiter a moment to listen (the primary registers the pair).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::net::TcpStream::connect(arbiter_address).is_err()
-        && std::time::Instant::now() < deadline
-    {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    let peers = ft::Peers {
-        backup: link,
-        backup_id: "backup",
-        join_listen: Some(join_address),
-    };
-    let result = ft::primary(&args, &peers, &ft_args, 1000, stop_flag(), None);
-    finished.store(true, Ordering::Release);
-    if let Some(mut backup) = current_backup
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take()
-    {
-        if result.is_err() {
-            let _ = backup.kill();
+    // Give the arbiter a moment to listen (the primary registers the pair);
+    // asked from host a, over the management link.
+    if let Ok(target) = arbiter_address.parse::<std::net::SocketAddr>() {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while bed
+            .connect(Ns::A, target, std::time::Duration::from_millis(500))
+            .is_err()
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        let _ = backup.wait();
+    }
+    let mut backup_args = owned(&[
+        "backup",
+        "--listen",
+        &link,
+        "--quiet",
+        "--tap",
+        testbed::TAP,
+        "--id",
+        "backup",
+        "--join-listen",
+        &join_address(Ns::B),
+    ]);
+    backup_args.extend(ft_flags.iter().cloned());
+    let backup = spawn(Ns::B, &backup_args, "cannot start the backup")?;
+    let guest_arg = at.guest_arg().to_string();
+    let mut primary_args = owned(&[
+        "primary",
+        "--backup",
+        &link,
+        "--backup-id",
+        "backup",
+        "--id",
+        "primary",
+        "--guest",
+        "net",
+        "--mem-mib",
+        "32",
+        "--tap",
+        testbed::TAP,
+        "--arg",
+        &guest_arg,
+        "--join-listen",
+        &join_address(Ns::A),
+    ]);
+    primary_args.extend(ft_flags.iter().cloned());
+    let primary = spawn(Ns::A, &primary_args, "cannot start the primary")?;
+    let client_ns = bed.netns(Ns::Client);
+    eprintln!(
+        "lockstep up: testbed {run}: arbiter in {arb} (pid {}), primary in {a} (pid {}), backup in {b} (pid {}); the log over {} on the logging link {}-{}",
+        arbiter.id(),
+        primary.id(),
+        backup.id(),
+        transport.name(),
+        at.log_a,
+        at.log_b,
+        run = bed.run_id(),
+        arb = bed.netns(Ns::Arbiter),
+        a = bed.netns(Ns::A),
+        b = bed.netns(Ns::B),
+    );
+    eprintln!(
+        "lockstep up: the guest is {} in {client_ns}: redis 6379, echo 7, sink 5001, source 5002. From another terminal:\n    ip netns exec {client_ns} redis-cli -h {} incr counter\n    lockstep client -- redis-benchmark -h {} -t ping,set,get,incr -n 20000 -q\nlockstep up: Ctrl-C stops (`lockstep testbed status` shows the links)",
+        at.guest, at.guest, at.guest
+    );
+    // Supervise: whichever replica dies, the other goes live, and a new
+    // backup joins it by state transfer (`backup --join`) from the dead
+    // one's host, for as long as a replica runs.
+    let stop = stop_flag();
+    let mut live = (Ns::A, primary);
+    let mut standby: Option<(Ns, std::process::Child)> = Some((Ns::B, backup));
+    let mut pending_join: Option<(Ns, std::time::Instant)> = None;
+    let mut joins = 1u32;
+    let result = loop {
+        if stop.load(Ordering::Relaxed) {
+            break Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        if let Ok(Some(status)) = live.1.try_wait() {
+            if status.success() {
+                break Ok(());
+            }
+            let Some(next) = standby.take() else {
+                break Err(CliError::Usage(format!(
+                    "the live replica in {} exited ({status}) with no backup to take over",
+                    live.0
+                )));
+            };
+            eprintln!(
+                "lockstep up: the live replica in {} exited ({status}); the backup in {} takes over, and a new backup joins it from {}",
+                live.0, next.0, live.0
+            );
+            // Give the backup time to notice and win the arbiter.
+            pending_join = Some((
+                live.0,
+                std::time::Instant::now() + std::time::Duration::from_secs(1),
+            ));
+            live = next;
+            continue;
+        }
+        if let Some((host, child)) = standby.as_mut()
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            let host = *host;
+            standby = None;
+            if !status.success() {
+                eprintln!(
+                    "lockstep up: the backup in {host} exited ({status}); starting a new one there, which joins the primary by state transfer"
+                );
+                // Give the primary time to notice and win the arbiter.
+                pending_join = Some((
+                    host,
+                    std::time::Instant::now() + std::time::Duration::from_secs(1),
+                ));
+            }
+        }
+        if let Some((host, due)) = pending_join
+            && standby.is_none()
+            && std::time::Instant::now() >= due
+        {
+            pending_join = None;
+            joins += 1;
+            let mut args = owned(&[
+                "backup",
+                "--join",
+                &join_address(live.0),
+                "--quiet",
+                "--tap",
+                testbed::TAP,
+                "--id",
+                &format!("backup-{joins}"),
+                "--join-listen",
+                &join_address(host),
+            ]);
+            args.extend(ft_flags.iter().cloned());
+            match spawn(host, &args, "cannot start a joining backup") {
+                Ok(child) => standby = Some((host, child)),
+                Err(error) => eprintln!("lockstep up: {error}"),
+            }
+        }
+    };
+    // Stop: the primary first (its stop record ends the backup's replay);
+    // a backup still running after a grace period is stopped too.
+    let finish = |child: &mut std::process::Child, grace: std::time::Duration| {
+        let exited_within = |child: &mut std::process::Child, time| {
+            let deadline = std::time::Instant::now() + time;
+            while child.try_wait().ok().flatten().is_none() {
+                if std::time::Instant::now() >= deadline {
+                    return false;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            true
+        };
+        if !exited_within(child, grace) {
+            // SAFETY: kill(2) on our own, not yet reaped, child's pid.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+            if !exited_within(child, std::time::Duration::from_secs(20)) {
+                let _ = child.kill();
+            }
+        }
+        let _ = child.wait();
+    };
+    finish(&mut live.1, std::time::Duration::ZERO);
+    if let Some((_, mut child)) = standby {
+        finish(&mut child, std::time::Duration::from_secs(3));
     }
     let _ = arbiter.kill();
     let _ = arbiter.wait();
     let _ = std::fs::remove_dir_all(&dir);
+    drop(bed);
     result
+}
+
+/// The testbed `run`, or the one `lockstep up` runs (`label`), or the only
+/// one on this host.
+fn pick_testbed(run: Option<&str>, label: Option<&str>) -> Result<testbed::Testbed, CliError> {
+    if let Some(run) = run {
+        return Ok(testbed::Testbed::attach(run)?);
+    }
+    let candidates: Vec<testbed::Record> = match label {
+        Some(label) => testbed::Testbed::find(label)?,
+        None => testbed::Testbed::list()?
+            .into_iter()
+            .filter(|(_, alive)| *alive)
+            .map(|(record, _)| record)
+            .collect(),
+    };
+    let what = label.map_or("testbed".to_string(), |l| format!("`lockstep {l}`"));
+    match candidates.as_slice() {
+        [one] => Ok(testbed::Testbed::attach(&one.run)?),
+        [] => Err(CliError::Usage(format!(
+            "no {what} is running on this host (pass --run ID; `lockstep testbed status` lists testbeds)"
+        ))),
+        many => Err(CliError::Usage(format!(
+            "{} of {what} are running (runs {}): pass --run ID",
+            many.len(),
+            many.iter()
+                .map(|r| r.run.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+/// `lockstep client -- CMD…`: runs CMD in the deployment's client namespace
+/// and exits with its status.
+fn client(run: Option<&str>, command: &[String]) -> Result<(), CliError> {
+    let bed = pick_testbed(run, if run.is_some() { None } else { Some("up") })?;
+    let Some((program, args)) = command.split_first() else {
+        return Err(CliError::Usage("lockstep client needs a command".into()));
+    };
+    let status = bed
+        .command(testbed::Ns::Client, program)?
+        .args(args)
+        .env("LOCKSTEP_GUEST", bed.addresses().guest.to_string())
+        .status()
+        .map_err(|source| CliError::File {
+            what: "cannot run",
+            path: PathBuf::from(program),
+            source,
+        })?;
+    if !status.success() {
+        std::process::exit(status.code().unwrap_or(1));
+    }
+    Ok(())
+}
+
+/// `lockstep testbed up|down|status|cut|restore|shape`.
+fn testbed_command(action: TestbedAction) -> Result<(), CliError> {
+    use testbed::{Ns, Testbed};
+    match action {
+        TestbedAction::Up {
+            client_link,
+            log_link,
+            mgmt_link,
+        } => {
+            let bed = Testbed::up(&testbed::Config {
+                client_link,
+                log_link,
+                mgmt_link,
+                ..testbed::Config::new("manual")
+            })?;
+            let status = bed.status()?;
+            let at = bed.addresses().clone();
+            let (a, client) = (bed.netns(Ns::A), bed.netns(Ns::Client));
+            let run = bed.keep()?.run;
+            print!("{status}");
+            println!(
+                "testbed {run} stays until `lockstep testbed down {run}`. Try:\n  ip netns exec {a} lockstep run --guest net --tap {} --arg {}\n  ip netns exec {client} redis-cli -h {} ping      (or: lockstep client --run {run} -- redis-cli -h {} ping)",
+                testbed::TAP,
+                at.guest_arg(),
+                at.guest,
+                at.guest
+            );
+            Ok(())
+        }
+        TestbedAction::Down { run, all } => {
+            let removed = Testbed::clean_stale()?;
+            for run in &removed {
+                println!("removed stale testbed {run}");
+            }
+            let runs: Vec<String> = match (run, all) {
+                (Some(run), false) => vec![run],
+                (None, true) => Testbed::list()?.into_iter().map(|(r, _)| r.run).collect(),
+                (Some(_), true) => {
+                    return Err(CliError::Usage("pass a run id or --all, not both".into()));
+                }
+                (None, false) if !removed.is_empty() => Vec::new(),
+                (None, false) => {
+                    return Err(CliError::Usage(
+                        "which testbed? pass a run id (`lockstep testbed status`) or --all".into(),
+                    ));
+                }
+            };
+            for run in runs {
+                Testbed::down(&run)?;
+                println!("removed testbed {run}");
+            }
+            Ok(())
+        }
+        TestbedAction::Status { run } => {
+            let records = Testbed::list()?;
+            if records.is_empty() {
+                println!("no testbeds on this host");
+            }
+            for (record, alive) in records {
+                if run.as_deref().is_some_and(|run| run != record.run) {
+                    continue;
+                }
+                if !alive {
+                    println!(
+                        "testbed {} ({}): STALE, owner pid {} is gone (removed at the next start or by `lockstep testbed down`)",
+                        record.run, record.label, record.pid
+                    );
+                    continue;
+                }
+                print!("{}", Testbed::attach(&record.run)?.status()?);
+            }
+            Ok(())
+        }
+        TestbedAction::Cut { link, run } => {
+            pick_testbed(run.as_deref(), None)?.cut(link)?;
+            println!("cut {link}");
+            Ok(())
+        }
+        TestbedAction::Restore { link, run } => {
+            pick_testbed(run.as_deref(), None)?.restore(link)?;
+            println!("restored {link}");
+            Ok(())
+        }
+        TestbedAction::Shape { link, rate, run } => {
+            pick_testbed(run.as_deref(), None)?.set_rate(link, rate)?;
+            println!("{link} shaped: {rate}");
+            Ok(())
+        }
+    }
 }
 
 pub(crate) fn ending(summary: &vmm::RunSummary) -> String {

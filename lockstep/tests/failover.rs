@@ -1,20 +1,21 @@
-//! Failover without split brain, with real processes: an embedded arbiter,
-//! a primary and a backup on a real TAP, SIGKILL, and a partition made by a
-//! TCP relay on the replication link that stops forwarding (both sides keep
-//! their sockets, neither hears the other). Needs root, /dev/kvm,
-//! /dev/net/tun and iproute2.
+//! Failover without split brain, with real processes on a testbed of
+//! namespaces: an embedded arbiter (or etcd) in the arbiter's namespace, a
+//! primary in host a and a backup in host b on real TAPs bridged to the
+//! client's switch, SIGKILL, and a partition made by cutting the logging
+//! link (both sides keep their sockets, neither hears the other; the
+//! arbiter stays reachable over the management links). Needs root,
+//! /dev/kvm, /dev/net/tun and iproute2.
 
 mod common;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Tap, command, connect, guest_arg, start};
-use replica::relay::Relay;
+use common::{Link, Net, Ns, command};
 
 /// Failover tests run one at a time: each runs three processes and two VMs,
 /// and a starved host must not look like a dead peer.
@@ -35,12 +36,14 @@ struct Arbiter {
 }
 
 impl Arbiter {
-    fn start(port: u16) -> Self {
+    /// The embedded arbiter in the arbiter's namespace.
+    fn start(net: &Net) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let key = dir.path().join("key");
         std::fs::write(&key, TEST_KEY).expect("key");
-        let address = format!("127.0.0.1:{port}");
-        let child = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        let address = format!("{}:7400", net.bed.addresses().arbiter);
+        let child = net
+            .lockstep(Ns::Arbiter)
             .args(["arbiter", "--listen", &address, "--key-file"])
             .arg(&key)
             .arg("--state")
@@ -48,7 +51,7 @@ impl Arbiter {
             .stderr(Stdio::null())
             .spawn()
             .expect("start the arbiter");
-        wait_for_port(&address);
+        wait_for_port(net, &address);
         let args = vec![
             "--arbiter".into(),
             address,
@@ -64,12 +67,18 @@ impl Arbiter {
         Self { child, args, dir }
     }
 
-    /// A single-member etcd cluster on loopback (Debian's etcd-server).
-    fn etcd(client_port: u16, peer_port: u16) -> Self {
+    /// A single-member etcd cluster in the arbiter's namespace (Debian's
+    /// etcd-server): clients on the management network, its peer URL on
+    /// the namespace's own loopback.
+    fn etcd(net: &Net) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let client = format!("http://127.0.0.1:{client_port}");
-        let peer = format!("http://127.0.0.1:{peer_port}");
-        let child = Command::new("etcd")
+        let arbiter = net.bed.addresses().arbiter;
+        let client = format!("http://{arbiter}:2379");
+        let peer = "http://127.0.0.1:2380".to_string();
+        let child = net
+            .bed
+            .command(Ns::Arbiter, "etcd")
+            .expect("arbiter namespace")
             .arg("--name=lockstep-failover")
             .arg(format!("--data-dir={}", dir.path().join("data").display()))
             .arg(format!("--listen-client-urls={client}"))
@@ -81,14 +90,19 @@ impl Arbiter {
             .stderr(Stdio::null())
             .spawn()
             .expect("start etcd (install Debian's etcd-server package)");
-        let endpoint = format!("127.0.0.1:{client_port}");
+        let endpoint = format!("{arbiter}:2379");
         let etcd = arbiter::EtcdArbiter::new(&[endpoint.as_str()], Duration::from_secs(2))
             .expect("endpoint");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while arbiter::Arbiter::read(&etcd, 999).is_err() {
-            assert!(Instant::now() < deadline, "etcd did not become ready");
-            thread::sleep(Duration::from_millis(100));
-        }
+        // Asked from host a, as the replicas will.
+        net.bed
+            .run_in(Ns::A, || {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while arbiter::Arbiter::read(&etcd, 999).is_err() {
+                    assert!(Instant::now() < deadline, "etcd did not become ready");
+                    thread::sleep(Duration::from_millis(100));
+                }
+            })
+            .expect("host a");
         let args = vec![
             "--arbiter".into(),
             format!("etcd://{endpoint}"),
@@ -116,9 +130,15 @@ impl Arbiter {
     }
 }
 
-fn wait_for_port(address: &str) {
+/// Waits until something listens on `address`, asked from host a.
+fn wait_for_port(net: &Net, address: &str) {
+    let target: SocketAddr = address.parse().expect("address");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(address).is_err() {
+    while net
+        .bed
+        .connect(Ns::A, target, Duration::from_millis(500))
+        .is_err()
+    {
         assert!(Instant::now() < deadline, "nothing listens on {address}");
         thread::sleep(Duration::from_millis(20));
     }
@@ -134,63 +154,56 @@ impl Drop for Arbiter {
 struct Pair {
     primary: Child,
     backup: Child,
-    host: String,
-    _tap: Tap,
 }
 
-impl Pair {
-    /// A RESP connection to the pair's guest, patient enough for a cut-over.
-    fn client(&self) -> TcpStream {
-        let stream = connect(&format!("{}:6379", self.host));
-        stream
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .expect("timeout");
-        stream
-    }
+/// A RESP connection from the client namespace to the pair's guest,
+/// patient enough for a cut-over.
+fn client(net: &Net) -> TcpStream {
+    let stream = net.connect(6379);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    stream
 }
 
-fn start_pair(
-    subnet: u8,
-    backup_port: u16,
-    arbiter: &Arbiter,
-    relay: bool,
-) -> (Pair, Option<Relay>) {
-    start_pair_with(subnet, backup_port, arbiter, relay, &[])
+fn start_pair(net: &Net, arbiter: &Arbiter) -> Pair {
+    start_pair_with(net, arbiter, &[])
 }
 
-fn start_pair_with(
-    subnet: u8,
-    backup_port: u16,
-    arbiter: &Arbiter,
-    relay: bool,
-    primary_extra: &[&str],
-) -> (Pair, Option<Relay>) {
-    let tap = Tap::new(subnet);
-    let listen = format!("127.0.0.1:{backup_port}");
+/// A backup in host b listening on the logging link, then a primary in
+/// host a serving the guest.
+fn start_pair_with(net: &Net, arbiter: &Arbiter, primary_extra: &[&str]) -> Pair {
+    let link = net.log_address(Ns::B, 7700);
     let mut backup_args: Vec<String> = vec![
         "backup".into(),
         "--listen".into(),
-        listen.clone(),
+        link.clone(),
         "--tap".into(),
-        tap.name.clone(),
+        net.tap().into(),
         "--id".into(),
         "backup".into(),
         "--quiet".into(),
     ];
     backup_args.extend(arbiter.args());
-    let backup = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+    let backup = net
+        .lockstep(Ns::B)
         .args(&backup_args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("start the backup");
-    let relay = relay.then(|| Relay::start(listen.clone()).expect("start the relay"));
-    let link = relay
-        .as_ref()
-        .map_or(listen, |relay| relay.address().to_string());
-    let arg = guest_arg(subnet);
+    let arg = net.guest_arg();
     let mut primary_args: Vec<String> = [
-        "primary", "--backup", &link, "--guest", "net", "--tap", &tap.name, "--arg", &arg, "--id",
+        "primary",
+        "--backup",
+        &link,
+        "--guest",
+        "net",
+        "--tap",
+        net.tap(),
+        "--arg",
+        &arg,
+        "--id",
         "primary",
     ]
     .iter()
@@ -199,16 +212,8 @@ fn start_pair_with(
     primary_args.extend(arbiter.args());
     primary_args.extend(primary_extra.iter().map(|s| s.to_string()));
     let primary_refs: Vec<&str> = primary_args.iter().map(String::as_str).collect();
-    let primary = start(&primary_refs);
-    (
-        Pair {
-            primary,
-            backup,
-            host: format!("10.77.{subnet}.2"),
-            _tap: tap,
-        },
-        relay,
-    )
+    let primary = net.start(Ns::A, &primary_refs);
+    Pair { primary, backup }
 }
 
 fn kill(child: &Child, signal: &str) {
@@ -255,17 +260,29 @@ fn incr(stream: &mut TcpStream, key: &str, count: u64) -> u64 {
 #[test]
 fn primary_killed_under_load_backup_goes_live_and_no_acknowledged_incr_is_lost() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let arbiter = Arbiter::start(17401);
-    let (mut pair, _) = start_pair(95, 17795, &arbiter, false);
-    let mut stream = pair.client();
+    let net = Net::new();
+    let arbiter = Arbiter::start(&net);
+    let mut pair = start_pair(&net, &arbiter);
+    let mut stream = client(&net);
     let before = incr(&mut stream, "counter", 200);
     assert_eq!(before, 200);
+    assert_eq!(
+        net.guest_port().as_deref(),
+        Some("a0"),
+        "the switch has the guest behind host a"
+    );
     kill(&pair.primary, "-KILL");
     let _ = pair.primary.wait();
     // The same connection keeps working: the backup's guest has the same
     // TCP state, and the client's retransmissions reach it.
     let after = incr(&mut stream, "counter", 100);
     assert!(after >= 300, "acknowledged INCRs lost: {after} < 300");
+    // The backup's gratuitous ARP moved the guest's MAC to host b's port.
+    assert_eq!(
+        net.guest_port().as_deref(),
+        Some("b0"),
+        "the switch did not learn the guest behind host b"
+    );
     assert_eq!(command(&mut stream, &["GET", "counter"]), after.to_string());
     drop(stream);
     kill(&pair.backup, "-TERM");
@@ -291,9 +308,10 @@ fn primary_killed_under_load_backup_goes_live_and_no_acknowledged_incr_is_lost()
 #[test]
 fn with_an_etcd_arbiter_the_backup_goes_live_when_the_primary_dies() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let arbiter = Arbiter::etcd(17411, 17412);
-    let (mut pair, _) = start_pair(90, 17790, &arbiter, false);
-    let mut stream = pair.client();
+    let net = Net::new();
+    let arbiter = Arbiter::etcd(&net);
+    let mut pair = start_pair(&net, &arbiter);
+    let mut stream = client(&net);
     assert_eq!(incr(&mut stream, "e", 30), 30);
     kill(&pair.primary, "-KILL");
     let _ = pair.primary.wait();
@@ -310,9 +328,10 @@ fn with_an_etcd_arbiter_the_backup_goes_live_when_the_primary_dies() {
 #[test]
 fn backup_killed_primary_carries_on_after_winning_the_arbiter() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let arbiter = Arbiter::start(17402);
-    let (mut pair, _) = start_pair(96, 17796, &arbiter, false);
-    let mut stream = pair.client();
+    let net = Net::new();
+    let arbiter = Arbiter::start(&net);
+    let mut pair = start_pair(&net, &arbiter);
+    let mut stream = client(&net);
     assert_eq!(incr(&mut stream, "c", 50), 50);
     kill(&pair.backup, "-KILL");
     let _ = pair.backup.wait();
@@ -329,11 +348,12 @@ fn backup_killed_primary_carries_on_after_winning_the_arbiter() {
 #[test]
 fn partition_with_the_arbiter_reachable_exactly_one_goes_live() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let arbiter = Arbiter::start(17403);
-    let (mut pair, relay) = start_pair(97, 17797, &arbiter, true);
-    let mut stream = pair.client();
+    let net = Net::new();
+    let arbiter = Arbiter::start(&net);
+    let mut pair = start_pair(&net, &arbiter);
+    let mut stream = client(&net);
     assert_eq!(incr(&mut stream, "p", 20), 20);
-    relay.expect("relay").cut();
+    net.bed.cut(Link::Log).expect("cut the logging link");
     // Both sides stop hearing each other; both ask the arbiter; one loses
     // and halts for good (exit status 4), the other serves.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -377,13 +397,14 @@ fn partition_with_the_arbiter_reachable_exactly_one_goes_live() {
 #[test]
 fn partition_with_the_arbiter_down_nobody_goes_live() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let mut arbiter = Arbiter::start(17404);
-    let (mut pair, relay) = start_pair(98, 17798, &arbiter, true);
-    let mut stream = pair.client();
+    let net = Net::new();
+    let mut arbiter = Arbiter::start(&net);
+    let mut pair = start_pair(&net, &arbiter);
+    let mut stream = client(&net);
     assert_eq!(incr(&mut stream, "q", 10), 10);
     arbiter.child.kill().expect("kill the arbiter");
     let _ = arbiter.child.wait();
-    relay.expect("relay").cut();
+    net.bed.cut(Link::Log).expect("cut the logging link");
     // Both lose the peer; neither can win the arbiter: the service stalls.
     stream
         .write_all(b"*2\r\n$4\r\nINCR\r\n$1\r\nq\r\n")
@@ -424,28 +445,31 @@ fn partition_with_the_arbiter_down_nobody_goes_live() {
 #[test]
 fn a_primary_of_a_stale_generation_is_refused() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let arbiter = Arbiter::start(17405);
-    let (mut pair, _) = start_pair(99, 17799, &arbiter, false);
-    let mut stream = pair.client();
+    let net = Net::new();
+    let arbiter = Arbiter::start(&net);
+    let mut pair = start_pair(&net, &arbiter);
+    let mut stream = client(&net);
     assert_eq!(incr(&mut stream, "s", 5), 5);
     drop(stream);
     // Fail over: the backup becomes the primary of generation 2.
     kill(&pair.primary, "-KILL");
     let _ = pair.primary.wait();
-    let mut stream = pair.client();
+    let mut stream = client(&net);
     assert_eq!(incr(&mut stream, "s", 1), 6);
     drop(stream);
 
     // The old primary comes back: the arbiter refuses to let it start a pair.
+    let old_link = net.log_address(Ns::B, 7899);
     let mut old_args = vec![
         "primary".to_string(),
         "--backup".into(),
-        "127.0.0.1:17899".into(),
+        old_link.clone(),
         "--id".into(),
         "primary".into(),
     ];
     old_args.extend(arbiter.args());
-    let output = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+    let output = net
+        .lockstep(Ns::A)
         .args(&old_args)
         .output()
         .expect("old primary");
@@ -465,12 +489,13 @@ fn a_primary_of_a_stale_generation_is_refused() {
     let mut backup_args = vec![
         "backup".to_string(),
         "--listen".into(),
-        "127.0.0.1:17899".into(),
+        old_link.clone(),
         "--id".into(),
         "backup".into(),
     ];
     backup_args.extend(arbiter.args());
-    let backup = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+    let backup = net
+        .lockstep(Ns::B)
         .args(&backup_args)
         .stderr(Stdio::piped())
         .spawn()
@@ -483,20 +508,26 @@ fn a_primary_of_a_stale_generation_is_refused() {
         role: channel::protocol::Role::Primary,
         key: TEST_KEY.to_vec(),
     };
-    let address = "127.0.0.1:17899".parse().expect("address");
+    let address = old_link.parse().expect("address");
     let deadline = Instant::now() + Duration::from_secs(10);
-    let refusal = loop {
-        match channel::transport::uring_tcp::UringTcp::connect(address, &session, 1 << 20) {
-            Ok(_) => panic!("a primary of generation 1 was accepted"),
-            Err(channel::transport::TransportError::Io { source, .. })
-                if Instant::now() < deadline
-                    && source.kind() == std::io::ErrorKind::ConnectionRefused =>
-            {
-                thread::sleep(Duration::from_millis(20));
+    // From host a, over the logging link.
+    let refusal = net
+        .bed
+        .run_in(Ns::A, || {
+            loop {
+                match channel::transport::uring_tcp::UringTcp::connect(address, &session, 1 << 20) {
+                    Ok(_) => panic!("a primary of generation 1 was accepted"),
+                    Err(channel::transport::TransportError::Io { source, .. })
+                        if Instant::now() < deadline
+                            && source.kind() == std::io::ErrorKind::ConnectionRefused =>
+                    {
+                        thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(error) => break arbiter::error_chain(&error),
+                }
             }
-            Err(error) => break arbiter::error_chain(&error),
-        }
-    };
+        })
+        .expect("host a");
     assert!(
         refusal.contains("we are stale: we are at generation 1, the peer is at 2"),
         "{refusal}"
@@ -530,16 +561,13 @@ fn wait_for_status(dir: &str, id: &str, text: &str, timeout: Duration) {
 #[test]
 fn a_new_backup_joins_by_state_transfer_and_takes_over_at_the_next_failover() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let arbiter = Arbiter::start(17406);
+    let net = Net::new();
+    let arbiter = Arbiter::start(&net);
     let status = arbiter.status_dir();
-    let (mut pair, _) = start_pair_with(
-        89,
-        17789,
-        &arbiter,
-        false,
-        &["--join-listen", "127.0.0.1:17889"],
-    );
-    let mut stream = pair.client();
+    // New backups join over the logging link, at host a's end.
+    let join = net.log_address(Ns::A, 7800);
+    let mut pair = start_pair_with(&net, &arbiter, &["--join-listen", &join]);
+    let mut stream = client(&net);
     assert_eq!(incr(&mut stream, "j", 50), 50);
 
     // The backup dies: the primary wins generation 2 and runs alone.
@@ -549,21 +577,16 @@ fn a_new_backup_joins_by_state_transfer_and_takes_over_at_the_next_failover() {
 
     // A new backup joins under load: cloned by state transfer, generation 3.
     let load = {
-        let host = pair.host.clone();
-        thread::spawn(move || {
-            let mut stream = connect(&format!("{host}:6379"));
-            stream
-                .set_read_timeout(Some(Duration::from_secs(20)))
-                .expect("timeout");
-            incr(&mut stream, "load", 300)
-        })
+        let mut stream = client(&net);
+        thread::spawn(move || incr(&mut stream, "load", 300))
     };
+    // The new backup runs in host b, where the dead one ran.
     let mut joiner_args: Vec<String> = [
         "backup",
         "--join",
-        "127.0.0.1:17889",
+        &join,
         "--tap",
-        &pair._tap.name,
+        net.tap(),
         "--id",
         "backup2",
         "--quiet",
@@ -572,7 +595,8 @@ fn a_new_backup_joins_by_state_transfer_and_takes_over_at_the_next_failover() {
     .map(|s| s.to_string())
     .collect();
     joiner_args.extend(arbiter.args());
-    let joiner = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+    let joiner = net
+        .lockstep(Ns::B)
         .args(&joiner_args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -1,7 +1,8 @@
-//! Fault tolerance on: a primary and a backup as separate processes over the
-//! replication link, the guest serving real clients through a real TAP, the
-//! Output Rule enforced by the output gate. Needs root, /dev/kvm,
-//! /dev/net/tun, iproute2 and redis-tools (installed by .ci/run).
+//! Fault tolerance on: a primary in host a and a backup in host b of a
+//! testbed of namespaces, the log over the logging link, the guest serving
+//! real clients in the client namespace through a real TAP, the Output Rule
+//! enforced by the output gate. Needs root, /dev/kvm, /dev/net/tun,
+//! iproute2 and redis-tools (installed by .ci/run).
 
 mod common;
 
@@ -9,15 +10,14 @@ use std::io::{ErrorKind, Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{Tap, command, connect, guest_arg, start, stop};
+use common::{Net, Ns, command, stop};
 
-/// A backup listening on `port`, then a primary serving 10.77.`subnet`.2;
-/// both publish their status in `/tmp/lockstep-status-<port>`.
-fn start_pair(subnet: u8, port: u16, tap: &Tap) -> (Child, Child) {
-    let link = format!("127.0.0.1:{port}");
-    let status_dir = status_dir(port);
-    let _ = std::fs::remove_dir_all(&status_dir);
-    let backup = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+/// A backup in host b listening on the logging link, then a primary in host
+/// a serving the guest; both publish their status in `status_dir`.
+fn start_pair(net: &Net, status_dir: &str) -> (Child, Child) {
+    let link = net.log_address(Ns::B, 7700);
+    let backup = net
+        .lockstep(Ns::B)
         .args([
             "backup",
             "--listen",
@@ -26,37 +26,43 @@ fn start_pair(subnet: u8, port: u16, tap: &Tap) -> (Child, Child) {
             "--peer-timeout-ms",
             "20000",
             "--status-dir",
-            &status_dir,
+            status_dir,
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("start the backup");
-    let arg = guest_arg(subnet);
-    let primary = start(&[
-        "primary",
-        "--backup",
-        &link,
-        "--guest",
-        "net",
-        "--tap",
-        &tap.name,
-        "--arg",
-        &arg,
-        "--digest-interval",
-        "300",
-        // No arbiter here: a peer declared lost would stop the pair, so give
-        // a loaded CI host (and the SIGSTOP below) plenty of time.
-        "--peer-timeout-ms",
-        "20000",
-        "--status-dir",
-        &status_dir,
-    ]);
+    let arg = net.guest_arg();
+    let primary = net.start(
+        Ns::A,
+        &[
+            "primary",
+            "--backup",
+            &link,
+            "--guest",
+            "net",
+            "--tap",
+            net.tap(),
+            "--arg",
+            &arg,
+            "--digest-interval",
+            "300",
+            // No arbiter here: a peer declared lost would stop the pair, so
+            // give a loaded CI host (and the SIGSTOP below) plenty of time.
+            "--peer-timeout-ms",
+            "20000",
+            "--status-dir",
+            status_dir,
+        ],
+    );
     (primary, backup)
 }
 
-fn status_dir(port: u16) -> String {
-    format!("/tmp/lockstep-status-{port}")
+/// A status directory of the test's own.
+fn status_dir() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("status").to_string_lossy().into_owned();
+    (dir, path)
 }
 
 fn finish(primary: Child, backup: Child) -> (String, String) {
@@ -74,12 +80,11 @@ fn finish(primary: Child, backup: Child) -> (String, String) {
 
 #[test]
 fn ft_on_serves_redis_benchmark_and_every_acknowledged_incr_counts() {
-    let subnet = 93;
-    let tap = Tap::new(subnet);
-    let (primary, backup) = start_pair(subnet, 17793, &tap);
-    let host = format!("10.77.{subnet}.2");
+    let net = Net::new();
+    let (_dir, status) = status_dir();
+    let (primary, backup) = start_pair(&net, &status);
 
-    let mut stream = connect(&format!("{host}:6379"));
+    let mut stream = net.connect(6379);
     let increments = 400;
     for expected in 1..=increments {
         assert_eq!(
@@ -93,7 +98,7 @@ fn ft_on_serves_redis_benchmark_and_every_acknowledged_incr_counts() {
     // `lockstep status` shows both replicas, their roles and figures.
     std::thread::sleep(Duration::from_millis(600));
     let status = Command::new(env!("CARGO_BIN_EXE_lockstep"))
-        .args(["status", "--dir", &status_dir(17793)])
+        .args(["status", "--dir", &status])
         .output()
         .expect("lockstep status");
     let status = String::from_utf8_lossy(&status.stdout);
@@ -112,7 +117,7 @@ fn ft_on_serves_redis_benchmark_and_every_acknowledged_incr_counts() {
         );
     }
 
-    common::redis_benchmark_passes(&host);
+    net.redis_benchmark_passes();
 
     let (primary_err, backup_out) = finish(primary, backup);
     assert!(
@@ -158,11 +163,10 @@ fn wait_until_stopped(pid: &str) {
 
 #[test]
 fn output_waits_for_the_backups_ack() {
-    let subnet = 94;
-    let tap = Tap::new(subnet);
-    let (primary, backup) = start_pair(subnet, 17794, &tap);
-    let host = format!("10.77.{subnet}.2");
-    let mut stream = connect(&format!("{host}:6379"));
+    let net = Net::new();
+    let (_dir, status) = status_dir();
+    let (primary, backup) = start_pair(&net, &status);
+    let mut stream = net.connect(6379);
     assert_eq!(command(&mut stream, &["PING"]), "+PONG");
 
     // Freeze the backup: it can no longer acknowledge anything.
@@ -208,10 +212,18 @@ fn output_waits_for_the_backups_ack() {
     assert!(backup_out.starts_with("backup: "), "{backup_out}");
 }
 
-/// Runs `fold` as primary and backup over `transport` with the given link
-/// keys; returns both outputs (primary's stderr, backup's stdout+stderr).
-fn fold_pair(transport: &str, address: &str, keys: [&std::path::Path; 2]) -> (String, String) {
-    let backup = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+/// Runs `fold` as primary (host a) and backup (host b) over `transport`
+/// with the given link keys; returns both outputs (primary's stderr,
+/// backup's stdout+stderr).
+fn fold_pair(
+    net: &Net,
+    transport: &str,
+    address: &str,
+    keys: [&std::path::Path; 2],
+    status_dir: &str,
+) -> (String, String) {
+    let backup = net
+        .lockstep(Ns::B)
         .args([
             "backup",
             "--quiet",
@@ -222,13 +234,14 @@ fn fold_pair(transport: &str, address: &str, keys: [&std::path::Path; 2]) -> (St
         ])
         .arg("--link-key")
         .arg(keys[1])
-        .args(["--status-dir", "/tmp/lockstep-status-fold"])
+        .args(["--status-dir", status_dir])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("start the backup");
     std::thread::sleep(Duration::from_millis(300));
-    let primary = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+    let primary = net
+        .lockstep(Ns::A)
         .args([
             "primary",
             "--quiet",
@@ -240,7 +253,7 @@ fn fold_pair(transport: &str, address: &str, keys: [&std::path::Path; 2]) -> (St
         .args(["--backup", address, "--digest-interval", "500"])
         .arg("--link-key")
         .arg(keys[0])
-        .args(["--status-dir", "/tmp/lockstep-status-fold"])
+        .args(["--status-dir", status_dir])
         .stdin(Stdio::null())
         .output()
         .expect("run the primary");
@@ -261,8 +274,13 @@ fn the_log_streams_over_shared_memory_and_a_wrong_key_is_refused() {
     std::fs::write(&other, "another key").expect("key");
     let socket = dir.path().join("link.sock");
     let socket = socket.to_str().expect("utf-8 path");
+    let status = dir.path().join("status");
+    let status = status.to_str().expect("utf-8 path");
 
-    let (primary, backup) = fold_pair("shm", socket, [&key, &key]);
+    // The unix socket path works across the hosts' network namespaces:
+    // they share the filesystem (shm is the same-host transport).
+    let net = Net::new();
+    let (primary, backup) = fold_pair(&net, "shm", socket, [&key, &key], status);
     assert!(primary.contains("over shm"), "{primary}");
     assert!(primary.contains("(everything)"), "{primary}");
     let summary = backup
@@ -273,8 +291,10 @@ fn the_log_streams_over_shared_memory_and_a_wrong_key_is_refused() {
     assert_eq!(matched, taken, "{summary}");
     assert!(matched >= 5, "{summary}");
 
-    // Same over io_uring TCP, but the primary proves another key.
-    let (primary, backup) = fold_pair("tcp", "127.0.0.1:17795", [&other, &key]);
+    // Same over io_uring TCP across the logging link, but the primary
+    // proves another key.
+    let link = net.log_address(Ns::B, 7700);
+    let (primary, backup) = fold_pair(&net, "tcp", &link, [&other, &key], status);
     assert!(
         primary.contains("wrong key") || primary.contains("rejected"),
         "{primary}"

@@ -1,6 +1,8 @@
 //! The network guest on a real TAP device, driven by real clients: stock
-//! `redis-benchmark` and a raw RESP client. Needs root, /dev/kvm,
-//! /dev/net/tun, iproute2 and redis-tools (installed by .ci/run).
+//! `redis-benchmark` and a raw RESP client. The guest's TAP is in host a of
+//! a testbed of namespaces, the clients in its client namespace. Needs
+//! root, /dev/kvm, /dev/net/tun, iproute2 and redis-tools (installed by
+//! .ci/run).
 
 mod common;
 
@@ -8,33 +10,34 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::{Tap, command, connect, guest_arg, start, stop};
+use common::{Net, Ns, command, stop};
 
 #[test]
 fn redis_clients_against_a_recorded_guest_then_replay_matches() {
-    let subnet = 91;
-    let tap = Tap::new(subnet);
+    let net = Net::new();
     let dir = tempfile::tempdir().expect("tempdir");
     let log = dir.path().join("net.log");
     let log_str = log.to_str().expect("utf-8");
-    let arg = guest_arg(subnet);
-    let child = start(&[
-        "record",
-        "--guest",
-        "net",
-        "--tap",
-        &tap.name,
-        "--arg",
-        &arg,
-        "--log",
-        log_str,
-        "--digest-interval",
-        "300",
-    ]);
-    let host = format!("10.77.{subnet}.2");
+    let arg = net.guest_arg();
+    let child = net.start(
+        Ns::A,
+        &[
+            "record",
+            "--guest",
+            "net",
+            "--tap",
+            net.tap(),
+            "--arg",
+            &arg,
+            "--log",
+            log_str,
+            "--digest-interval",
+            "300",
+        ],
+    );
 
     // A counter incremented N times by acknowledged INCRs reads N.
-    let mut stream = connect(&format!("{host}:6379"));
+    let mut stream = net.connect(6379);
     assert_eq!(command(&mut stream, &["PING"]), "+PONG");
     assert_eq!(command(&mut stream, &["DEL", "counter"]), ":0");
     let increments = 500;
@@ -55,10 +58,10 @@ fn redis_clients_against_a_recorded_guest_then_replay_matches() {
     drop(stream);
 
     // Stock redis-benchmark, unchanged: every test completes without errors.
-    common::redis_benchmark_passes(&host);
+    net.redis_benchmark_passes();
 
     // Echo and sink carry bulk data.
-    let mut echo = connect(&format!("{host}:7"));
+    let mut echo = net.connect(7);
     let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
     echo.write_all(&payload).expect("echo send");
     let mut back = vec![0u8; payload.len()];
@@ -110,16 +113,16 @@ fn tap_without_privileges_or_bad_name_is_a_clear_error() {
 
 #[test]
 fn a_live_backup_follows_a_serving_primary_exit_by_exit() {
-    let subnet = 92;
-    let tap = Tap::new(subnet);
-    let arg = guest_arg(subnet);
-    let mut primary = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+    let net = Net::new();
+    let arg = net.guest_arg();
+    let mut primary = net
+        .lockstep(Ns::A)
         .args([
             "record",
             "--guest",
             "net",
             "--tap",
-            &tap.name,
+            net.tap(),
             "--arg",
             &arg,
             "--log",
@@ -139,8 +142,7 @@ fn a_live_backup_follows_a_serving_primary_exit_by_exit() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("backup");
-    let host = format!("10.77.{subnet}.2");
-    let mut stream = connect(&format!("{host}:6379"));
+    let mut stream = net.connect(6379);
     for expected in 1..=300 {
         assert_eq!(
             command(&mut stream, &["INCR", "lockstep"]),

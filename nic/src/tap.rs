@@ -4,7 +4,8 @@
 //!
 //! Set-up (needs CAP_NET_ADMIN): `TapDevice::open("lstap0")` creates the
 //! interface or attaches to an existing one; addresses and routes are the
-//! caller's (see `scripts/net-setup.sh`).
+//! caller's (the `testbed` crate bridges a persistent `tap0` in each host
+//! namespace).
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -145,8 +146,9 @@ impl TapDevice {
 }
 
 /// Makes sure a persistent TAP interface `name` exists, up, with
-/// `host_cidr` (say `10.77.0.1/24`) on the host side, using iproute2 (as
-/// `scripts/net-setup.sh` does). Needs CAP_NET_ADMIN.
+/// `host_cidr` (say `10.100.0.1/24`) on the host side, using iproute2 (as
+/// the old net-setup script did), in the caller's network namespace. Needs
+/// CAP_NET_ADMIN.
 pub fn ensure_persistent(name: &str, host_cidr: &str) -> Result<(), NicError> {
     if std::path::Path::new("/sys/class/net").join(name).exists() {
         return Ok(());

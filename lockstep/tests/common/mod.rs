@@ -1,66 +1,141 @@
-//! Helpers shared by the network tests: TAP interfaces, the RESP client,
-//! and starting and stopping lockstep processes.
+//! Helpers shared by the network tests: a testbed of namespaces per test
+//! (TAPs, addresses and clients never in the root namespace), the RESP
+//! client, and starting and stopping lockstep processes.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-pub fn ip(args: &[&str]) {
-    let status = Command::new("ip").args(args).status().expect("run ip");
-    assert!(status.success(), "ip {args:?} failed");
+#[allow(unused_imports)]
+pub use testbed::{Config, Link, Ns, Rate, Testbed};
+
+/// The paper's hosts as network namespaces (the `testbed` crate): the
+/// client, host a, host b and the arbiter, for this test alone. Every TAP,
+/// address and client of a test lives in them; dropping it removes them.
+pub struct Net {
+    pub bed: Testbed,
 }
 
-/// A TAP interface with the host side of 10.77.`subnet`.0/24, removed on drop.
-pub struct Tap {
-    pub name: String,
-}
-
-impl Tap {
-    pub fn new(subnet: u8) -> Self {
-        let name = format!("lst{subnet}x{}", std::process::id() % 10_000);
-        let _ = Command::new("ip")
-            .args(["link", "del", &name])
-            .stderr(Stdio::null())
-            .status();
-        ip(&["tuntap", "add", "dev", &name, "mode", "tap"]);
-        ip(&["addr", "add", &format!("10.77.{subnet}.1/24"), "dev", &name]);
-        ip(&["link", "set", &name, "up"]);
-        Self { name }
+impl Net {
+    pub fn new() -> Self {
+        Self {
+            bed: Testbed::up(&Config::new("test")).expect("testbed up (root, iproute2)"),
+        }
     }
-}
 
-impl Drop for Tap {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.name])
-            .status();
+    /// The guest's address on the client segment.
+    pub fn host(&self) -> String {
+        self.bed.addresses().guest.to_string()
     }
-}
 
-/// The guest argument that puts the guest at 10.77.`subnet`.2/24.
-pub fn guest_arg(subnet: u8) -> String {
-    let address = u64::from(u32::from_be_bytes([10, 77, subnet, 2]));
-    (address | (24 << 32)).to_string()
-}
+    /// The `net` guest argument that puts the guest at [`Net::host`].
+    pub fn guest_arg(&self) -> String {
+        self.bed.addresses().guest_arg().to_string()
+    }
 
-/// Starts lockstep with the net guest and waits for its banner.
-pub fn start(args: &[&str]) -> Child {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lockstep"))
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start lockstep");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).expect("banner");
-    assert!(
-        line.starts_with("net: 10.77."),
-        "unexpected first line: {line:?}"
-    );
-    child
+    /// The guest TAP's name in host a and in host b.
+    pub fn tap(&self) -> &'static str {
+        testbed::TAP
+    }
+
+    /// `ADDRESS:port` of host `ns`'s end of the logging link.
+    pub fn log_address(&self, ns: Ns, port: u16) -> String {
+        format!(
+            "{}:{port}",
+            self.bed.addresses().log(ns).expect("a replica host")
+        )
+    }
+
+    /// The lockstep binary, to run inside namespace `ns`.
+    pub fn lockstep(&self, ns: Ns) -> Command {
+        self.bed
+            .command(ns, env!("CARGO_BIN_EXE_lockstep"))
+            .expect("testbed namespace")
+    }
+
+    /// Starts lockstep with the net guest in `ns` and waits for its banner.
+    pub fn start(&self, ns: Ns, args: &[&str]) -> Child {
+        let mut child = self
+            .lockstep(ns)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start lockstep");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("banner");
+        assert!(
+            line.starts_with(&format!("net: {}/", self.host())),
+            "unexpected first line: {line:?}"
+        );
+        child
+    }
+
+    /// A RESP connection from the client namespace to the guest's `port`.
+    pub fn connect(&self, port: u16) -> TcpStream {
+        let address: SocketAddr = format!("{}:{port}", self.host()).parse().expect("address");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self
+                .bed
+                .connect(Ns::Client, address, Duration::from_secs(2))
+            {
+                Ok(stream) => {
+                    stream
+                        .set_read_timeout(Some(Duration::from_secs(10)))
+                        .expect("timeout");
+                    return stream;
+                }
+                Err(error) if Instant::now() < deadline => {
+                    let _ = error;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(error) => panic!("cannot connect to {address}: {error}"),
+            }
+        }
+    }
+
+    /// Runs stock `redis-benchmark` in the client namespace against the
+    /// guest and checks that every test completed without an error.
+    pub fn redis_benchmark_passes(&self) {
+        let output = self
+            .bed
+            .command(Ns::Client, "redis-benchmark")
+            .expect("client namespace")
+            .args([
+                "-h",
+                &self.host(),
+                "-t",
+                "ping,set,get,incr",
+                "-n",
+                "3000",
+                "--csv",
+            ])
+            .output()
+            .expect("run redis-benchmark (Debian's redis-tools)");
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        for test in ["PING_INLINE", "PING_MBULK", "SET", "GET", "INCR"] {
+            assert!(
+                text.contains(&format!("\"{test}\"")),
+                "{test} missing from:\n{text}"
+            );
+        }
+        assert!(!text.to_lowercase().contains("error"), "{text}");
+    }
+
+    /// The switch port the guest's MAC was learnt on (`a0`: host a, `b0`:
+    /// host b).
+    pub fn guest_port(&self) -> Option<String> {
+        self.bed.status().expect("testbed status").guest_port
+    }
 }
 
 pub fn stop(mut child: Child) -> Output {
@@ -79,25 +154,6 @@ pub fn stop(mut child: Child) -> Output {
         std::thread::sleep(Duration::from_millis(50));
     }
     child.wait_with_output().expect("output")
-}
-
-pub fn connect(address: &str) -> TcpStream {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match TcpStream::connect(address) {
-            Ok(stream) => {
-                stream
-                    .set_read_timeout(Some(Duration::from_secs(10)))
-                    .expect("timeout");
-                return stream;
-            }
-            Err(error) if Instant::now() < deadline => {
-                let _ = error;
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Err(error) => panic!("cannot connect to {address}: {error}"),
-        }
-    }
 }
 
 pub fn command(stream: &mut TcpStream, words: &[&str]) -> String {
@@ -121,28 +177,6 @@ pub fn command(stream: &mut TcpStream, words: &[&str]) -> String {
         return String::from_utf8_lossy(&body[..len]).into_owned();
     }
     String::from_utf8_lossy(&reply[..reply.len() - 2]).into_owned()
-}
-
-/// Runs stock `redis-benchmark` against `host` and checks that every test
-/// completed without an error.
-pub fn redis_benchmark_passes(host: &str) {
-    let output = Command::new("redis-benchmark")
-        .args(["-h", host, "-t", "ping,set,get,incr", "-n", "3000", "--csv"])
-        .output()
-        .expect("run redis-benchmark (Debian's redis-tools)");
-    let text = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    for test in ["PING_INLINE", "PING_MBULK", "SET", "GET", "INCR"] {
-        assert!(
-            text.contains(&format!("\"{test}\"")),
-            "{test} missing from:\n{text}"
-        );
-    }
-    assert!(!text.to_lowercase().contains("error"), "{text}");
 }
 
 /// The "M of N digests matched" of a replay or backup summary line: (M, N).
