@@ -339,12 +339,4 @@ mod tests {
         let error = LoadKind::from_name("netperf").expect_err("unknown");
         assert!(error.to_string().contains("`netperf`"));
     }
-
-    #[test]
-    fn the_old_guest_arg_still_decodes() {
-        // The bench's guests now live at the testbed's addresses; the arg
-        // encoding (address | prefix << 32) is the one guest_abi decodes.
-        let arg: u64 = (24 << 32) | 0x0a4e_0002;
-        assert_eq!(guest_abi::net_address_from_arg(arg), ([10, 78, 0, 2], 24));
-    }
 }
