@@ -695,6 +695,46 @@ impl<T: Transport> LogReceiver<T> {
         Ok(())
     }
 
+    /// For an owner that gives up on a silent primary (before it goes
+    /// live): quiesces the transport ([`Transport::quiesce`]: on RDMA the
+    /// queue pair is torn down first, so nothing can land after) and hands
+    /// every complete, valid batch that already arrived to `deliver`, in
+    /// order. Returns the entries delivered; stops at the first frame that
+    /// is refused (its error is returned) or at the end of what arrived.
+    pub fn drain_quiesced<F: FnMut(u64, &[u8])>(
+        &mut self,
+        mut deliver: F,
+    ) -> Result<usize, ChannelError> {
+        self.t.quiesce()?;
+        let mut delivered = 0usize;
+        loop {
+            let bytes = match self.t.recv() {
+                Ok(Some(bytes)) => bytes,
+                Ok(None) | Err(TransportError::Closed) => return Ok(delivered),
+                Err(e) => return Err(e.into()),
+            };
+            let f = decode_frame(bytes, self.generation, self.expected, &mut self.opener)?;
+            if f.kind != FrameKind::Batch {
+                continue;
+            }
+            if f.seq != self.expected {
+                return Err(FrameError::Gap {
+                    seq: f.seq,
+                    expected: self.expected,
+                }
+                .into());
+            }
+            for e in batch_entries(&f) {
+                e?;
+            }
+            for (seq, entry) in batch_entries(&f).flatten() {
+                deliver(seq, entry);
+            }
+            self.expected = self.expected.saturating_add(u64::from(f.count));
+            delivered += f.count as usize;
+        }
+    }
+
     /// Sleeps until the primary may have sent something or `timeout`
     /// passed, and no longer than until the next heartbeat or delayed ack
     /// is due; see [`Transport::wait`]. For an owner whose `poll` delivered
@@ -986,5 +1026,24 @@ mod tests {
         ));
         let largest = vec![0u8; huge.len() - 8];
         assert_eq!(s.try_push(&largest).unwrap(), Some(4));
+    }
+
+    /// A receiver giving up on its primary still delivers every valid
+    /// batch that arrived, in order, after quiescing the transport.
+    #[test]
+    fn drain_after_silence_delivers_what_arrived() {
+        let mut r = receiver(vec![batch(5, 1, 3), batch(5, 4, 2)]);
+        let mut got = Vec::new();
+        assert_eq!(r.drain_quiesced(|seq, _| got.push(seq)).unwrap(), 5);
+        assert_eq!(got, vec![1, 2, 3, 4, 5]);
+        assert_eq!(r.received(), 5);
+        let mut r = receiver(vec![batch(5, 1, 1), batch(5, 3, 1)]);
+        assert!(matches!(
+            r.drain_quiesced(|_, _| {}),
+            Err(ChannelError::Frame(FrameError::Gap {
+                seq: 3,
+                expected: 2
+            }))
+        ));
     }
 }

@@ -418,6 +418,16 @@ pub enum HandshakeError {
     /// Randomness unavailable for the nonce.
     #[error("no randomness for the handshake nonce: {0}")]
     Random(String),
+    /// The peer did not finish its part in time (it connected and fell
+    /// silent, or drips bytes).
+    #[error("the peer did not complete the handshake within {limit:?}")]
+    TimedOut {
+        /// The bound on the whole handshake.
+        limit: std::time::Duration,
+    },
+    /// The peer closed the connection before the handshake was over.
+    #[error("the peer closed the connection during the handshake")]
+    Closed,
 }
 
 impl HandshakeError {
@@ -456,7 +466,15 @@ fn msg(msg_type: MsgType) -> HandshakeMsg {
 
 fn read_msg(s: &mut impl std::io::Read) -> Result<HandshakeMsg, HandshakeError> {
     let mut buf = [0u8; HANDSHAKE_LEN];
-    s.read_exact(&mut buf)?;
+    // The magic first: a peer speaking another protocol (an HTTP request
+    // shorter than a message, say) is refused at once, not waited for.
+    s.read_exact(&mut buf[..8])?;
+    if buf[..8] != HANDSHAKE_MAGIC {
+        let mut found = [0u8; 8];
+        found.copy_from_slice(&buf[..8]);
+        return Err(HandshakeError::BadMagic { found });
+    }
+    s.read_exact(&mut buf[8..])?;
     let m = HandshakeMsg::read_from_bytes(&buf[..]).map_err(|_| HandshakeError::Unexpected {
         expected: 0,
         got: 0,
@@ -499,17 +517,72 @@ impl TimedStream for std::os::unix::net::UnixStream {
     }
 }
 
-/// [`handshake`] waiting at most [`HANDSHAKE_TIMEOUT`] for each message; the
-/// stream is left without a read timeout when it succeeds.
+/// [`handshake`] bounded by [`HANDSHAKE_TIMEOUT`] as a whole (not per
+/// read: a peer that drips a byte at a time is cut off as surely as a
+/// silent one); the stream is left without a read timeout when it succeeds.
 pub fn handshake_timed<S: TimedStream>(
     stream: &mut S,
     session: &Session,
     version: u16,
 ) -> Result<Established, HandshakeError> {
-    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-    let established = handshake(stream, session, version)?;
+    handshake_within(stream, session, version, HANDSHAKE_TIMEOUT)
+}
+
+/// [`handshake_timed`] with another bound.
+pub fn handshake_within<S: TimedStream>(
+    stream: &mut S,
+    session: &Session,
+    version: u16,
+    limit: std::time::Duration,
+) -> Result<Established, HandshakeError> {
+    let mut bounded = Deadline {
+        inner: &mut *stream,
+        until: std::time::Instant::now() + limit,
+    };
+    let established = handshake(&mut bounded, session, version).map_err(|e| match e {
+        HandshakeError::Io(io)
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            HandshakeError::TimedOut { limit }
+        }
+        HandshakeError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            HandshakeError::Closed
+        }
+        other => other,
+    })?;
     stream.set_read_timeout(None)?;
     Ok(established)
+}
+
+/// A stream whose every read waits at most until `until`.
+struct Deadline<'a, S: TimedStream> {
+    inner: &'a mut S,
+    until: std::time::Instant,
+}
+
+impl<S: TimedStream> std::io::Read for Deadline<'_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self
+            .until
+            .saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        self.inner.set_read_timeout(Some(left))?;
+        self.inner.read(buf)
+    }
+}
+
+impl<S: TimedStream> std::io::Write for Deadline<'_, S> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// Runs the handshake on a connected stream (TCP or unix socket) with the

@@ -543,8 +543,23 @@ fn receive<T: Transport>(
                     TransportError::Closed | TransportError::Io { .. },
                 )),
             ) => {
-                // Everything received still reaches the replay, then it
-                // learns the primary is lost.
+                // Nothing more can arrive (RDMA: the queue pair is torn
+                // down first), and whatever already did is delivered: the
+                // replay gets everything received, then learns the
+                // primary is lost.
+                if let Err(refused) =
+                    receiver.drain_quiesced(|seq, bytes| state.deliver(seq, bytes))
+                {
+                    state.drain_pending(Some(VmmError::Io {
+                        what: "the primary's last frames were refused".into(),
+                        source: std::io::Error::other(arbiter::error_chain(&refused)),
+                    }));
+                    return;
+                }
+                if let Some(error) = state.refused.take() {
+                    state.drain_pending(Some(error));
+                    return;
+                }
                 state.drain_pending(None);
                 *lost.lock().unwrap_or_else(|p| p.into_inner()) =
                     Some(arbiter::error_chain(&error));

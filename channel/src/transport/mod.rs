@@ -147,6 +147,17 @@ pub trait Transport: Send {
         None
     }
 
+    /// Makes sure the peer can deliver nothing more, then lets every frame
+    /// that already arrived be read with [`Transport::recv`]: called by a
+    /// receiver that gives up on its peer (silence) before it goes live, so
+    /// an entry already in its memory (and perhaps counted as received) is
+    /// replayed, and none lands after the last look. Sockets need nothing
+    /// (the caller stops reading; what was read is delivered); RDMA moves
+    /// its queue pair to the error state and reaps the completions.
+    fn quiesce(&mut self) -> Result<(), TransportError> {
+        Ok(())
+    }
+
     /// Sleeps until a frame may have arrived from the peer (or the peer is
     /// gone), `wake` turned readable, or `timeout` passed; it may return
     /// early. The caller has just found `recv` empty. A transport that can

