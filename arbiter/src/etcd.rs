@@ -339,6 +339,7 @@ impl EtcdArbiter {
                         current: current.map(|(r, _)| r),
                     });
                 }
+                Decision::Already(record) => return Ok(Outcome::Won(record)),
                 Decision::Grant(record) => {
                     let revision = current.as_ref().map(|(_, rev)| *rev);
                     match self

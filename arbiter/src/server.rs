@@ -73,13 +73,15 @@ struct Shared {
     stop: AtomicBool,
     connections: AtomicUsize,
     stats: ServerStats,
+    /// Test hook: the next store's directory fsync fails (after the rename).
+    fail_dir_sync: Arc<AtomicBool>,
 }
 
 /// Serves forever on `listener` (or until the listener fails for good),
 /// keeping the state in `state_path`. A missing state file starts an empty
 /// arbiter; a corrupt one is an error.
 pub fn serve(listener: TcpListener, state_path: &Path, key: Key) -> Result<(), ServerError> {
-    let shared = start(state_path, key)?;
+    let shared = start(state_path, key, Arc::new(AtomicBool::new(false)))?;
     accept_loop(&listener, &shared);
     Ok(())
 }
@@ -91,13 +93,26 @@ pub fn spawn(
     state_path: &Path,
     key: Key,
 ) -> Result<ServerHandle, ServerError> {
+    spawn_with_faults(listener, state_path, key, Arc::new(AtomicBool::new(false)))
+}
+
+/// [`spawn`] for fault-injection tests: while `fail_dir_sync` is set, the
+/// next grant's state is renamed into place but the directory's fsync
+/// "fails" (and the flag is cleared), as a disk error would.
+#[doc(hidden)]
+pub fn spawn_with_faults(
+    listener: TcpListener,
+    state_path: &Path,
+    key: Key,
+    fail_dir_sync: Arc<AtomicBool>,
+) -> Result<ServerHandle, ServerError> {
     let addr = listener
         .local_addr()
         .map_err(|source| ServerError::Listener {
             action: "reading its address",
             source,
         })?;
-    let shared = start(state_path, key)?;
+    let shared = start(state_path, key, fail_dir_sync)?;
     let for_thread = Arc::clone(&shared);
     let thread = thread::Builder::new()
         .name("arbiter-accept".into())
@@ -113,7 +128,11 @@ pub fn spawn(
     })
 }
 
-fn start(state_path: &Path, key: Key) -> Result<Arc<Shared>, ServerError> {
+fn start(
+    state_path: &Path,
+    key: Key,
+    fail_dir_sync: Arc<AtomicBool>,
+) -> Result<Arc<Shared>, ServerError> {
     let registry = state::load(state_path)?;
     Ok(Arc::new(Shared {
         decisions: Mutex::new(Decisions {
@@ -125,6 +144,7 @@ fn start(state_path: &Path, key: Key) -> Result<Arc<Shared>, ServerError> {
         stop: AtomicBool::new(false),
         connections: AtomicUsize::new(0),
         stats: ServerStats::default(),
+        fail_dir_sync,
     }))
 }
 
@@ -284,11 +304,21 @@ fn execute(shared: &Shared, command: Command) -> (Status, Option<Answer>) {
             let current = registry.get(vm).cloned();
             return (Status::Ok, Some(Answer::Lost { reason, current }));
         }
+        Ok(Decision::Already(record)) => {
+            // A retry of a request that won: nothing to store.
+            return (Status::Ok, Some(Answer::Won(record)));
+        }
         Ok(Decision::Grant(record)) => record,
     };
     let mut next = decisions.registry.clone();
     next.apply(vm, Decision::Grant(record.clone()));
-    if let Err(e) = state::store(&shared.state_path, &next) {
+    let stored = state::store_with(&shared.state_path, &next, |dir| {
+        if shared.fail_dir_sync.swap(false, Ordering::SeqCst) {
+            return Err(std::io::Error::other("injected directory fsync failure"));
+        }
+        std::fs::File::open(dir).and_then(|d| d.sync_all())
+    });
+    if let Err(e) = stored {
         decisions.failed = true;
         eprintln!(
             "lockstep arbiter: {}; granting nothing more until restarted",
