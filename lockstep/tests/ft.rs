@@ -17,6 +17,9 @@ fn start_pair(subnet: u8, port: u16, tap: &Tap) -> (Child, Child) {
     let link = format!("127.0.0.1:{port}");
     let status_dir = status_dir(port);
     let _ = std::fs::remove_dir_all(&status_dir);
+    std::fs::create_dir_all(&status_dir).expect("status dir");
+    let key = common::keygen(std::path::Path::new(&status_dir), "link.key");
+    let key = key.to_str().expect("utf-8 path").to_string();
     let backup = Command::new(env!("CARGO_BIN_EXE_lockstep"))
         .args([
             "backup",
@@ -27,6 +30,8 @@ fn start_pair(subnet: u8, port: u16, tap: &Tap) -> (Child, Child) {
             "20000",
             "--status-dir",
             &status_dir,
+            "--link-key",
+            &key,
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -51,6 +56,8 @@ fn start_pair(subnet: u8, port: u16, tap: &Tap) -> (Child, Child) {
         "20000",
         "--status-dir",
         &status_dir,
+        "--link-key",
+        &key,
     ]);
     (primary, backup)
 }
@@ -257,8 +264,8 @@ fn the_log_streams_over_shared_memory_and_a_wrong_key_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let key = dir.path().join("key");
     let other = dir.path().join("other");
-    std::fs::write(&key, "the right key").expect("key");
-    std::fs::write(&other, "another key").expect("key");
+    std::fs::write(&key, "the right key, at least 32 bytes long").expect("key");
+    std::fs::write(&other, "another key, also 32 bytes or more").expect("key");
     let socket = dir.path().join("link.sock");
     let socket = socket.to_str().expect("utf-8 path");
 

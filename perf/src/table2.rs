@@ -451,7 +451,22 @@ fn start(options: &Options, config: Config, dir: &Path) -> Result<Running, Strin
             }
             let stats = dir.join("primary.json");
             let _ = std::fs::remove_file(&stats);
+            // Both replicas prove a key of this run's own (`lockstep keygen`).
+            let key = dir.join("link.key");
+            let _ = std::fs::remove_file(&key);
+            let made = Command::new(&options.exe)
+                .arg("keygen")
+                .arg(&key)
+                .stderr(Stdio::null())
+                .status()
+                .map_err(|e| format!("cannot run {} keygen: {e}", options.exe.display()))?;
+            if !made.success() {
+                return Err(format!("`lockstep keygen {}` failed", key.display()));
+            }
+            let key_text = key.to_string_lossy().into_owned();
             let common = [
+                "--link-key",
+                &key_text,
                 "--transport",
                 transport.name(),
                 "--peer-timeout-ms",

@@ -1,0 +1,300 @@
+//! Hostile and mistaken peers of a running pair, with real processes on
+//! loopback only (no TAP: the `exits` guest has no NIC): a second primary
+//! with the same id, a primary restarted inside the failover window, a
+//! stray connection to a waiting backup, and key handling. Needs /dev/kvm.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use arbiter::Arbiter as _;
+
+/// One test at a time: each runs two VMs and a starved host must not look
+/// like a dead peer.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn lockstep() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_lockstep"))
+}
+
+/// A child whose stderr (and stdout) is collected by background threads.
+struct Watched {
+    child: Child,
+    text: Arc<Mutex<String>>,
+}
+
+impl Watched {
+    fn spawn(mut command: Command) -> Self {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start lockstep");
+        let text = Arc::new(Mutex::new(String::new()));
+        let out: Box<dyn Read + Send> = Box::new(child.stdout.take().expect("stdout"));
+        let err: Box<dyn Read + Send> = Box::new(child.stderr.take().expect("stderr"));
+        for stream in [out, err] {
+            let text = Arc::clone(&text);
+            thread::spawn(move || {
+                for line in BufReader::new(stream).lines() {
+                    let Ok(line) = line else { return };
+                    let mut t = text.lock().expect("lock");
+                    t.push_str(&line);
+                    t.push('\n');
+                }
+            });
+        }
+        Self { child, text }
+    }
+
+    fn text(&self) -> String {
+        self.text.lock().expect("lock").clone()
+    }
+
+    fn wait_for(&self, what: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        while !self.text().contains(what) {
+            assert!(
+                Instant::now() < deadline,
+                "`{what}` did not appear within {within:?}:\n{}",
+                self.text()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the exit; returns the exit code and everything printed.
+    fn finish(mut self, within: Duration) -> (Option<i32>, String) {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                // Let the reader threads drain the pipes.
+                thread::sleep(Duration::from_millis(100));
+                return (status.code(), self.text());
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("did not exit within {within:?}:\n{}", self.text());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An embedded arbiter process with a key made by `lockstep keygen`.
+struct Setup {
+    dir: tempfile::TempDir,
+    key: PathBuf,
+    arbiter_address: String,
+    arbiter: Watched,
+}
+
+impl Setup {
+    fn new(arbiter_port: u16) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = common::keygen(dir.path(), "key");
+        let arbiter_address = format!("127.0.0.1:{arbiter_port}");
+        let mut command = lockstep();
+        command
+            .args(["arbiter", "--listen", &arbiter_address, "--key-file"])
+            .arg(&key)
+            .arg("--state")
+            .arg(dir.path().join("state"));
+        let arbiter = Watched::spawn(command);
+        arbiter.wait_for("listening", Duration::from_secs(10));
+        Self {
+            dir,
+            key,
+            arbiter_address,
+            arbiter,
+        }
+    }
+
+    fn ft_args(&self, id: &str) -> Vec<String> {
+        vec![
+            "--arbiter".into(),
+            self.arbiter_address.clone(),
+            "--arbiter-key".into(),
+            self.key.to_string_lossy().into_owned(),
+            "--id".into(),
+            id.into(),
+            "--peer-timeout-ms".into(),
+            "1500".into(),
+            "--status-dir".into(),
+            self.dir
+                .path()
+                .join("status")
+                .to_string_lossy()
+                .into_owned(),
+        ]
+    }
+
+    fn backup(&self, listen: &str) -> Watched {
+        let mut command = lockstep();
+        command
+            .args(["backup", "--quiet", "--listen", listen])
+            .args(self.ft_args("backup"));
+        Watched::spawn(command)
+    }
+
+    fn primary(&self, backup: &str, rounds: &str, extra: &[&str]) -> Watched {
+        let mut command = lockstep();
+        command
+            .args(["primary", "--quiet", "--guest", "exits", "--arg", rounds])
+            .args(["--backup", backup, "--digest-interval", "2000"])
+            .args(self.ft_args("primary"))
+            .args(extra);
+        Watched::spawn(command)
+    }
+
+    fn record(&self) -> Option<arbiter::VmRecord> {
+        let key = arbiter::Key::from_file(&self.key).expect("key");
+        let client = arbiter::EmbeddedArbiter::connect(
+            self.arbiter_address.as_str(),
+            key,
+            Duration::from_secs(2),
+        )
+        .expect("client");
+        client.read(1).expect("read the arbiter")
+    }
+}
+
+/// Issue 13, item 1. While a pair runs, a second `lockstep primary` with
+/// the same id is refused (saying who holds which generation) and the
+/// record is untouched; then the primary is SIGKILLed and restarted at once
+/// (as a supervisor would, inside the backup's failover window): the
+/// restarted one is refused too, and the backup, which holds the only
+/// current state, wins generation 2 and finishes the guest live.
+#[test]
+fn a_second_or_restarted_primary_with_the_same_id_cannot_take_the_vm() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let setup = Setup::new(17461);
+    let link = "127.0.0.1:17462";
+    let backup = setup.backup(link);
+    backup.wait_for("listening on", Duration::from_secs(10));
+    let mut primary = setup.primary(link, "60000", &[]);
+    primary.wait_for("streaming to the backup", Duration::from_secs(30));
+    backup.wait_for("replaying guest exits", Duration::from_secs(10));
+
+    // A second primary, same id, while the pair runs.
+    let (code, text) = setup
+        .primary("127.0.0.1:17463", "60000", &[])
+        .finish(Duration::from_secs(30));
+    assert_ne!(code, Some(0), "the second primary must not start: {text}");
+    assert!(text.contains("refusing to start VM 1 as primary"), "{text}");
+    assert!(
+        text.contains("generation 1 has primary primary and backup backup"),
+        "{text}"
+    );
+    assert!(text.contains("--supersede-generation 1"), "{text}");
+    let record = setup.record().expect("a record");
+    assert_eq!(record.generation, 1, "the record is untouched: {record:?}");
+    // Naming another generation than the current one is refused as well.
+    let (code, text) = setup
+        .primary("127.0.0.1:17463", "60000", &["--supersede-generation", "7"])
+        .finish(Duration::from_secs(30));
+    assert_ne!(code, Some(0), "{text}");
+    assert!(text.contains("is not VM 1's current generation"), "{text}");
+
+    // SIGKILL the primary and restart it at once.
+    primary.kill();
+    let (code, text) = setup
+        .primary(link, "60000", &[])
+        .finish(Duration::from_secs(30));
+    assert_ne!(
+        code,
+        Some(0),
+        "the restarted primary must not start: {text}"
+    );
+    assert!(text.contains("already records it"), "{text}");
+
+    // The backup goes live in generation 2 and runs the guest to its end.
+    let (code, text) = backup.finish(Duration::from_secs(120));
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("won generation 2 at the arbiter"),
+        "the backup must win the failover: {text}"
+    );
+    assert!(text.contains("live as primary of generation 2"), "{text}");
+    let record = setup.record().expect("a record");
+    assert_eq!((record.generation, record.primary.as_str()), (2, "backup"));
+    drop(setup.arbiter);
+}
+
+/// Issue 13, item 11: no built-in key, short keys refused, `keygen` makes
+/// private ones.
+#[test]
+fn replicas_need_a_real_key_and_keygen_makes_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let output = lockstep()
+        .args(["backup", "--listen", "127.0.0.1:17466", "--quiet"])
+        .output()
+        .expect("run");
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{text}");
+    assert!(text.contains("no link key"), "{text}");
+    assert!(text.contains("lockstep keygen FILE"), "{text}");
+
+    let short = dir.path().join("short");
+    std::fs::write(&short, "31 bytes is one byte too short.").expect("write");
+    let output = lockstep()
+        .args([
+            "backup",
+            "--listen",
+            "127.0.0.1:17466",
+            "--quiet",
+            "--link-key",
+        ])
+        .arg(&short)
+        .output()
+        .expect("run");
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{text}");
+    assert!(text.contains("is 31 bytes long; at least 32"), "{text}");
+    assert!(text.contains(short.to_str().expect("utf-8")), "{text}");
+
+    let output = lockstep()
+        .args(["arbiter", "--listen", "127.0.0.1:17467", "--state"])
+        .arg(dir.path().join("state"))
+        .arg("--key-file")
+        .arg(&short)
+        .output()
+        .expect("run");
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{text}");
+    assert!(text.contains("at least 32"), "{text}");
+
+    let key = common::keygen(dir.path(), "new.key");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&key).expect("key").permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let text = std::fs::read_to_string(&key).expect("key");
+    assert_eq!(text.trim().len(), 64, "{text}");
+    assert!(text.trim().bytes().all(|b| b.is_ascii_hexdigit()), "{text}");
+    let again = lockstep().arg("keygen").arg(&key).output().expect("run");
+    assert!(
+        !again.status.success(),
+        "an existing key is never overwritten"
+    );
+    assert_eq!(std::fs::read_to_string(&key).expect("key"), text);
+    let _ = Path::new(&key);
+}
