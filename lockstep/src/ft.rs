@@ -459,29 +459,34 @@ pub fn backup(
         "lockstep backup: {me}, listening on {listen} ({})",
         settings.kind.name()
     );
-    let incoming = listener.accept()?;
-    // The current generation, read once the primary is there (it registered
-    // the pair before connecting): the handshake refuses a primary of any
-    // other generation, and tells it why. Only then does membership count.
-    let record = match &arbiter {
-        None => None,
+    // Every connection is authenticated at the arbiter's current
+    // generation, read when it connects (the primary registers the pair
+    // before it connects): the handshake refuses a primary of any other
+    // generation, and tells it why. A connection that fails (a stray
+    // request, a wrong key, nobody registered yet) is refused and the
+    // backup keeps listening; only a peer that passes the handshake counts.
+    let admit: Arc<dyn Fn() -> replica::backup::Admission + Send + Sync> = match &arbiter {
+        None => Arc::new(|| Ok(0)),
         Some(arbiter) => {
-            let record = arbiter.read(ft.vm_id).map_err(arbiter_error)?;
-            if record.is_none() {
-                incoming.refuse();
-                return Err(replica::ReplicaError::Channel(format!(
-                    "refused the primary: the arbiter knows no pair for VM {}",
-                    ft.vm_id
-                ))
-                .into());
-            }
-            record
+            let (arbiter, vm) = (Arc::clone(arbiter), ft.vm_id);
+            Arc::new(move || match arbiter.read(vm) {
+                Ok(Some(record)) => Ok(record.generation),
+                Ok(None) => Err(format!("the arbiter knows no pair for VM {vm} yet")),
+                Err(error) => Err(format!(
+                    "the arbiter cannot say which generation to expect: {}",
+                    error_chain(&error)
+                )),
+            })
         }
     };
-    let generation = record.as_ref().map_or(0, |record| record.generation);
-    let accepted = incoming.establish(&settings, generation)?;
+    let accepted = listener.accept_primary(&settings, admit)?;
+    let generation = accepted.generation;
+    let record = match &arbiter {
+        None => None,
+        Some(arbiter) => arbiter.read(ft.vm_id).map_err(arbiter_error)?,
+    };
     if let Some(record) = record
-        && record.backup.as_ref() != Some(&me)
+        && (record.backup.as_ref() != Some(&me) || record.generation != generation)
     {
         return Err(replica::ReplicaError::Channel(format!(
             "refused the primary at {}: generation {generation} is not a pair with {me} as backup (arbiter: {record:?})",

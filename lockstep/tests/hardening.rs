@@ -5,7 +5,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -237,6 +238,100 @@ fn a_second_or_restarted_primary_with_the_same_id_cannot_take_the_vm() {
     let record = setup.record().expect("a record");
     assert_eq!((record.generation, record.primary.as_str()), (2, "backup"));
     drop(setup.arbiter);
+}
+
+/// Issue 13, item 7. Stray connections to a waiting `lockstep backup
+/// --listen` (an HTTP request, a silent one, garbage, a wrong key) neither
+/// kill it nor get its Hello: it keeps accepting, each on its own, until a
+/// peer passes the handshake, and then follows that primary to the end.
+/// The pair is registered first (so the backup does run the handshake with
+/// every stray), and the primary starts over that record with
+/// `--supersede-generation 1`.
+#[test]
+fn stray_connections_do_not_kill_a_waiting_backup_or_learn_its_hello() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let setup = Setup::new(17464);
+    let link = "127.0.0.1:17465";
+    let key = arbiter::Key::from_file(&setup.key).expect("key");
+    let client = arbiter::EmbeddedArbiter::connect(
+        setup.arbiter_address.as_str(),
+        key,
+        Duration::from_secs(2),
+    )
+    .expect("client");
+    let (p, b) = (
+        arbiter::ReplicaId::new("primary").expect("id"),
+        arbiter::ReplicaId::new("backup").expect("id"),
+    );
+    assert!(client.register(1, 0, &p, &b).expect("register").is_won());
+    let backup = setup.backup(link);
+    backup.wait_for("listening on", Duration::from_secs(10));
+
+    let mut http = TcpStream::connect(link).expect("connect");
+    http.write_all(b"GET / HTTP/1.0\r\n\r\n").expect("send");
+    http.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let silent = TcpStream::connect(link).expect("connect");
+    let mut garbage = TcpStream::connect(link).expect("connect");
+    garbage.write_all(&[0xff; 64]).expect("send");
+    garbage
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    thread::sleep(Duration::from_millis(300));
+    // A primary of another deployment (another key, no arbiter, so
+    // generation 0): refused, the backup keeps listening.
+    let other = common::keygen(setup.dir.path(), "other.key");
+    let mut command = lockstep();
+    command
+        .args(["primary", "--quiet", "--guest", "exits", "--arg", "100"])
+        .args(["--backup", link, "--id", "primary", "--link-key"])
+        .arg(&other)
+        .args(["--status-dir", "/nonexistent-lockstep-test"]);
+    let (code, text) = Watched::spawn(command).finish(Duration::from_secs(60));
+    assert_ne!(code, Some(0), "{text}");
+    assert!(text.contains("handshake failed"), "{text}");
+    assert!(
+        backup.child_alive(),
+        "the backup died of a stray connection:\n{}",
+        backup.text()
+    );
+
+    // The real primary is served while the silent peer still waits.
+    let primary = setup.primary(link, "3000", &["--supersede-generation", "1"]);
+    let (code, text) = primary.finish(Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{text}");
+    let (code, text) = backup.finish(Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("digests matched"), "{text}");
+    assert!(text.contains("refused a connection"), "{text}");
+
+    // Neither stray got the backup's Hello (VM id, generation).
+    for (what, mut stream) in [("HTTP", http), ("garbage", garbage)] {
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        assert!(
+            !is_hello(&answer),
+            "the backup sent its Hello to the {what} peer: {answer:?}"
+        );
+    }
+    drop(silent);
+}
+
+/// Whether `bytes` start with a channel handshake Hello (type 1).
+fn is_hello(bytes: &[u8]) -> bool {
+    bytes.len() >= 64 && bytes[..8] == *b"LKSTPCHN" && bytes[10..12] == [1, 0]
+}
+
+impl Watched {
+    fn child_alive(&self) -> bool {
+        // try_wait needs &mut; a signal 0 tells without reaping.
+        Command::new("kill")
+            .args(["-0", &self.child.id().to_string()])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+            && !self.text().contains("lockstep: ")
+    }
 }
 
 /// Issue 13, item 11: no built-in key, short keys refused, `keygen` makes
