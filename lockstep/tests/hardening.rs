@@ -393,3 +393,67 @@ fn replicas_need_a_real_key_and_keygen_makes_one() {
     assert_eq!(std::fs::read_to_string(&key).expect("key"), text);
     let _ = Path::new(&key);
 }
+
+/// Issue 13, item 8. A primary running alone (its backup SIGKILLed) takes
+/// a new backup on its join port while slow peers hold connections to that
+/// port, dripping a byte every 3 s or saying nothing: the real joiner is
+/// authenticated and served meanwhile, and the pair goes on to the end.
+#[test]
+fn slow_peers_on_the_join_port_do_not_block_re_protection() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let setup = Setup::new(17468);
+    let link = "127.0.0.1:17469";
+    let join = "127.0.0.1:17470";
+    let mut backup = setup.backup(link);
+    backup.wait_for("listening on", Duration::from_secs(10));
+    let primary = setup.primary(link, "100000", &["--join-listen", join]);
+    primary.wait_for("streaming to the backup", Duration::from_secs(30));
+    backup.kill();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while setup.record().map(|r| r.generation) != Some(2) {
+        assert!(
+            Instant::now() < deadline,
+            "the primary did not win generation 2: {}",
+            primary.text()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    // Slow peers on the join port.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut slow = Vec::new();
+    for _ in 0..8 {
+        let stop = Arc::clone(&stop);
+        slow.push(thread::spawn(move || {
+            let Ok(mut s) = TcpStream::connect(join) else {
+                return;
+            };
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                if s.write_all(b"L").is_err() {
+                    return;
+                }
+                thread::sleep(Duration::from_secs(3));
+            }
+        }));
+    }
+    let silent: Vec<TcpStream> = (0..8)
+        .filter_map(|_| TcpStream::connect(join).ok())
+        .collect();
+    thread::sleep(Duration::from_millis(300));
+
+    let mut command = lockstep();
+    command
+        .args(["backup", "--quiet", "--join", join])
+        .args(setup.ft_args("backup-2"));
+    let joiner = Watched::spawn(command);
+    joiner.wait_for("state received", Duration::from_secs(30));
+    let (code, text) = primary.finish(Duration::from_secs(180));
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("backup-2 joined in generation 3"), "{text}");
+    let (code, text) = joiner.finish(Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{text}");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    drop(silent);
+    for t in slow {
+        let _ = t.join();
+    }
+}
