@@ -339,6 +339,7 @@ impl EtcdArbiter {
                         current: current.map(|(r, _)| r),
                     });
                 }
+                Decision::Already(record) => return Ok(Outcome::Won(record)),
                 Decision::Grant(record) => {
                     let revision = current.as_ref().map(|(_, rev)| *rev);
                     match self
@@ -522,6 +523,7 @@ fn parse_http_response(response: &[u8]) -> io::Result<(u16, Vec<u8>)> {
         return Ok((status, dechunk(body)?));
     }
     match length {
+        Some(n) if n > MAX_RESPONSE => Err(invalid("Content-Length larger than accepted")),
         Some(n) if n <= body.len() => Ok((status, body[..n].to_vec())),
         Some(_) => Err(invalid("HTTP body shorter than its Content-Length")),
         None => Ok((status, body.to_vec())),
@@ -538,16 +540,27 @@ fn dechunk(mut body: &[u8]) -> io::Result<Vec<u8>> {
         let size_text =
             std::str::from_utf8(&body[..line_end]).map_err(|_| invalid("bad chunk size"))?;
         let size_text = size_text.split(';').next().unwrap_or_default().trim();
+        // Every length from the wire is bounded before any arithmetic: a
+        // chunk size of ffffffffffffffff once overflowed `size + 2` here.
         let size = usize::from_str_radix(size_text, 16).map_err(|_| invalid("bad chunk size"))?;
-        body = &body[line_end + 2..];
+        if size > MAX_RESPONSE {
+            return Err(invalid("chunk larger than the largest response accepted"));
+        }
+        body = body
+            .get(line_end + 2..)
+            .ok_or_else(|| invalid("truncated chunk"))?;
         if size == 0 {
             return Ok(out);
         }
-        if body.len() < size + 2 {
+        let end = size
+            .checked_add(2)
+            .ok_or_else(|| invalid("chunk size overflows"))?;
+        let (chunk, rest) = (body.get(..size), body.get(end..));
+        let (Some(chunk), Some(rest)) = (chunk, rest) else {
             return Err(invalid("truncated chunk"));
-        }
-        out.extend_from_slice(&body[..size]);
-        body = &body[size + 2..];
+        };
+        out.extend_from_slice(chunk);
+        body = rest;
     }
 }
 
@@ -599,6 +612,16 @@ mod tests {
             (503, b"abcde".to_vec())
         );
         assert!(parse_http_response(b"garbage").is_err());
+        for hostile in [
+            &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nab\r\n0\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffe\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n100000000\r\nab",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 18446744073709551615\r\n\r\n{}",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 4294967296\r\n\r\n{}",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab",
+        ] {
+            assert!(parse_http_response(hostile).is_err(), "{hostile:?}");
+        }
         assert!(
             parse_http_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
                 .is_err()

@@ -35,11 +35,16 @@
 //! # A lost reply
 //!
 //! If a call times out, the caller does not know whether it won. It must not
-//! go live; retrying the same `test_and_set` then loses (the generation is
-//! gone, possibly to itself). It may [`Arbiter::read`] the record: if the
-//! current generation is `g+1`, its primary is the caller's id and it has no
-//! backup, the caller did win. Replica ids must therefore never be shared
-//! between two replicas.
+//! go live; it retries the same call. Every call is idempotent: a retry
+//! that finds the record its request would have made (`g+1`, the caller as
+//! primary, no backup for a `test_and_set`; `g+1`, this primary and this
+//! backup for a `register`) is answered [`Outcome::Won`] again, without a
+//! second write. So a lost reply (a dropped connection, an etcd transaction
+//! retried on another member, an fsync that failed after the rename) costs a
+//! retry, never a halt. The key of a request is the caller's identity and
+//! the generation it asks for: replica ids must therefore never be shared
+//! between two replicas (two processes with one id are one replica to the
+//! arbiter; see `lockstep primary --supersede-generation`).
 //!
 //! # Backends
 //!

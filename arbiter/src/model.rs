@@ -203,6 +203,11 @@ pub enum Decision {
     Grant(VmRecord),
     /// Answer [`Outcome::Lost`] with this reason and the current record.
     Refuse(Loss),
+    /// The caller already won exactly this: the current record is the one
+    /// its request would create (a retry after a lost reply, or an etcd
+    /// transaction retried on another member). Answer [`Outcome::Won`] with
+    /// it and store nothing.
+    Already(VmRecord),
 }
 
 fn next_generation(current: u64) -> Result<u64, RequestError> {
@@ -221,14 +226,37 @@ fn compare(current: Option<&VmRecord>, expected: u64) -> Option<Loss> {
     }
 }
 
+/// Whether `current` is exactly the record that a grant of `wanted` made:
+/// the same generation, primary and backup. Only the request that asked
+/// for `wanted` can have made it (a test-and-set records no backup, a
+/// register always one, and replica ids are never shared), so finding it
+/// means that the caller's earlier attempt won and its reply was lost.
+fn already_granted(current: Option<&VmRecord>, wanted: &VmRecord) -> bool {
+    current == Some(wanted)
+}
+
 /// The test-and-set rule: `candidate` wins generation `expected + 1` iff the
 /// VM is registered, its current generation is exactly `expected`, and
 /// `candidate` is a member of it. The winner runs alone (no backup).
+///
+/// Idempotent: if the current record is already `(expected + 1, candidate,
+/// no backup)`, the caller's earlier call won and the decision is
+/// [`Decision::Already`].
 pub fn decide_test_and_set(
     current: Option<&VmRecord>,
     expected: u64,
     candidate: &ReplicaId,
 ) -> Result<Decision, RequestError> {
+    if let Some(next) = expected.checked_add(1) {
+        let wanted = VmRecord {
+            generation: next,
+            primary: candidate.clone(),
+            backup: None,
+        };
+        if already_granted(current, &wanted) {
+            return Ok(Decision::Already(wanted));
+        }
+    }
     let Some(record) = current else {
         let loss = if expected == 0 {
             Loss::Unregistered
@@ -254,6 +282,9 @@ pub fn decide_test_and_set(
 /// current generation is exactly `expected` (0 for a VM never seen) and, for a
 /// VM already registered, `primary` is its current primary (re-protection:
 /// only the live replica may take a new backup).
+///
+/// Idempotent like [`decide_test_and_set`]: a current record `(expected +
+/// 1, primary, backup)` is [`Decision::Already`].
 pub fn decide_register(
     current: Option<&VmRecord>,
     expected: u64,
@@ -262,6 +293,16 @@ pub fn decide_register(
 ) -> Result<Decision, RequestError> {
     if primary == backup {
         return Err(RequestError::SamePrimaryAndBackup(primary.clone()));
+    }
+    if let Some(next) = expected.checked_add(1) {
+        let wanted = VmRecord {
+            generation: next,
+            primary: primary.clone(),
+            backup: Some(backup.clone()),
+        };
+        if already_granted(current, &wanted) {
+            return Ok(Decision::Already(wanted));
+        }
     }
     if let Some(loss) = compare(current, expected) {
         return Ok(Decision::Refuse(loss));
@@ -325,6 +366,7 @@ impl Registry {
                 self.insert(vm, record.clone());
                 Outcome::Won(record)
             }
+            Decision::Already(record) => Outcome::Won(record),
             Decision::Refuse(reason) => Outcome::Lost {
                 reason,
                 current: self.get(vm).cloned(),
@@ -429,8 +471,9 @@ mod tests {
                 backup: Some(b.clone())
             })
         );
-        // Only once.
-        assert!(!a.register(7, 0, &p, &b).expect("ok").is_won());
+        // Only once: another pair cannot take generation 1 (the same pair
+        // asking again is a retry, see `retries_of_a_win_are_recognised`).
+        assert!(!a.register(7, 0, &b, &p).expect("ok").is_won());
         // A stranger never wins (rule 1).
         let lost = a.test_and_set(7, 1, &x).expect("ok");
         assert!(matches!(
@@ -475,5 +518,29 @@ mod tests {
         assert_eq!(a.read(7).expect("ok").expect("ok").generation, 3);
         // Bad requests are errors, not outcomes.
         assert!(a.register(8, 0, &p, &p).is_err());
+    }
+
+    /// A retry of a call that won (its reply was lost) wins again, with the
+    /// same record and nothing stored twice; anyone else still loses.
+    #[test]
+    fn retries_of_a_win_are_recognised() {
+        let a = MemoryArbiter::new();
+        let (p, b, x) = (id("p"), id("b"), id("x"));
+        let first = a.register(7, 0, &p, &b).expect("ok");
+        assert!(first.is_won());
+        assert_eq!(a.register(7, 0, &p, &b).expect("ok"), first);
+        // Another pair for the same generation still loses.
+        assert!(!a.register(7, 0, &p, &x).expect("ok").is_won());
+        let won = a.test_and_set(7, 1, &b).expect("ok");
+        assert!(won.is_won());
+        assert_eq!(a.test_and_set(7, 1, &b).expect("ok"), won);
+        // The other member of generation 1 lost for good, retries included.
+        assert!(!a.test_and_set(7, 1, &p).expect("ok").is_won());
+        assert_eq!(a.read(7).expect("ok").expect("ok").generation, 2);
+        // A register that moved on is not mistaken for a test-and-set win.
+        assert!(a.register(7, 2, &b, &x).expect("ok").is_won());
+        assert!(!a.test_and_set(7, 2, &b).expect("ok").is_won());
+        assert!(a.test_and_set(7, 3, &b).expect("ok").is_won());
+        assert!(!a.register(7, 2, &b, &x).expect("ok").is_won());
     }
 }

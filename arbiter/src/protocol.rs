@@ -92,7 +92,7 @@ pub const REQUEST_HEADER_LEN: usize = 48;
 /// Length of a reply before its replica ids.
 pub const REPLY_HEADER_LEN: usize = 40;
 /// The shortest pre-shared key accepted, in bytes.
-pub const MIN_KEY_LEN: usize = 16;
+pub const MIN_KEY_LEN: usize = 32;
 
 const REQUEST_LABEL: &[u8] = b"lockstep-arbiter request v1";
 const REPLY_LABEL: &[u8] = b"lockstep-arbiter reply v1";
@@ -116,6 +116,16 @@ pub enum KeyError {
     #[error("the arbiter key is {len} bytes long; at least {MIN_KEY_LEN} are needed")]
     TooShort {
         /// Its length.
+        len: usize,
+    },
+    /// The key file holds too short a key.
+    #[error(
+        "the arbiter key in {path} is {len} bytes long; at least {MIN_KEY_LEN} are needed (make one with `lockstep keygen FILE`)"
+    )]
+    FileTooShort {
+        /// The file.
+        path: String,
+        /// The key's length.
         len: usize,
     },
     /// The key file could not be read.
@@ -148,7 +158,14 @@ impl Key {
             path: path.display().to_string(),
             source,
         })?;
-        Self::new(bytes.trim_ascii())
+        let key = bytes.trim_ascii();
+        if key.len() < MIN_KEY_LEN {
+            return Err(KeyError::FileTooShort {
+                path: path.display().to_string(),
+                len: key.len(),
+            });
+        }
+        Self::new(key)
     }
 
     fn tag(&self, label: &[u8], bytes: &[u8]) -> [u8; MAC_LEN] {
@@ -614,7 +631,7 @@ mod tests {
     use super::*;
 
     fn key() -> Key {
-        Key::new(b"0123456789abcdef0123").expect("key")
+        Key::new(b"0123456789abcdef0123456789abcdef").expect("key")
     }
 
     #[test]
@@ -683,7 +700,7 @@ mod tests {
             let bytes = encode_reply(&k, Status::Ok, &[3; NONCE_LEN], Some(&a));
             let reply = read_reply(&mut &bytes[..], &k).expect("decodes");
             assert_eq!(reply.answer, Some(a));
-            let other = Key::new(b"another key, 16+ bytes").expect("key");
+            let other = Key::new(b"another key, at least 32 bytes long").expect("key");
             assert!(matches!(
                 read_reply(&mut &bytes[..], &other),
                 Err(ProtocolError::BadMac { .. })

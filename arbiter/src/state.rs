@@ -180,6 +180,18 @@ pub fn load(path: &Path) -> Result<Registry, StateError> {
 
 /// Writes the state durably: temp file, fsync, rename, fsync of the directory.
 pub fn store(path: &Path, registry: &Registry) -> Result<(), StateError> {
+    store_with(path, registry, |dir| {
+        File::open(dir).and_then(|d| d.sync_all())
+    })
+}
+
+/// [`store`] with the directory's fsync done by `sync_dir` (tests inject a
+/// failure there: the rename is then visible but not known to be durable).
+pub(crate) fn store_with(
+    path: &Path,
+    registry: &Registry,
+    sync_dir: impl FnOnce(&Path) -> io::Result<()>,
+) -> Result<(), StateError> {
     let io = |action, path: &Path| {
         let path = path.to_path_buf();
         move |source| StateError::Io {
@@ -206,9 +218,7 @@ pub fn store(path: &Path, registry: &Registry) -> Result<(), StateError> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("fsync the directory of", path))?;
+    sync_dir(dir).map_err(io("fsync the directory of", path))?;
     Ok(())
 }
 

@@ -167,3 +167,40 @@ fn etcd_unreachable_is_an_error_within_the_timeout() {
         "{elapsed:?}"
     );
 }
+
+/// The transaction commits but its reply is lost; the client retries it on
+/// the next endpoint, where the compare now fails: the record it finds is
+/// its own win, and the call must say "won", not "lost" (which would halt
+/// the only replica that may go live).
+#[test]
+fn etcd_a_transaction_retried_on_another_member_after_a_lost_reply_still_wins() {
+    let etcd = Etcd::start();
+    let upstream: std::net::SocketAddr = etcd
+        .endpoint
+        .trim_start_matches("http://")
+        .parse()
+        .expect("etcd address");
+    // register: range (connection 0), txn (1, reply dropped), then the
+    // second endpoint; test_and_set: range (2), txn (3, reply dropped).
+    let proxy = common::LossyProxy::start(upstream, &[1, 3]);
+    let through = format!("127.0.0.1:{}", proxy.addr.port());
+    let arbiter = EtcdArbiter::new(&[through.as_str(), etcd.endpoint.as_str()], TIMEOUT)
+        .expect("etcd arbiter")
+        .with_prefix("/lost-reply");
+    let (p, b) = (id("p"), id("b"));
+    let registered = arbiter.register(3, 0, &p, &b).expect("register");
+    assert!(registered.is_won(), "{registered:?}");
+    let won = arbiter.test_and_set(3, 1, &b).expect("test_and_set");
+    assert_eq!(
+        proxy.dropped.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "both transactions' replies were dropped"
+    );
+    let Outcome::Won(record) = won else {
+        panic!("a committed transaction whose reply was lost reads as {won:?}");
+    };
+    assert_eq!((record.generation, record.primary.as_str()), (2, "b"));
+    assert_eq!(arbiter.read(3).expect("read"), Some(record));
+    // The other member still loses.
+    assert!(!arbiter.test_and_set(3, 1, &p).expect("tas").is_won());
+}

@@ -9,10 +9,17 @@
 //! verdict. A failed check sends a `Verdict` with the reason instead of going
 //! on, so *both* ends learn which check failed.
 //!
+//! The primary sends its Hello first; the backup (the listening end, which
+//! any process can reach) reads it and sends its own only if it names
+//! exactly the backup's VM id and generation. A stray connection (an HTTP
+//! request, garbage) thus gets at most a `Verdict` with no VM id in it, and
+//! never the backup's Hello.
+//!
 //! ```text
 //!   primary (sender)                               backup (receiver)
 //!        │── Hello{vm, gen, role=1, nonce_p} ──────────▶│  check magic, version,
-//!        │◀────────── Hello{vm, gen, role=2, nonce_b} ──│  vm id, role, generation
+//!        │                                              │  vm id, role, generation
+//!        │◀────────── Hello{vm, gen, role=2, nonce_b} ──│  (only if they match)
 //!        │── Proof{HMAC(key, "P" ‖ hello_p ‖ hello_b)} ▶│  verify
 //!        │◀ Proof{HMAC(key, "B" ‖ hello_b ‖ hello_p)} ──│
 //!        │── Verdict{ok} ──────────────────────────────▶│
@@ -601,8 +608,15 @@ pub fn handshake<S: std::io::Read + std::io::Write>(
     hello.a = session.vm_id.into();
     hello.b = session.generation.into();
     hello.data = nonce;
-    stream.write_all(hello.as_bytes())?;
-    stream.flush()?;
+    // The primary speaks first. The backup is the end anyone can reach (it
+    // listens), so it sends its Hello only in answer to a Hello that names
+    // exactly its VM and generation: a stray or foreign peer never gets it,
+    // and a peer that names another VM is not told which one this is.
+    let answers_first = session.role == Role::Backup;
+    if !answers_first {
+        stream.write_all(hello.as_bytes())?;
+        stream.flush()?;
+    }
 
     let peer = read_msg(stream)?;
     let fail = |stream: &mut S, e: HandshakeError| -> HandshakeError {
@@ -610,6 +624,12 @@ pub fn handshake<S: std::io::Read + std::io::Write>(
             let mut v = msg(MsgType::Verdict);
             v.version = version.into();
             v.code = (code as u16).into();
+            // A backup does not tell an unauthenticated peer its VM id.
+            let a = if answers_first && code == RejectCode::VmId {
+                0
+            } else {
+                a
+            };
             v.a = a.into();
             v.b = b.into();
             // Best effort: the peer may already be gone.
@@ -618,9 +638,23 @@ pub fn handshake<S: std::io::Read + std::io::Write>(
         }
         e
     };
-    // A peer may reject our Hello before sending its own proof.
+    // A peer may reject our Hello before sending its own (a backup answers
+    // a mismatched Hello with a Verdict only): name the check it failed.
     if peer.msg_type.get() == MsgType::Verdict as u16 {
-        return Err(rejected(&peer));
+        let (theirs, sent) = (peer.a.get(), peer.b.get());
+        return Err(match RejectCode::from_wire(peer.code.get()) {
+            Some(RejectCode::Version) => HandshakeError::VersionMismatch {
+                ours: version,
+                theirs: u16::try_from(theirs).unwrap_or(u16::MAX),
+            },
+            Some(RejectCode::Generation) if sent == session.generation && theirs > sent => {
+                HandshakeError::WeAreStale { ours: sent, theirs }
+            }
+            Some(RejectCode::Generation) if sent == session.generation && theirs < sent => {
+                HandshakeError::StaleGeneration { ours: sent, theirs }
+            }
+            _ => rejected(&peer),
+        });
     }
     if peer.version.get() != version {
         return Err(fail(
@@ -662,6 +696,10 @@ pub fn handshake<S: std::io::Read + std::io::Write>(
     }
     if theirs > ours {
         return Err(fail(stream, HandshakeError::WeAreStale { ours, theirs }));
+    }
+    if answers_first {
+        stream.write_all(hello.as_bytes())?;
+        stream.flush()?;
     }
 
     let mut p = msg(MsgType::Proof);

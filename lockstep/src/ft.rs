@@ -55,8 +55,8 @@ pub struct FtArgs {
     #[arg(long, default_value = "tcp")]
     pub transport: TransportKind,
     /// File holding the pre-shared key both replicas prove in the channel
-    /// handshake (default: the arbiter's key file; without either, a fixed
-    /// development key, which authenticates nothing).
+    /// handshake, at least 32 bytes (default: the arbiter's key file; one
+    /// of the two is required: make one with `lockstep keygen FILE`).
     #[arg(long)]
     pub link_key: Option<PathBuf>,
 }
@@ -90,22 +90,12 @@ impl FtArgs {
     /// profile with this peer timeout (heartbeats at a tenth of it).
     pub fn link_settings(&self) -> Result<LinkSettings, CliError> {
         let key = match self.link_key.as_ref().or(self.arbiter_key.as_ref()) {
-            Some(path) => {
-                let key = std::fs::read(path).map_err(|source| CliError::File {
-                    what: "cannot read the link key",
-                    path: path.clone(),
-                    source,
-                })?;
-                let key = key.trim_ascii().to_vec();
-                if key.is_empty() {
-                    return Err(CliError::Usage(format!(
-                        "the link key file {} is empty",
-                        path.display()
-                    )));
-                }
-                key
+            Some(path) => crate::keys::read(path, "link key")?,
+            None => {
+                return Err(CliError::Usage(
+                    "no link key: both replicas must prove a pre-shared key; make one with `lockstep keygen FILE` and pass --link-key FILE (or --arbiter-key FILE) to both".into(),
+                ));
             }
-            None => DEVELOPMENT_LINK_KEY.to_vec(),
         };
         let mut profile = replica::link::Profile::two_core();
         profile.liveness.peer_timeout = self.peer_timeout();
@@ -125,10 +115,6 @@ impl FtArgs {
         ReplicaId::new(name).map_err(|e| CliError::Usage(e.to_string()))
     }
 }
-
-/// The channel key when none is configured: both ends know it, so it only
-/// keeps a stray peer of another deployment out, never an attacker.
-const DEVELOPMENT_LINK_KEY: &[u8] = b"lockstep development link key: configure --link-key";
 
 fn arbiter_error(error: arbiter::ArbiterError) -> CliError {
     CliError::Usage(error_chain(&error))
@@ -158,6 +144,57 @@ pub struct Peers<'a> {
     pub backup_id: &'a str,
     /// Where `lockstep backup --join` may connect while this primary runs alone.
     pub join_listen: Option<&'a str>,
+    /// The generation the operator says to supersede (`--supersede-generation`).
+    pub supersede_generation: Option<u64>,
+}
+
+/// Which generation a starting primary registers its pair over: 0 for a VM
+/// the arbiter has never seen, or the generation the operator named with
+/// `--supersede-generation`, which must be the current one. Anything else
+/// is refused with who holds which generation: a primary restarted by a
+/// supervisor, or a second one started by mistake with the same id, must
+/// never take the VM from a running pair (or from a backup failing over,
+/// which holds the only current state).
+fn generation_to_supersede(
+    vm: u64,
+    me: &ReplicaId,
+    record: Option<&arbiter::VmRecord>,
+    supersede: Option<u64>,
+) -> Result<u64, CliError> {
+    let describe = |r: &arbiter::VmRecord| {
+        format!(
+            "generation {} has primary {} and {}",
+            r.generation,
+            r.primary,
+            r.backup.as_ref().map_or_else(
+                || "no backup (it runs alone)".to_string(),
+                |b| format!("backup {b}")
+            )
+        )
+    };
+    match (record, supersede) {
+        (None, None) => Ok(0),
+        (None, Some(g)) => Err(CliError::Usage(format!(
+            "--supersede-generation {g}: the arbiter has no record of VM {vm}; start without it"
+        ))),
+        (Some(r), None) => Err(VmmError::Halted(format!(
+            "refusing to start VM {vm} as {me}: the arbiter already records it ({}). A running pair, or a backup taking over, may hold the only current state. If that pair is gone for good, start again with --supersede-generation {}",
+            describe(r),
+            r.generation
+        ))
+        .into()),
+        (Some(r), Some(g)) if r.generation != g => Err(VmmError::Halted(format!(
+            "--supersede-generation {g} is not VM {vm}'s current generation: {}; refusing to start",
+            describe(r)
+        ))
+        .into()),
+        (Some(r), Some(g)) if r.primary != *me => Err(VmmError::Halted(format!(
+            "--supersede-generation {g}: only the primary of generation {g} may start a new pair for VM {vm}, and {} is not {me}; refusing to start",
+            describe(r)
+        ))
+        .into()),
+        (Some(_), Some(g)) => Ok(g),
+    }
 }
 
 pub fn primary(
@@ -178,10 +215,13 @@ pub fn primary(
         None => 0,
         Some(arbiter) => {
             let peer = ReplicaId::new(backup_id).map_err(|e| CliError::Usage(e.to_string()))?;
-            let expected = arbiter
-                .read(ft.vm_id)
-                .map_err(arbiter_error)?
-                .map_or(0, |record| record.generation);
+            let record = arbiter.read(ft.vm_id).map_err(arbiter_error)?;
+            let expected = generation_to_supersede(
+                ft.vm_id,
+                &me,
+                record.as_ref(),
+                peers.supersede_generation,
+            )?;
             match arbiter
                 .register(ft.vm_id, expected, &me, &peer)
                 .map_err(arbiter_error)?
@@ -419,29 +459,34 @@ pub fn backup(
         "lockstep backup: {me}, listening on {listen} ({})",
         settings.kind.name()
     );
-    let incoming = listener.accept()?;
-    // The current generation, read once the primary is there (it registered
-    // the pair before connecting): the handshake refuses a primary of any
-    // other generation, and tells it why. Only then does membership count.
-    let record = match &arbiter {
-        None => None,
+    // Every connection is authenticated at the arbiter's current
+    // generation, read when it connects (the primary registers the pair
+    // before it connects): the handshake refuses a primary of any other
+    // generation, and tells it why. A connection that fails (a stray
+    // request, a wrong key, nobody registered yet) is refused and the
+    // backup keeps listening; only a peer that passes the handshake counts.
+    let admit: Arc<dyn Fn() -> replica::backup::Admission + Send + Sync> = match &arbiter {
+        None => Arc::new(|| Ok(0)),
         Some(arbiter) => {
-            let record = arbiter.read(ft.vm_id).map_err(arbiter_error)?;
-            if record.is_none() {
-                incoming.refuse();
-                return Err(replica::ReplicaError::Channel(format!(
-                    "refused the primary: the arbiter knows no pair for VM {}",
-                    ft.vm_id
-                ))
-                .into());
-            }
-            record
+            let (arbiter, vm) = (Arc::clone(arbiter), ft.vm_id);
+            Arc::new(move || match arbiter.read(vm) {
+                Ok(Some(record)) => Ok(record.generation),
+                Ok(None) => Err(format!("the arbiter knows no pair for VM {vm} yet")),
+                Err(error) => Err(format!(
+                    "the arbiter cannot say which generation to expect: {}",
+                    error_chain(&error)
+                )),
+            })
         }
     };
-    let generation = record.as_ref().map_or(0, |record| record.generation);
-    let accepted = incoming.establish(&settings, generation)?;
+    let accepted = listener.accept_primary(&settings, admit)?;
+    let generation = accepted.generation;
+    let record = match &arbiter {
+        None => None,
+        Some(arbiter) => arbiter.read(ft.vm_id).map_err(arbiter_error)?,
+    };
     if let Some(record) = record
-        && record.backup.as_ref() != Some(&me)
+        && (record.backup.as_ref() != Some(&me) || record.generation != generation)
     {
         return Err(replica::ReplicaError::Channel(format!(
             "refused the primary at {}: generation {generation} is not a pair with {me} as backup (arbiter: {record:?})",

@@ -4,6 +4,7 @@
 mod chaos;
 mod ft;
 mod guests;
+mod keys;
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -80,6 +81,13 @@ enum Command {
         /// primary runs alone: re-protection by state transfer.
         #[arg(long)]
         join_listen: Option<String>,
+        /// Start a new pair even though the arbiter records generation G
+        /// for this VM (with this replica as its primary): the operator's
+        /// word that the pair of generation G is gone for good. Without it,
+        /// a primary starts only a VM the arbiter has never seen, and
+        /// refuses to supersede a running (or failing-over) pair.
+        #[arg(long, value_name = "G")]
+        supersede_generation: Option<u64>,
     },
     /// Wait for a primary and replay its guest in lockstep, output suppressed.
     Backup {
@@ -137,6 +145,13 @@ enum Command {
         /// File holding the pre-shared key.
         #[arg(long)]
         key_file: PathBuf,
+    },
+    /// Make a new pre-shared key: 32 random bytes (64 hex digits) in a new
+    /// file created 0600, for `--link-key`, `--arbiter-key` and
+    /// `arbiter --key-file`.
+    Keygen {
+        /// The key file to create (it must not exist).
+        file: PathBuf,
     },
     /// The embedded default deployment on a testbed of network namespaces
     /// made for it: an arbiter in its own namespace, the primary of the `net`
@@ -378,12 +393,14 @@ fn execute(command: Command) -> Result<(), CliError> {
             digest_interval,
             stats,
             join_listen,
+            supersede_generation,
         } => ft::primary(
             &run,
             &ft::Peers {
                 backup: &backup,
                 backup_id: &backup_id,
                 join_listen: join_listen.as_deref(),
+                supersede_generation,
             },
             &ft,
             digest_interval,
@@ -457,6 +474,14 @@ fn execute(command: Command) -> Result<(), CliError> {
             state,
             key_file,
         } => ft::serve_arbiter(&listen, &state, &key_file),
+        Command::Keygen { file } => {
+            keys::generate(&file)?;
+            eprintln!(
+                "lockstep keygen: wrote a new key to {} (mode 0600)",
+                file.display()
+            );
+            Ok(())
+        }
         Command::Up {
             transport,
             link,
@@ -805,21 +830,11 @@ fn up(
             })
     };
     // An embedded arbiter with a fresh state and key for this deployment.
-    let dir = std::env::temp_dir().join(format!("lockstep-up-{}", std::process::id()));
-    let file_error = |path: &PathBuf| {
-        let path = path.clone();
-        move |source| CliError::File {
-            what: "cannot prepare",
-            path,
-            source,
-        }
-    };
-    std::fs::create_dir_all(&dir).map_err(file_error(&dir))?;
+    // A private directory (0700, unpredictable name) and a key (0600) of
+    // this deployment's own.
+    let dir = keys::private_dir("lockstep-up")?;
     let key = dir.join("arbiter.key");
-    let mut secret = [0u8; 32];
-    getrandom::fill(&mut secret)
-        .map_err(|e| CliError::Usage(format!("no host entropy for the arbiter key: {e}")))?;
-    std::fs::write(&key, secret).map_err(file_error(&key))?;
+    keys::generate(&key)?;
     let state = dir.join("arbiter.state");
     let arbiter_address = format!("{}:{UP_ARBITER_PORT}", at.arbiter);
     let key_text = key.to_string_lossy().into_owned();

@@ -103,9 +103,13 @@ impl Arbiter {
                 }
             })
             .expect("host a");
+        let key = dir.path().join("link.key");
+        std::fs::write(&key, TEST_KEY).expect("link key");
         let args = vec![
             "--arbiter".into(),
             format!("etcd://{endpoint}"),
+            "--link-key".into(),
+            key.to_string_lossy().into_owned(),
             "--peer-timeout-ms".into(),
             PEER_TIMEOUT_MS.into(),
             // the test's own, so `lockstep status` on the host never lists

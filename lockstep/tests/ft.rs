@@ -15,6 +15,9 @@ use common::{Net, Ns, command, stop};
 /// A backup in host b listening on the logging link, then a primary in host
 /// a serving the guest; both publish their status in `status_dir`.
 fn start_pair(net: &Net, status_dir: &str) -> (Child, Child) {
+    std::fs::create_dir_all(status_dir).expect("status dir");
+    let key = common::keygen(std::path::Path::new(status_dir), "link.key");
+    let key = key.to_str().expect("utf-8 path").to_string();
     let link = net.log_address(Ns::B, 7700);
     let backup = net
         .lockstep(Ns::B)
@@ -27,6 +30,8 @@ fn start_pair(net: &Net, status_dir: &str) -> (Child, Child) {
             "20000",
             "--status-dir",
             status_dir,
+            "--link-key",
+            &key,
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -53,6 +58,8 @@ fn start_pair(net: &Net, status_dir: &str) -> (Child, Child) {
             "20000",
             "--status-dir",
             status_dir,
+            "--link-key",
+            &key,
         ],
     );
     (primary, backup)
@@ -270,8 +277,8 @@ fn the_log_streams_over_shared_memory_and_a_wrong_key_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let key = dir.path().join("key");
     let other = dir.path().join("other");
-    std::fs::write(&key, "the right key").expect("key");
-    std::fs::write(&other, "another key").expect("key");
+    std::fs::write(&key, "the right key, at least 32 bytes long").expect("key");
+    std::fs::write(&other, "another key, also 32 bytes or more").expect("key");
     let socket = dir.path().join("link.sock");
     let socket = socket.to_str().expect("utf-8 path");
     let status = dir.path().join("status");

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use channel::endpoint::{ChannelError, LogReceiver};
 use channel::log::{Entry, LogMeta, decode_entry};
@@ -144,15 +144,111 @@ impl LinkListener {
                 })
             }
             Self::Shm(listener) => {
-                let stream = listener
-                    .accept_stream()
-                    .map_err(|e| ReplicaError::Channel(arbiter::error_chain(&e)))?;
+                let stream = listener.accept_stream().map_err(|e| match e {
+                    TransportError::Io { source, .. } => ReplicaError::Link {
+                        what: "accept the primary's connection".into(),
+                        source,
+                    },
+                    other => ReplicaError::Channel(arbiter::error_chain(&other)),
+                })?;
                 Ok(Incoming {
                     stream: IncomingStream::Shm(stream),
                     peer: "a local primary (shared memory)".into(),
                 })
             }
         }
+    }
+}
+
+/// What the backup decides about one connection before its handshake: the
+/// generation to authenticate it at, or why it is refused unheard.
+pub type Admission = Result<u64, String>;
+
+impl LinkListener {
+    /// Accepts connections until one passes the handshake, and returns it.
+    ///
+    /// Anyone may connect, so nothing a connection does may stop the backup
+    /// or hold up the real primary: each connection is authenticated on its
+    /// own thread (with the handshake's timeouts), and a peer that fails
+    /// (a stray HTTP request, garbage, silence, a wrong key, a stale
+    /// generation) is refused, reported on stderr, and forgotten; the
+    /// listener keeps accepting meanwhile. `admit` is asked for every
+    /// connection, before its handshake, which generation to expect (the
+    /// arbiter's current one; `Err` refuses it unheard, e.g. while the
+    /// arbiter knows no pair yet). If two peers pass, the first wins and
+    /// the other's link is closed.
+    pub fn accept_primary(
+        &self,
+        settings: &LinkSettings,
+        admit: Arc<dyn Fn() -> Admission + Send + Sync>,
+    ) -> Result<Accepted, ReplicaError> {
+        self.set_nonblocking(true)?;
+        let (results, arrived) = std::sync::mpsc::channel::<Result<Accepted, ReplicaError>>();
+        let mut poll = Duration::from_millis(1);
+        loop {
+            match arrived.try_recv() {
+                Ok(Ok(accepted)) => {
+                    let _ = self.set_nonblocking(false);
+                    return Ok(accepted);
+                }
+                Ok(Err(error)) => {
+                    eprintln!(
+                        "lockstep backup: refused a connection: {}; still listening",
+                        arbiter::error_chain(&error)
+                    );
+                    continue;
+                }
+                Err(_) => {}
+            }
+            let incoming = match self.accept() {
+                Ok(incoming) => incoming,
+                Err(ReplicaError::Link { source, .. })
+                    if source.kind() == std::io::ErrorKind::WouldBlock =>
+                {
+                    std::thread::sleep(poll);
+                    poll = (poll * 2).min(Duration::from_millis(20));
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
+            poll = Duration::from_millis(1);
+            let (settings, admit, results) =
+                (settings.clone(), Arc::clone(&admit), results.clone());
+            let spawned = std::thread::Builder::new()
+                .name("link-handshake".into())
+                .spawn(move || {
+                    let peer = incoming.peer.clone();
+                    let result = match admit() {
+                        Ok(generation) => incoming.establish(&settings, generation),
+                        Err(why) => {
+                            incoming.refuse();
+                            Err(ReplicaError::Channel(format!(
+                                "refused the peer at {peer} unheard: {why}"
+                            )))
+                        }
+                    };
+                    // Nobody listens any more once another peer won: the
+                    // link is dropped, which closes it.
+                    let _ = results.send(result);
+                });
+            if let Err(source) = spawned {
+                return Err(ReplicaError::Link {
+                    what: "start a handshake thread".into(),
+                    source,
+                });
+            }
+        }
+    }
+
+    fn set_nonblocking(&self, on: bool) -> Result<(), ReplicaError> {
+        let result = match self {
+            Self::Tcp(listener, _) => listener.set_nonblocking(on),
+            Self::Shm(listener) => listener.set_nonblocking(on),
+        };
+        result.map_err(|source| ReplicaError::Link {
+            what: "set the listener's O_NONBLOCK".into(),
+            source,
+        })
     }
 }
 

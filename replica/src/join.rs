@@ -54,7 +54,7 @@ pub fn send_name(stream: &mut TcpStream, name: &str) -> Result<(), ReplicaError>
 }
 
 /// Reads the joiner's name.
-pub fn read_name(stream: &mut TcpStream) -> Result<String, ReplicaError> {
+pub fn read_name(stream: &mut impl Read) -> Result<String, ReplicaError> {
     let mut head = [0u8; 6];
     stream
         .read_exact(&mut head)
@@ -245,49 +245,135 @@ pub struct JoinService {
     pub header: vmm::StateHeader,
 }
 
+/// How long a joiner has, from its connect, to pass the handshake and name
+/// itself. Until it has, it holds nothing but its own thread.
+pub const AUTH_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+/// Joiners being authenticated at once, at most; more are closed at once.
+pub const MAX_UNAUTHENTICATED: usize = 32;
+
 /// Serves join requests on `listener` until the process ends; each failed
 /// join is reported and the primary goes on.
+///
+/// Anyone can connect, so each connection is authenticated on its own
+/// thread, within [`AUTH_DEADLINE`] overall (not per read): a slow or
+/// silent peer holds only its thread, never the port, and a real joiner is
+/// served meanwhile. Joins that passed the handshake run one at a time.
 pub fn serve(listener: std::net::TcpListener, service: JoinService) {
+    let service = Arc::new(service);
+    let one_at_a_time = Arc::new(Mutex::new(()));
+    let authenticating = Arc::new(AtomicU64::new(0));
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
         let peer = stream
             .peer_addr()
             .map_or_else(|_| "?".to_string(), |a| a.to_string());
-        match serve_one(stream, &service) {
-            Ok(report) => eprintln!("lockstep primary: join from {peer}: {report}"),
-            Err(error) => eprintln!(
-                "lockstep primary: join from {peer} refused or failed: {}",
-                arbiter::error_chain(&error)
-            ),
+        if authenticating.fetch_add(1, Ordering::SeqCst) >= MAX_UNAUTHENTICATED as u64 {
+            authenticating.fetch_sub(1, Ordering::SeqCst);
+            eprintln!(
+                "lockstep primary: join from {peer} refused: {MAX_UNAUTHENTICATED} joiners are being authenticated already"
+            );
+            continue;
+        }
+        let (service, one_at_a_time, counter) = (
+            Arc::clone(&service),
+            Arc::clone(&one_at_a_time),
+            Arc::clone(&authenticating),
+        );
+        let spawned = std::thread::Builder::new()
+            .name("join-conn".into())
+            .spawn(move || {
+                let result = serve_one(stream, &service, &one_at_a_time, &counter);
+                match result {
+                    Ok(report) => eprintln!("lockstep primary: join from {peer}: {report}"),
+                    Err(error) => eprintln!(
+                        "lockstep primary: join from {peer} refused or failed: {}",
+                        arbiter::error_chain(&error)
+                    ),
+                }
+            });
+        if spawned.is_err() {
+            authenticating.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
 
-fn serve_one(mut stream: TcpStream, service: &JoinService) -> Result<String, ReplicaError> {
+/// Reads and writes a stream with one deadline for all reads together.
+struct Deadline<'a> {
+    stream: &'a TcpStream,
+    until: std::time::Instant,
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self
+            .until
+            .saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the joiner did not authenticate in time",
+            ));
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        self.stream.read(buf)
+    }
+}
+
+impl Write for Deadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.stream.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.stream.flush()
+    }
+}
+
+fn serve_one(
+    mut stream: TcpStream,
+    service: &JoinService,
+    one_at_a_time: &Mutex<()>,
+    authenticating: &AtomicU64,
+) -> Result<String, ReplicaError> {
     use channel::protocol::{PROTOCOL_VERSION, Role, handshake};
-    let Some(generation) = service.port.alone() else {
-        let _ = stream.shutdown(std::net::Shutdown::Both);
+    let authenticated = (|| {
+        let Some(generation) = service.port.alone() else {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            return Err(ReplicaError::Setup(
+                "this primary has a backup (or a join is under way)".into(),
+            ));
+        };
+        stream
+            .set_write_timeout(Some(AUTH_DEADLINE))
+            .map_err(link("set the join timeout"))?;
+        let mut timed = Deadline {
+            stream: &stream,
+            until: std::time::Instant::now() + AUTH_DEADLINE,
+        };
+        handshake(
+            &mut timed,
+            &service.settings.session(Role::Primary, generation),
+            PROTOCOL_VERSION,
+        )
+        .map_err(|e| ReplicaError::Channel(arbiter::error_chain(&e)))?;
+        let name = read_name(&mut timed)?;
+        Ok((generation, name))
+    })();
+    authenticating.fetch_sub(1, Ordering::SeqCst);
+    let (generation, name) = authenticated?;
+    let _one = one_at_a_time.lock().unwrap_or_else(|p| p.into_inner());
+    if service.port.alone() != Some(generation) {
+        let _ = send_generation(&mut stream, 0);
         return Err(ReplicaError::Setup(
-            "this primary has a backup (or a join is under way)".into(),
+            "another backup joined first (or this primary's generation moved on)".into(),
         ));
-    };
+    }
     stream
         .set_read_timeout(Some(channel::protocol::HANDSHAKE_TIMEOUT))
         .map_err(link("set the join timeout"))?;
-    handshake(
-        &mut stream,
-        &service.settings.session(Role::Primary, generation),
-        PROTOCOL_VERSION,
-    )
-    .map_err(|e| ReplicaError::Channel(arbiter::error_chain(&e)))?;
-    let name = read_name(&mut stream)?;
     let joiner = arbiter::ReplicaId::new(name.clone())
         .map_err(|e| ReplicaError::Channel(format!("joiner name: {e}")))?;
     let vm = service.settings.vm_id;
-    let record = match service
-        .arbiter
-        .register(vm, generation, &service.me, &joiner)
-    {
+    let record = match register(service, vm, generation, &joiner) {
         Ok(arbiter::Outcome::Won(record)) => record,
         Ok(lost) => {
             let _ = send_generation(&mut stream, 0);
@@ -329,6 +415,30 @@ fn serve_one(mut stream: TcpStream, service: &JoinService) -> Result<String, Rep
                 .port
                 .failed(arbiter::error_chain(&error), Some(new_generation));
             Err(error)
+        }
+    }
+}
+
+/// Registers the new pair, retrying for a few seconds while the arbiter
+/// cannot answer: a register is idempotent, so a retry after a lost reply
+/// finds the pair recorded and wins again, instead of leaving the arbiter
+/// with a pair this primary does not know it made.
+fn register(
+    service: &JoinService,
+    vm: u64,
+    generation: u64,
+    joiner: &arbiter::ReplicaId,
+) -> Result<arbiter::Outcome, arbiter::ArbiterError> {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match service
+            .arbiter
+            .register(vm, generation, &service.me, joiner)
+        {
+            Err(error) if error.is_unreachable() && std::time::Instant::now() < until => {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            other => return other,
         }
     }
 }

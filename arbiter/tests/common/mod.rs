@@ -74,13 +74,16 @@ pub fn exactly_one_winner(arbiter: Arc<dyn Arbiter>, vm: u64, threads: usize) {
         .into_iter()
         .map(|h| h.join().expect("thread"))
         .collect();
-    let winners: Vec<_> = outcomes
+    // Threads of the winning replica all hear "won" (a call is idempotent
+    // for its caller); exactly one replica wins, with one record.
+    let mut winners: Vec<_> = outcomes
         .iter()
         .filter_map(|o| match o {
             Outcome::Won(r) => Some(r.clone()),
             Outcome::Lost { .. } => None,
         })
         .collect();
+    winners.dedup();
     assert_eq!(winners.len(), 1, "exactly one winner, got {outcomes:?}");
     let winner = &winners[0];
     assert_eq!(winner.generation, 2);
@@ -171,4 +174,59 @@ pub fn stale_generation_loses(arbiter: &dyn Arbiter, vm: u64) {
     );
     // A pair of one replica is a bad request, not an outcome.
     assert!(arbiter.register(vm + 2, 0, &p, &p).is_err());
+}
+
+/// A fault-injecting TCP proxy on loopback: connection `n` (counting from
+/// 0) of `drop_replies` has its request forwarded to `upstream` and the
+/// whole reply read from it, then the client's connection is closed
+/// without a byte of that reply: the server decided, the client never
+/// hears what. Every other connection is forwarded both ways.
+pub struct LossyProxy {
+    pub addr: std::net::SocketAddr,
+    pub dropped: Arc<AtomicU32>,
+}
+
+impl LossyProxy {
+    pub fn start(upstream: std::net::SocketAddr, drop_replies: &'static [u32]) -> Self {
+        use std::io::{Read, Write};
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let dropped = Arc::new(AtomicU32::new(0));
+        let counter = Arc::clone(&dropped);
+        thread::spawn(move || {
+            for (n, client) in listener.incoming().enumerate() {
+                let Ok(client) = client else { continue };
+                let drop_reply = drop_replies.contains(&u32::try_from(n).expect("few"));
+                let counter = Arc::clone(&counter);
+                thread::spawn(move || {
+                    let Ok(server) = TcpStream::connect(upstream) else {
+                        return;
+                    };
+                    let (mut c_in, mut s_out) = (
+                        client.try_clone().expect("clone"),
+                        server.try_clone().expect("clone"),
+                    );
+                    let up = thread::spawn(move || {
+                        let _ = std::io::copy(&mut c_in, &mut s_out);
+                        let _ = s_out.shutdown(Shutdown::Write);
+                    });
+                    let mut reply = Vec::new();
+                    let mut server = server;
+                    let mut client = client;
+                    if drop_reply {
+                        let _ = server.read_to_end(&mut reply);
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        let _ = client.shutdown(Shutdown::Both);
+                    } else {
+                        let _ = std::io::copy(&mut server, &mut client);
+                        let _ = client.flush();
+                        let _ = client.shutdown(Shutdown::Write);
+                    }
+                    let _ = up.join();
+                });
+            }
+        });
+        Self { addr, dropped }
+    }
 }

@@ -389,6 +389,12 @@ pub struct ShmListener {
 }
 
 impl ShmListener {
+    /// Puts the listening socket in (or out of) non-blocking mode, so an
+    /// accept loop can also watch other work.
+    pub fn set_nonblocking(&self, on: bool) -> std::io::Result<()> {
+        self.listener.set_nonblocking(on)
+    }
+
     /// Binds `path` (removing a stale socket file first).
     pub fn bind(path: &Path) -> Result<Self, TransportError> {
         let _ = std::fs::remove_file(path);

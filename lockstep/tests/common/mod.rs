@@ -192,3 +192,16 @@ pub fn digests(summary: &str) -> (u64, u64) {
     };
     (number(words[at]), number(words[at + 2]))
 }
+
+/// A new link key made by `lockstep keygen` in `dir` (32 random bytes, 0600).
+pub fn keygen(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    let status = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .arg("keygen")
+        .arg(&path)
+        .stderr(Stdio::null())
+        .status()
+        .expect("run lockstep keygen");
+    assert!(status.success(), "lockstep keygen {}", path.display());
+    path
+}

@@ -245,7 +245,22 @@ pub fn start(bench: &Bench, config: Config) -> Result<Running, String> {
             }
             let stats = bench.dir.join("primary.json");
             let _ = std::fs::remove_file(&stats);
+            // Both replicas prove a key of this run's own (`lockstep keygen`).
+            let key = bench.dir.join("link.key");
+            let _ = std::fs::remove_file(&key);
+            let made = std::process::Command::new(bench.exe)
+                .arg("keygen")
+                .arg(&key)
+                .stderr(Stdio::null())
+                .status()
+                .map_err(|e| format!("cannot run {} keygen: {e}", bench.exe.display()))?;
+            if !made.success() {
+                return Err(format!("`lockstep keygen {}` failed", key.display()));
+            }
+            let key_text = key.to_string_lossy().into_owned();
             let common = [
+                "--link-key",
+                &key_text,
                 "--transport",
                 variant.transport.name(),
                 "--peer-timeout-ms",
