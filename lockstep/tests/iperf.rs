@@ -249,6 +249,8 @@ fn stock_iperf3_against_an_ft_pair_and_the_backup_matches() {
     let status_dir = tempfile::tempdir().expect("tempdir");
     let status = status_dir.path().join("status");
     let status = status.to_str().expect("utf-8");
+    let key = common::keygen(status_dir.path(), "link.key");
+    let key = key.to_str().expect("utf-8");
     let backup = net
         .lockstep(Ns::B)
         .args([
@@ -260,6 +262,8 @@ fn stock_iperf3_against_an_ft_pair_and_the_backup_matches() {
             "20000",
             "--status-dir",
             status,
+            "--link-key",
+            key,
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -283,6 +287,8 @@ fn stock_iperf3_against_an_ft_pair_and_the_backup_matches() {
             "20000",
             "--status-dir",
             status,
+            "--link-key",
+            key,
         ],
     );
 

@@ -155,6 +155,9 @@ fn ft_on_pair_serves_the_default_suite_pipelined_and_200_clients_and_digests_mat
     let link = format!("{}:7793", at.log_b);
     let status_dir = format!("/tmp/lockstep-status-redis-{}", bed.run_id());
     let _ = std::fs::remove_dir_all(&status_dir);
+    std::fs::create_dir_all(&status_dir).expect("status dir");
+    let key = common::keygen(std::path::Path::new(&status_dir), "link.key");
+    let key = key.to_str().expect("utf-8 path").to_string();
     let backup = bed
         .command(Ns::B, LOCKSTEP)
         .expect("backup command")
@@ -166,7 +169,7 @@ fn ft_on_pair_serves_the_default_suite_pipelined_and_200_clients_and_digests_mat
             "--peer-timeout-ms",
             "20000",
         ])
-        .args(["--status-dir", &status_dir])
+        .args(["--status-dir", &status_dir, "--link-key", &key])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -193,6 +196,8 @@ fn ft_on_pair_serves_the_default_suite_pipelined_and_200_clients_and_digests_mat
             "20000",
             "--status-dir",
             &status_dir,
+            "--link-key",
+            &key,
         ],
     );
     assert!(banner.contains("(512 connections"), "{banner}");
