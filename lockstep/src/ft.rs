@@ -970,7 +970,23 @@ fn promotion(promotion: Promotion) -> Promote {
             .writer()
             .map_err(|e| VmmError::Config(e.to_string()))?;
         let (ip, _) = guest_abi::net_address_from_arg(guest_arg);
-        let _ = writer.send(&gratuitous_arp(mac, ip));
+        let announcement = gratuitous_arp(mac, ip);
+        let _ = writer.send(&announcement);
+        // Announce again a few times, as QEMU's self-announce does: a
+        // bridge port may start forwarding only once the kernel has
+        // processed the TAP's carrier (deferred work), and a switch that
+        // missed the first announcement would keep sending the guest's
+        // frames to the dead host's port. Only the host sees these frames.
+        if let Ok(mut again) = device.writer() {
+            let _ = std::thread::Builder::new()
+                .name("announce".into())
+                .spawn(move || {
+                    for delay_ms in [50, 150, 300, 500, 1000] {
+                        std::thread::sleep(Duration::from_millis(delay_ms));
+                        let _ = again.send(&announcement);
+                    }
+                });
+        }
         *output.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(writer);
         eprintln!(
             "lockstep backup: NIC attached to {name}; gratuitous ARP sent for {}.{}.{}.{}",
