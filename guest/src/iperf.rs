@@ -280,6 +280,11 @@ impl Server {
         }
     }
 
+    /// Tests completed through IPERF_DONE since the guest started.
+    pub fn tests_done(&self) -> u64 {
+        self.tests_done
+    }
+
     /// How long the main loop may wait at most (a paced stream needs it back
     /// soon).
     pub fn wait_limit_ns(&self) -> u64 {

@@ -230,6 +230,28 @@ fn one_test_at_a_time_and_bad_clients_get_iperf3_errors() {
     expected.extend_from_slice(&server_error(110, 0)[1..]);
     assert_eq!(raw_client(&net, &unknown), expected);
 
+    // A client SIGKILLed in the middle of a test (receive, then transmit):
+    // the guest notices its control connection close and serves the next.
+    for reverse in [false, true] {
+        let mut args = vec!["-c", &host, "-t", "30"];
+        if reverse {
+            args.push("-R");
+        }
+        let mut doomed = net
+            .bed
+            .command(Ns::Client, "iperf3")
+            .expect("client namespace")
+            .args(&args)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("iperf3");
+        std::thread::sleep(Duration::from_millis(1500));
+        // The testbed's command execs iperf3: this pid is iperf3's.
+        doomed.kill().expect("SIGKILL iperf3");
+        let _ = doomed.wait();
+        iperf3(&net, &["-t", "1"]);
+    }
+
     // After all that, a stock client still runs a full test.
     iperf3(&net, &["-t", "1"]);
     let output = stop(guest);
