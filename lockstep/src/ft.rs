@@ -189,7 +189,7 @@ fn generation_to_supersede(
         ))
         .into()),
         (Some(r), Some(g)) if r.primary != *me => Err(VmmError::Halted(format!(
-            "--supersede-generation {g}: only the primary of generation {g} may start a new pair for VM {vm}, and {} is not {me}; refusing to start",
+            "--supersede-generation {g}: only the primary of generation {g} may start a new pair for VM {vm} ({}), not {me}; refusing to start",
             describe(r)
         ))
         .into()),

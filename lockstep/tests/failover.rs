@@ -483,10 +483,23 @@ fn a_primary_of_a_stale_generation_is_refused() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
+    let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        String::from_utf8_lossy(&output.stderr).contains("not a member"),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+        stderr.contains("already records it")
+            && stderr.contains("generation 2 has primary backup and no backup"),
+        "{stderr}"
+    );
+    // Even naming the generation, only its primary may start a new pair.
+    let output = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args(&old_args)
+        .args(["--supersede-generation", "2"])
+        .output()
+        .expect("old primary");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(4), "{stderr}");
+    assert!(
+        stderr.contains("only the primary of generation 2"),
+        "{stderr}"
     );
 
     // A backup of the old pair refuses a stream that claims generation 1.
