@@ -549,6 +549,10 @@ fn a_primary_of_a_stale_generation_is_refused() {
         refusal.contains("we are stale: we are at generation 1, the peer is at 2"),
         "{refusal}"
     );
+    // The backup keeps listening for a primary that passes the handshake.
+    let mut backup = backup;
+    thread::sleep(Duration::from_millis(500));
+    let _ = backup.kill();
     let stderr = stderr_of(backup);
     assert!(
         stderr.contains("refused the primary") && stderr.contains("stale generation"),
