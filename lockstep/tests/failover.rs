@@ -490,7 +490,8 @@ fn a_primary_of_a_stale_generation_is_refused() {
         "{stderr}"
     );
     // Even naming the generation, only its primary may start a new pair.
-    let output = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+    let output = net
+        .lockstep(Ns::A)
         .args(&old_args)
         .args(["--supersede-generation", "2"])
         .output()
