@@ -257,28 +257,7 @@ impl EtcdArbiter {
     }
 
     fn parse_kvs(&self, key: &str, response: &Value) -> Result<Option<(VmRecord, i64)>, EtcdError> {
-        let bad = |reason: &str| EtcdError::BadResponse {
-            endpoint: self.endpoints.join(","),
-            reason: reason.to_string(),
-        };
-        let Some(kvs) = response.get("kvs").and_then(Value::as_array) else {
-            return Ok(None);
-        };
-        let Some(kv) = kvs.first() else {
-            return Ok(None);
-        };
-        let value = kv
-            .get("value")
-            .and_then(Value::as_str)
-            .map(|v| BASE64.decode(v))
-            .transpose()
-            .map_err(|_| bad("value is not base64"))?
-            .unwrap_or_default();
-        let revision = kv
-            .get("mod_revision")
-            .and_then(as_i64)
-            .ok_or_else(|| bad("no mod_revision"))?;
-        Ok(Some((parse_value(key, &value)?, revision)))
+        parse_kvs(&self.endpoints.join(","), key, response)
     }
 
     /// One compare-and-set transaction. `Ok(None)` when it committed,
@@ -397,6 +376,39 @@ impl Arbiter for EtcdArbiter {
     }
 }
 
+/// Decodes the record under `key` and its `mod_revision` from a JSON range
+/// response of etcd's v3 gateway (`{"kvs": [{"value": base64, "mod_revision": n}]}`);
+/// `Ok(None)` if the key is absent. `endpoint` names the server in errors.
+/// Public for the fuzz targets.
+pub fn parse_kvs(
+    endpoint: &str,
+    key: &str,
+    response: &Value,
+) -> Result<Option<(VmRecord, i64)>, EtcdError> {
+    let bad = |reason: &str| EtcdError::BadResponse {
+        endpoint: endpoint.to_string(),
+        reason: reason.to_string(),
+    };
+    let Some(kvs) = response.get("kvs").and_then(Value::as_array) else {
+        return Ok(None);
+    };
+    let Some(kv) = kvs.first() else {
+        return Ok(None);
+    };
+    let value = kv
+        .get("value")
+        .and_then(Value::as_str)
+        .map(|v| BASE64.decode(v))
+        .transpose()
+        .map_err(|_| bad("value is not base64"))?
+        .unwrap_or_default();
+    let revision = kv
+        .get("mod_revision")
+        .and_then(as_i64)
+        .ok_or_else(|| bad("no mod_revision"))?;
+    Ok(Some((parse_value(key, &value)?, revision)))
+}
+
 fn as_i64(v: &Value) -> Option<i64> {
     v.as_i64()
         .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
@@ -485,7 +497,12 @@ fn invalid(what: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what)
 }
 
-fn parse_http_response(response: &[u8]) -> io::Result<(u16, Vec<u8>)> {
+/// Decodes a whole HTTP/1.1 response (as read until the server closed):
+/// its status and its body, de-chunked or cut to its `Content-Length`.
+/// Every length in it is bounded by the bytes actually present; anything
+/// malformed is an [`io::ErrorKind::InvalidData`] error. Public for the
+/// fuzz targets.
+pub fn parse_http_response(response: &[u8]) -> io::Result<(u16, Vec<u8>)> {
     let split = response
         .windows(4)
         .position(|w| w == b"\r\n\r\n")

@@ -53,8 +53,9 @@ pub fn send_name(stream: &mut TcpStream, name: &str) -> Result<(), ReplicaError>
         .map_err(link("send the join request"))
 }
 
-/// Reads the joiner's name.
-pub fn read_name(stream: &mut TcpStream) -> Result<String, ReplicaError> {
+/// Reads the joiner's name (from the join connection; any [`Read`], so the
+/// fuzz targets can feed it bytes).
+pub fn read_name(stream: &mut impl Read) -> Result<String, ReplicaError> {
     let mut head = [0u8; 6];
     stream
         .read_exact(&mut head)

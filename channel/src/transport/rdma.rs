@@ -468,7 +468,10 @@ fn encode_status(consumed: u64, reaped: u64, ack: u64) -> [u8; STATUS_LEN] {
     b
 }
 
-fn decode_status(words: [u64; 4]) -> Option<(u64, u64, u64)> {
+/// Decodes a status block as read from memory (four words, see the module
+/// docs): `(consumed, reaped, ack)`, or `None` if its check word does not
+/// match (a torn read, or garbage).
+pub fn decode_status(words: [u64; 4]) -> Option<(u64, u64, u64)> {
     let [c, r, a, k] = words.map(u64::from_le);
     (status_check(c, r, a) == k).then_some((c, r, a))
 }
