@@ -560,7 +560,9 @@ fn dechunk(mut body: &[u8]) -> io::Result<Vec<u8>> {
         if size == 0 {
             return Ok(out);
         }
-        if body.len() < size + 2 {
+        // `size` comes off the wire: compare without adding to it (a chunk
+        // size of ffffffffffffffff overflowed here; found by fuzzing).
+        if body.len() < 2 || body.len() - 2 < size {
             return Err(invalid("truncated chunk"));
         }
         out.extend_from_slice(&body[..size]);
@@ -619,6 +621,30 @@ mod tests {
         assert!(
             parse_http_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
                 .is_err()
+        );
+    }
+
+    #[test]
+    fn chunk_sizes_near_usize_max_are_truncated_chunks_not_overflows() {
+        // Regression (issue 13, and fuzz target `etcd_response`): size + 2
+        // overflowed for a chunk size of 2^64 - 1 or 2^64 - 2.
+        for size in ["ffffffffffffffff", "fffffffffffffffe", "7fffffffffffffff"] {
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{size}\r\nabc\r\n0\r\n\r\n"
+            );
+            let error = parse_http_response(response.as_bytes()).expect_err(size);
+            assert!(
+                error.to_string().contains("truncated chunk"),
+                "{size}: {error}"
+            );
+        }
+        // A chunk exactly as long as what is left, less its CRLF.
+        let short = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc";
+        assert!(parse_http_response(short).is_err());
+        let exact = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+        assert_eq!(
+            parse_http_response(exact).expect("parses"),
+            (200, b"abc".to_vec())
         );
     }
 }
