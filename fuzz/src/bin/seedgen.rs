@@ -24,7 +24,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use channel::log::{EntryKind, LogMeta, LogReader, encode_entry, encode_frames};
-use channel::protocol::{FrameKind, PROTOCOL_VERSION, Role, Session, entry_space, put_entry, seal};
+use channel::protocol::{
+    FRAME_HEADER_LEN, FrameKeys, FrameKind, PROTOCOL_VERSION, Role, Session, entry_space,
+    put_entry, seal,
+};
 use vmm::events::{Live, LogSink};
 use vmm::state::{CHUNK_HEADER_LEN, HEADER_LEN};
 use vmm::{CaptureMemory, CaptureRequest, Machine, StateHeader, StateWriter, VmConfig};
@@ -212,6 +215,9 @@ fn main() -> Result<()> {
         for e in chosen {
             at = put_entry(&mut buf, at, e);
         }
+        // Sealed as the primary's first frame (the target opens it as the
+        // backup, with the same test keys).
+        let mut sealer = FrameKeys::for_tests().sealer(Role::Primary);
         let len = seal(
             &mut buf,
             FrameKind::Batch,
@@ -219,11 +225,13 @@ fn main() -> Result<()> {
             1,
             chosen.len() as u32,
             payload,
-        );
+            &mut sealer,
+        )?;
         seeds.put_mode("frame", name, 2, &buf[..len])?;
     }
-    let mut ack = [0u8; 32];
-    channel::protocol::encode_control(&mut ack, FrameKind::Ack, 1, 5);
+    let mut ack = [0u8; FRAME_HEADER_LEN];
+    let mut sealer = FrameKeys::for_tests().sealer(Role::Primary);
+    channel::protocol::encode_control(&mut ack, FrameKind::Ack, 1, 5, &mut sealer)?;
     seeds.put_mode("frame", "ack", 2, &ack)?;
 
     // RxFrames: an ARP request and a TCP SYN as the guest receives them.
@@ -438,8 +446,9 @@ fn main() -> Result<()> {
     }
     shm.extend_from_slice(&[0, 120, 0, 9, 0, 120, 0, 9, 2, 2, 2]);
     seeds.put("shm_ring", "honest", &shm)?;
-    let mut frame = [0u8; 32];
-    channel::protocol::encode_control(&mut frame, FrameKind::Heartbeat, 1, 3);
+    let mut frame = [0u8; FRAME_HEADER_LEN];
+    let mut sealer = FrameKeys::for_tests().sealer(Role::Primary);
+    channel::protocol::encode_control(&mut frame, FrameKind::Heartbeat, 1, 3, &mut sealer)?;
     let mut rdma = vec![0u8, 0, 4, 0, 0, 0, 32, 0];
     rdma.extend_from_slice(&frame);
     rdma.extend_from_slice(&[
