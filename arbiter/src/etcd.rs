@@ -257,28 +257,7 @@ impl EtcdArbiter {
     }
 
     fn parse_kvs(&self, key: &str, response: &Value) -> Result<Option<(VmRecord, i64)>, EtcdError> {
-        let bad = |reason: &str| EtcdError::BadResponse {
-            endpoint: self.endpoints.join(","),
-            reason: reason.to_string(),
-        };
-        let Some(kvs) = response.get("kvs").and_then(Value::as_array) else {
-            return Ok(None);
-        };
-        let Some(kv) = kvs.first() else {
-            return Ok(None);
-        };
-        let value = kv
-            .get("value")
-            .and_then(Value::as_str)
-            .map(|v| BASE64.decode(v))
-            .transpose()
-            .map_err(|_| bad("value is not base64"))?
-            .unwrap_or_default();
-        let revision = kv
-            .get("mod_revision")
-            .and_then(as_i64)
-            .ok_or_else(|| bad("no mod_revision"))?;
-        Ok(Some((parse_value(key, &value)?, revision)))
+        parse_kvs(&self.endpoints.join(","), key, response)
     }
 
     /// One compare-and-set transaction. `Ok(None)` when it committed,
@@ -398,6 +377,39 @@ impl Arbiter for EtcdArbiter {
     }
 }
 
+/// Decodes the record under `key` and its `mod_revision` from a JSON range
+/// response of etcd's v3 gateway (`{"kvs": [{"value": base64, "mod_revision": n}]}`);
+/// `Ok(None)` if the key is absent. `endpoint` names the server in errors.
+/// Public for the fuzz targets.
+pub fn parse_kvs(
+    endpoint: &str,
+    key: &str,
+    response: &Value,
+) -> Result<Option<(VmRecord, i64)>, EtcdError> {
+    let bad = |reason: &str| EtcdError::BadResponse {
+        endpoint: endpoint.to_string(),
+        reason: reason.to_string(),
+    };
+    let Some(kvs) = response.get("kvs").and_then(Value::as_array) else {
+        return Ok(None);
+    };
+    let Some(kv) = kvs.first() else {
+        return Ok(None);
+    };
+    let value = kv
+        .get("value")
+        .and_then(Value::as_str)
+        .map(|v| BASE64.decode(v))
+        .transpose()
+        .map_err(|_| bad("value is not base64"))?
+        .unwrap_or_default();
+    let revision = kv
+        .get("mod_revision")
+        .and_then(as_i64)
+        .ok_or_else(|| bad("no mod_revision"))?;
+    Ok(Some((parse_value(key, &value)?, revision)))
+}
+
 fn as_i64(v: &Value) -> Option<i64> {
     v.as_i64()
         .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
@@ -486,7 +498,12 @@ fn invalid(what: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what)
 }
 
-fn parse_http_response(response: &[u8]) -> io::Result<(u16, Vec<u8>)> {
+/// Decodes a whole HTTP/1.1 response (as read until the server closed):
+/// its status and its body, de-chunked or cut to its `Content-Length`.
+/// Every length in it is bounded by the bytes actually present; anything
+/// malformed is an [`io::ErrorKind::InvalidData`] error. Public for the
+/// fuzz targets.
+pub fn parse_http_response(response: &[u8]) -> io::Result<(u16, Vec<u8>)> {
     let split = response
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -543,8 +560,12 @@ fn dechunk(mut body: &[u8]) -> io::Result<Vec<u8>> {
         // Every length from the wire is bounded before any arithmetic: a
         // chunk size of ffffffffffffffff once overflowed `size + 2` here.
         let size = usize::from_str_radix(size_text, 16).map_err(|_| invalid("bad chunk size"))?;
+        // A response is at most MAX_RESPONSE bytes, so a larger chunk can
+        // only be a truncated one.
         if size > MAX_RESPONSE {
-            return Err(invalid("chunk larger than the largest response accepted"));
+            return Err(invalid(
+                "truncated chunk (its size is larger than the largest response accepted)",
+            ));
         }
         body = body
             .get(line_end + 2..)
@@ -554,7 +575,7 @@ fn dechunk(mut body: &[u8]) -> io::Result<Vec<u8>> {
         }
         let end = size
             .checked_add(2)
-            .ok_or_else(|| invalid("chunk size overflows"))?;
+            .ok_or_else(|| invalid("truncated chunk (its size overflows)"))?;
         let (chunk, rest) = (body.get(..size), body.get(end..));
         let (Some(chunk), Some(rest)) = (chunk, rest) else {
             return Err(invalid("truncated chunk"));
@@ -625,6 +646,30 @@ mod tests {
         assert!(
             parse_http_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
                 .is_err()
+        );
+    }
+
+    #[test]
+    fn chunk_sizes_near_usize_max_are_truncated_chunks_not_overflows() {
+        // Regression (issue 13, and fuzz target `etcd_response`): size + 2
+        // overflowed for a chunk size of 2^64 - 1 or 2^64 - 2.
+        for size in ["ffffffffffffffff", "fffffffffffffffe", "7fffffffffffffff"] {
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{size}\r\nabc\r\n0\r\n\r\n"
+            );
+            let error = parse_http_response(response.as_bytes()).expect_err(size);
+            assert!(
+                error.to_string().contains("truncated chunk"),
+                "{size}: {error}"
+            );
+        }
+        // A chunk exactly as long as what is left, less its CRLF.
+        let short = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc";
+        assert!(parse_http_response(short).is_err());
+        let exact = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+        assert_eq!(
+            parse_http_response(exact).expect("parses"),
+            (200, b"abc".to_vec())
         );
     }
 }

@@ -1076,6 +1076,7 @@ pub fn batch_entries<'a>(frame: &Frame<'a>) -> BatchEntries<'a> {
         rest: frame.payload,
         left: frame.count,
         seq: frame.seq,
+        past_last_seq: false,
     }
 }
 
@@ -1085,6 +1086,8 @@ pub struct BatchEntries<'a> {
     rest: &'a [u8],
     left: u32,
     seq: u64,
+    /// The last entry had sequence number `u64::MAX`.
+    past_last_seq: bool,
 }
 
 impl<'a> Iterator for BatchEntries<'a> {
@@ -1099,6 +1102,14 @@ impl<'a> Iterator for BatchEntries<'a> {
             return Some(Err(FrameError::Malformed {
                 seq: self.seq,
                 reason: "bytes left after the last entry",
+            }));
+        }
+        if self.past_last_seq {
+            self.left = 0;
+            self.rest = &[];
+            return Some(Err(FrameError::Malformed {
+                seq: self.seq,
+                reason: "entries run past sequence number 2^64 - 1",
             }));
         }
         let bad = |reason| {
@@ -1123,7 +1134,12 @@ impl<'a> Iterator for BatchEntries<'a> {
         self.rest = &self.rest[space..];
         self.left -= 1;
         let seq = self.seq;
-        self.seq = self.seq.saturating_add(1);
+        // The seq field comes off the wire: a batch whose entries would run
+        // past the last sequence number is malformed (found by fuzzing).
+        match seq.checked_add(1) {
+            Some(next) => self.seq = next,
+            None => self.past_last_seq = true,
+        }
         Some(Ok((seq, entry)))
     }
 }
@@ -1259,6 +1275,26 @@ mod tests {
             }
         );
         assert!(e.to_string().contains("sequence number 42"));
+    }
+
+    #[test]
+    fn sequence_numbers_past_u64_max_are_malformed() {
+        // Regression (fuzz target `frame`): a batch claiming seq u64::MAX with
+        // two entries overflowed the iterator's sequence counter.
+        let bytes = batch(1, u64::MAX, &[b"last", b"past"]);
+        let frame = decode_frame(&bytes, 1, 1, &mut opener()).unwrap();
+        let mut entries = batch_entries(&frame);
+        assert_eq!(entries.next(), Some(Ok((u64::MAX, &b"last"[..]))));
+        assert!(matches!(
+            entries.next(),
+            Some(Err(FrameError::Malformed { seq: u64::MAX, .. }))
+        ));
+        assert_eq!(entries.next(), None);
+        // One entry at the last sequence number is fine.
+        let bytes = batch(1, u64::MAX, &[b"last"]);
+        let frame = decode_frame(&bytes, 1, 1, &mut opener()).unwrap();
+        let all: Vec<_> = batch_entries(&frame).collect();
+        assert_eq!(all, vec![Ok((u64::MAX, &b"last"[..]))]);
     }
 
     #[test]

@@ -53,7 +53,8 @@ pub fn send_name(stream: &mut TcpStream, name: &str) -> Result<(), ReplicaError>
         .map_err(link("send the join request"))
 }
 
-/// Reads the joiner's name.
+/// Reads the joiner's name (from the join connection; any [`Read`], so the
+/// fuzz targets can feed it bytes).
 pub fn read_name(stream: &mut impl Read) -> Result<String, ReplicaError> {
     let mut head = [0u8; 6];
     stream

@@ -818,6 +818,191 @@ fn read_exact<R: Read>(
     Ok(())
 }
 
+/// One chunk's payload, parsed and checked on its own: what [`receive`]
+/// applies to the new VM. Whole-stream rules (one of each state, the `end`
+/// last) are [`receive`]'s.
+#[derive(Debug)]
+pub enum ChunkRecord<'a> {
+    /// Whole 4 KiB pages at a page-aligned guest address inside guest memory.
+    Memory {
+        /// Guest-physical address of the first page.
+        addr: u64,
+        /// The pages.
+        bytes: &'a [u8],
+    },
+    /// The end of a pre-copy round (informational).
+    Round,
+    /// The vCPU state.
+    Vcpu(Box<VcpuState>),
+    /// The paravirtual device.
+    PvDevice(PvDeviceState),
+    /// The virtio-net device.
+    VirtioNet(NetDeviceState),
+    /// Counters and the event position.
+    Machine {
+        /// Exits handled.
+        exits: u64,
+        /// Digests taken.
+        digests: u64,
+        /// The event source's position.
+        events: EventPosition,
+        /// The digest at the capture, if one was taken.
+        digest: Option<Digest>,
+    },
+    /// The end of the stream (its chunk count checked).
+    End,
+}
+
+/// Parses and checks the payload of `chunk` (read by [`StateReader`]) of a
+/// stream with `header`, for a VM of `config` (the stream header's, as
+/// [`receive`] builds it). Pure: it touches no VM, so it is also the entry
+/// point of the state-stream fuzz target. Errors are
+/// [`StateError::Malformed`], naming the chunk.
+pub fn parse_chunk<'a>(
+    chunk: &'a Chunk,
+    header: &StateHeader,
+    config: &VmConfig,
+) -> Result<ChunkRecord<'a>, StateError> {
+    let malformed = |detail: String| StateError::Malformed {
+        index: chunk.index,
+        kind: ChunkKind::name(chunk.kind as u16),
+        offset: chunk.offset,
+        detail,
+    };
+    let mut c = Cursor {
+        bytes: &chunk.payload,
+        at: 0,
+    };
+    Ok(match chunk.kind {
+        ChunkKind::Memory => {
+            let addr = c.u64("guest address").map_err(malformed)?;
+            let bytes = &chunk.payload[8..];
+            if !addr.is_multiple_of(PAGE_SIZE)
+                || !(bytes.len() as u64).is_multiple_of(PAGE_SIZE)
+                || bytes.is_empty()
+            {
+                return Err(malformed(format!(
+                    "{} bytes at {addr:#x}: memory travels in whole, aligned 4 KiB pages",
+                    bytes.len()
+                )));
+            }
+            if addr
+                .checked_add(bytes.len() as u64)
+                .is_none_or(|end| end > header.mem_size)
+            {
+                return Err(malformed(format!(
+                    "{} bytes at {addr:#x} lie outside guest memory (0..{:#x})",
+                    bytes.len(),
+                    header.mem_size
+                )));
+            }
+            ChunkRecord::Memory { addr, bytes }
+        }
+        ChunkKind::Round => {
+            c.take(16, "round record").map_err(malformed)?;
+            c.done("round record").map_err(malformed)?;
+            ChunkRecord::Round
+        }
+        ChunkKind::Vcpu => {
+            ChunkRecord::Vcpu(Box::new(decode_vcpu(&chunk.payload).map_err(malformed)?))
+        }
+        ChunkKind::PvDevice => {
+            let parse = |c: &mut Cursor<'_>| -> Result<PvDeviceState, String> {
+                let arg = c.u64("arg")?;
+                let mem_size = c.u64("mem_size")?;
+                let input_ended = c.flag("input_ended")?;
+                c.take(7, "padding")?;
+                let console_bytes = c.u64("console_bytes")?;
+                c.done("device state")?;
+                Ok(PvDeviceState {
+                    arg,
+                    mem_size,
+                    input_ended,
+                    console_bytes,
+                })
+            };
+            let state = parse(&mut c).map_err(malformed)?;
+            if state.mem_size != header.mem_size {
+                return Err(malformed(format!(
+                    "the device reports {} bytes of memory, the header {}",
+                    state.mem_size, header.mem_size
+                )));
+            }
+            ChunkRecord::PvDevice(state)
+        }
+        ChunkKind::VirtioNet => {
+            if chunk.payload.len() != VIRTIO_NET_STATE_LEN + 8 {
+                return Err(malformed(format!(
+                    "{} bytes, expected {}",
+                    chunk.payload.len(),
+                    VIRTIO_NET_STATE_LEN + 8
+                )));
+            }
+            let state = VirtioNetState::from_bytes(&chunk.payload[..VIRTIO_NET_STATE_LEN])
+                .map_err(|e| malformed(e.to_string()))?;
+            if Some(state.mac) != config.mac {
+                return Err(malformed(format!(
+                    "the device has MAC {:02x?}, the VM's configuration {:02x?}",
+                    state.mac, config.mac
+                )));
+            }
+            ChunkRecord::VirtioNet(NetDeviceState {
+                device: state,
+                suppressed: le_u64(&chunk.payload[VIRTIO_NET_STATE_LEN..]),
+            })
+        }
+        ChunkKind::Machine => {
+            let parse = |c: &mut Cursor<'_>| -> Result<ChunkRecord<'a>, String> {
+                let exits = c.u64("exits")?;
+                let digests = c.u64("digests")?;
+                let log_position = c.u64("log position")?;
+                let last_clock_ns = c.u64("last clock")?;
+                let has_digest = c.flag("digest present")?;
+                c.take(7, "padding")?;
+                let digest = Digest {
+                    registers: c.u64("digest registers")?,
+                    memory: c.u64("digest memory")?,
+                    rip: c.u64("digest rip")?,
+                };
+                c.done("machine record")?;
+                Ok(ChunkRecord::Machine {
+                    exits,
+                    digests,
+                    events: EventPosition {
+                        log_position,
+                        last_clock_ns,
+                    },
+                    digest: has_digest.then_some(digest),
+                })
+            };
+            parse(&mut c).map_err(malformed)?
+        }
+        ChunkKind::End => {
+            c.take(16, "end record").map_err(malformed)?;
+            c.done("end record").map_err(malformed)?;
+            let announced = le_u32(&chunk.payload[..4]);
+            if announced != chunk.index {
+                return Err(malformed(format!(
+                    "it counts {announced} chunks before it, there were {}",
+                    chunk.index
+                )));
+            }
+            ChunkRecord::End
+        }
+    })
+}
+
+/// Decodes a `vcpu` chunk's payload (see the module docs for its layout):
+/// the pure decoder [`receive`] uses, exposed for the fuzz targets.
+pub fn decode_vcpu_state(payload: &[u8]) -> Result<VcpuState, StateError> {
+    decode_vcpu(payload).map_err(|detail| StateError::Malformed {
+        index: 0,
+        kind: ChunkKind::name(ChunkKind::Vcpu as u16),
+        offset: 0,
+        detail,
+    })
+}
+
 /// Counters of a received stream.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ReceiveStats {
@@ -900,139 +1085,44 @@ pub fn receive_from<R: Read>(
             offset: chunk.offset,
             detail,
         };
-        let mut c = Cursor {
-            bytes: &chunk.payload,
-            at: 0,
-        };
-        match chunk.kind {
-            ChunkKind::Memory => {
-                let addr = c.u64("guest address").map_err(malformed)?;
-                let bytes = &chunk.payload[8..];
-                if !addr.is_multiple_of(PAGE_SIZE)
-                    || !(bytes.len() as u64).is_multiple_of(PAGE_SIZE)
-                    || bytes.is_empty()
-                {
-                    return Err(malformed(format!(
-                        "{} bytes at {addr:#x}: memory travels in whole, aligned 4 KiB pages",
-                        bytes.len()
-                    )));
-                }
-                if addr
-                    .checked_add(bytes.len() as u64)
-                    .is_none_or(|end| end > header.mem_size)
-                {
-                    return Err(malformed(format!(
-                        "{} bytes at {addr:#x} lie outside guest memory (0..{:#x})",
-                        bytes.len(),
-                        header.mem_size
-                    )));
-                }
+        match parse_chunk(&chunk, &header, &config)? {
+            ChunkRecord::Memory { addr, bytes } => {
                 vm.memory()
                     .write_slice(bytes, GuestAddress(addr))
                     .map_err(|e| malformed(format!("write guest memory at {addr:#x}: {e}")))?;
                 stats.pages += bytes.len() as u64 / PAGE_SIZE;
             }
-            ChunkKind::Round => {
-                c.take(16, "round record").map_err(malformed)?;
-                c.done("round record").map_err(malformed)?;
-                stats.rounds += 1;
-            }
-            ChunkKind::Vcpu => {
+            ChunkRecord::Round => stats.rounds += 1,
+            ChunkRecord::Vcpu(state) => {
                 if vcpu.is_some() {
                     return Err(malformed("a second vCPU state".into()));
                 }
-                vcpu = Some(decode_vcpu(&chunk.payload).map_err(malformed)?);
+                vcpu = Some(*state);
             }
-            ChunkKind::PvDevice => {
+            ChunkRecord::PvDevice(state) => {
                 if device.is_some() {
                     return Err(malformed("a second paravirtual device state".into()));
                 }
-                let parse = |c: &mut Cursor<'_>| -> Result<PvDeviceState, String> {
-                    let arg = c.u64("arg")?;
-                    let mem_size = c.u64("mem_size")?;
-                    let input_ended = c.flag("input_ended")?;
-                    c.take(7, "padding")?;
-                    let console_bytes = c.u64("console_bytes")?;
-                    c.done("device state")?;
-                    Ok(PvDeviceState {
-                        arg,
-                        mem_size,
-                        input_ended,
-                        console_bytes,
-                    })
-                };
-                let state = parse(&mut c).map_err(malformed)?;
-                if state.mem_size != header.mem_size {
-                    return Err(malformed(format!(
-                        "the device reports {} bytes of memory, the header {}",
-                        state.mem_size, header.mem_size
-                    )));
-                }
                 device = Some(state);
             }
-            ChunkKind::VirtioNet => {
+            ChunkRecord::VirtioNet(state) => {
                 if net.is_some() {
                     return Err(malformed("a second virtio-net state".into()));
                 }
-                if chunk.payload.len() != VIRTIO_NET_STATE_LEN + 8 {
-                    return Err(malformed(format!(
-                        "{} bytes, expected {}",
-                        chunk.payload.len(),
-                        VIRTIO_NET_STATE_LEN + 8
-                    )));
-                }
-                let state = VirtioNetState::from_bytes(&chunk.payload[..VIRTIO_NET_STATE_LEN])
-                    .map_err(|e| malformed(e.to_string()))?;
-                if Some(state.mac) != config.mac {
-                    return Err(malformed(format!(
-                        "the device has MAC {:02x?}, the VM's configuration {:02x?}",
-                        state.mac, config.mac
-                    )));
-                }
-                net = Some(NetDeviceState {
-                    device: state,
-                    suppressed: le_u64(&chunk.payload[VIRTIO_NET_STATE_LEN..]),
-                });
+                net = Some(state);
             }
-            ChunkKind::Machine => {
+            ChunkRecord::Machine {
+                exits,
+                digests,
+                events,
+                digest,
+            } => {
                 if machine.is_some() {
                     return Err(malformed("a second machine record".into()));
                 }
-                let parse = |c: &mut Cursor<'_>| -> Result<_, String> {
-                    let exits = c.u64("exits")?;
-                    let digests = c.u64("digests")?;
-                    let log_position = c.u64("log position")?;
-                    let last_clock_ns = c.u64("last clock")?;
-                    let has_digest = c.flag("digest present")?;
-                    c.take(7, "padding")?;
-                    let digest = Digest {
-                        registers: c.u64("digest registers")?,
-                        memory: c.u64("digest memory")?,
-                        rip: c.u64("digest rip")?,
-                    };
-                    c.done("machine record")?;
-                    Ok((
-                        exits,
-                        digests,
-                        EventPosition {
-                            log_position,
-                            last_clock_ns,
-                        },
-                        has_digest.then_some(digest),
-                    ))
-                };
-                machine = Some(parse(&mut c).map_err(malformed)?);
+                machine = Some((exits, digests, events, digest));
             }
-            ChunkKind::End => {
-                c.take(16, "end record").map_err(malformed)?;
-                c.done("end record").map_err(malformed)?;
-                let announced = le_u32(&chunk.payload[..4]);
-                if announced != chunk.index {
-                    return Err(malformed(format!(
-                        "it counts {announced} chunks before it, there were {}",
-                        chunk.index
-                    )));
-                }
+            ChunkRecord::End => {
                 stats.bytes = reader.bytes_read();
                 break;
             }

@@ -169,7 +169,8 @@ const INFO_LEN: usize = 128;
 const INFO_MAGIC: [u8; 8] = *b"LKSTPRDM";
 const REFUSE_MAGIC: [u8; 8] = *b"LKSTPRDN";
 const READY: [u8; 8] = *b"LKSTPRDY";
-const STATUS_LEN: usize = 48;
+/// Bytes of a status block: four words, then a 16-byte tag.
+pub const STATUS_LEN: usize = 48;
 /// Receive requests each end keeps posted.
 const RECV_DEPTH: u32 = 256;
 /// Send queue depth: data writes + status writes.
@@ -487,8 +488,11 @@ fn encode_status(
     b
 }
 
-/// `(counter, consumed, reaped, ack)` of a block whose tag verifies.
-fn decode_status(key: &[u8; 32], b: &[u8; STATUS_LEN]) -> Option<(u64, u64, u64, u64)> {
+/// Decodes a status block as read from the peer's memory (see the module
+/// docs): `(counter, consumed, reaped, ack)` if its tag verifies under `key`
+/// and its counter is nonzero, else `None` (a torn read, garbage, or a
+/// forgery). Public so the fuzz targets can feed it arbitrary blocks.
+pub fn decode_status(key: &[u8; 32], b: &[u8; STATUS_LEN]) -> Option<(u64, u64, u64, u64)> {
     let tag = status_tag(key, &b[..32]);
     if tag
         .iter()

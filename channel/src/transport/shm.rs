@@ -270,8 +270,17 @@ impl RingEnd {
         };
         if self.size - (self.mine - self.theirs) < required {
             // Acquire pairs with the consumer's Release of `head`.
-            self.theirs = Self::load(self.head);
-            if self.size - (self.mine - self.theirs) < required {
+            let head = Self::load(self.head);
+            // The head is the peer's: one ahead of our tail, or more than a
+            // ring behind it, is refused, and not kept (it underflowed here;
+            // found by fuzzing).
+            let used = self
+                .mine
+                .checked_sub(head)
+                .filter(|&used| used <= self.size)
+                .ok_or(TransportError::BadRegion("peer's head is outside the ring"))?;
+            self.theirs = head;
+            if self.size - used < required {
                 return Ok(None);
             }
         }
@@ -804,6 +813,109 @@ fn recv_fd(sock: &UnixStream) -> Result<OwnedFd, TransportError> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Both ends of one ring over private memory, for the fuzz targets and
+/// tests: the same [`RingEnd`] code the transport runs on the shared
+/// mapping, plus the writes a hostile peer can make to the region (any data
+/// byte, either index). Not part of the transport's API.
+#[doc(hidden)]
+pub struct RingModel {
+    /// Words: head, tail, asleep, then the data area. Owned (from
+    /// `Box::into_raw`); freed on drop. Every access goes through this pointer.
+    base: *mut u64,
+    words: usize,
+    producer: RingEnd,
+    consumer: RingEnd,
+}
+
+impl RingModel {
+    const DATA_WORD: usize = 3;
+
+    /// A ring of `ring_bytes` (a power of two, at least 64).
+    pub fn new(ring_bytes: usize) -> Result<Self, TransportError> {
+        if !ring_bytes.is_power_of_two() || ring_bytes < 64 {
+            return Err(TransportError::BadRegion(
+                "ring size must be a power of two >= 64",
+            ));
+        }
+        let words = Self::DATA_WORD + ring_bytes / 8;
+        let base = Box::into_raw(vec![0u64; words].into_boxed_slice()).cast::<u64>();
+        let end = || RingEnd {
+            // SAFETY: DATA_WORD < words: the data area starts inside the allocation.
+            data: unsafe { base.add(Self::DATA_WORD) }.cast::<u8>(),
+            size: ring_bytes as u64,
+            head: base.cast::<AtomicU64>(),
+            // SAFETY: word 1 is inside the allocation.
+            tail: unsafe { base.add(1) }.cast::<AtomicU64>(),
+            mine: 0,
+            theirs: 0,
+            open: None,
+            lent: 0,
+            private: Vec::new(),
+            // SAFETY: word 2 is inside the allocation.
+            asleep: unsafe { base.add(2) }.cast::<AtomicU64>(),
+        };
+        Ok(Self {
+            base,
+            words,
+            producer: end(),
+            consumer: end(),
+        })
+    }
+
+    /// The producer sends one frame; `Ok(false)` when the ring is full.
+    pub fn send(&mut self, frame: &[u8]) -> Result<bool, TransportError> {
+        let Some(buf) = self.producer.reserve(frame.len())? else {
+            return Ok(false);
+        };
+        buf.copy_from_slice(frame);
+        self.producer.commit(frame.len())?;
+        Ok(true)
+    }
+
+    /// The consumer takes the next record, if any.
+    pub fn recv(&mut self) -> Result<Option<Vec<u8>>, TransportError> {
+        Ok(self.consumer.recv()?.map(<[u8]>::to_vec))
+    }
+
+    /// A hostile peer writes `bytes` into the data area at `offset` (both
+    /// taken modulo the ring size).
+    pub fn peer_write(&mut self, offset: usize, bytes: &[u8]) {
+        let size = (self.words - Self::DATA_WORD) * 8;
+        for (i, &b) in bytes.iter().enumerate() {
+            // SAFETY: the index is reduced modulo the data area's size, so the
+            // byte is inside the allocation; written with a volatile copy,
+            // as the peer's writes to the shared mapping are seen.
+            unsafe {
+                volatile_copy_to(
+                    &[b],
+                    self.base
+                        .add(Self::DATA_WORD)
+                        .cast::<u8>()
+                        .add((offset + i) % size),
+                )
+            };
+        }
+    }
+
+    /// A hostile peer stores `value` as the ring's head (it plays the consumer).
+    pub fn peer_set_head(&mut self, value: u64) {
+        RingEnd::store(self.producer.head, value);
+    }
+
+    /// A hostile peer stores `value` as the ring's tail (it plays the producer).
+    pub fn peer_set_tail(&mut self, value: u64) {
+        RingEnd::store(self.consumer.tail, value);
+    }
+}
+
+impl Drop for RingModel {
+    fn drop(&mut self) {
+        // SAFETY: base and words are the allocation made by `new` with
+        // Box::into_raw, freed exactly once here.
+        drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(self.base, self.words)) });
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -909,5 +1021,51 @@ mod tests {
         // SAFETY: the first 72 bytes of ring 0's data area (prefix + frame).
         unsafe { volatile_copy_to(&[0x22; 64], data.add(REC_PREFIX)) };
         assert!(frame.iter().all(|&b| b == 0x11));
+    }
+
+    #[test]
+    fn frames_cross_the_ring_model_intact() {
+        let mut ring = RingModel::new(256).expect("ring");
+        for round in 0..40u8 {
+            let frame = vec![round; usize::from(round) % 90];
+            assert!(ring.send(&frame).expect("send"), "room for one frame");
+            assert_eq!(ring.recv().expect("recv"), Some(frame));
+        }
+        assert_eq!(ring.recv().expect("recv"), None);
+    }
+
+    #[test]
+    fn a_peer_head_outside_the_ring_is_refused() {
+        // Regression (fuzz target `shm_ring`): a consumer whose head is ahead
+        // of the producer's tail made `reserve` underflow.
+        for head in [u64::MAX, 1 << 20, 1000] {
+            let mut ring = RingModel::new(256).expect("ring");
+            assert!(ring.send(&[1; 60]).expect("send"));
+            ring.peer_set_head(head);
+            let error = loop {
+                match ring.send(&[2; 60]) {
+                    Ok(true) => continue,
+                    Ok(false) => panic!("head {head}: the ring looked full, not corrupt"),
+                    Err(error) => break error,
+                }
+            };
+            assert!(
+                error.to_string().contains("head is outside the ring"),
+                "head {head}: {error}"
+            );
+            // The refused head is not kept: the next send is refused the same way.
+            let again = ring.send(&[3; 60]).expect_err("still corrupt");
+            assert!(
+                again.to_string().contains("head is outside the ring"),
+                "{again}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_peer_tail_outside_the_ring_is_refused() {
+        let mut ring = RingModel::new(256).expect("ring");
+        ring.peer_set_tail(1 << 40);
+        assert!(ring.recv().is_err());
     }
 }
