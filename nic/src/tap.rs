@@ -2,7 +2,7 @@
 //! out of and come in through, and the queue between its reader thread and
 //! the vCPU.
 //!
-//! Set-up (needs CAP_NET_ADMIN): `TapDevice::open("lstap0")` creates the
+//! Set-up (needs CAP_NET_ADMIN): `TapDevice::open("tap0")` creates the
 //! interface or attaches to an existing one; addresses and routes are the
 //! caller's (the `testbed` crate bridges a persistent `tap0` in each host
 //! namespace).
@@ -143,41 +143,6 @@ impl TapDevice {
                 source,
             })
     }
-}
-
-/// Makes sure a persistent TAP interface `name` exists, up, with
-/// `host_cidr` (say `10.100.0.1/24`) on the host side, using iproute2 (as
-/// the old net-setup script did), in the caller's network namespace. Needs
-/// CAP_NET_ADMIN.
-pub fn ensure_persistent(name: &str, host_cidr: &str) -> Result<(), NicError> {
-    if std::path::Path::new("/sys/class/net").join(name).exists() {
-        return Ok(());
-    }
-    for args in [
-        vec!["tuntap", "add", "dev", name, "mode", "tap"],
-        vec!["addr", "add", host_cidr, "dev", name],
-        vec!["link", "set", name, "up"],
-    ] {
-        let error = |what: String, source: std::io::Error| NicError::Tap {
-            name: name.to_string(),
-            what,
-            source,
-        };
-        let status = std::process::Command::new("ip")
-            .args(&args)
-            .status()
-            .map_err(|e| error("cannot run `ip` (install iproute2)".into(), e))?;
-        if !status.success() {
-            return Err(error(
-                format!(
-                    "`ip {}` failed (creating a TAP device needs root)",
-                    args.join(" ")
-                ),
-                std::io::Error::from(std::io::ErrorKind::PermissionDenied),
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// Writes released frames to the TAP interface.
