@@ -649,6 +649,14 @@ impl<T: Transport> LogReceiver<T> {
                 self.send_ack(now)?;
             }
         }
+        self.heartbeat_if_due(now)?;
+        silent(self.last_heard, now, &self.liveness, self.expected - 1)?;
+        Ok(delivered)
+    }
+
+    /// Sends a heartbeat (carrying the last ack sent) if none went out for
+    /// the liveness interval.
+    fn heartbeat_if_due(&mut self, now: Instant) -> Result<(), ChannelError> {
         if now.saturating_duration_since(self.last_sent) >= self.liveness.heartbeat
             && send_control(
                 &mut self.t,
@@ -661,8 +669,7 @@ impl<T: Transport> LogReceiver<T> {
             self.last_sent = now;
             self.metrics.heartbeats_sent += 1;
         }
-        silent(self.last_heard, now, &self.liveness, self.expected - 1)?;
-        Ok(delivered)
+        Ok(())
     }
 
     /// For an owner that cannot take more entries now (its consumer is
@@ -680,18 +687,7 @@ impl<T: Transport> LogReceiver<T> {
         if self.expected - 1 > self.acked_sent {
             self.send_ack(now)?;
         }
-        if now.saturating_duration_since(self.last_sent) >= self.liveness.heartbeat
-            && send_control(
-                &mut self.t,
-                &mut self.sealer,
-                FrameKind::Heartbeat,
-                self.generation,
-                self.acked_sent,
-            )?
-        {
-            self.last_sent = now;
-            self.metrics.heartbeats_sent += 1;
-        }
+        self.heartbeat_if_due(now)?;
         Ok(())
     }
 
