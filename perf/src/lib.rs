@@ -8,9 +8,11 @@
 //! |---|---|
 //! | `channel` | the logging channel alone: throughput per entry size and ack round trip per transport, against raw loopback TCP and a 64-byte ping-pong |
 //! | `exits` | guest-initiated exits per second, and the cost of recording: the same guest run with its events logged against it run with nothing logged |
+//! | `latency` | what the Output Rule costs a request/response service: stock `redis-benchmark` FT off vs FT on, held output, against thread/process/spin ping-pongs |
 //! | `table2` | the paper's Table 2: guest network bandwidth with FT off and on, logging bandwidth, held-output latency |
 
 pub mod exits;
+pub mod latency;
 pub mod table2;
 
 use std::process::Command;
@@ -24,6 +26,10 @@ pub const BENCHMARKS: &[(&str, &str)] = &[
     (
         "channel",
         "logging-channel throughput 64 B..64 KiB and ack round trip per transport, vs raw TCP and a ping-pong in the same run",
+    ),
+    (
+        "latency",
+        "stock redis-benchmark FT off vs FT on (tcp, shm): req/s ratios, added p50/p99, held output, vs wake-up ping-pongs in the same run",
     ),
     (
         "table2",
@@ -61,6 +67,7 @@ pub struct Report {
 pub fn run(name: &str, quick: bool) -> Result<Report, BenchError> {
     match name {
         "exits" => exits::run(quick),
+        "latency" => latency::run(quick),
         "channel" => {
             let options = if quick {
                 channel::bench::BenchOpts::quick()

@@ -31,12 +31,12 @@
 
 mod anatomy;
 pub mod gate;
-mod hosts;
+pub(crate) mod hosts;
 pub mod load;
 mod plot;
 mod procfs;
 pub mod report;
-mod runner;
+pub(crate) mod runner;
 pub mod scenario;
 pub mod stats;
 
