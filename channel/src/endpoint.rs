@@ -108,6 +108,15 @@ pub struct Metrics {
     /// Sender: entries sent but not yet acked, sampled at each ack.
     /// Receiver: ns from receiving a batch to sending the ack that covers it.
     pub ack_lag: Histogram<u64>,
+    /// Sender: ns from a batch's first entry to its seal (batching delay).
+    pub batch_fill_ns: Histogram<u64>,
+    /// Sender: ns from the producer ringing the doorbell to the sleeping
+    /// sender running again (only wakes that rang; see
+    /// [`crate::pipeline`]).
+    pub wake_ns: Histogram<u64>,
+    /// Sender: ns spent in the ack hook (the output gate's release, its
+    /// TAP writes included) per ack that advanced the watermark.
+    pub ack_hook_ns: Histogram<u64>,
 }
 
 impl Metrics {
@@ -128,6 +137,9 @@ impl Metrics {
             ring_full_stalls: 0,
             ack_rtt_ns: h()?,
             ack_lag: h()?,
+            batch_fill_ns: h()?,
+            wake_ns: h()?,
+            ack_hook_ns: h()?,
         })
     }
 
@@ -177,6 +189,8 @@ struct OpenBatch {
     len: usize,
     /// Payload bytes of its reservation (`cap`, or one oversized entry's space).
     reserved: usize,
+    /// When its first entry was put in.
+    opened: Instant,
 }
 
 /// The primary's end; see the module docs.
@@ -315,6 +329,7 @@ impl<T: Transport> LogSender<T> {
             count: 0,
             len: 0,
             reserved,
+            opened: Instant::now(),
         });
         let end = put_entry(buf, FRAME_HEADER_LEN + o.len, entry);
         o.len = end - FRAME_HEADER_LEN;
@@ -362,6 +377,9 @@ impl<T: Transport> LogSender<T> {
         self.t.commit(n)?;
         self.open = None;
         let now = Instant::now();
+        self.metrics
+            .batch_fill_ns
+            .saturating_record(now.saturating_duration_since(o.opened).as_nanos() as u64);
         self.inflight
             .push_back((o.first_seq + u64::from(o.count) - 1, now));
         self.last_sent = now;
@@ -382,6 +400,9 @@ impl<T: Transport> LogSender<T> {
         self.watermark.store(ack, Ordering::Release);
         if let Some(hook) = self.ack_hook.as_mut() {
             hook(ack);
+            self.metrics
+                .ack_hook_ns
+                .saturating_record(now.elapsed().as_nanos() as u64);
         }
         self.metrics.acks += 1;
         while let Some(&(last, at)) = self.inflight.front() {

@@ -26,7 +26,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering, fence};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tuning::{HostCores, Profile, Waiter};
 
@@ -69,6 +69,9 @@ struct Doorbell {
     eventfd: OwnedFd,
     /// Set by the sender before it sleeps.
     asleep: AtomicBool,
+    /// When the last ring was rung: ns since `epoch` (hop timing).
+    rang_ns: AtomicU64,
+    epoch: Instant,
 }
 
 impl Doorbell {
@@ -83,6 +86,8 @@ impl Doorbell {
             // SAFETY: fd is a fresh, valid descriptor nothing else owns.
             eventfd: unsafe { OwnedFd::from_raw_fd(fd) },
             asleep: AtomicBool::new(false),
+            rang_ns: AtomicU64::new(0),
+            epoch: Instant::now(),
         })
     }
 
@@ -92,8 +97,13 @@ impl Doorbell {
         // look at the ring: our push is ordered before this load.
         fence(Ordering::SeqCst);
         if self.asleep.load(Ordering::Relaxed) && self.asleep.swap(false, Ordering::SeqCst) {
+            self.rang_ns.store(self.now_ns(), Ordering::Relaxed);
             self.ring();
         }
+    }
+
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
     /// Makes the eventfd readable.
@@ -263,6 +273,12 @@ where
                         // (or is about to), so the eventfd is emptied.
                         if !bell.asleep.swap(false, Ordering::SeqCst) {
                             bell.clear();
+                            // Hop timing: how long the rung sender took
+                            // to run again.
+                            let rang = bell.rang_ns.load(Ordering::Relaxed);
+                            s.metrics_mut()
+                                .wake_ns
+                                .saturating_record(bell.now_ns().saturating_sub(rang));
                         }
                         slept
                     })?;

@@ -375,6 +375,27 @@ pub fn primary(
             ),
             None => String::new(),
         };
+        // Per-hop timing (`lockstep bench latency`): [p50, p99, count] ns.
+        let hop = |h: &nic::gate::Histogram<u64>| {
+            format!(
+                "[{},{},{}]",
+                h.value_at_quantile(0.5),
+                h.value_at_quantile(0.99),
+                h.len()
+            )
+        };
+        let mut hops = vec![
+            format!("\"gate_submit_wait\":{}", hop(&stats.submit_wait_ns)),
+            format!("\"gate_tap_write\":{}", hop(&stats.tap_write_ns)),
+            format!("\"gate_hold\":{}", hop(&stats.hold_ns)),
+        ];
+        if let Some(m) = sink.metrics() {
+            hops.push(format!("\"sender_wake\":{}", hop(&m.wake_ns)));
+            hops.push(format!("\"sender_batch_fill\":{}", hop(&m.batch_fill_ns)));
+            hops.push(format!("\"ack_rtt\":{}", hop(&m.ack_rtt_ns)));
+            hops.push(format!("\"ack_release\":{}", hop(&m.ack_hook_ns)));
+        }
+        let channel = format!("{channel},\"hops_ns\":{{{}}}", hops.join(","));
         let hold_quantiles = [
             0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9999, 1.0,
         ]
@@ -571,8 +592,26 @@ fn follow(
     let source = machine.events();
     let stats = source.replay().stats();
     let lag = source.replay().source().lag().clone();
+    // The receiver thread ends just after the replay (the primary closes
+    // the link): wait a little for its receipt-to-ack figures.
+    let deadline = std::time::Instant::now() + Duration::from_millis(300);
+    let ack_delay = loop {
+        match source.replay().source().ack_delay_ns() {
+            Some(h) => {
+                break format!(
+                    "; acks sent p50 {} µs, p99 {} µs after receipt",
+                    h.value_at_quantile(0.5) / 1000,
+                    h.value_at_quantile(0.99) / 1000
+                );
+            }
+            None if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            None => break String::new(),
+        }
+    };
     let lag_line = format!(
-        "lag: at most {} exits behind; entries waited p50 {} µs, p99 {} µs, max {} µs",
+        "lag: at most {} exits behind; entries waited p50 {} µs, p99 {} µs, max {} µs{ack_delay}",
         lag.max_exits,
         lag.queue_us.value_at_quantile(0.5),
         lag.queue_us.value_at_quantile(0.99),

@@ -17,7 +17,7 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use hdrhistogram::Histogram;
+pub use hdrhistogram::Histogram;
 
 /// Where released frames go (a TAP device; a test's vector).
 pub trait FrameOut: Send {
@@ -37,6 +37,8 @@ struct GateState {
     held: VecDeque<Held>,
     out: Box<dyn FrameOut>,
     hold_ns: Histogram<u64>,
+    submit_wait_ns: Histogram<u64>,
+    tap_write_ns: Histogram<u64>,
     released: u64,
     send_errors: u64,
     max_held: usize,
@@ -57,6 +59,10 @@ pub struct GateStats {
     pub send_errors: u64,
     /// Time each released frame was held, in ns.
     pub hold_ns: Histogram<u64>,
+    /// Time `submit` (the vCPU) waited for the gate, in ns.
+    pub submit_wait_ns: Histogram<u64>,
+    /// Time one frame's write to the output took, in ns.
+    pub tap_write_ns: Histogram<u64>,
 }
 
 /// Holds frames until the ack that covers them.
@@ -83,7 +89,9 @@ impl OutputGate {
                 acked,
                 held: VecDeque::new(),
                 out,
-                hold_ns,
+                hold_ns: hold_ns.clone(),
+                submit_wait_ns: hold_ns.clone(),
+                tap_write_ns: hold_ns,
                 released: 0,
                 send_errors: 0,
                 max_held: 0,
@@ -102,9 +110,13 @@ impl OutputGate {
     /// Submits a frame produced at log position `position`: sent now if the
     /// ack already covers it, else held.
     pub fn submit(&self, position: u64, frame: Vec<u8>) {
+        let asked = Instant::now();
         let mut state = self.lock();
+        let _ = state.submit_wait_ns.record(ns_since(asked));
         if position <= state.acked && state.held.is_empty() {
+            let began = Instant::now();
             let result = state.out.send(&frame);
+            let _ = state.tap_write_ns.record(ns_since(began));
             state.released += 1;
             state.send_errors += u64::from(result.is_err());
             let _ = state.hold_ns.record(1);
@@ -134,7 +146,9 @@ impl OutputGate {
             let Some(held) = state.held.pop_front() else {
                 break;
             };
+            let began = Instant::now();
             let result = state.out.send(&held.frame);
+            let _ = state.tap_write_ns.record(ns_since(began));
             state.released += 1;
             state.send_errors += u64::from(result.is_err());
             let waited = u64::try_from(held.since.elapsed().as_nanos())
@@ -166,8 +180,17 @@ impl OutputGate {
             released: state.released,
             send_errors: state.send_errors,
             hold_ns: state.hold_ns.clone(),
+            submit_wait_ns: state.submit_wait_ns.clone(),
+            tap_write_ns: state.tap_write_ns.clone(),
         }
     }
+}
+
+/// ns since `since`, at least 1 (the histograms start at 1).
+fn ns_since(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_nanos())
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 #[cfg(test)]

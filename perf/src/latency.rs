@@ -207,6 +207,66 @@ pub struct Sample {
     pub released: f64,
     /// Ack round trip p50/p99, µs.
     pub ack_rtt_us: (f64, f64),
+    /// Per-hop timing: (hop, p50 µs, p99 µs), see [`HOPS`].
+    pub hops: Vec<(String, f64, f64)>,
+}
+
+/// The hops the primary (`--stats` `hops_ns`) and the backup (its `lag:`
+/// line) time, in path order, and what each covers.
+pub const HOPS: &[(&str, &str)] = &[
+    (
+        "gate_submit_wait",
+        "vCPU: waiting for the gate's lock in submit",
+    ),
+    (
+        "sender_wake",
+        "doorbell rung by the vCPU -> sleeping sender runs",
+    ),
+    (
+        "sender_batch_fill",
+        "first entry into a batch -> batch sealed onto the transport",
+    ),
+    (
+        "ack_rtt",
+        "batch sealed -> its ack read by the sender (wire both ways + backup)",
+    ),
+    ("backup_ack_delay", "backup: batch received -> ack sent"),
+    (
+        "ack_release",
+        "ack read -> gate released what it covers (TAP writes incl.)",
+    ),
+    ("gate_tap_write", "one frame's TAP write"),
+    (
+        "gate_hold",
+        "frame submitted -> released (the whole Output Rule wait)",
+    ),
+];
+
+/// Reads the hop figures from the primary's stats JSON and the backup's
+/// output.
+fn hops(stats: Option<&Value>, backup_output: &str) -> Vec<(String, f64, f64)> {
+    let mut hops = Vec::new();
+    for (name, _) in HOPS {
+        if *name == "backup_ack_delay" {
+            let p50 = crate::table2::stats::number_after(backup_output, "acks sent p50 ");
+            let p99 = backup_output
+                .find("acks sent p50 ")
+                .and_then(|at| crate::table2::stats::number_after(&backup_output[at..], "p99 "));
+            if let (Some(p50), Some(p99)) = (p50, p99) {
+                hops.push((name.to_string(), p50, p99));
+            }
+            continue;
+        }
+        let figures = stats
+            .and_then(|s| s.get("hops_ns"))
+            .and_then(|h| h.get(*name))
+            .and_then(Value::as_array);
+        if let Some(f) = figures {
+            let at = |i: usize| f.get(i).and_then(Value::as_f64).unwrap_or(f64::NAN);
+            hops.push((name.to_string(), at(0) / 1e3, at(1) / 1e3));
+        }
+    }
+    hops
 }
 
 fn redis_benchmark(hosts: &Hosts, args: &[String]) -> Result<Vec<CsvRow>, String> {
@@ -269,6 +329,16 @@ fn measure(
     alive?;
     let mut measured = Measured::new(f64::NAN, f64::NAN, Default::default());
     running.read_reports(&mut measured);
+    let stats = std::fs::read_to_string(bench.dir.join("primary.json"))
+        .ok()
+        .and_then(|text| serde_json::from_str::<Value>(&text).ok());
+    let backup_output = running
+        .procs
+        .iter()
+        .find(|p| p.role == "backup")
+        .map(|p| p.output())
+        .unwrap_or_default();
+    let hops = hops(stats.as_ref(), &backup_output);
     Ok(Sample {
         round,
         config: short_name(config),
@@ -280,6 +350,7 @@ fn measure(
         hold_us: measured.hold_us.clone(),
         released: measured.frames_released,
         ack_rtt_us: (measured.ack_rtt_p50_us, measured.ack_rtt_p99_us),
+        hops,
     })
 }
 
@@ -705,6 +776,39 @@ fn report(
     }
     let _ = writeln!(
         text,
+        "\nper hop (µs, median over rounds of each run's p50 / p99):"
+    );
+    let _ = writeln!(text, "  {:<18} {:>15} {:>15}  covers", "hop", "tcp", "shm");
+    let mut hops_json = Vec::new();
+    for (hop, about) in HOPS {
+        let figure = |config: &str, pick: fn(&(String, f64, f64)) -> f64| {
+            median_of(samples, config, |s| {
+                s.hops.iter().find(|h| h.0 == *hop).map_or(f64::NAN, pick)
+            })
+        };
+        let cell = |config: &str| {
+            format!(
+                "{:.0} / {:.0}",
+                figure(config, |h| h.1),
+                figure(config, |h| h.2)
+            )
+        };
+        let _ = writeln!(
+            text,
+            "  {hop:<18} {:>15} {:>15}  {about}",
+            cell("tcp"),
+            cell("shm")
+        );
+        hops_json.push(json!({
+            "hop": hop,
+            "tcp_p50_us": figure("tcp", |h| h.1),
+            "tcp_p99_us": figure("tcp", |h| h.2),
+            "shm_p50_us": figure("shm", |h| h.1),
+            "shm_p99_us": figure("shm", |h| h.2),
+        }));
+    }
+    let _ = writeln!(
+        text,
         "goals (issue 15): 50c ratio >= 0.90; one client +p50 <= 50 µs; hold p50 <= 50 µs, p99 <= 500 µs"
     );
     for failure in failures {
@@ -724,6 +828,7 @@ fn report(
                 "frames_released": s.released,
                 "ack_rtt_p50_us": s.ack_rtt_us.0,
                 "ack_rtt_p99_us": s.ack_rtt_us.1,
+                "hops_us": s.hops,
             })
         })
         .collect();
@@ -733,6 +838,7 @@ fn report(
         "rounds": options.rounds,
         "baseline": baseline_json,
         "rows": rows,
+        "hops": hops_json,
         "samples": samples_json,
         "failures": failures,
     });
@@ -774,6 +880,24 @@ mod tests {
     }
 
     #[test]
+    fn hop_figures_come_from_the_stats_and_the_backup_line() {
+        let stats: Value = serde_json::from_str(
+            r#"{"hops_ns":{"ack_rtt":[190000,900000,10],"gate_hold":[800000,5000000,99]}}"#,
+        )
+        .expect("json");
+        let backup = "lockstep backup: lag: at most 3 exits behind; entries waited p50 9 µs, p99 40 µs, max 77 µs; acks sent p50 12 µs, p99 80 µs after receipt";
+        let hops = hops(Some(&stats), backup);
+        assert_eq!(
+            hops,
+            vec![
+                ("ack_rtt".to_string(), 190.0, 900.0),
+                ("backup_ack_delay".to_string(), 12.0, 80.0),
+                ("gate_hold".to_string(), 800.0, 5000.0),
+            ]
+        );
+    }
+
+    #[test]
     fn ping_pongs_measure_round_trips() {
         for pong in [
             thread_ping_pong(200),
@@ -800,6 +924,7 @@ mod tests {
             hold_us: vec![],
             released: 0.0,
             ack_rtt_us: (f64::NAN, f64::NAN),
+            hops: vec![],
         };
         let samples = [
             sample(0, "ft-off", 200.0),

@@ -61,12 +61,23 @@ pub struct StreamSource {
     /// falls silent, or when this source (the queue) is dropped.
     _receiver: JoinHandle<()>,
     lost: Arc<Mutex<Option<String>>>,
+    /// The receiver's receipt-to-ack times (ns), once it has ended.
+    ack_delay: Arc<Mutex<Option<Histogram<u64>>>>,
 }
 
 impl StreamSource {
     /// Lag figures so far.
     pub fn lag(&self) -> &Lag {
         &self.lag
+    }
+
+    /// ns from a batch's receipt to the ack covering it, as the receiver
+    /// thread measured them; `None` until that thread has ended.
+    pub fn ack_delay_ns(&self) -> Option<Histogram<u64>> {
+        self.ack_delay
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Why the primary counts as lost, once it does.
@@ -509,8 +520,10 @@ fn start_receiver<T: Transport + 'static>(
     };
     let (header_tx, header_rx) = sync_channel(1);
     let lost = Arc::new(Mutex::new(None));
+    let ack_delay = Arc::new(Mutex::new(None));
     let handle = {
         let lost = Arc::clone(&lost);
+        let ack_delay = Arc::clone(&ack_delay);
         std::thread::Builder::new()
             .name("log-receiver".into())
             .spawn(move || {
@@ -519,7 +532,9 @@ fn start_receiver<T: Transport + 'static>(
                 match wait_for_header(&mut receiver, &mut state, profile.poll) {
                     Ok(meta) => {
                         let _ = header_tx.send(Ok((meta, state.base)));
-                        receive(receiver, state, profile.poll, &lost);
+                        receive(&mut receiver, state, profile.poll, &lost);
+                        *ack_delay.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some(receiver.metrics().ack_lag.clone());
                     }
                     Err(error) => {
                         let _ = header_tx.send(Err(error));
@@ -548,6 +563,7 @@ fn start_receiver<T: Transport + 'static>(
             lag,
             _receiver: handle,
             lost,
+            ack_delay,
         },
     ))
 }
@@ -593,7 +609,7 @@ fn wait_for_header<T: Transport>(
 /// refused frame or entry is passed to the replay as an error (fail-stop,
 /// not failover). Returning drops the transport, which closes the link.
 fn receive<T: Transport>(
-    mut receiver: LogReceiver<T>,
+    receiver: &mut LogReceiver<T>,
     mut state: Receiving,
     poll: tuning::PollMode,
     lost: &Mutex<Option<String>>,
