@@ -7,14 +7,32 @@
 //! that the backup, on taking over, would never reproduce.
 //!
 //! [`OutputGate::ack`] is called by whoever receives the ack (the channel's
-//! receiver thread): it releases every frame the ack covers right there, in
-//! order, before it returns. There is no timer and no poll interval between
-//! the ack and the release. A gate created with [`OutputGate::open`] (FT off,
-//! or a primary that has won the right to run alone) releases every frame as
-//! it is submitted.
+//! sender thread): it releases every frame the ack covers right there, in
+//! order. There is no timer and no poll interval between the ack and the
+//! release. A gate created with [`OutputGate::open`] (FT off, or a primary
+//! that has won the right to run alone) releases every frame as it is
+//! submitted.
+//!
+//! # Locking: one writer, outside the state lock
+//!
+//! ```text
+//!  vCPU  submit(L, frame) ─┐                      ┌─ ack(A)  sender thread
+//!                          ▼                      ▼
+//!        state lock: queue frame / set acked; a writer already? return
+//!                          │ no: become the writer
+//!                          ▼
+//!        pop every frame with position <= acked (in order), unlock
+//!        output lock: write them to the TAP          ◀─ no state lock held
+//!        relock; more released meanwhile? write those too; else stop
+//! ```
+//!
+//! The state lock is held only to queue and pop, never across a TAP
+//! write, so the vCPU's `submit` never waits behind a write of the sender
+//! thread, and an ack never waits behind the vCPU's. One writer at a time
+//! (the `writing` flag) and FIFO pops keep frames in order.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 pub use hdrhistogram::Histogram;
@@ -35,13 +53,22 @@ struct Held {
 struct GateState {
     acked: u64,
     held: VecDeque<Held>,
-    out: Box<dyn FrameOut>,
+    /// A thread is writing released frames (outside this lock): the others
+    /// only queue theirs, and that writer takes them in order.
+    writing: bool,
+    /// The writer's batch, kept for its capacity (no allocation per release).
+    spare: Vec<Held>,
     hold_ns: Histogram<u64>,
     submit_wait_ns: Histogram<u64>,
-    tap_write_ns: Histogram<u64>,
     released: u64,
-    send_errors: u64,
     max_held: usize,
+}
+
+/// The output, locked only by the one writer (see the module docs).
+struct Output {
+    out: Box<dyn FrameOut>,
+    tap_write_ns: Histogram<u64>,
+    send_errors: u64,
 }
 
 /// Counters and the hold-time distribution of a gate.
@@ -57,9 +84,10 @@ pub struct GateStats {
     pub released: u64,
     /// Frames the output refused.
     pub send_errors: u64,
-    /// Time each released frame was held, in ns.
+    /// Time each released frame was held (submit to its turn to be
+    /// written), in ns.
     pub hold_ns: Histogram<u64>,
-    /// Time `submit` (the vCPU) waited for the gate, in ns.
+    /// Time `submit` (the vCPU) waited for the gate's lock, in ns.
     pub submit_wait_ns: Histogram<u64>,
     /// Time one frame's write to the output took, in ns.
     pub tap_write_ns: Histogram<u64>,
@@ -68,6 +96,7 @@ pub struct GateStats {
 /// Holds frames until the ack that covers them.
 pub struct OutputGate {
     state: Mutex<GateState>,
+    output: Mutex<Output>,
 }
 
 impl OutputGate {
@@ -82,24 +111,30 @@ impl OutputGate {
     }
 
     fn with_ack(out: Box<dyn FrameOut>, acked: u64) -> Self {
-        let hold_ns = Histogram::new_with_bounds(1, 100_000_000_000, 3)
-            .expect("1 ns .. 100 s at 3 significant digits are valid histogram bounds");
+        let histogram = || {
+            Histogram::new_with_bounds(1, 100_000_000_000, 3)
+                .expect("1 ns .. 100 s at 3 significant digits are valid histogram bounds")
+        };
         Self {
             state: Mutex::new(GateState {
                 acked,
                 held: VecDeque::new(),
-                out,
-                hold_ns: hold_ns.clone(),
-                submit_wait_ns: hold_ns.clone(),
-                tap_write_ns: hold_ns,
+                writing: false,
+                spare: Vec::new(),
+                hold_ns: histogram(),
+                submit_wait_ns: histogram(),
                 released: 0,
-                send_errors: 0,
                 max_held: 0,
+            }),
+            output: Mutex::new(Output {
+                out,
+                tap_write_ns: histogram(),
+                send_errors: 0,
             }),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+    fn lock(&self) -> MutexGuard<'_, GateState> {
         // A panic while holding the lock aborts the process (panic = abort),
         // so the lock cannot be poisoned in practice; recover the data if so.
         self.state
@@ -107,54 +142,84 @@ impl OutputGate {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    fn lock_output(&self) -> MutexGuard<'_, Output> {
+        self.output
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// Submits a frame produced at log position `position`: sent now if the
-    /// ack already covers it, else held.
+    /// ack already covers it and no other thread is writing, else queued.
+    /// Never waits behind another thread's write.
     pub fn submit(&self, position: u64, frame: Vec<u8>) {
         let asked = Instant::now();
         let mut state = self.lock();
         let _ = state.submit_wait_ns.record(ns_since(asked));
-        if position <= state.acked && state.held.is_empty() {
-            let began = Instant::now();
-            let result = state.out.send(&frame);
-            let _ = state.tap_write_ns.record(ns_since(began));
-            state.released += 1;
-            state.send_errors += u64::from(result.is_err());
-            let _ = state.hold_ns.record(1);
-            return;
-        }
+        let covered = position <= state.acked;
         state.held.push_back(Held {
             position,
             frame,
-            since: Instant::now(),
+            since: asked,
         });
-        state.max_held = state.max_held.max(state.held.len());
+        if !covered {
+            state.max_held = state.max_held.max(state.held.len());
+        }
+        if !state.writing {
+            self.write_released(state);
+        }
     }
 
     /// The backup has received every entry up to `position`: release every
-    /// frame that covers, now, in order.
+    /// frame that covers, now, in order (written by this thread, or by the
+    /// thread already writing, which takes them before it stops).
     pub fn ack(&self, position: u64) {
         let mut state = self.lock();
         if position <= state.acked {
             return;
         }
         state.acked = position;
-        while state
-            .held
-            .front()
-            .is_some_and(|held| held.position <= position)
-        {
-            let Some(held) = state.held.pop_front() else {
-                break;
-            };
-            let began = Instant::now();
-            let result = state.out.send(&held.frame);
-            let _ = state.tap_write_ns.record(ns_since(began));
-            state.released += 1;
-            state.send_errors += u64::from(result.is_err());
-            let waited = u64::try_from(held.since.elapsed().as_nanos())
-                .unwrap_or(u64::MAX)
-                .max(1);
-            let _ = state.hold_ns.record(waited);
+        if !state.writing {
+            self.write_released(state);
+        }
+    }
+
+    /// Becomes the writer: takes the released frames off the queue in
+    /// order, writes them without the state lock, and repeats until none is
+    /// left (frames released meanwhile by other threads included).
+    fn write_released<'a>(&'a self, mut state: MutexGuard<'a, GateState>) {
+        state.writing = true;
+        let mut batch = std::mem::take(&mut state.spare);
+        loop {
+            let acked = state.acked;
+            while state
+                .held
+                .front()
+                .is_some_and(|held| held.position <= acked)
+            {
+                let Some(held) = state.held.pop_front() else {
+                    break;
+                };
+                let _ = state.hold_ns.record(ns_since(held.since));
+                batch.push(held);
+            }
+            if batch.is_empty() {
+                state.writing = false;
+                state.spare = batch;
+                return;
+            }
+            let count = batch.len() as u64;
+            drop(state);
+            {
+                let mut output = self.lock_output();
+                for held in batch.drain(..) {
+                    let began = Instant::now();
+                    let result = output.out.send(&held.frame);
+                    let _ = output.tap_write_ns.record(ns_since(began));
+                    output.send_errors += u64::from(result.is_err());
+                }
+            }
+            state = self.lock();
+            state.released += count;
         }
     }
 
@@ -172,16 +237,27 @@ impl OutputGate {
 
     /// Current counters.
     pub fn stats(&self) -> GateStats {
-        let state = self.lock();
+        let (acked, held, max_held, released, hold_ns, submit_wait_ns) = {
+            let state = self.lock();
+            (
+                state.acked,
+                state.held.len(),
+                state.max_held,
+                state.released,
+                state.hold_ns.clone(),
+                state.submit_wait_ns.clone(),
+            )
+        };
+        let output = self.lock_output();
         GateStats {
-            acked: state.acked,
-            held: state.held.len(),
-            max_held: state.max_held,
-            released: state.released,
-            send_errors: state.send_errors,
-            hold_ns: state.hold_ns.clone(),
-            submit_wait_ns: state.submit_wait_ns.clone(),
-            tap_write_ns: state.tap_write_ns.clone(),
+            acked,
+            held,
+            max_held,
+            released,
+            send_errors: output.send_errors,
+            hold_ns,
+            submit_wait_ns,
+            tap_write_ns: output.tap_write_ns.clone(),
         }
     }
 }
@@ -233,6 +309,71 @@ mod tests {
         let stats = gate.stats();
         assert_eq!((stats.released, stats.held, stats.max_held), (4, 0, 3));
         assert_eq!(stats.hold_ns.len(), 4);
+    }
+
+    /// An output whose writes block until the test lets them through.
+    struct Stuck {
+        entered: std::sync::mpsc::Sender<()>,
+        go: Arc<(Mutex<bool>, std::sync::Condvar)>,
+        sent: Sent,
+    }
+
+    impl FrameOut for Stuck {
+        fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+            let _ = self.entered.send(());
+            let (lock, cvar) = &*self.go;
+            let mut go = lock.lock().expect("lock");
+            while !*go {
+                go = cvar.wait(go).expect("wait");
+            }
+            self.sent.send(frame)
+        }
+    }
+
+    #[test]
+    fn submit_never_waits_behind_a_write_and_order_holds() {
+        let sent = Sent::default();
+        let go = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let (entered, writing) = std::sync::mpsc::channel();
+        let gate = Arc::new(OutputGate::new(Box::new(Stuck {
+            entered,
+            go: Arc::clone(&go),
+            sent: sent.clone(),
+        })));
+        gate.submit(1, vec![1]);
+        let acker = {
+            let gate = Arc::clone(&gate);
+            std::thread::spawn(move || gate.ack(1))
+        };
+        writing.recv().expect("the ack's write began");
+        // The ack's thread is inside a (stuck) TAP write: the vCPU's
+        // submits must return all the same, covered or not.
+        let (done, submitted) = std::sync::mpsc::channel();
+        let vcpu = {
+            let gate = Arc::clone(&gate);
+            std::thread::spawn(move || {
+                gate.submit(1, vec![2]);
+                gate.submit(7, vec![3]);
+                gate.ack(7);
+                let _ = done.send(());
+            })
+        };
+        submitted
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("submit and ack returned while another thread was writing");
+        assert!(sent.frames().is_empty(), "the write is still stuck");
+        {
+            let (lock, cvar) = &*go;
+            *lock.lock().expect("lock") = true;
+            cvar.notify_all();
+        }
+        acker.join().expect("acker");
+        vcpu.join().expect("vcpu");
+        // The writer took the frames queued meanwhile, in order.
+        assert_eq!(sent.frames(), vec![vec![1], vec![2], vec![3]]);
+        let stats = gate.stats();
+        assert_eq!((stats.released, stats.held), (3, 0));
+        assert_eq!(stats.tap_write_ns.len(), 3);
     }
 
     #[test]
