@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use tuning::{HostCores, PollMode, Profile, Waiter};
 
 use crate::endpoint::{ChannelError, LogSender, Metrics};
-use crate::ring::Consumer;
+use crate::ring::{Consumer, Producer};
 use crate::transport::Transport;
 
 /// Errors of the sender thread.
@@ -215,7 +215,52 @@ pub fn spawn_sender<T: Transport + 'static>(
 /// moment an ack advances the watermark to `seq` (the output gate releases
 /// held frames from there: no timer, no hand-off to another thread).
 pub fn spawn_sender_with<T, F>(
+    ring: Consumer<Vec<u8>>,
+    transport: T,
+    generation: u64,
+    profile: &Profile,
+    cores: &HostCores,
+    on_ack: F,
+) -> Result<SenderHandle, PipelineError>
+where
+    T: Transport + 'static,
+    F: FnMut(u64) + Send + 'static,
+{
+    spawn_sender_recycling(ring, None, transport, generation, profile, cores, on_ack)
+}
+
+/// Entry buffers larger than this are not handed back for reuse (a burst
+/// of received frames can make a 390 KB entry; a pool of those would pin
+/// memory for nothing).
+pub const RECYCLE_MAX_CAPACITY: usize = 64 << 10;
+
+/// A buffer for the next entry: one the sender handed back through
+/// `recycled` (emptied, with at least `capacity` bytes of room), or a new
+/// one. With [`spawn_sender_recycling`] this makes the producer's path
+/// allocation-free in steady state:
+///
+/// ```text
+///  vCPU: reuse(recycled) ─▶ encode entry ─▶ push ─▶ [ ring ] ─▶ sender: copy into batch
+///        ▲                                                          │
+///        └──────────────── [ recycle ring ] ◀── push the empty Vec ─┘
+/// ```
+pub fn reuse(recycled: &mut Consumer<Vec<u8>>, capacity: usize) -> Vec<u8> {
+    match recycled.pop() {
+        Some(mut buffer) => {
+            buffer.clear();
+            buffer.reserve(capacity);
+            buffer
+        }
+        None => Vec::with_capacity(capacity),
+    }
+}
+
+/// [`spawn_sender_with`] that hands every sent entry's buffer back to the
+/// producer through `recycle` (see [`reuse`]); a full recycle ring, or a
+/// buffer over [`RECYCLE_MAX_CAPACITY`], just drops it.
+pub fn spawn_sender_recycling<T, F>(
     mut ring: Consumer<Vec<u8>>,
+    mut recycle: Option<Producer<Vec<u8>>>,
     transport: T,
     generation: u64,
     profile: &Profile,
@@ -251,9 +296,14 @@ where
                 }
                 batch.clear();
                 let n = ring.pop_into(&mut batch, profile.batch.max_entries as usize);
-                for e in &batch {
-                    while s.try_push(e)?.is_none() {
+                for e in batch.drain(..) {
+                    while s.try_push(&e)?.is_none() {
                         s.poll_io()?;
+                    }
+                    if let Some(recycle) = recycle.as_mut()
+                        && e.capacity() <= RECYCLE_MAX_CAPACITY
+                    {
+                        let _ = recycle.push(e);
                     }
                 }
                 if n == 0 {

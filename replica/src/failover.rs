@@ -535,7 +535,11 @@ impl EventSink for FailoverSink {
         payload: &[u8],
     ) -> Result<(), VmmError> {
         self.entries += 1;
-        let mut entry = Vec::with_capacity(channel::log::ENTRY_HEADER_LEN + payload.len() + 8);
+        let capacity = channel::log::ENTRY_HEADER_LEN + payload.len() + 8;
+        let mut entry = match self.link.as_mut() {
+            Some(link) => link.buffer(capacity),
+            None => Vec::with_capacity(capacity),
+        };
         channel::log::encode_entry(kind, flags, self.entries, exit, payload, &mut entry);
         self.bytes += entry.len() as u64;
         if let Some(event) = self
