@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering, fence};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use tuning::{HostCores, PollMode, Profile, Waiter};
+use tuning::{HostCores, Profile, Waiter};
 
 use crate::endpoint::{ChannelError, LogSender, Metrics};
 use crate::ring::{Consumer, Producer};
@@ -288,8 +288,6 @@ where
             let mut s = sender;
             let mut waiter = Waiter::new(profile.poll);
             let mut batch = Vec::with_capacity(profile.batch.max_entries as usize);
-            let stay_awake = matches!(profile.poll, PollMode::Adaptive { .. });
-            let mut last_work = Instant::now();
             loop {
                 if control2.load(Ordering::Acquire) == ABANDON {
                     return Ok(s.metrics().clone());
@@ -311,17 +309,6 @@ where
                     s.poll()?;
                     if control2.load(Ordering::Acquire) != RUN && ring.is_empty() {
                         break;
-                    }
-                    // An ack is outstanding: it is due within a round
-                    // trip, and a sleeping sender would cost a wake-up
-                    // before the gate releases (no sleeping hop while
-                    // traffic flows).
-                    if stay_awake
-                        && s.acked() + 1 < s.next_seq()
-                        && last_work.elapsed() < AWAIT_ACK_YIELD
-                    {
-                        std::thread::yield_now();
-                        continue;
                     }
                     waiter.idle_with(|timeout| {
                         bell.asleep.store(true, Ordering::SeqCst);
@@ -348,7 +335,6 @@ where
                 } else {
                     s.poll_io()?;
                     waiter.work();
-                    last_work = Instant::now();
                 }
             }
             s.wait_all_acked(DRAIN_ACK_TIMEOUT)?;
@@ -363,12 +349,6 @@ where
         join,
     })
 }
-
-/// How long an adaptive sender keeps the core (yielding between polls)
-/// while an ack is outstanding, before it may sleep: an ack is due within a
-/// round trip, and a sleeping sender costs a wake-up (tens of µs on nested
-/// hosts) on the Output Rule's path. Blocking mode sleeps at once.
-pub const AWAIT_ACK_YIELD: Duration = Duration::from_millis(2);
 
 /// How long a finishing sender waits for the acks of its last entries.
 const DRAIN_ACK_TIMEOUT: Duration = Duration::from_secs(5);

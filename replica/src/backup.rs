@@ -603,10 +603,6 @@ fn wait_for_header<T: Transport>(
     }
 }
 
-/// How long an adaptive receiver keeps the core (yielding between polls)
-/// after its last batch before it may sleep.
-const RECEIVE_YIELD: Duration = Duration::from_millis(1);
-
 /// The receiver thread: entries into the queue, acks back on receipt.
 /// Records in `lost` why the primary counts as lost, if it does (the link
 /// broke or fell silent before the end record), before the queue closes; a
@@ -619,8 +615,6 @@ fn receive<T: Transport>(
     lost: &Mutex<Option<String>>,
 ) {
     let mut waiter = Waiter::new(poll);
-    let stay_awake = matches!(poll, tuning::PollMode::Adaptive { .. });
-    let mut last_work = Instant::now();
     loop {
         let result = if state.flush_pending() {
             receiver.poll(|seq, bytes| state.deliver(seq, bytes))
@@ -642,13 +636,6 @@ fn receive<T: Transport>(
         }
         // A failed sleep counts as a failed poll.
         let result = match result {
-            // Traffic is flowing: the next batch is likely within a round
-            // trip, and a sleeping receiver costs a wake-up before its ack
-            // (no sleeping hop while traffic flows).
-            Ok(0) if stay_awake && last_work.elapsed() < RECEIVE_YIELD => {
-                std::thread::yield_now();
-                Ok(0)
-            }
             Ok(0) => waiter
                 .idle_with(|timeout| receiver.wait(timeout))
                 .map(|()| 0),
@@ -657,10 +644,7 @@ fn receive<T: Transport>(
         };
         match result {
             Ok(0) => {}
-            Ok(_) => {
-                waiter.work();
-                last_work = Instant::now();
-            }
+            Ok(_) => waiter.work(),
             Err(_) if state.ended => {
                 state.drain_pending(None);
                 return;
