@@ -44,7 +44,7 @@ enum Attack {
     Http,
     /// A legitimate primary's recorded Hello, Proof and Verdict, replayed.
     Replay,
-    /// A Hello with VM id and generation 2^64-1.
+    /// A Hello with VM id and generation 2^64-1, where a Nonce belongs.
     HugeValues,
     /// Connects and says nothing.
     Silent,
@@ -98,21 +98,29 @@ fn recorded_primary() -> Vec<u8> {
     };
     handshake(&mut rec, &session(Role::Backup), PROTOCOL_VERSION).expect("backup");
     primary.join().expect("primary thread");
-    assert_eq!(rec.read.len(), 3 * HANDSHAKE_LEN);
+    // Nonce, Proof, Hello, Verdict.
+    assert_eq!(rec.read.len(), 4 * HANDSHAKE_LEN);
     rec.read
 }
 
-fn hello(vm: u64, generation: u64) -> Vec<u8> {
+/// A handshake message of `msg_type` (1 Hello, 2 Proof, 4 Nonce) from a
+/// peer of `role` on `side` (1 connecting, 2 accepting).
+fn message(msg_type: u16, role: u16, side: u16, a: u64, b: u64, data: u8) -> Vec<u8> {
     let mut m = Vec::with_capacity(HANDSHAKE_LEN);
     m.extend_from_slice(b"LKSTPCHN");
     m.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-    m.extend_from_slice(&1u16.to_le_bytes()); // Hello
-    m.extend_from_slice(&1u16.to_le_bytes()); // role: primary
-    m.extend_from_slice(&0u16.to_le_bytes());
-    m.extend_from_slice(&vm.to_le_bytes());
-    m.extend_from_slice(&generation.to_le_bytes());
-    m.extend_from_slice(&[0x42; 32]);
+    m.extend_from_slice(&msg_type.to_le_bytes());
+    m.extend_from_slice(&role.to_le_bytes());
+    m.extend_from_slice(&side.to_le_bytes());
+    m.extend_from_slice(&a.to_le_bytes());
+    m.extend_from_slice(&b.to_le_bytes());
+    m.extend_from_slice(&[data; 32]);
     m
+}
+
+/// A primary's Hello naming `vm` and `generation` (with a made-up MAC).
+fn hello(vm: u64, generation: u64) -> Vec<u8> {
+    message(1, 1, 0, vm, generation, 0x42)
 }
 
 /// Plays `attack` on a connected stream, then holds it until the listener
@@ -149,7 +157,7 @@ fn expected(attack: Attack) -> &'static str {
     match attack {
         Attack::Garbage | Attack::Http => "another protocol",
         Attack::Replay => "wrong key",
-        Attack::HugeValues => "VM identity mismatch",
+        Attack::HugeValues => "unexpected handshake message: expected type 4, got 1",
         Attack::Silent | Attack::Drip => "did not complete the handshake",
     }
 }
@@ -327,3 +335,161 @@ fn absurd_frame_lengths_and_unauthenticated_frames_are_refused() {
     );
     let _ = HandshakeError::Closed; // the type is public for callers matching on it
 }
+
+/// Reads everything `s` sends until it hangs up (or 20 s pass).
+fn drain<S: Read>(mut s: S) -> Vec<u8> {
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    answer
+}
+
+/// What a peer without the key got from an end, checked message by
+/// message: only Nonces (protocol, role, side, random bytes), Proofs (a
+/// MAC over nonces, from a connecting end only) and Verdicts whose values
+/// carry no secret; never a Hello, never the VM id or the generation.
+fn assert_learned_nothing(what: &str, answer: &[u8], proofs_allowed: bool) {
+    assert!(!answer.is_empty(), "{what}: not even a Nonce");
+    let secrets = [
+        session(Role::Primary).vm_id.to_le_bytes(),
+        session(Role::Primary).generation.to_le_bytes(),
+    ];
+    for (i, m) in answer.chunks(HANDSHAKE_LEN).enumerate() {
+        assert_eq!(m.len(), HANDSHAKE_LEN, "{what}: message {i} cut: {m:?}");
+        assert_eq!(&m[..8], b"LKSTPCHN", "{what}: message {i}: {m:?}");
+        let msg_type = u16::from_le_bytes([m[10], m[11]]);
+        match msg_type {
+            4 => {}
+            2 if proofs_allowed => {}
+            3 => {}
+            _ => panic!("{what}: message {i} is of type {msg_type} (1 = Hello): {m:?}"),
+        }
+        for secret in &secrets {
+            assert!(
+                m[16..32].chunks(8).all(|value| value != secret),
+                "{what}: message {i} names the VM id or generation: {m:?}"
+            );
+        }
+    }
+    eprintln!("{what}: got {} bytes, none about the VM", answer.len());
+}
+
+/// Issue 13, item 7: a peer that knows the VM id and the generation (they
+/// are guessable) but not the key gets nothing from a listening backup
+/// but a Nonce and a refusal: neither by sending a primary's Hello first
+/// (before protocol 3 the backup answered it with its own Hello), nor by
+/// sending a well-formed Nonce and a made-up proof. On both listeners.
+#[test]
+fn a_listening_backup_tells_a_peer_without_the_key_nothing() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = listener.local_addr().expect("address");
+    let path = socket_path("keyless");
+    let shm = ShmListener::bind(&path).expect("bind");
+    let attacks: [(&str, Vec<u8>, &str); 2] = [
+        (
+            "a Hello first",
+            hello(0x4057, 7),
+            "unexpected handshake message",
+        ),
+        (
+            "a Nonce and a made-up proof",
+            [message(4, 1, 1, 0, 0, 0x11), message(2, 0, 0, 0, 0, 0x22)].concat(),
+            "wrong key",
+        ),
+    ];
+    for (name, bytes, error) in attacks {
+        let sent = bytes.clone();
+        let peer = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(address).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(20)))
+                .expect("timeout");
+            let _ = s.write_all(&sent);
+            drain(s)
+        });
+        let refused = UringTcp::accept(&listener, &session(Role::Backup), 1 << 20)
+            .err()
+            .expect("a peer without the key was accepted");
+        let answer = peer.join().expect("peer thread");
+        assert_learned_nothing(&format!("uring-tcp backup, {name}"), &answer, false);
+        assert!(
+            channel::testkit::error_chain(&refused).contains(error),
+            "{name}: {refused:?}"
+        );
+
+        let p = path.clone();
+        let sent = bytes.clone();
+        let peer = std::thread::spawn(move || {
+            let mut s = UnixStream::connect(&p).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(20)))
+                .expect("timeout");
+            let _ = s.write_all(&sent);
+            drain(s)
+        });
+        let refused = shm
+            .accept(&session(Role::Backup), 64 << 10)
+            .err()
+            .expect("a peer without the key was accepted");
+        let answer = peer.join().expect("peer thread");
+        assert_learned_nothing(&format!("shm backup, {name}"), &answer, false);
+        assert!(
+            channel::testkit::error_chain(&refused).contains(error),
+            "{name}: {refused:?}"
+        );
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+/// Issue 13, item 7, the other way: a primary that connects to a listener
+/// without the key (an impostor at the backup's address) sends it its
+/// Nonce and its proof, then refuses the impostor's made-up proof: never
+/// its Hello, the VM id or the generation (before protocol 3 its Hello
+/// was its first message). Over TCP and the shm socket.
+#[test]
+fn a_connecting_primary_tells_an_impostor_backup_nothing() {
+    let impostor = |mut s: Box<dyn ReadWrite + Send>| {
+        let _ = s.write_all(&message(4, 2, 2, 0, 0, 0x33));
+        let mut first = vec![0u8; 2 * HANDSHAKE_LEN];
+        // The primary's Nonce and proof; the impostor can't check it.
+        let _ = s.read_exact(&mut first);
+        let _ = s.write_all(&message(2, 0, 0, 0, 0, 0x44));
+        let mut rest = drain(s);
+        first.append(&mut rest);
+        first
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = listener.local_addr().expect("address");
+    let peer = std::thread::spawn(move || {
+        let (s, _) = listener.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        impostor(Box::new(s))
+    });
+    let refused = UringTcp::connect(address, &session(Role::Primary), 1 << 20)
+        .err()
+        .expect("the primary accepted an impostor");
+    assert_learned_nothing("uring-tcp primary", &peer.join().expect("impostor"), true);
+    assert!(
+        channel::testkit::error_chain(&refused).contains("wrong key"),
+        "{refused:?}"
+    );
+
+    let path = socket_path("impostor");
+    let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+    let peer = std::thread::spawn(move || {
+        let (s, _) = listener.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        impostor(Box::new(s))
+    });
+    let refused = ShmTransport::connect(&path, &session(Role::Primary))
+        .err()
+        .expect("the primary accepted an impostor");
+    assert_learned_nothing("shm primary", &peer.join().expect("impostor"), true);
+    assert!(
+        channel::testkit::error_chain(&refused).contains("wrong key"),
+        "{refused:?}"
+    );
+    let _ = std::fs::remove_file(&path);
+}
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
