@@ -10,13 +10,13 @@
 //! Candidates (every key 32 bytes, per connection and direction, as the
 //! channel derives them; every nonce the direction's frame counter):
 //! - `blake3-keyed`: keyed BLAKE3, 128-bit output (protocol 2's tag);
-//! - `aes256-ghash4` (the channel's tag since protocol 3, through
+//! - `aes256-ghash8` (the channel's tag since protocol 3, through
 //!   [`channel::protocol::seal`]'s own code): the AES-GCM tag with the
 //!   header as associated data and the payload as the (unencrypted)
 //!   ciphertext, AES-256 via AES-NI, GHASH via PCLMULQDQ;
 //! - `aes256 + RustCrypto ghash`: the same tag through RustCrypto's
 //!   `ghash` (one block per call, 0.6-0.7 GB/s: why the channel has its
-//!   own 4-block CLMUL GHASH, `src/ghash.rs`);
+//!   own 8-block CLMUL GHASH, `src/ghash.rs`);
 //! - `aes128-gcm-gmac`: RustCrypto `aes-gcm`, empty plaintext, header and
 //!   payload as associated data (needs them contiguous: a copy here);
 //! - `aes128-gcm-encrypt`: the full AEAD (encrypts the payload too), for
@@ -93,7 +93,7 @@ fn main() {
             );
             black_box(n.is_ok());
         });
-        cands.push(("aes256-ghash4 (channel seal)", t));
+        cands.push(("aes256-ghash8 (channel seal)", t));
 
         let aes256 = <aes::Aes256 as aes::cipher::KeyInit>::new((&key).into());
         let gh = {

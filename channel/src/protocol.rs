@@ -72,7 +72,7 @@
 //! bytes as associated data, the payload (sent in the clear) as the
 //! ciphertext and the frame counter as the nonce (see [`FrameSealer`]'s
 //! `TagKey` for the exact construction; protocol 2 used keyed BLAKE3,
-//! 4-5x slower here, see `benches/frame_mac.rs`). Each direction numbers its
+//! 4-7x slower here, see `benches/frame_mac.rs`). Each direction numbers its
 //! frames 1, 2, 3, ...; a receiver accepts only a counter above the last
 //! one it accepted, so a recorded frame can be neither replayed nor
 //! reordered, and a frame or ack without the key can't be forged.
