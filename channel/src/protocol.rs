@@ -755,8 +755,10 @@ pub fn handshake<S: std::io::Read + std::io::Write>(
 }
 
 /// Sends the verdict for `e` (best effort: the peer may be gone) and
-/// returns `e`. `code` 0 values go to a peer not yet authenticated only
-/// for checks that carry no secret (magic, version, role, order).
+/// returns `e`. Before the peer has proved the key, only checks whose
+/// values are public fail here (magic, version, role, side, and a wrong
+/// key, whose verdict carries zeros); the VM id and generation are
+/// compared, and sent back, only after both proofs.
 fn fail<S: std::io::Write>(stream: &mut S, version: u16, e: HandshakeError) -> HandshakeError {
     if let Some((code, a, b)) = e.reject_code() {
         let mut v = msg(MsgType::Verdict, version);
