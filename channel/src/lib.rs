@@ -12,6 +12,7 @@
 
 pub mod bench;
 pub mod endpoint;
+mod ghash;
 pub mod log;
 pub mod pipeline;
 pub mod protocol;

@@ -412,3 +412,70 @@ fn killed_peer_is_reported_within_the_timeout() {
         error_chain(source)
     );
 }
+
+/// Issue 13: a peer without the key at the RDMA backup's TCP set-up port
+/// (an HTTP request; a primary's Hello naming the right VM and generation)
+/// is refused by the handshake that runs before any verbs, and gets
+/// nothing but the backup's Nonce and a Verdict: never its Hello, VM id or
+/// generation, never its RDMA info. Short: no queue pair is ever made.
+#[test]
+fn keyless_peers_at_the_rdma_set_up_port_learn_nothing() {
+    if !have_device("keyless_peers_at_the_rdma_set_up_port_learn_nothing") {
+        return;
+    }
+    use std::io::Write;
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut hello = Vec::new();
+    hello.extend_from_slice(b"LKSTPCHN");
+    hello.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    hello.extend_from_slice(&1u16.to_le_bytes()); // Hello
+    hello.extend_from_slice(&1u16.to_le_bytes()); // primary
+    hello.extend_from_slice(&0u16.to_le_bytes());
+    hello.extend_from_slice(&1u64.to_le_bytes()); // the VM id
+    hello.extend_from_slice(&GEN.to_le_bytes());
+    hello.extend_from_slice(&[0x42; 32]);
+    for (what, bytes, expected) in [
+        (
+            "an HTTP request",
+            b"GET / HTTP/1.0\r\n\r\n".to_vec(),
+            "another protocol",
+        ),
+        ("a primary's Hello", hello, "unexpected handshake message"),
+    ] {
+        let listener = TcpListener::bind(listen_addr()).expect("bind");
+        let address = listener.local_addr().expect("address");
+        let peer = std::thread::spawn(move || {
+            let mut s = std::net::TcpStream::connect(address).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(20)))
+                .expect("timeout");
+            let _ = s.write_all(&bytes);
+            let mut answer = Vec::new();
+            let _ = s.read_to_end(&mut answer);
+            answer
+        });
+        let error = match RdmaTransport::accept(
+            &listener,
+            &session(Role::Backup, GEN, KEY),
+            &config(AckMode::BackupAck),
+        ) {
+            Ok(_) => panic!("{what}: accepted without the key"),
+            Err(e) => error_chain(&e),
+        };
+        let answer = peer.join().expect("peer");
+        assert!(error.contains(expected), "{what}: {error}");
+        assert!(answer.len() <= 128, "{what}: {} bytes", answer.len());
+        for m in answer.chunks(64) {
+            assert!(m.len() == 64 && m[..8] == *b"LKSTPCHN", "{what}: {m:?}");
+            let kind = u16::from_le_bytes([m[10], m[11]]);
+            assert!(kind == 4 || kind == 3, "{what}: message of type {kind}");
+            assert!(
+                m[16..32].chunks(8).all(|v| v != GEN.to_le_bytes()),
+                "{what}: the generation was sent: {m:?}"
+            );
+        }
+        eprintln!(
+            "{what}: refused ({error}); the peer got {} bytes",
+            answer.len()
+        );
+    }
+}

@@ -7,9 +7,7 @@
 //! generation (so the generation check passes). A frame must never be
 //! accepted twice by one opener (replay).
 #![no_main]
-use channel::protocol::{
-    FRAME_HEADER_LEN, FrameKeys, Role, TAG_LEN, batch_entries, decode_frame, frame_len,
-};
+use channel::protocol::{FRAME_HEADER_LEN, FrameKeys, Role, batch_entries, decode_frame, frame_len};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -18,18 +16,8 @@ fuzz_target!(|data: &[u8]| {
     };
     let mut bytes = rest.to_vec();
     let keys = FrameKeys::for_tests();
-    if mode & 1 != 0 && bytes.len() >= FRAME_HEADER_LEN {
-        // The tag covers the header before it and the payload.
-        let tagged = FRAME_HEADER_LEN - TAG_LEN;
-        let len = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]) as usize;
-        let end = FRAME_HEADER_LEN.saturating_add(len).min(bytes.len());
-        let mut tag = [0u8; TAG_LEN];
-        blake3::Hasher::new_keyed(&keys.key_of(Role::Primary))
-            .update(&bytes[..tagged])
-            .update(&bytes[FRAME_HEADER_LEN..end])
-            .finalize_xof()
-            .fill(&mut tag);
-        bytes[tagged..FRAME_HEADER_LEN].copy_from_slice(&tag);
+    if mode & 1 != 0 {
+        keys.retag_for_fuzzing(Role::Primary, &mut bytes);
     }
     let generation = if mode & 2 != 0 && bytes.len() >= 16 {
         u64::from_le_bytes(bytes[8..16].try_into().unwrap_or([0; 8]))

@@ -43,6 +43,11 @@ fuzz_target!(|data: &[u8]| {
             // Bytes 35 and 80..96 are reserved: compare the rest.
             assert_eq!(again[..35], info[..35]);
             assert_eq!(again[36..80], info[36..80]);
+            // What establish checks before it allocates for the peer's
+            // ring: an error or fine, never a panic; fine means usable.
+            if peer.check_usable().is_ok() {
+                assert!(peer.ring_bytes.is_power_of_two() && peer.ring_bytes <= 1 << 30);
+            }
         }
         Err(e) => {
             let _ = e.to_string();

@@ -701,10 +701,12 @@ pub fn join(
     stream
         .set_read_timeout(Some(channel::protocol::HANDSHAKE_TIMEOUT))
         .map_err(link_error("set the join timeout"))?;
-    channel::protocol::handshake(
+    // We connected to the primary's join port: we prove the key first.
+    channel::protocol::handshake_as(
         &mut stream,
         &settings.session(channel::protocol::Role::Backup, record.generation),
         channel::protocol::PROTOCOL_VERSION,
+        channel::protocol::Side::Connecting,
     )
     .map_err(|e| replica::ReplicaError::Channel(arbiter::error_chain(&e)))?;
     replica::join::send_name(&mut stream, me.as_str())?;

@@ -335,7 +335,7 @@ fn serve_one(
     one_at_a_time: &Mutex<()>,
     authenticating: &AtomicU64,
 ) -> Result<String, ReplicaError> {
-    use channel::protocol::{PROTOCOL_VERSION, Role, handshake};
+    use channel::protocol::{PROTOCOL_VERSION, Role, Side, handshake_as};
     let authenticated = (|| {
         let Some(generation) = service.port.alone() else {
             let _ = stream.shutdown(std::net::Shutdown::Both);
@@ -350,10 +350,12 @@ fn serve_one(
             stream: &stream,
             until: std::time::Instant::now() + AUTH_DEADLINE,
         };
-        handshake(
+        // The joiner connected: it proves the key before we say anything.
+        handshake_as(
             &mut timed,
             &service.settings.session(Role::Primary, generation),
             PROTOCOL_VERSION,
+            Side::Accepting,
         )
         .map_err(|e| ReplicaError::Channel(arbiter::error_chain(&e)))?;
         let name = read_name(&mut timed)?;

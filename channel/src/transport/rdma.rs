@@ -371,6 +371,24 @@ fn info_mac(
 }
 
 impl PeerInfo {
+    /// Refuses an (authenticated) info block whose ring this end cannot
+    /// use: a size not a power of two in 64 KiB..1 GiB (2^64-1, 0, ...),
+    /// or no posted receives. Every other field is bounded where it is
+    /// used (`max_frame` by our own, the addresses and keys by the NIC).
+    pub fn check_usable(&self) -> Result<(), TransportError> {
+        if !self.ring_bytes.is_power_of_two()
+            || !(64 << 10..=1 << 30).contains(&self.ring_bytes)
+            || self.recv_depth == 0
+        {
+            return Err(TransportError::BadRegion(
+                "the peer announced an unusable ring (size not a power of two in 64 KiB..1 GiB, or no receives)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl PeerInfo {
     /// Encodes and MACs for the connection whose handshake gave `binding`
     /// (see the module docs).
     pub fn encode(
@@ -825,14 +843,7 @@ impl RdmaTransport {
             established.peer_role,
             &established.binding,
         )?;
-        if !peer.ring_bytes.is_power_of_two()
-            || !(64 << 10..=1 << 30).contains(&peer.ring_bytes)
-            || peer.recv_depth == 0
-        {
-            return Err(TransportError::BadRegion(
-                "the peer announced an unusable ring (size not a power of two in 64 KiB..1 GiB, or no receives)",
-            ));
-        }
+        peer.check_usable()?;
         conn.tx_buf = Buf::new(peer.ring_bytes as usize)?;
         let (tx_lkey, _) = conn
             .verbs
@@ -1444,6 +1455,77 @@ mod tests {
         let mut t = b;
         t[40] ^= 1;
         assert!(PeerInfo::decode(&t, b"key", Role::Backup, &binding).is_err());
+    }
+
+    /// Hostile info blocks: every single flipped bit, garbage, all ones,
+    /// a refusal without a reason, are each a clear error (no panic); an
+    /// authenticated block announcing absurd values (ring of 2^64-1 or 0
+    /// bytes, 2^32-1 + 1 not a power of two, no receives) is refused by
+    /// `check_usable` before anything is allocated for it.
+    #[test]
+    fn hostile_info_blocks_are_refused() {
+        let binding = [9u8; 64];
+        let b = info().encode(b"key", Role::Backup, &binding).unwrap();
+        for i in 0..INFO_LEN {
+            for bit in [0x01u8, 0x80] {
+                let mut t = b;
+                t[i] ^= bit;
+                assert!(
+                    PeerInfo::decode(&t, b"key", Role::Backup, &binding).is_err(),
+                    "byte {i} bit {bit:#x}"
+                );
+            }
+        }
+        for junk in [[0u8; INFO_LEN], [0xff; INFO_LEN], [b'G'; INFO_LEN]] {
+            let e = PeerInfo::decode(&junk, b"key", Role::Backup, &binding).unwrap_err();
+            assert!(!e.to_string().is_empty());
+        }
+        let mut refusal = [0xffu8; INFO_LEN];
+        refusal[..8].copy_from_slice(&REFUSE_MAGIC);
+        // Not UTF-8 after the magic: still a clear error.
+        assert!(PeerInfo::decode(&refusal, b"key", Role::Backup, &binding).is_err());
+        assert!(info().check_usable().is_ok());
+        for (ring_bytes, recv_depth) in [
+            (u64::MAX, 256),
+            (0, 256),
+            ((1u64 << 32) + 1, 256),
+            (1 << 40, 256),
+            (32 << 10, 256),
+            (8 << 20, 0),
+        ] {
+            let hostile = PeerInfo {
+                ring_bytes,
+                recv_depth,
+                ..info()
+            };
+            let b = hostile.encode(b"key", Role::Backup, &binding).unwrap();
+            let decoded = PeerInfo::decode(&b, b"key", Role::Backup, &binding).unwrap();
+            let e = decoded.check_usable().unwrap_err();
+            assert!(e.to_string().contains("unusable ring"), "{ring_bytes}: {e}");
+        }
+    }
+
+    /// Status blocks a hostile peer (or a torn RDMA write) leaves: all
+    /// zeros, all ones, any single flipped bit, counters of 2^64-1 under
+    /// another key: never accepted, never a panic.
+    #[test]
+    fn hostile_status_blocks_are_refused() {
+        let keys = FrameKeys::for_tests();
+        let key = status_key(&keys, Role::Backup);
+        let b = encode_status(&key, u64::MAX, u64::MAX, u64::MAX, u64::MAX);
+        assert_eq!(
+            decode_status(&key, &b),
+            Some((u64::MAX, u64::MAX, u64::MAX, u64::MAX))
+        );
+        for i in 0..STATUS_LEN {
+            let mut t = b;
+            t[i] ^= 0x40;
+            assert_eq!(decode_status(&key, &t), None, "byte {i}");
+        }
+        assert_eq!(decode_status(&key, &[0xff; STATUS_LEN]), None);
+        let other = status_key(&FrameKeys::derive(b"x", &[0; 64], 1, 1), Role::Backup);
+        let forged = encode_status(&other, u64::MAX, u64::MAX, u64::MAX, u64::MAX);
+        assert_eq!(decode_status(&key, &forged), None);
     }
 
     #[test]

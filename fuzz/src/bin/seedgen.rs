@@ -457,8 +457,8 @@ fn main() -> Result<()> {
     seeds.put("rdma_ring", "one-frame", &rdma)?;
 
     // RESP: what redis-cli and redis-benchmark send.
-    seeds.put("resp", "benchmark", b"*1\r\n$4\r\nPING\r\n*3\r\n$3\r\nSET\r\n$16\r\nkey:__rand_int__\r\n$3\r\nxxx\r\n*2\r\n$3\r\nGET\r\n$16\r\nkey:__rand_int__\r\n*2\r\n$4\r\nINCR\r\n$7\r\ncounter\r\n")?;
-    seeds.put("resp", "cli", b"*2\r\n$7\r\nCOMMAND\r\n$4\r\nDOCS\r\nPING\r\n*3\r\n$6\r\nINCRBY\r\n$1\r\nk\r\n$20\r\n-9223372036854775808\r\n")?;
+    seeds.put_mode("resp", "benchmark", 128, b"*1\r\n$4\r\nPING\r\n*3\r\n$3\r\nSET\r\n$16\r\nkey:__rand_int__\r\n$3\r\nxxx\r\n*2\r\n$3\r\nGET\r\n$16\r\nkey:__rand_int__\r\n*2\r\n$4\r\nINCR\r\n$7\r\ncounter\r\n")?;
+    seeds.put_mode("resp", "cli", 200, b"*2\r\n$7\r\nCOMMAND\r\n$4\r\nDOCS\r\nPING\r\n*3\r\n$6\r\nINCRBY\r\n$1\r\nk\r\n$20\r\n-9223372036854775808\r\n")?;
     Ok(())
 }
 
