@@ -2,6 +2,7 @@
 //! arguments, builds the pieces from the library crates and prints results.
 
 mod chaos;
+mod config;
 mod ft;
 mod guests;
 mod keys;
@@ -14,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use channel::log::{LogMeta, LogReader, LogWriter};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use nic::gate::OutputGate;
 use nic::tap::{RxQueue, TapDevice};
 use vmm::events::{Discard, Live, LogSink, Replay};
@@ -88,6 +89,8 @@ enum Command {
         /// refuses to supersede a running (or failing-over) pair.
         #[arg(long, value_name = "G")]
         supersede_generation: Option<u64>,
+        #[command(flatten)]
+        ops: OpsArgs,
     },
     /// Wait for a primary and replay its guest in lockstep, output suppressed.
     Backup {
@@ -110,6 +113,13 @@ enum Command {
         /// Do not print the guest's console output.
         #[arg(long)]
         quiet: bool,
+        #[command(flatten)]
+        ops: OpsArgs,
+    },
+    /// Config files: `lockstep config check FILE`.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
     },
     /// Show role, generation, lag, held outputs and link figures of every
     /// replica on this host.
@@ -225,6 +235,31 @@ enum Command {
         /// table2: rounds of every configuration (default: 5, or 3 with --quick).
         #[arg(long)]
         rounds: Option<usize>,
+    },
+}
+
+/// What an operator's deployment adds to a replica's flags: a config file
+/// (flags given on the command line override it) and the metrics endpoint.
+#[derive(Args, Default)]
+pub(crate) struct OpsArgs {
+    /// Read the settings from this TOML file (see `lockstep config check`);
+    /// flags given on the command line override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (in this process's
+    /// network namespace).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
+}
+
+/// `lockstep config …`.
+#[derive(Subcommand)]
+enum ConfigAction {
+    /// Parse and validate a replica's config file (keys, guest, addresses)
+    /// without starting anything; exits 1 with the key and line at fault.
+    Check {
+        /// The file.
+        file: PathBuf,
     },
 }
 
@@ -349,23 +384,37 @@ pub(crate) enum CliError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
     #[error("{0}")]
     Usage(String),
 }
 
+/// `error` and its causes on one line, as `main` prints them.
+pub(crate) fn cli_error_chain(error: &CliError) -> String {
+    let mut message = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        message.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    message
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match execute(cli.command) {
+    // The matches too: they tell which flags the command line gave, which
+    // override a config file.
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
+    let sub = matches
+        .subcommand()
+        .map(|(_, sub)| sub.clone())
+        .unwrap_or_default();
+    match execute(cli.command, &sub) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             let halted = matches!(error, CliError::Vmm(VmmError::Halted(_)));
-            let mut message = format!("lockstep: {error}");
-            let mut source = std::error::Error::source(&error);
-            while let Some(cause) = source {
-                message.push_str(&format!(": {cause}"));
-                source = cause.source();
-            }
-            eprintln!("{message}");
+            eprintln!("lockstep: {}", cli_error_chain(&error));
             if halted {
                 ExitCode::from(replica::failover::EXIT_HALTED)
             } else {
@@ -375,7 +424,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn execute(command: Command) -> Result<(), CliError> {
+fn execute(command: Command, matches: &clap::ArgMatches) -> Result<(), CliError> {
     match command {
         Command::Run(args) => run(&args),
         Command::Record {
@@ -386,52 +435,106 @@ fn execute(command: Command) -> Result<(), CliError> {
         Command::Replay { log, guest, quiet } => replay(&log, guest.as_deref(), quiet),
         Command::Demo { log } => demo(log),
         Command::Primary {
-            backup,
-            backup_id,
-            run,
-            ft,
-            digest_interval,
-            stats,
-            join_listen,
+            mut backup,
+            mut backup_id,
+            mut run,
+            mut ft,
+            mut digest_interval,
+            mut stats,
+            mut join_listen,
             supersede_generation,
-        } => ft::primary(
-            &run,
-            &ft::Peers {
-                backup: &backup,
-                backup_id: &backup_id,
-                join_listen: join_listen.as_deref(),
-                supersede_generation,
-            },
-            &ft,
-            digest_interval,
-            stop_flag(),
-            stats.as_deref(),
-        ),
+            mut ops,
+        } => {
+            if let Some(path) = &ops.config {
+                let loaded = config::load(path)?;
+                loaded.check_role(config::Role::Primary)?;
+                loaded.apply_replica(matches, &mut ft);
+                loaded.apply_primary(
+                    matches,
+                    &mut config::PrimaryFlags {
+                        run: &mut run,
+                        backup: &mut backup,
+                        backup_id: &mut backup_id,
+                        join_listen: &mut join_listen,
+                        stats: &mut stats,
+                        digest_interval: &mut digest_interval,
+                        metrics: &mut ops.metrics,
+                    },
+                );
+            }
+            ft::primary(
+                &run,
+                &ft::Peers {
+                    backup: &backup,
+                    backup_id: &backup_id,
+                    join_listen: join_listen.as_deref(),
+                    supersede_generation,
+                },
+                &ft,
+                digest_interval,
+                stop_flag(),
+                stats.as_deref(),
+            )
+        }
         Command::Backup {
-            listen,
-            tap,
-            join,
-            join_listen,
-            ft,
-            quiet,
-        } => match join {
-            Some(primary) => ft::join(
-                &primary,
-                tap.as_deref(),
-                join_listen.as_deref(),
-                &ft,
-                quiet,
-                stop_flag(),
-            ),
-            None => ft::backup(
-                &listen,
-                tap.as_deref(),
-                join_listen.as_deref(),
-                &ft,
-                quiet,
-                stop_flag(),
-            ),
-        },
+            mut listen,
+            mut tap,
+            mut join,
+            mut join_listen,
+            mut ft,
+            mut quiet,
+            mut ops,
+        } => {
+            if let Some(path) = &ops.config {
+                let loaded = config::load(path)?;
+                loaded.check_role(config::Role::Backup)?;
+                loaded.apply_replica(matches, &mut ft);
+                loaded.apply_backup(
+                    matches,
+                    &mut config::BackupFlags {
+                        listen: &mut listen,
+                        tap: &mut tap,
+                        join: &mut join,
+                        join_listen: &mut join_listen,
+                        quiet: &mut quiet,
+                        metrics: &mut ops.metrics,
+                    },
+                );
+            }
+            match join {
+                Some(primary) => ft::join(
+                    &primary,
+                    tap.as_deref(),
+                    join_listen.as_deref(),
+                    &ft,
+                    quiet,
+                    stop_flag(),
+                ),
+                None => ft::backup(
+                    &listen,
+                    tap.as_deref(),
+                    join_listen.as_deref(),
+                    &ft,
+                    quiet,
+                    stop_flag(),
+                ),
+            }
+        }
+        Command::Config {
+            action: ConfigAction::Check { file },
+        } => {
+            let loaded = config::load(&file)?;
+            let role = loaded.validate()?;
+            println!(
+                "{}: a valid config file for `lockstep {}`",
+                file.display(),
+                match role {
+                    config::Role::Primary => "primary",
+                    config::Role::Backup => "backup",
+                }
+            );
+            Ok(())
+        }
         Command::Status { dir } => ft::status(&dir),
         Command::Chaos {
             trials,
