@@ -59,6 +59,9 @@ pub struct FtArgs {
     /// of the two is required: make one with `lockstep keygen FILE`).
     #[arg(long)]
     pub link_key: Option<PathBuf>,
+    /// Where this replica's figures go for `--metrics` (not a flag).
+    #[arg(skip)]
+    pub board: replica::status::Board,
 }
 
 impl FtArgs {
@@ -263,9 +266,10 @@ pub fn primary(
     );
     let join_port = Arc::new(replica::join::JoinPort::default());
     let join_arbiter = membership.as_ref().map(|m| Arc::clone(&m.arbiter));
-    let mut sink =
-        FailoverSink::new(link, Arc::clone(&gate), membership, ft.peer_timeout()).with_status(
-            replica::status::StatusFile::new(&ft.status_dir, me.as_str()),
+    let mut sink = FailoverSink::new(link, Arc::clone(&gate), membership, ft.peer_timeout())
+        .with_status(
+            replica::status::StatusFile::new(&ft.status_dir, me.as_str())
+                .with_board(ft.board.clone()),
         );
     let join_listener = match join_listen {
         None => None,
@@ -540,7 +544,8 @@ pub fn backup(
         ft,
         stop,
     )?;
-    let status = replica::status::StatusFile::new(&ft.status_dir, me_name.as_str());
+    let status = replica::status::StatusFile::new(&ft.status_dir, me_name.as_str())
+        .with_board(ft.board.clone());
     let source = BackupSource::new(Replay::new(accepted.source), membership, side.promote()?)
         .with_status(status);
     let machine = Machine::new(
@@ -742,7 +747,8 @@ pub fn join(
         ft,
         stop,
     )?;
-    let status = replica::status::StatusFile::new(&ft.status_dir, me_name.as_str());
+    let status = replica::status::StatusFile::new(&ft.status_dir, me_name.as_str())
+        .with_board(ft.board.clone());
     let source = BackupSource::new(
         Replay::resume(accepted.source, &position),
         Some(membership),
@@ -880,6 +886,7 @@ impl BackupSide {
             membership,
             joins: joins.as_ref().map(|setup| Arc::clone(&setup.port)),
             peer_timeout: ft.peer_timeout(),
+            board: ft.board.clone(),
         };
         Ok(Self {
             has_nic: config.mac.is_some(),
@@ -912,6 +919,8 @@ struct Promotion {
     /// Where new backups join once this one is live (`--join-listen`).
     joins: Option<Arc<replica::join::JoinPort>>,
     peer_timeout: Duration,
+    /// Where the live sink counts its events (the backup's figures).
+    board: replica::status::Board,
 }
 
 /// What a backup does when it wins the arbiter: attach the NIC to the TAP,
@@ -928,6 +937,7 @@ fn promotion(promotion: Promotion) -> Promote {
         membership,
         joins,
         peer_timeout,
+        board,
     } = promotion;
     Box::new(move |clock, generation| {
         let mut membership = membership.clone().ok_or_else(|| {
@@ -935,7 +945,8 @@ fn promotion(promotion: Promotion) -> Promote {
         })?;
         membership.generation = generation;
         // The backup's own status file keeps reporting (role: live).
-        let mut sink = FailoverSink::alone(Arc::clone(&gate), membership, peer_timeout);
+        let mut sink = FailoverSink::alone(Arc::clone(&gate), membership, peer_timeout)
+            .with_board(board.clone());
         if let Some(port) = &joins {
             sink = sink.with_joins(Arc::clone(port));
         }
@@ -997,7 +1008,27 @@ fn promotion(promotion: Promotion) -> Promote {
 }
 
 /// `lockstep status`: what every replica on this host says it is doing.
-pub fn status(dir: &Path) -> Result<(), CliError> {
+pub fn status(dir: &Path, json: bool) -> Result<(), CliError> {
+    if json {
+        let replicas = replica::status::read_all_json(dir).map_err(|source| CliError::File {
+            what: "no replica figures in",
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let list: Vec<serde_json::Value> = replicas
+            .into_iter()
+            .map(|(id, age, figures)| {
+                serde_json::json!({
+                    "id": id,
+                    "updated_ms_ago": u64::try_from(age.as_millis()).unwrap_or(u64::MAX),
+                    "running": age <= Duration::from_secs(3),
+                    "figures": figures,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(list));
+        return Ok(());
+    }
     let replicas = replica::status::read_all(dir).map_err(|source| CliError::File {
         what: "no replica status in",
         path: dir.to_path_buf(),

@@ -6,6 +6,7 @@ mod config;
 mod ft;
 mod guests;
 mod keys;
+mod metrics;
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -127,6 +128,9 @@ enum Command {
         /// Where replicas publish their status.
         #[arg(long, default_value = replica::status::DEFAULT_DIR)]
         dir: PathBuf,
+        /// Print the figures (those of `--metrics`) as JSON instead.
+        #[arg(long)]
+        json: bool,
     },
     /// A randomized failover campaign: kill either replica or partition the
     /// link at random moments under client load; report split brains and lost
@@ -462,6 +466,10 @@ fn execute(command: Command, matches: &clap::ArgMatches) -> Result<(), CliError>
                     },
                 );
             }
+            if let Some(address) = &ops.metrics {
+                ft.board.update(|f| f.role = "primary");
+                metrics::serve(address, ft.board.clone())?;
+            }
             ft::primary(
                 &run,
                 &ft::Peers {
@@ -501,6 +509,10 @@ fn execute(command: Command, matches: &clap::ArgMatches) -> Result<(), CliError>
                     },
                 );
             }
+            if let Some(address) = &ops.metrics {
+                ft.board.update(|f| f.role = "backup");
+                metrics::serve(address, ft.board.clone())?;
+            }
             match join {
                 Some(primary) => ft::join(
                     &primary,
@@ -535,7 +547,7 @@ fn execute(command: Command, matches: &clap::ArgMatches) -> Result<(), CliError>
             );
             Ok(())
         }
-        Command::Status { dir } => ft::status(&dir),
+        Command::Status { dir, json } => ft::status(&dir, json),
         Command::Chaos {
             trials,
             seed,

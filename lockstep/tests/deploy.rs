@@ -135,3 +135,268 @@ fn a_replica_takes_its_settings_from_the_file_and_flags_override_them() {
         "{stderr}"
     );
 }
+
+/// `GET /metrics` from inside namespace `ns` (the endpoint is served in the
+/// replica's own namespace): the body, or why not.
+fn scrape(net: &common::Net, ns: common::Ns, address: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let target = address.parse().map_err(|e| format!("{address}: {e}"))?;
+    let mut stream = net
+        .bed
+        .connect(ns, target, std::time::Duration::from_secs(2))
+        .map_err(|e| format!("connect {address}: {e}"))?;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: replica\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut reply = String::new();
+    stream
+        .read_to_string(&mut reply)
+        .map_err(|e| e.to_string())?;
+    let (head, body) = reply
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no HTTP reply: {reply:?}"))?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return Err(format!("{head}"));
+    }
+    Ok(body.to_string())
+}
+
+/// The value of the unlabelled sample `name` in an exposition.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (key, value) = line.split_once(' ')?;
+            (key == name).then(|| value.trim().parse().ok()).flatten()
+        })
+}
+
+/// Scrapes until `check` holds on the exposition (or 30 s pass).
+fn scrape_until(
+    net: &common::Net,
+    ns: common::Ns,
+    address: &str,
+    what: &str,
+    check: impl Fn(&str) -> bool,
+) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut last = String::new();
+    while std::time::Instant::now() < deadline {
+        match scrape(net, ns, address) {
+            Ok(text) if check(&text) => return text,
+            Ok(text) => last = text,
+            Err(error) => last = error,
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    panic!("{what}: not seen at {address} in 30 s; last scrape:\n{last}");
+}
+
+/// `promtool check metrics` (Debian's `prometheus`) on `text`: `None` when
+/// promtool is not installed (then the caller says `skipped`, unless
+/// LOCKSTEP_REQUIRE_PROMTOOL=1, which .ci/run sets, makes it a failure).
+fn promtool_check(text: &str) -> Option<Result<(), String>> {
+    use std::io::Write;
+    let child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            assert!(
+                std::env::var("LOCKSTEP_REQUIRE_PROMTOOL").as_deref() != Ok("1"),
+                "LOCKSTEP_REQUIRE_PROMTOOL=1 but promtool is not installed (Debian package prometheus)"
+            );
+            return None;
+        }
+        Err(error) => panic!("cannot run promtool: {error}"),
+    };
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("feed promtool");
+    let output = child.wait_with_output().expect("promtool");
+    Some(if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}{}",
+            text_of(&output.stdout),
+            text_of(&output.stderr)
+        ))
+    })
+}
+
+fn text_of(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Two hosts started as an operator would, from one config file each
+/// (`lockstep backup --config` in host b, `lockstep primary --config` in
+/// host a, not through `up`), with the embedded arbiter in its namespace:
+/// both metrics endpoints are scraped in their namespaces, the primary's
+/// passes `promtool check metrics`, `lockstep status --json` reports the
+/// same figures, and after the primary is SIGKILLed the survivor's metrics
+/// report the new role and generation.
+#[test]
+fn two_hosts_from_config_files_report_metrics_and_the_failover() {
+    use common::Ns;
+    let net = common::Net::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = common::keygen(dir.path(), "pair.key");
+    let state = dir.path().join("arbiter.state");
+    let at = net.bed.addresses().clone();
+    let arbiter_address = format!("{}:7400", at.arbiter);
+    let mut arbiter = net
+        .bed
+        .command(Ns::Arbiter, env!("CARGO_BIN_EXE_lockstep"))
+        .expect("arbiter namespace")
+        .args(["arbiter", "--listen", &arbiter_address, "--state"])
+        .arg(&state)
+        .arg("--key-file")
+        .arg(&key)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the arbiter");
+    let link = net.log_address(Ns::B, 7700);
+    let metrics_a = net.log_address(Ns::A, 9400);
+    let metrics_b = net.log_address(Ns::B, 9400);
+    let status = dir.path().join("status");
+    let replica_section = |id: &str| {
+        format!(
+            "[replica]\nid = \"{id}\"\nvm_id = 1\narbiter = \"{arbiter_address}\"\narbiter_key = \"{}\"\npeer_timeout_ms = 1500\nstatus_dir = \"{}\"\n",
+            key.display(),
+            status.display()
+        )
+    };
+    let backup_file = dir.path().join("backup.toml");
+    std::fs::write(
+        &backup_file,
+        format!(
+            "role = \"backup\"\nmetrics = \"{metrics_b}\"\n\n{}\n[guest]\ntap = \"{}\"\nquiet = true\n\n[backup]\nlisten = \"{link}\"\n",
+            replica_section("host-b"),
+            net.tap()
+        ),
+    )
+    .expect("write");
+    let primary_file = dir.path().join("primary.toml");
+    std::fs::write(
+        &primary_file,
+        format!(
+            "role = \"primary\"\nmetrics = \"{metrics_a}\"\n\n{}\n[guest]\nname = \"net\"\narg = {}\ntap = \"{}\"\nmem_mib = 32\n\n[primary]\nbackup = \"{link}\"\nbackup_id = \"host-b\"\n",
+            replica_section("host-a"),
+            net.guest_arg(),
+            net.tap()
+        ),
+    )
+    .expect("write");
+    for file in [&backup_file, &primary_file] {
+        let check = lockstep(&["config", "check", path_str(file)]);
+        assert!(check.status.success(), "{}", text_of(&check.stderr));
+    }
+    let mut backup = net
+        .lockstep(Ns::B)
+        .arg("backup")
+        .arg("--config")
+        .arg(&backup_file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the backup");
+    scrape_until(&net, Ns::B, &metrics_b, "the backup's endpoint", |t| {
+        t.contains("lockstep_role{role=\"backup\"} 1")
+    });
+    let mut primary = net.start(Ns::A, &["primary", "--config", path_str(&primary_file)]);
+
+    // The pair runs: the guest answers, the primary's figures move.
+    let mut client = net.connect(6379);
+    for _ in 0..20 {
+        assert!(common::command(&mut client, &["incr", "counter"]).starts_with(':'));
+    }
+    let primary_text = scrape_until(&net, Ns::A, &metrics_a, "a protected primary", |t| {
+        t.contains("lockstep_role{role=\"primary\"} 1")
+            && sample(t, "lockstep_protected") == Some(1.0)
+            && sample(t, "lockstep_acked_position").is_some_and(|v| v > 0.0)
+            && sample(t, "lockstep_held_output_seconds_count").is_some_and(|v| v > 0.0)
+    });
+    let generation = sample(&primary_text, "lockstep_generation").expect("generation");
+    assert!(generation >= 1.0, "{primary_text}");
+    match promtool_check(&primary_text) {
+        Some(Ok(())) => {}
+        Some(Err(complaint)) => {
+            panic!(
+                "promtool check metrics refused the primary's metrics:\n{complaint}\n{primary_text}"
+            )
+        }
+        None => eprintln!(
+            "SKIPPED: promtool check metrics (promtool not installed: Debian package prometheus)"
+        ),
+    }
+    let backup_text = scrape_until(&net, Ns::B, &metrics_b, "a following backup", |t| {
+        sample(t, "lockstep_log_position").is_some_and(|v| v > 0.0)
+    });
+    assert!(
+        backup_text.contains("lockstep_role{role=\"backup\"} 1"),
+        "{backup_text}"
+    );
+    assert_eq!(
+        sample(&backup_text, "lockstep_generation"),
+        Some(generation)
+    );
+    let json = lockstep(&["status", "--json", "--dir", path_str(&status)]);
+    assert!(json.status.success(), "{}", text_of(&json.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout).expect("status --json");
+    let replicas = json.as_array().expect("a list");
+    let of = |id: &str| {
+        replicas
+            .iter()
+            .find(|r| r["id"] == id)
+            .unwrap_or_else(|| panic!("no {id} in {json}"))["figures"]
+            .clone()
+    };
+    assert_eq!(of("host-a")["role"], "primary", "{json}");
+    assert_eq!(
+        of("host-a")["generation"].as_f64(),
+        Some(generation),
+        "{json}"
+    );
+    assert_eq!(of("host-b")["role"], "backup", "{json}");
+
+    // SIGKILL the primary: the backup wins generation g+1 and says so.
+    primary.kill().expect("kill the primary");
+    let _ = primary.wait();
+    let live = scrape_until(&net, Ns::B, &metrics_b, "the survivor live", |t| {
+        t.contains("lockstep_role{role=\"live\"} 1")
+    });
+    assert_eq!(
+        sample(&live, "lockstep_generation"),
+        Some(generation + 1.0),
+        "{live}"
+    );
+    assert_eq!(
+        sample(&live, "lockstep_failovers_total"),
+        Some(1.0),
+        "{live}"
+    );
+    assert_eq!(
+        sample(&live, "lockstep_peer_silences_total"),
+        Some(1.0),
+        "{live}"
+    );
+    // The survivor serves the guest's state: the counter carries on.
+    let mut client = net.connect(6379);
+    let after = common::command(&mut client, &["incr", "counter"]);
+    assert_eq!(after, ":21", "the survivor lost acknowledged INCRs");
+    let _ = backup.kill();
+    let _ = backup.wait();
+    let _ = arbiter.kill();
+    let _ = arbiter.wait();
+}
