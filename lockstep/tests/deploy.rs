@@ -159,7 +159,7 @@ fn scrape(net: &common::Net, ns: common::Ns, address: &str) -> Result<String, St
         .split_once("\r\n\r\n")
         .ok_or_else(|| format!("no HTTP reply: {reply:?}"))?;
     if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        return Err(format!("{head}"));
+        return Err(head.to_string());
     }
     Ok(body.to_string())
 }
