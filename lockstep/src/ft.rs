@@ -131,7 +131,7 @@ pub fn serve_arbiter(listen: &str, state: &Path, key_file: &Path) -> Result<(), 
         path: PathBuf::from(listen),
         source,
     })?;
-    eprintln!(
+    tracing::info!(
         "lockstep arbiter: listening on {listen}, state in {}",
         state.display()
     );
@@ -260,7 +260,7 @@ pub fn primary(
         Arc::clone(&gate),
         Duration::from_secs(30),
     )?;
-    eprintln!(
+    tracing::info!(
         "lockstep primary: {me}, generation {generation}, streaming to the backup at {backup} over {}",
         link.transport()
     );
@@ -348,7 +348,7 @@ pub fn primary(
         ),
         None => String::new(),
     };
-    eprintln!(
+    tracing::info!(
         "lockstep primary: guest {} {} after {} exits; {} acks; {protection}{channel}",
         guest.name(),
         ending(&summary),
@@ -356,7 +356,7 @@ pub fn primary(
         sink.acks(),
     );
     let stats = gate.stats();
-    eprintln!(
+    tracing::info!(
         "lockstep primary: output gate released {} frames, held at most {}; hold time p50 {} µs, p99 {} µs, p99.9 {} µs",
         stats.released,
         stats.max_held,
@@ -459,7 +459,7 @@ pub fn backup(
     let arbiter = ft.arbiter()?;
     let settings = ft.link_settings()?;
     let listener = LinkListener::bind(settings.kind, listen)?;
-    eprintln!(
+    tracing::info!(
         "lockstep backup: {me}, listening on {listen} ({})",
         settings.kind.name()
     );
@@ -519,7 +519,7 @@ pub fn backup(
         ))
         .into());
     }
-    eprintln!(
+    tracing::info!(
         "lockstep backup: primary {} (generation {}) connected over {}, replaying guest {} in lockstep",
         accepted.peer,
         accepted.generation,
@@ -617,7 +617,7 @@ fn follow(
                 .source()
                 .lost()
                 .unwrap_or_else(|| "the stream ended".into());
-            eprintln!(
+            tracing::info!(
                 "lockstep backup: the primary is gone ({why}) at exit {exit} after {entries} entries; {lag_line}"
             );
             Err(VmmError::Halted(
@@ -681,7 +681,7 @@ pub fn join(
         ))
         .into());
     }
-    eprintln!(
+    tracing::info!(
         "lockstep backup: {me} joining the primary at {primary} as generation {generation}; receiving its state"
     );
     stream
@@ -712,7 +712,7 @@ pub fn join(
     let position = received.state.events;
     let expected_digest = received.state.digest;
     let config = received.config.clone();
-    eprintln!(
+    tracing::info!(
         "lockstep backup: state received in {} ms ({} pages, exit {}, log position {})",
         started.elapsed().as_millis(),
         received.stats.pages,
@@ -767,7 +767,7 @@ pub fn join(
             }
             .into());
         }
-        eprintln!(
+        tracing::info!(
             "lockstep backup: clone verified: digest at the hand-over (exit {}) matches the primary's",
             machine.exits()
         );
@@ -999,9 +999,12 @@ fn promotion(promotion: Promotion) -> Promote {
                 });
         }
         *output.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(writer);
-        eprintln!(
+        tracing::info!(
             "lockstep backup: NIC attached to {name}; gratuitous ARP sent for {}.{}.{}.{}",
-            ip[0], ip[1], ip[2], ip[3]
+            ip[0],
+            ip[1],
+            ip[2],
+            ip[3]
         );
         Ok(live.with_network(queue))
     })

@@ -31,6 +31,51 @@ use crate::guests::GuestImage;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines on stderr: `text` (a sentence a line; with time and level
+    /// on a terminal) or `json` (one JSON object a line, for log shippers).
+    /// `RUST_LOG` filters them (default `info`; e.g. `RUST_LOG=warn`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// `--log-format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Installs the `tracing` subscriber: `RUST_LOG`'s filter (default
+/// `info`), on stderr. Text on a terminal has time and level; text
+/// elsewhere (a pipe, the journal, which stamps lines itself) is the bare
+/// sentence, exactly what lockstep printed before structured logs (tests
+/// and `perf` read it); JSON has time, level, target and fields.
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal as _;
+    use tracing_subscriber::EnvFilter;
+    let (filter, bad_filter) = match EnvFilter::try_from_default_env() {
+        Ok(filter) => (filter, None),
+        Err(error) => (
+            EnvFilter::new("info"),
+            std::env::var("RUST_LOG").ok().map(|text| (text, error)),
+        ),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text if std::io::stderr().is_terminal() => builder.with_target(false).try_init(),
+        LogFormat::Text => builder
+            .without_time()
+            .with_level(false)
+            .with_target(false)
+            .with_ansi(false)
+            .try_init(),
+    };
+    if let Some((text, error)) = bad_filter {
+        tracing::warn!("lockstep: RUST_LOG={text:?} is not a filter ({error}); logging at info");
+    }
 }
 
 #[derive(Subcommand)]
@@ -410,6 +455,7 @@ fn main() -> ExitCode {
     // override a config file.
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
+    init_logging(cli.log_format);
     let sub = matches
         .subcommand()
         .map(|(_, sub)| sub.clone())
@@ -418,7 +464,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             let halted = matches!(error, CliError::Vmm(VmmError::Halted(_)));
-            eprintln!("lockstep: {}", cli_error_chain(&error));
+            tracing::error!("lockstep: {}", cli_error_chain(&error));
             if halted {
                 ExitCode::from(replica::failover::EXIT_HALTED)
             } else {
@@ -591,7 +637,7 @@ fn execute(command: Command, matches: &clap::ArgMatches) -> Result<(), CliError>
         } => ft::serve_arbiter(&listen, &state, &key_file),
         Command::Keygen { file } => {
             keys::generate(&file)?;
-            eprintln!(
+            tracing::info!(
                 "lockstep keygen: wrote a new key to {} (mode 0600)",
                 file.display()
             );
@@ -752,7 +798,7 @@ fn run(args: &RunArgs) -> Result<(), CliError> {
     )?;
     Network::attach(&network, &mut machine)?;
     let summary = machine.run()?;
-    eprintln!(
+    tracing::info!(
         "lockstep: guest {} {} after {} exits in {:.3} s ({:.0} exits/s)",
         guest.name(),
         ending(&summary),
@@ -834,7 +880,7 @@ fn record(args: &RunArgs, log: &PathBuf, digest_interval: u64) -> Result<(), Cli
             source,
         })?;
     }
-    eprintln!(
+    tracing::info!(
         "lockstep: recorded {} exits, {} log entries ({} bytes), {} digests; guest {} {} in {:.3} s",
         summary.exits,
         entries,
@@ -1037,7 +1083,7 @@ fn up(
     primary_args.extend(ft_flags.iter().cloned());
     let primary = spawn(Ns::A, &primary_args, "cannot start the primary")?;
     let client_ns = bed.netns(Ns::Client);
-    eprintln!(
+    tracing::info!(
         "lockstep up: testbed {run}: arbiter in {arb} (pid {}), primary in {a} (pid {}), backup in {b} (pid {}); the log over {} on the logging link {}-{}",
         arbiter.id(),
         primary.id(),
@@ -1050,9 +1096,11 @@ fn up(
         a = bed.netns(Ns::A),
         b = bed.netns(Ns::B),
     );
-    eprintln!(
+    tracing::info!(
         "lockstep up: the guest is {} in {client_ns}: redis 6379, echo 7, sink 5001, source 5002. From another terminal:\n    ip netns exec {client_ns} redis-cli -h {} incr counter\n    lockstep client -- redis-benchmark -h {} -t ping,set,get,incr -n 20000 -q\nlockstep up: Ctrl-C stops (`lockstep testbed status` shows the links)",
-        at.guest, at.guest, at.guest
+        at.guest,
+        at.guest,
+        at.guest
     );
     // Supervise: whichever replica dies, the other goes live, and a new
     // backup joins it by state transfer (`backup --join`) from the dead
@@ -1077,9 +1125,11 @@ fn up(
                     live.0
                 )));
             };
-            eprintln!(
+            tracing::info!(
                 "lockstep up: the live replica in {} exited ({status}); the backup in {} takes over, and a new backup joins it from {}",
-                live.0, next.0, live.0
+                live.0,
+                next.0,
+                live.0
             );
             // Give the backup time to notice and win the arbiter.
             pending_join = Some((
@@ -1095,7 +1145,7 @@ fn up(
             let host = *host;
             standby = None;
             if !status.success() {
-                eprintln!(
+                tracing::info!(
                     "lockstep up: the backup in {host} exited ({status}); starting a new one there, which joins the primary by state transfer"
                 );
                 // Give the primary time to notice and win the arbiter.
@@ -1126,7 +1176,7 @@ fn up(
             args.extend(ft_flags.iter().cloned());
             match spawn(host, &args, "cannot start a joining backup") {
                 Ok(child) => standby = Some((host, child)),
-                Err(error) => eprintln!("lockstep up: {error}"),
+                Err(error) => tracing::info!("lockstep up: {error}"),
             }
         }
     };
@@ -1342,11 +1392,11 @@ fn demo(log: Option<PathBuf>) -> Result<(), CliError> {
         quiet: true,
         tap: None,
     };
-    eprintln!("lockstep demo: recording guest 'fold' to {}", log.display());
+    tracing::info!("lockstep demo: recording guest 'fold' to {}", log.display());
     let recorded = record(&args, &log, 250);
     let _ = std::fs::remove_file(&input);
     recorded?;
-    eprintln!("lockstep demo: replaying {} in a fresh VM", log.display());
+    tracing::info!("lockstep demo: replaying {} in a fresh VM", log.display());
     replay(&log, None, true)
 }
 

@@ -400,3 +400,64 @@ fn two_hosts_from_config_files_report_metrics_and_the_failover() {
     let _ = arbiter.kill();
     let _ = arbiter.wait();
 }
+
+#[test]
+fn logs_are_json_lines_with_log_format_json_and_rust_log_filters_them() {
+    let run = |format: &str, filter: &str| {
+        Command::new(env!("CARGO_BIN_EXE_lockstep"))
+            .args(["--log-format", format, "run", "--guest", "fold"])
+            .args(["--arg", "10", "--quiet"])
+            .env("RUST_LOG", filter)
+            .output()
+            .expect("start lockstep")
+    };
+    let output = run("json", "info");
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let stderr = text(&output.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(!lines.is_empty(), "no log lines");
+    for line in &lines {
+        let value: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+        assert!(value["timestamp"].is_string(), "{line}");
+        assert_eq!(value["level"], "INFO", "{line}");
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("guest fold exited with code 0")),
+        "{stderr}"
+    );
+    // Text on a pipe is the bare sentence, as before structured logs.
+    let output = run("text", "info");
+    assert!(
+        text(&output.stderr).starts_with("lockstep: guest fold exited with code 0"),
+        "{}",
+        text(&output.stderr)
+    );
+    // RUST_LOG=warn drops the info lines.
+    let output = run("text", "warn");
+    assert!(output.status.success());
+    assert_eq!(text(&output.stderr), "", "RUST_LOG=warn printed info lines");
+    // Errors are logged at error level.
+    let output = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args([
+            "--log-format",
+            "json",
+            "replay",
+            "--log",
+            "/nonexistent.log",
+        ])
+        .output()
+        .expect("start lockstep");
+    assert_eq!(output.status.code(), Some(1));
+    let value: serde_json::Value =
+        serde_json::from_str(text(&output.stderr).trim()).expect("one JSON line");
+    assert_eq!(value["level"], "ERROR");
+    assert!(
+        value["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("cannot open the log file /nonexistent.log")),
+        "{value}"
+    );
+}

@@ -69,7 +69,7 @@ impl Membership {
                 }
                 Err(error) => {
                     if attempt == 1 || attempt.is_multiple_of(20) {
-                        eprintln!(
+                        tracing::warn!(
                             "lockstep: {why}; the arbiter cannot decide ({}): not going live, retrying",
                             error_chain(&error)
                         );
@@ -185,7 +185,7 @@ impl BackupSource {
         let clock = self.replay.stats().last_clock_ns;
         self.live = Some((self.promote)(clock, generation)?);
         self.promoted = Some((exit, generation));
-        eprintln!(
+        tracing::info!(
             "lockstep backup: primary lost at exit {exit}; won generation {generation} at the arbiter: live as primary"
         );
         Ok(())
@@ -394,7 +394,7 @@ impl FailoverSink {
                 self.unprotected = None;
                 self.unacked_since = None;
                 self.count(|f| f.reprotections += 1);
-                eprintln!(
+                tracing::info!(
                     "lockstep primary: a new backup joined at log position {base}: protected again in generation {generation}"
                 );
                 if let Some(why) = failure {
@@ -519,7 +519,7 @@ impl FailoverSink {
         self.acked = end.acked;
         match end.metrics {
             Ok(metrics) => self.metrics = Some(metrics),
-            Err(reason) => eprintln!(
+            Err(reason) => tracing::warn!(
                 "lockstep primary: the link ended before every entry was acknowledged: {reason}"
             ),
         }
@@ -541,7 +541,7 @@ impl FailoverSink {
                 "{why}, and no arbiter is configured to let the primary run alone"
             )));
         };
-        eprintln!("lockstep primary: {why}; holding output until the arbiter decides");
+        tracing::warn!("lockstep primary: {why}; holding output until the arbiter decides");
         self.count(|f| f.peer_silences += 1);
         let generation = membership.go_live_alone(&why)?;
         self.count(|f| f.failovers += 1);
@@ -550,7 +550,7 @@ impl FailoverSink {
         if let Some(port) = &self.joins {
             port.set_alone(Some(generation));
         }
-        eprintln!(
+        tracing::info!(
             "lockstep primary: won generation {generation} at the arbiter: running unprotected (no backup)"
         );
         Ok(())
