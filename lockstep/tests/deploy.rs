@@ -461,3 +461,70 @@ fn logs_are_json_lines_with_log_format_json_and_rust_log_filters_them() {
         "{value}"
     );
 }
+
+/// The repository's `deploy/` directory.
+fn deploy_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+/// The values of `key=` in a unit file.
+fn unit_values(unit: &str, key: &str) -> Vec<String> {
+    unit.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.strip_prefix(&format!("{key}=")))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn the_replica_units_cannot_restart_into_a_takeover() {
+    for name in ["lockstep-primary.service", "lockstep-backup.service"] {
+        let unit = std::fs::read_to_string(deploy_dir().join(name)).expect("unit file");
+        let one = |key: &str| {
+            let values = unit_values(&unit, key);
+            assert_eq!(values.len(), 1, "{name}: {key}= {values:?}");
+            values[0].clone()
+        };
+        assert_eq!(one("LimitMEMLOCK"), "infinity", "{name}");
+        assert_eq!(one("KillMode"), "mixed", "{name}");
+        assert_eq!(one("KillSignal"), "SIGTERM", "{name}");
+        // Only start-up failures are retried; a halted replica (lost the
+        // arbiter, or the VM is recorded already) is never restarted.
+        assert_eq!(one("Restart"), "on-failure", "{name}");
+        assert_eq!(
+            one("RestartPreventExitStatus"),
+            replica::failover::EXIT_HALTED.to_string(),
+            "{name}"
+        );
+        let start = one("ExecStart");
+        assert!(start.contains("--config /etc/lockstep/"), "{name}: {start}");
+        assert!(
+            !unit
+                .lines()
+                .any(|l| !l.starts_with('#') && l.contains("--supersede-generation")),
+            "{name}: a unit must never supersede a pair"
+        );
+    }
+}
+
+#[test]
+fn the_example_config_files_pass_config_check() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = common::keygen(dir.path(), "link.key");
+    for name in ["primary.toml", "backup.toml"] {
+        let text = std::fs::read_to_string(deploy_dir().join(name)).expect("example");
+        assert!(text.contains("/etc/lockstep/link.key"), "{name}");
+        let copy = dir.path().join(name);
+        std::fs::write(
+            &copy,
+            text.replace("/etc/lockstep/link.key", path_str(&key)),
+        )
+        .expect("write");
+        let output = lockstep(&["config", "check", path_str(&copy)]);
+        assert!(
+            output.status.success(),
+            "{name}: {}",
+            text_of(&output.stderr)
+        );
+    }
+}
