@@ -239,12 +239,75 @@ fn text_of(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// A three-member etcd cluster (Debian's etcd-server) in the testbed's
+/// arbiter namespace: member `i` serves clients on the management network
+/// at port 2379 + 100 i and its peers on the namespace's loopback. Returns
+/// the members and the client endpoints, once the cluster answers from
+/// host a.
+fn etcd_cluster(net: &common::Net, dir: &Path) -> (Vec<std::process::Child>, Vec<String>) {
+    use common::Ns;
+    let arbiter = net.bed.addresses().arbiter;
+    let peer = |i: u16| format!("http://127.0.0.1:{}", 2380 + 100 * i);
+    let cluster = (0..3)
+        .map(|i| format!("m{i}={}", peer(i)))
+        .collect::<Vec<_>>()
+        .join(",");
+    let endpoints: Vec<String> = (0..3)
+        .map(|i| format!("{arbiter}:{}", 2379 + 100 * i))
+        .collect();
+    let members = (0..3u16)
+        .map(|i| {
+            let client = format!("http://{}", endpoints[usize::from(i)]);
+            net.bed
+                .command(Ns::Arbiter, "etcd")
+                .expect("arbiter namespace")
+                .arg(format!("--name=m{i}"))
+                .arg(format!(
+                    "--data-dir={}",
+                    dir.join(format!("etcd-{i}")).display()
+                ))
+                .arg(format!("--listen-client-urls={client}"))
+                .arg(format!("--advertise-client-urls={client}"))
+                .arg(format!("--listen-peer-urls={}", peer(i)))
+                .arg(format!("--initial-advertise-peer-urls={}", peer(i)))
+                .arg(format!("--initial-cluster={cluster}"))
+                .arg("--initial-cluster-state=new")
+                .arg(format!("--initial-cluster-token={}", net.bed.run_id()))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("start etcd (Debian's etcd-server)")
+        })
+        .collect();
+    // Every member answers, asked from host a as the replicas will.
+    for endpoint in &endpoints {
+        let etcd =
+            arbiter::EtcdArbiter::new(&[endpoint.as_str()], std::time::Duration::from_secs(2))
+                .expect("endpoint");
+        net.bed
+            .run_in(Ns::A, || {
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+                while arbiter::Arbiter::read(&etcd, 999).is_err() {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "etcd member {endpoint} did not become ready"
+                    );
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+            })
+            .expect("host a");
+    }
+    (members, endpoints)
+}
+
 /// Two hosts started as an operator would, from one config file each
 /// (`lockstep backup --config` in host b, `lockstep primary --config` in
-/// host a, not through `up`), with the embedded arbiter in its namespace:
-/// both metrics endpoints are scraped in their namespaces, the primary's
-/// passes `promtool check metrics`, `lockstep status --json` reports the
-/// same figures, and after the primary is SIGKILLed the survivor's metrics
+/// host a, not through `up`), with a three-member etcd cluster as the
+/// authority: both metrics endpoints are scraped in their namespaces, the
+/// primary's passes `promtool check metrics`, `lockstep status --json`
+/// reports the same figures; then one etcd member (the first endpoint
+/// both replicas name) is killed and the primary SIGKILLed: the survivor
+/// wins the next generation from the remaining quorum, and its metrics
 /// report the new role and generation.
 #[test]
 fn two_hosts_from_config_files_report_metrics_and_the_failover() {
@@ -252,27 +315,15 @@ fn two_hosts_from_config_files_report_metrics_and_the_failover() {
     let net = common::Net::new();
     let dir = tempfile::tempdir().expect("tempdir");
     let key = common::keygen(dir.path(), "pair.key");
-    let state = dir.path().join("arbiter.state");
-    let at = net.bed.addresses().clone();
-    let arbiter_address = format!("{}:7400", at.arbiter);
-    let mut arbiter = net
-        .bed
-        .command(Ns::Arbiter, env!("CARGO_BIN_EXE_lockstep"))
-        .expect("arbiter namespace")
-        .args(["arbiter", "--listen", &arbiter_address, "--state"])
-        .arg(&state)
-        .arg("--key-file")
-        .arg(&key)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start the arbiter");
+    let (mut members, endpoints) = etcd_cluster(&net, dir.path());
+    let arbiter_address = format!("etcd://{}", endpoints.join(","));
     let link = net.log_address(Ns::B, 7700);
     let metrics_a = net.log_address(Ns::A, 9400);
     let metrics_b = net.log_address(Ns::B, 9400);
     let status = dir.path().join("status");
     let replica_section = |id: &str| {
         format!(
-            "[replica]\nid = \"{id}\"\nvm_id = 1\narbiter = \"{arbiter_address}\"\narbiter_key = \"{}\"\npeer_timeout_ms = 1500\nstatus_dir = \"{}\"\n",
+            "[replica]\nid = \"{id}\"\nvm_id = 1\narbiter = \"{arbiter_address}\"\nlink_key = \"{}\"\npeer_timeout_ms = 1500\nstatus_dir = \"{}\"\n",
             key.display(),
             status.display()
         )
@@ -370,7 +421,11 @@ fn two_hosts_from_config_files_report_metrics_and_the_failover() {
     );
     assert_eq!(of("host-b")["role"], "backup", "{json}");
 
-    // SIGKILL the primary: the backup wins generation g+1 and says so.
+    // One etcd member gone (the first endpoint in both files): the other
+    // two are a quorum. Then SIGKILL the primary: the backup wins
+    // generation g+1 and says so.
+    members[0].kill().expect("kill etcd member 0");
+    let _ = members[0].wait();
     primary.kill().expect("kill the primary");
     let _ = primary.wait();
     let live = scrape_until(&net, Ns::B, &metrics_b, "the survivor live", |t| {
@@ -397,8 +452,10 @@ fn two_hosts_from_config_files_report_metrics_and_the_failover() {
     assert_eq!(after, ":21", "the survivor lost acknowledged INCRs");
     let _ = backup.kill();
     let _ = backup.wait();
-    let _ = arbiter.kill();
-    let _ = arbiter.wait();
+    for member in &mut members {
+        let _ = member.kill();
+        let _ = member.wait();
+    }
 }
 
 #[test]
