@@ -46,8 +46,9 @@
 //!
 //! # Not covered
 //!
-//! Plain HTTP only: no TLS, no etcd user authentication. Run etcd on a
-//! network only the replicas reach, or add TLS here before exposing it.
+//! Plain HTTP only: no TLS (`etcds://`), no etcd user authentication yet
+//! (ureq is built without its TLS features for now). Run etcd on a network
+//! only the replicas reach.
 //! Deleting the key by hand resets the VM's generations: never do it while
 //! any replica of the VM runs.
 
