@@ -23,8 +23,8 @@
 //! [`tuning::BLOCK_FOR`] later.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering, fence};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -61,7 +61,13 @@ pub struct SenderHandle {
     ring_full: AtomicU64,
     doorbell: Arc<Doorbell>,
     join: JoinHandle<Result<Metrics, PipelineError>>,
+    /// A copy of the sender's metrics, refreshed when the ring runs dry
+    /// (at most every [`SNAPSHOT_INTERVAL`]; never on the busy path).
+    snapshot: Arc<Mutex<Option<Metrics>>>,
 }
+
+/// How often an idle sender refreshes [`SenderHandle::snapshot`].
+pub const SNAPSHOT_INTERVAL: Duration = Duration::from_millis(250);
 
 /// How the producer wakes a sleeping sender (see the module docs).
 struct Doorbell {
@@ -192,6 +198,19 @@ impl SenderHandle {
         self.join_thread()
     }
 
+    /// The sender's metrics as of its last idle moment (within about
+    /// [`SNAPSHOT_INTERVAL`] of now while it idles), with the ring stalls
+    /// counted so far; `None` before the first.
+    pub fn snapshot(&self) -> Option<Metrics> {
+        let mut m = self
+            .snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        m.ring_full_stalls += self.ring_full.load(Ordering::Relaxed);
+        Some(m)
+    }
+
     fn join_thread(self) -> Result<Metrics, PipelineError> {
         let mut m = self.join.join().unwrap_or(Err(PipelineError::Panicked))?;
         m.ring_full_stalls += self.ring_full.load(Ordering::Relaxed);
@@ -281,6 +300,8 @@ where
     let bell = doorbell.clone();
     let profile = profile.clone();
     let cores = cores.clone();
+    let snapshot = Arc::new(Mutex::new(None));
+    let published = Arc::clone(&snapshot);
     let join = std::thread::Builder::new()
         .name("lockstep-sender".into())
         .spawn(move || -> Result<Metrics, PipelineError> {
@@ -288,6 +309,7 @@ where
             let mut s = sender;
             let mut waiter = Waiter::new(profile.poll);
             let mut batch = Vec::with_capacity(profile.batch.max_entries as usize);
+            let mut last_snapshot: Option<Instant> = None;
             loop {
                 if control2.load(Ordering::Acquire) == ABANDON {
                     return Ok(s.metrics().clone());
@@ -307,6 +329,11 @@ where
                 if n == 0 {
                     // The ring ran dry: seal what we have, read acks.
                     s.poll()?;
+                    if last_snapshot.is_none_or(|at| at.elapsed() >= SNAPSHOT_INTERVAL) {
+                        last_snapshot = Some(Instant::now());
+                        *published.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some(s.metrics().clone());
+                    }
                     if control2.load(Ordering::Acquire) != RUN && ring.is_empty() {
                         break;
                     }
@@ -347,6 +374,7 @@ where
         ring_full: AtomicU64::new(0),
         doorbell,
         join,
+        snapshot,
     })
 }
 

@@ -59,6 +59,9 @@ pub struct FtArgs {
     /// of the two is required: make one with `lockstep keygen FILE`).
     #[arg(long)]
     pub link_key: Option<PathBuf>,
+    /// Where this replica's figures go for `--metrics` (not a flag).
+    #[arg(skip)]
+    pub board: replica::status::Board,
 }
 
 impl FtArgs {
@@ -128,7 +131,7 @@ pub fn serve_arbiter(listen: &str, state: &Path, key_file: &Path) -> Result<(), 
         path: PathBuf::from(listen),
         source,
     })?;
-    eprintln!(
+    tracing::info!(
         "lockstep arbiter: listening on {listen}, state in {}",
         state.display()
     );
@@ -257,15 +260,16 @@ pub fn primary(
         Arc::clone(&gate),
         Duration::from_secs(30),
     )?;
-    eprintln!(
+    tracing::info!(
         "lockstep primary: {me}, generation {generation}, streaming to the backup at {backup} over {}",
         link.transport()
     );
     let join_port = Arc::new(replica::join::JoinPort::default());
     let join_arbiter = membership.as_ref().map(|m| Arc::clone(&m.arbiter));
-    let mut sink =
-        FailoverSink::new(link, Arc::clone(&gate), membership, ft.peer_timeout()).with_status(
-            replica::status::StatusFile::new(&ft.status_dir, me.as_str()),
+    let mut sink = FailoverSink::new(link, Arc::clone(&gate), membership, ft.peer_timeout())
+        .with_status(
+            replica::status::StatusFile::new(&ft.status_dir, me.as_str())
+                .with_board(ft.board.clone()),
         );
     let join_listener = match join_listen {
         None => None,
@@ -344,7 +348,7 @@ pub fn primary(
         ),
         None => String::new(),
     };
-    eprintln!(
+    tracing::info!(
         "lockstep primary: guest {} {} after {} exits; {} acks; {protection}{channel}",
         guest.name(),
         ending(&summary),
@@ -352,7 +356,7 @@ pub fn primary(
         sink.acks(),
     );
     let stats = gate.stats();
-    eprintln!(
+    tracing::info!(
         "lockstep primary: output gate released {} frames, held at most {}; hold time p50 {} µs, p99 {} µs, p99.9 {} µs",
         stats.released,
         stats.max_held,
@@ -476,7 +480,7 @@ pub fn backup(
     let arbiter = ft.arbiter()?;
     let settings = ft.link_settings()?;
     let listener = LinkListener::bind(settings.kind, listen)?;
-    eprintln!(
+    tracing::info!(
         "lockstep backup: {me}, listening on {listen} ({})",
         settings.kind.name()
     );
@@ -536,7 +540,7 @@ pub fn backup(
         ))
         .into());
     }
-    eprintln!(
+    tracing::info!(
         "lockstep backup: primary {} (generation {}) connected over {}, replaying guest {} in lockstep",
         accepted.peer,
         accepted.generation,
@@ -561,7 +565,8 @@ pub fn backup(
         ft,
         stop,
     )?;
-    let status = replica::status::StatusFile::new(&ft.status_dir, me_name.as_str());
+    let status = replica::status::StatusFile::new(&ft.status_dir, me_name.as_str())
+        .with_board(ft.board.clone());
     let source = BackupSource::new(Replay::new(accepted.source), membership, side.promote()?)
         .with_status(status);
     let machine = Machine::new(
@@ -651,7 +656,7 @@ fn follow(
                 .source()
                 .lost()
                 .unwrap_or_else(|| "the stream ended".into());
-            eprintln!(
+            tracing::info!(
                 "lockstep backup: the primary is gone ({why}) at exit {exit} after {entries} entries; {lag_line}"
             );
             Err(VmmError::Halted(
@@ -717,7 +722,7 @@ pub fn join(
         ))
         .into());
     }
-    eprintln!(
+    tracing::info!(
         "lockstep backup: {me} joining the primary at {primary} as generation {generation}; receiving its state"
     );
     stream
@@ -748,7 +753,7 @@ pub fn join(
     let position = received.state.events;
     let expected_digest = received.state.digest;
     let config = received.config.clone();
-    eprintln!(
+    tracing::info!(
         "lockstep backup: state received in {} ms ({} pages, exit {}, log position {})",
         started.elapsed().as_millis(),
         received.stats.pages,
@@ -783,7 +788,8 @@ pub fn join(
         ft,
         stop,
     )?;
-    let status = replica::status::StatusFile::new(&ft.status_dir, me_name.as_str());
+    let status = replica::status::StatusFile::new(&ft.status_dir, me_name.as_str())
+        .with_board(ft.board.clone());
     let source = BackupSource::new(
         Replay::resume(accepted.source, &position),
         Some(membership),
@@ -802,7 +808,7 @@ pub fn join(
             }
             .into());
         }
-        eprintln!(
+        tracing::info!(
             "lockstep backup: clone verified: digest at the hand-over (exit {}) matches the primary's",
             machine.exits()
         );
@@ -921,6 +927,7 @@ impl BackupSide {
             membership,
             joins: joins.as_ref().map(|setup| Arc::clone(&setup.port)),
             peer_timeout: ft.peer_timeout(),
+            board: ft.board.clone(),
         };
         Ok(Self {
             has_nic: config.mac.is_some(),
@@ -953,6 +960,8 @@ struct Promotion {
     /// Where new backups join once this one is live (`--join-listen`).
     joins: Option<Arc<replica::join::JoinPort>>,
     peer_timeout: Duration,
+    /// Where the live sink counts its events (the backup's figures).
+    board: replica::status::Board,
 }
 
 /// What a backup does when it wins the arbiter: attach the NIC to the TAP,
@@ -969,6 +978,7 @@ fn promotion(promotion: Promotion) -> Promote {
         membership,
         joins,
         peer_timeout,
+        board,
     } = promotion;
     Box::new(move |clock, generation| {
         let mut membership = membership.clone().ok_or_else(|| {
@@ -976,7 +986,8 @@ fn promotion(promotion: Promotion) -> Promote {
         })?;
         membership.generation = generation;
         // The backup's own status file keeps reporting (role: live).
-        let mut sink = FailoverSink::alone(Arc::clone(&gate), membership, peer_timeout);
+        let mut sink = FailoverSink::alone(Arc::clone(&gate), membership, peer_timeout)
+            .with_board(board.clone());
         if let Some(port) = &joins {
             sink = sink.with_joins(Arc::clone(port));
         }
@@ -1029,16 +1040,39 @@ fn promotion(promotion: Promotion) -> Promote {
                 });
         }
         *output.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(writer);
-        eprintln!(
+        tracing::info!(
             "lockstep backup: NIC attached to {name}; gratuitous ARP sent for {}.{}.{}.{}",
-            ip[0], ip[1], ip[2], ip[3]
+            ip[0],
+            ip[1],
+            ip[2],
+            ip[3]
         );
         Ok(live.with_network(queue))
     })
 }
 
 /// `lockstep status`: what every replica on this host says it is doing.
-pub fn status(dir: &Path) -> Result<(), CliError> {
+pub fn status(dir: &Path, json: bool) -> Result<(), CliError> {
+    if json {
+        let replicas = replica::status::read_all_json(dir).map_err(|source| CliError::File {
+            what: "no replica figures in",
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let list: Vec<serde_json::Value> = replicas
+            .into_iter()
+            .map(|(id, age, figures)| {
+                serde_json::json!({
+                    "id": id,
+                    "updated_ms_ago": u64::try_from(age.as_millis()).unwrap_or(u64::MAX),
+                    "running": age <= Duration::from_secs(3),
+                    "figures": figures,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(list));
+        return Ok(());
+    }
     let replicas = replica::status::read_all(dir).map_err(|source| CliError::File {
         what: "no replica status in",
         path: dir.to_path_buf(),

@@ -2,9 +2,11 @@
 //! arguments, builds the pieces from the library crates and prints results.
 
 mod chaos;
+mod config;
 mod ft;
 mod guests;
 mod keys;
+mod metrics;
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -14,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use channel::log::{LogMeta, LogReader, LogWriter};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use nic::gate::OutputGate;
 use nic::tap::{RxQueue, TapDevice};
 use vmm::events::{Discard, Live, LogSink, Replay};
@@ -29,6 +31,51 @@ use crate::guests::GuestImage;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines on stderr: `text` (a sentence a line; with time and level
+    /// on a terminal) or `json` (one JSON object a line, for log shippers).
+    /// `RUST_LOG` filters them (default `info`; e.g. `RUST_LOG=warn`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// `--log-format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Installs the `tracing` subscriber: `RUST_LOG`'s filter (default
+/// `info`), on stderr. Text on a terminal has time and level; text
+/// elsewhere (a pipe, the journal, which stamps lines itself) is the bare
+/// sentence, exactly what lockstep printed before structured logs (tests
+/// and `perf` read it); JSON has time, level, target and fields.
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal as _;
+    use tracing_subscriber::EnvFilter;
+    let (filter, bad_filter) = match EnvFilter::try_from_default_env() {
+        Ok(filter) => (filter, None),
+        Err(error) => (
+            EnvFilter::new("info"),
+            std::env::var("RUST_LOG").ok().map(|text| (text, error)),
+        ),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text if std::io::stderr().is_terminal() => builder.with_target(false).try_init(),
+        LogFormat::Text => builder
+            .without_time()
+            .with_level(false)
+            .with_target(false)
+            .with_ansi(false)
+            .try_init(),
+    };
+    if let Some((text, error)) = bad_filter {
+        tracing::warn!("lockstep: RUST_LOG={text:?} is not a filter ({error}); logging at info");
+    }
 }
 
 #[derive(Subcommand)]
@@ -88,6 +135,8 @@ enum Command {
         /// refuses to supersede a running (or failing-over) pair.
         #[arg(long, value_name = "G")]
         supersede_generation: Option<u64>,
+        #[command(flatten)]
+        ops: OpsArgs,
     },
     /// Wait for a primary and replay its guest in lockstep, output suppressed.
     Backup {
@@ -110,6 +159,13 @@ enum Command {
         /// Do not print the guest's console output.
         #[arg(long)]
         quiet: bool,
+        #[command(flatten)]
+        ops: OpsArgs,
+    },
+    /// Config files: `lockstep config check FILE`.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
     },
     /// Show role, generation, lag, held outputs and link figures of every
     /// replica on this host.
@@ -117,6 +173,9 @@ enum Command {
         /// Where replicas publish their status.
         #[arg(long, default_value = replica::status::DEFAULT_DIR)]
         dir: PathBuf,
+        /// Print the figures (those of `--metrics`) as JSON instead.
+        #[arg(long)]
+        json: bool,
     },
     /// A randomized failover campaign: kill either replica or partition the
     /// link at random moments under client load; report split brains and lost
@@ -225,6 +284,31 @@ enum Command {
         /// table2: rounds of every configuration (default: 5, or 3 with --quick).
         #[arg(long)]
         rounds: Option<usize>,
+    },
+}
+
+/// What an operator's deployment adds to a replica's flags: a config file
+/// (flags given on the command line override it) and the metrics endpoint.
+#[derive(Args, Default)]
+pub(crate) struct OpsArgs {
+    /// Read the settings from this TOML file (see `lockstep config check`);
+    /// flags given on the command line override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (in this process's
+    /// network namespace).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
+}
+
+/// `lockstep config …`.
+#[derive(Subcommand)]
+enum ConfigAction {
+    /// Parse and validate a replica's config file (keys, guest, addresses)
+    /// without starting anything; exits 1 with the key and line at fault.
+    Check {
+        /// The file.
+        file: PathBuf,
     },
 }
 
@@ -349,23 +433,38 @@ pub(crate) enum CliError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
     #[error("{0}")]
     Usage(String),
 }
 
+/// `error` and its causes on one line, as `main` prints them.
+pub(crate) fn cli_error_chain(error: &CliError) -> String {
+    let mut message = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        message.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    message
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match execute(cli.command) {
+    // The matches too: they tell which flags the command line gave, which
+    // override a config file.
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
+    init_logging(cli.log_format);
+    let sub = matches
+        .subcommand()
+        .map(|(_, sub)| sub.clone())
+        .unwrap_or_default();
+    match execute(cli.command, &sub) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             let halted = matches!(error, CliError::Vmm(VmmError::Halted(_)));
-            let mut message = format!("lockstep: {error}");
-            let mut source = std::error::Error::source(&error);
-            while let Some(cause) = source {
-                message.push_str(&format!(": {cause}"));
-                source = cause.source();
-            }
-            eprintln!("{message}");
+            tracing::error!("lockstep: {}", cli_error_chain(&error));
             if halted {
                 ExitCode::from(replica::failover::EXIT_HALTED)
             } else {
@@ -375,7 +474,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn execute(command: Command) -> Result<(), CliError> {
+fn execute(command: Command, matches: &clap::ArgMatches) -> Result<(), CliError> {
     match command {
         Command::Run(args) => run(&args),
         Command::Record {
@@ -386,53 +485,115 @@ fn execute(command: Command) -> Result<(), CliError> {
         Command::Replay { log, guest, quiet } => replay(&log, guest.as_deref(), quiet),
         Command::Demo { log } => demo(log),
         Command::Primary {
-            backup,
-            backup_id,
-            run,
-            ft,
-            digest_interval,
-            stats,
-            join_listen,
+            mut backup,
+            mut backup_id,
+            mut run,
+            mut ft,
+            mut digest_interval,
+            mut stats,
+            mut join_listen,
             supersede_generation,
-        } => ft::primary(
-            &run,
-            &ft::Peers {
-                backup: &backup,
-                backup_id: &backup_id,
-                join_listen: join_listen.as_deref(),
-                supersede_generation,
-            },
-            &ft,
-            digest_interval,
-            stop_flag(),
-            stats.as_deref(),
-        ),
+            mut ops,
+        } => {
+            if let Some(path) = &ops.config {
+                let loaded = config::load(path)?;
+                loaded.check_role(config::Role::Primary)?;
+                loaded.apply_replica(matches, &mut ft);
+                loaded.apply_primary(
+                    matches,
+                    &mut config::PrimaryFlags {
+                        run: &mut run,
+                        backup: &mut backup,
+                        backup_id: &mut backup_id,
+                        join_listen: &mut join_listen,
+                        stats: &mut stats,
+                        digest_interval: &mut digest_interval,
+                        metrics: &mut ops.metrics,
+                    },
+                );
+            }
+            if let Some(address) = &ops.metrics {
+                ft.board.update(|f| f.role = "primary");
+                metrics::serve(address, ft.board.clone())?;
+            }
+            ft::primary(
+                &run,
+                &ft::Peers {
+                    backup: &backup,
+                    backup_id: &backup_id,
+                    join_listen: join_listen.as_deref(),
+                    supersede_generation,
+                },
+                &ft,
+                digest_interval,
+                stop_flag(),
+                stats.as_deref(),
+            )
+        }
         Command::Backup {
-            listen,
-            tap,
-            join,
-            join_listen,
-            ft,
-            quiet,
-        } => match join {
-            Some(primary) => ft::join(
-                &primary,
-                tap.as_deref(),
-                join_listen.as_deref(),
-                &ft,
-                quiet,
-                stop_flag(),
-            ),
-            None => ft::backup(
-                &listen,
-                tap.as_deref(),
-                join_listen.as_deref(),
-                &ft,
-                quiet,
-                stop_flag(),
-            ),
-        },
-        Command::Status { dir } => ft::status(&dir),
+            mut listen,
+            mut tap,
+            mut join,
+            mut join_listen,
+            mut ft,
+            mut quiet,
+            mut ops,
+        } => {
+            if let Some(path) = &ops.config {
+                let loaded = config::load(path)?;
+                loaded.check_role(config::Role::Backup)?;
+                loaded.apply_replica(matches, &mut ft);
+                loaded.apply_backup(
+                    matches,
+                    &mut config::BackupFlags {
+                        listen: &mut listen,
+                        tap: &mut tap,
+                        join: &mut join,
+                        join_listen: &mut join_listen,
+                        quiet: &mut quiet,
+                        metrics: &mut ops.metrics,
+                    },
+                );
+            }
+            if let Some(address) = &ops.metrics {
+                ft.board.update(|f| f.role = "backup");
+                metrics::serve(address, ft.board.clone())?;
+            }
+            match join {
+                Some(primary) => ft::join(
+                    &primary,
+                    tap.as_deref(),
+                    join_listen.as_deref(),
+                    &ft,
+                    quiet,
+                    stop_flag(),
+                ),
+                None => ft::backup(
+                    &listen,
+                    tap.as_deref(),
+                    join_listen.as_deref(),
+                    &ft,
+                    quiet,
+                    stop_flag(),
+                ),
+            }
+        }
+        Command::Config {
+            action: ConfigAction::Check { file },
+        } => {
+            let loaded = config::load(&file)?;
+            let role = loaded.validate()?;
+            println!(
+                "{}: a valid config file for `lockstep {}`",
+                file.display(),
+                match role {
+                    config::Role::Primary => "primary",
+                    config::Role::Backup => "backup",
+                }
+            );
+            Ok(())
+        }
+        Command::Status { dir, json } => ft::status(&dir, json),
         Command::Chaos {
             trials,
             seed,
@@ -476,7 +637,7 @@ fn execute(command: Command) -> Result<(), CliError> {
         } => ft::serve_arbiter(&listen, &state, &key_file),
         Command::Keygen { file } => {
             keys::generate(&file)?;
-            eprintln!(
+            tracing::info!(
                 "lockstep keygen: wrote a new key to {} (mode 0600)",
                 file.display()
             );
@@ -637,7 +798,7 @@ fn run(args: &RunArgs) -> Result<(), CliError> {
     )?;
     Network::attach(&network, &mut machine)?;
     let summary = machine.run()?;
-    eprintln!(
+    tracing::info!(
         "lockstep: guest {} {} after {} exits in {:.3} s ({:.0} exits/s)",
         guest.name(),
         ending(&summary),
@@ -719,7 +880,7 @@ fn record(args: &RunArgs, log: &PathBuf, digest_interval: u64) -> Result<(), Cli
             source,
         })?;
     }
-    eprintln!(
+    tracing::info!(
         "lockstep: recorded {} exits, {} log entries ({} bytes), {} digests; guest {} {} in {:.3} s",
         summary.exits,
         entries,
@@ -922,7 +1083,7 @@ fn up(
     primary_args.extend(ft_flags.iter().cloned());
     let primary = spawn(Ns::A, &primary_args, "cannot start the primary")?;
     let client_ns = bed.netns(Ns::Client);
-    eprintln!(
+    tracing::info!(
         "lockstep up: testbed {run}: arbiter in {arb} (pid {}), primary in {a} (pid {}), backup in {b} (pid {}); the log over {} on the logging link {}-{}",
         arbiter.id(),
         primary.id(),
@@ -935,9 +1096,11 @@ fn up(
         a = bed.netns(Ns::A),
         b = bed.netns(Ns::B),
     );
-    eprintln!(
+    tracing::info!(
         "lockstep up: the guest is {} in {client_ns}: redis 6379, echo 7, sink 5001, source 5002. From another terminal:\n    ip netns exec {client_ns} redis-cli -h {} incr counter\n    lockstep client -- redis-benchmark -h {} -t ping,set,get,incr -n 20000 -q\nlockstep up: Ctrl-C stops (`lockstep testbed status` shows the links)",
-        at.guest, at.guest, at.guest
+        at.guest,
+        at.guest,
+        at.guest
     );
     // Supervise: whichever replica dies, the other goes live, and a new
     // backup joins it by state transfer (`backup --join`) from the dead
@@ -962,9 +1125,11 @@ fn up(
                     live.0
                 )));
             };
-            eprintln!(
+            tracing::info!(
                 "lockstep up: the live replica in {} exited ({status}); the backup in {} takes over, and a new backup joins it from {}",
-                live.0, next.0, live.0
+                live.0,
+                next.0,
+                live.0
             );
             // Give the backup time to notice and win the arbiter.
             pending_join = Some((
@@ -980,7 +1145,7 @@ fn up(
             let host = *host;
             standby = None;
             if !status.success() {
-                eprintln!(
+                tracing::info!(
                     "lockstep up: the backup in {host} exited ({status}); starting a new one there, which joins the primary by state transfer"
                 );
                 // Give the primary time to notice and win the arbiter.
@@ -1011,7 +1176,7 @@ fn up(
             args.extend(ft_flags.iter().cloned());
             match spawn(host, &args, "cannot start a joining backup") {
                 Ok(child) => standby = Some((host, child)),
-                Err(error) => eprintln!("lockstep up: {error}"),
+                Err(error) => tracing::info!("lockstep up: {error}"),
             }
         }
     };
@@ -1227,11 +1392,11 @@ fn demo(log: Option<PathBuf>) -> Result<(), CliError> {
         quiet: true,
         tap: None,
     };
-    eprintln!("lockstep demo: recording guest 'fold' to {}", log.display());
+    tracing::info!("lockstep demo: recording guest 'fold' to {}", log.display());
     let recorded = record(&args, &log, 250);
     let _ = std::fs::remove_file(&input);
     recorded?;
-    eprintln!("lockstep demo: replaying {} in a fresh VM", log.display());
+    tracing::info!("lockstep demo: replaying {} in a fresh VM", log.display());
     replay(&log, None, true)
 }
 

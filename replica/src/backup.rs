@@ -203,7 +203,7 @@ impl LinkListener {
                     return Ok(accepted);
                 }
                 Ok(Err(error)) => {
-                    eprintln!(
+                    crate::warn_limited!(
                         "lockstep backup: refused a connection: {}; still listening",
                         arbiter::error_chain(&error)
                     );

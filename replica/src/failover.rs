@@ -69,7 +69,7 @@ impl Membership {
                 }
                 Err(error) => {
                     if attempt == 1 || attempt.is_multiple_of(20) {
-                        eprintln!(
+                        tracing::warn!(
                             "lockstep: {why}; the arbiter cannot decide ({}): not going live, retrying",
                             error_chain(&error)
                         );
@@ -129,10 +129,17 @@ impl BackupSource {
         let replay = &self.replay;
         let promoted = self.promoted;
         let generation = self.membership.as_ref().map_or(0, |m| m.generation);
-        status.maybe_write(|| {
+        status.maybe_write(|figures| {
             let stats = replay.stats();
             let source = replay.source();
             let lag = source.lag();
+            figures.role = if promoted.is_some() { "live" } else { "backup" };
+            figures.protected = false;
+            figures.generation = promoted.map_or(generation, |(_, g)| g);
+            figures.log_position = stats.entries;
+            figures.lag_exits = source.newest_exit().saturating_sub(exit);
+            figures.max_lag_exits = lag.max_exits;
+            figures.entry_wait_us = Some(lag.queue_us.clone());
             let role = match promoted {
                 Some((at, generation)) => format!("live (backup promoted at exit {at}, generation {generation})"),
                 None => "backup (following the primary)".to_string(),
@@ -168,11 +175,17 @@ impl BackupSource {
             return Err(cause);
         };
         let why = format!("the primary is gone (stream ended at exit {exit}: {cause})");
+        if let Some(status) = &self.status {
+            status.board().update(|f| f.peer_silences += 1);
+        }
         let generation = membership.go_live_alone(&why)?;
+        if let Some(status) = &self.status {
+            status.board().update(|f| f.failovers += 1);
+        }
         let clock = self.replay.stats().last_clock_ns;
         self.live = Some((self.promote)(clock, generation)?);
         self.promoted = Some((exit, generation));
-        eprintln!(
+        tracing::info!(
             "lockstep backup: primary lost at exit {exit}; won generation {generation} at the arbiter: live as primary"
         );
         Ok(())
@@ -279,6 +292,9 @@ pub struct FailoverSink {
     transport: &'static str,
     /// Where new backups join, if this primary accepts them.
     joins: Option<Arc<crate::join::JoinPort>>,
+    /// Where its events are counted (its status file's, or a promoted
+    /// backup's).
+    board: Option<crate::status::Board>,
 }
 
 impl FailoverSink {
@@ -328,6 +344,20 @@ impl FailoverSink {
             metrics: None,
             transport: "none",
             joins: None,
+            board: None,
+        }
+    }
+
+    /// Counts this sink's events (silences, failovers, re-protections) on
+    /// `board` (a promoted backup's, whose status file it keeps).
+    pub fn with_board(mut self, board: crate::status::Board) -> Self {
+        self.board = Some(board);
+        self
+    }
+
+    fn count(&self, event: impl FnOnce(&mut crate::status::Figures)) {
+        if let Some(board) = &self.board {
+            board.update(event);
         }
     }
 
@@ -363,7 +393,8 @@ impl FailoverSink {
                 self.link = Some(link);
                 self.unprotected = None;
                 self.unacked_since = None;
-                eprintln!(
+                self.count(|f| f.reprotections += 1);
+                tracing::info!(
                     "lockstep primary: a new backup joined at log position {base}: protected again in generation {generation}"
                 );
                 if let Some(why) = failure {
@@ -385,11 +416,13 @@ impl FailoverSink {
 
     /// Publishes this primary's status in `file` (see `lockstep status`).
     pub fn with_status(mut self, file: crate::status::StatusFile) -> Self {
+        self.board = Some(file.board().clone());
         self.status = Some(file);
         self
     }
 
     fn publish(&mut self) {
+        let channel = self.link.as_ref().and_then(PrimaryLink::metrics);
         let (acks, acked) = (self.acks(), self.acked());
         let Some(status) = self.status.as_mut() else {
             return;
@@ -399,8 +432,26 @@ impl FailoverSink {
         let generation = self.membership.as_ref().map_or(0, |m| m.generation);
         let linked = self.link.is_some();
         let transport = self.transport;
-        status.maybe_write(|| {
+        status.maybe_write(|figures| {
             let gate = gate.stats();
+            figures.role = "primary";
+            figures.protected = unprotected.is_none() && linked;
+            figures.generation = unprotected.unwrap_or(generation);
+            figures.log_position = entries;
+            figures.acked = acked;
+            figures.log_bytes = bytes;
+            figures.acks = acks;
+            figures.held_frames = gate.held as u64;
+            figures.frames_released = gate.released;
+            figures.hold_ns = Some(gate.hold_ns.clone());
+            if let Some(m) = channel {
+                figures.batches = m.batches;
+                figures.ring_stalls = m.ring_full_stalls;
+                figures.transport_stalls = m.transport_stalls;
+                figures.heartbeats_sent = m.heartbeats_sent;
+                figures.heartbeats_received = m.heartbeats_received;
+                figures.ack_rtt_ns = Some(m.ack_rtt_ns);
+            }
             format!(
                 "role: primary\npid: {}\ngeneration: {}\nprotection: {}\ntransport: {transport}\nlog position: {entries}\nlog bytes: {bytes}\nacknowledged: {acked}\nentries in flight: {}\nacks received: {acks}\nheld outputs: {}\nmost held: {}\nframes released: {}\nhold p50/p99/p99.9 us: {}/{}/{}\n",
                 std::process::id(),
@@ -468,7 +519,7 @@ impl FailoverSink {
         self.acked = end.acked;
         match end.metrics {
             Ok(metrics) => self.metrics = Some(metrics),
-            Err(reason) => eprintln!(
+            Err(reason) => tracing::warn!(
                 "lockstep primary: the link ended before every entry was acknowledged: {reason}"
             ),
         }
@@ -490,14 +541,16 @@ impl FailoverSink {
                 "{why}, and no arbiter is configured to let the primary run alone"
             )));
         };
-        eprintln!("lockstep primary: {why}; holding output until the arbiter decides");
+        tracing::warn!("lockstep primary: {why}; holding output until the arbiter decides");
+        self.count(|f| f.peer_silences += 1);
         let generation = membership.go_live_alone(&why)?;
+        self.count(|f| f.failovers += 1);
         self.unprotected = Some(generation);
         self.gate.open_fully();
         if let Some(port) = &self.joins {
             port.set_alone(Some(generation));
         }
-        eprintln!(
+        tracing::info!(
             "lockstep primary: won generation {generation} at the arbiter: running unprotected (no backup)"
         );
         Ok(())

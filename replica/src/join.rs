@@ -270,7 +270,7 @@ pub fn serve(listener: std::net::TcpListener, service: JoinService) {
             .map_or_else(|_| "?".to_string(), |a| a.to_string());
         if authenticating.fetch_add(1, Ordering::SeqCst) >= MAX_UNAUTHENTICATED as u64 {
             authenticating.fetch_sub(1, Ordering::SeqCst);
-            eprintln!(
+            crate::warn_limited!(
                 "lockstep primary: join from {peer} refused: {MAX_UNAUTHENTICATED} joiners are being authenticated already"
             );
             continue;
@@ -285,8 +285,8 @@ pub fn serve(listener: std::net::TcpListener, service: JoinService) {
             .spawn(move || {
                 let result = serve_one(stream, &service, &one_at_a_time, &counter);
                 match result {
-                    Ok(report) => eprintln!("lockstep primary: join from {peer}: {report}"),
-                    Err(error) => eprintln!(
+                    Ok(report) => tracing::info!("lockstep primary: join from {peer}: {report}"),
+                    Err(error) => crate::warn_limited!(
                         "lockstep primary: join from {peer} refused or failed: {}",
                         arbiter::error_chain(&error)
                     ),

@@ -40,6 +40,7 @@ pub mod failover;
 pub mod join;
 pub mod link;
 pub mod primary;
+pub mod ratelimit;
 pub mod relay;
 pub mod status;
 

@@ -85,7 +85,7 @@ impl LinkSettings {
         if self.kind == TransportKind::Rdma
             && let Err(why) = rdma_available()
         {
-            eprintln!("lockstep: {why}; falling back to io_uring TCP");
+            tracing::info!("lockstep: {why}; falling back to io_uring TCP");
             self.kind = TransportKind::Tcp;
         }
         self

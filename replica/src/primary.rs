@@ -247,6 +247,12 @@ impl PrimaryLink {
         self.ended.clone()
     }
 
+    /// The channel's figures so far (batches, ack round trips, stalls,
+    /// heartbeats), as of the sender's last idle moment.
+    pub fn metrics(&self) -> Option<Metrics> {
+        self.sender.as_ref().and_then(SenderHandle::snapshot)
+    }
+
     /// Highest log position the backup has acknowledged.
     pub fn acked(&self) -> u64 {
         self.counters.acked.load(Ordering::Acquire)

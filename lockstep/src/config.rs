@@ -1,0 +1,872 @@
+//! Config files: one TOML file per host holds what `lockstep primary` and
+//! `lockstep backup` take as flags, so that a service manager starts a
+//! replica with `--config FILE` alone.
+//!
+//! ```toml
+//! role = "primary"                 # or "backup": the command must match
+//! metrics = "0.0.0.0:9400"         # --metrics (Prometheus /metrics)
+//!
+//! [replica]                        # both roles (the flags of FtArgs)
+//! id = "host-a"                    # --id
+//! vm_id = 1                        # --vm-id
+//! arbiter = "etcd://10.0.0.5:2379,10.0.0.6:2379,10.0.0.7:2379"
+//! arbiter_key = "/etc/lockstep/arbiter.key"
+//! link_key = "/etc/lockstep/link.key"
+//! transport = "tcp"                # tcp, shm or rdma
+//! peer_timeout_ms = 500
+//! status_dir = "/run/lockstep"
+//!
+//! [guest]                          # tap and quiet: both roles; the rest: primary only
+//! name = "net"                     # --guest (the backup learns it from the primary)
+//! mem_mib = 32
+//! arg = 0
+//! input = "/var/lib/lockstep/input"
+//! allow_rdtsc = false
+//! digest_interval = 1000
+//! tap = "tap0"
+//! quiet = true
+//!
+//! [primary]
+//! backup = "10.1.0.2:7700"         # --backup
+//! backup_id = "host-b"             # --backup-id
+//! join_listen = "10.1.0.1:7800"    # --join-listen
+//! stats = "/var/lib/lockstep/primary.json"
+//!
+//! [backup]
+//! listen = "10.1.0.2:7700"         # --listen
+//! join = "10.1.0.1:7800"           # --join
+//! join_listen = "10.1.0.2:7800"    # --join-listen
+//! ```
+//!
+//! Rules:
+//! - A flag given on the command line overrides the file (clap tells which
+//!   values came from the command line; defaults do not override).
+//! - An unknown key or section, a value of the wrong type, an unknown
+//!   transport, a malformed arbiter, a zero timeout, or a key meant for the
+//!   other role is refused with the key's name and its line and column
+//!   (toml's spans).
+//! - `--supersede-generation` is not a file setting on purpose: it is the
+//!   operator's one-off word that a pair is gone for good, and a unit that
+//!   restarts with it would be exactly the same-id takeover it guards.
+//! - `lockstep config check FILE` parses and validates the file (key files
+//!   readable and long enough, the guest known) without starting anything.
+
+use std::path::{Path, PathBuf};
+
+use clap::ArgMatches;
+use clap::parser::ValueSource;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::RunArgs;
+use crate::ft::FtArgs;
+
+/// Errors of a config file.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read the config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or holds a key or value lockstep refuses
+    /// (toml's message names the key, its line and column).
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// A value parsed but does not make sense here.
+    #[error("config file {path}, line {line}, column {column}: `{key}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+}
+
+/// Which command a file is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Role {
+    Primary,
+    Backup,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Primary => "primary",
+            Self::Backup => "backup",
+        }
+    }
+}
+
+/// A whole config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ConfigFile {
+    pub role: Option<Spanned<Role>>,
+    pub metrics: Option<Spanned<String>>,
+    #[serde(default)]
+    pub replica: ReplicaSection,
+    #[serde(default)]
+    pub guest: GuestSection,
+    pub primary: Option<Spanned<PrimarySection>>,
+    pub backup: Option<Spanned<BackupSection>>,
+}
+
+/// `[replica]`: the flags both roles take (`FtArgs`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ReplicaSection {
+    pub id: Option<Spanned<String>>,
+    pub vm_id: Option<u64>,
+    pub arbiter: Option<Spanned<Arbiter>>,
+    pub arbiter_key: Option<Spanned<PathBuf>>,
+    pub link_key: Option<Spanned<PathBuf>>,
+    pub transport: Option<Transport>,
+    pub peer_timeout_ms: Option<PositiveMs>,
+    pub status_dir: Option<PathBuf>,
+}
+
+/// `[guest]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct GuestSection {
+    pub name: Option<Spanned<String>>,
+    pub mem_mib: Option<Spanned<u64>>,
+    pub arg: Option<Spanned<u64>>,
+    pub input: Option<Spanned<PathBuf>>,
+    pub allow_rdtsc: Option<Spanned<bool>>,
+    pub digest_interval: Option<Spanned<u64>>,
+    pub tap: Option<String>,
+    pub quiet: Option<bool>,
+}
+
+/// `[primary]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PrimarySection {
+    pub backup: Option<String>,
+    pub backup_id: Option<String>,
+    pub join_listen: Option<String>,
+    pub stats: Option<PathBuf>,
+}
+
+/// `[backup]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BackupSection {
+    pub listen: Option<String>,
+    pub join: Option<String>,
+    pub join_listen: Option<String>,
+}
+
+/// A transport name, checked while parsing (so the error has its span).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Transport(pub replica::link::TransportKind);
+
+impl<'de> Deserialize<'de> for Transport {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse()
+            .map(Transport)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// A timeout in milliseconds, at least 1.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PositiveMs(pub u64);
+
+impl<'de> Deserialize<'de> for PositiveMs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match u64::deserialize(d)? {
+            0 => Err(serde::de::Error::custom(
+                "a timeout of 0 ms would declare every peer lost at once (say at least 1)",
+            )),
+            ms => Ok(PositiveMs(ms)),
+        }
+    }
+}
+
+/// An arbiter address: `HOST:PORT` of `lockstep arbiter`, or
+/// `etcd://HOST:PORT[,HOST:PORT…]`, checked while parsing.
+#[derive(Clone, Debug)]
+pub(crate) struct Arbiter(pub String);
+
+impl<'de> Deserialize<'de> for Arbiter {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        check_arbiter(&text).map_err(serde::de::Error::custom)?;
+        Ok(Arbiter(text))
+    }
+}
+
+/// Whether `address` has the form `HOST:PORT` with a numeric port.
+fn host_port(address: &str) -> bool {
+    address
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+}
+
+fn check_arbiter(text: &str) -> Result<(), String> {
+    if let Some(endpoints) = text.strip_prefix("etcd://") {
+        for endpoint in endpoints.split(',') {
+            if !host_port(endpoint) {
+                return Err(format!(
+                    "etcd endpoint `{endpoint}` is not HOST:PORT (say etcd://HOST:PORT[,HOST:PORT…])"
+                ));
+            }
+        }
+        return Ok(());
+    }
+    if text.contains("://") {
+        return Err(format!(
+            "`{text}`: unknown scheme (say HOST:PORT for `lockstep arbiter`, or etcd://HOST:PORT[,…])"
+        ));
+    }
+    if !host_port(text) {
+        return Err(format!(
+            "`{text}` is not HOST:PORT (or etcd://HOST:PORT[,…])"
+        ));
+    }
+    Ok(())
+}
+
+/// 1-based line and column of byte `offset` in `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rfind('\n')
+        .map_or(before.len(), |n| before.len() - n - 1)
+        + 1;
+    (line, column)
+}
+
+/// The dotted name of the key whose value is at byte `offset` (its
+/// `[section]` and the name before `=` on that line), when the line is a
+/// `key = value` line.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let start = text[..offset].rfind('\n').map_or(0, |n| n + 1);
+    let end = text[offset..].find('\n').map_or(text.len(), |n| offset + n);
+    let (name, _) = text[start..end].split_once('=')?;
+    let name = name.trim().trim_matches('"');
+    if name.is_empty() || name.starts_with('[') {
+        return None;
+    }
+    let section = text[..start].lines().rev().find_map(|line| {
+        let line = line.trim();
+        line.strip_prefix('[')
+            .and_then(|rest| rest.split(']').next())
+            .map(|section| section.trim_matches(|c| c == '[' || c == ' ').to_string())
+    });
+    Some(match section {
+        Some(section) => format!("{section}.{name}"),
+        None => name.to_string(),
+    })
+}
+
+/// A loaded config file and where it came from (for errors with lines).
+pub(crate) struct Loaded {
+    pub path: PathBuf,
+    text: String,
+    pub file: ConfigFile,
+}
+
+/// Reads and parses `path`.
+pub(crate) fn load(path: &Path) -> Result<Loaded, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(path, text)
+}
+
+/// Parses `text` (read from `path`).
+pub(crate) fn parse(path: &Path, text: String) -> Result<Loaded, ConfigError> {
+    let file: ConfigFile = toml::from_str(&text).map_err(|error| {
+        // toml's message has the line, the column and the offending key;
+        // keep it on one line per part.
+        let message = match error.span() {
+            Some(span) => {
+                let (line, column) = line_column(&text, span.start);
+                let key = key_at(&text, span.start)
+                    .map(|key| format!("`{key}`: "))
+                    .unwrap_or_default();
+                format!(
+                    "line {line}, column {column}: {key}{}",
+                    error.message().trim_end()
+                )
+            }
+            None => error.message().trim_end().to_string(),
+        };
+        ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        }
+    })?;
+    Ok(Loaded {
+        path: path.to_path_buf(),
+        text,
+        file,
+    })
+}
+
+impl Loaded {
+    fn invalid(&self, key: &str, span: std::ops::Range<usize>, message: String) -> ConfigError {
+        let (line, column) = line_column(&self.text, span.start);
+        ConfigError::Invalid {
+            path: self.path.clone(),
+            key: key.to_string(),
+            line,
+            column,
+            message,
+        }
+    }
+
+    /// Checks the file is one for `role`: its `role` (if given) matches,
+    /// and it holds no section or key only the other role takes.
+    pub(crate) fn check_role(&self, role: Role) -> Result<(), ConfigError> {
+        let file = &self.file;
+        if let Some(given) = &file.role
+            && *given.get_ref() != role
+        {
+            return Err(self.invalid(
+                "role",
+                given.span(),
+                format!(
+                    "this file is for `lockstep {}`, not `lockstep {}`",
+                    given.get_ref().name(),
+                    role.name()
+                ),
+            ));
+        }
+        match role {
+            Role::Primary => {
+                if let Some(section) = &file.backup {
+                    return Err(self.invalid(
+                        "backup",
+                        section.span(),
+                        "a [backup] section in a primary's file (one file per replica)".into(),
+                    ));
+                }
+            }
+            Role::Backup => {
+                if let Some(section) = &file.primary {
+                    return Err(self.invalid(
+                        "primary",
+                        section.span(),
+                        "a [primary] section in a backup's file (one file per replica)".into(),
+                    ));
+                }
+                let guest = &file.guest;
+                let primary_only = [
+                    ("guest.name", guest.name.as_ref().map(Spanned::span)),
+                    ("guest.mem_mib", guest.mem_mib.as_ref().map(Spanned::span)),
+                    ("guest.arg", guest.arg.as_ref().map(Spanned::span)),
+                    ("guest.input", guest.input.as_ref().map(Spanned::span)),
+                    (
+                        "guest.allow_rdtsc",
+                        guest.allow_rdtsc.as_ref().map(Spanned::span),
+                    ),
+                    (
+                        "guest.digest_interval",
+                        guest.digest_interval.as_ref().map(Spanned::span),
+                    ),
+                ];
+                if let Some((key, Some(span))) =
+                    primary_only.into_iter().find(|(_, span)| span.is_some())
+                {
+                    return Err(self.invalid(
+                        key,
+                        span,
+                        "only a primary's file sets this: a backup runs the guest its primary names"
+                            .into(),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deeper checks than parsing, for `lockstep config check`: the key
+    /// files exist and hold a long enough key, the guest is known, the
+    /// metrics address is HOST:PORT.
+    pub(crate) fn validate(&self) -> Result<Role, ConfigError> {
+        let role = self
+            .file
+            .role
+            .as_ref()
+            .map(|r| *r.get_ref())
+            .ok_or_else(|| ConfigError::Parse {
+                path: self.path.clone(),
+                message: "no `role` (say role = \"primary\" or role = \"backup\" at the top)"
+                    .into(),
+            })?;
+        self.check_role(role)?;
+        let replica = &self.file.replica;
+        for (key, path) in [
+            ("replica.arbiter_key", &replica.arbiter_key),
+            ("replica.link_key", &replica.link_key),
+        ] {
+            if let Some(path) = path {
+                crate::keys::read(path.get_ref(), key)
+                    .map_err(|e| self.invalid(key, path.span(), crate::cli_error_chain(&e)))?;
+            }
+        }
+        if replica.link_key.is_none() && replica.arbiter_key.is_none() {
+            return Err(ConfigError::Parse {
+                path: self.path.clone(),
+                message: "[replica] names no key: set link_key (or arbiter_key) to a file made by `lockstep keygen FILE`".into(),
+            });
+        }
+        if let Some(arbiter) = &replica.arbiter
+            && !arbiter.get_ref().0.starts_with("etcd://")
+            && replica.arbiter_key.is_none()
+        {
+            return Err(self.invalid(
+                "replica.arbiter",
+                arbiter.span(),
+                "`lockstep arbiter` needs replica.arbiter_key too".into(),
+            ));
+        }
+        if let Some(id) = &replica.id {
+            arbiter::ReplicaId::new(id.get_ref().clone())
+                .map_err(|e| self.invalid("replica.id", id.span(), e.to_string()))?;
+        }
+        if let Some(name) = &self.file.guest.name {
+            crate::guests::GuestImage::resolve(name.get_ref())
+                .map_err(|e| self.invalid("guest.name", name.span(), e.to_string()))?;
+        }
+        if let Some(address) = &self.file.metrics
+            && !host_port(address.get_ref())
+        {
+            return Err(self.invalid(
+                "metrics",
+                address.span(),
+                format!("`{}` is not HOST:PORT", address.get_ref()),
+            ));
+        }
+        if let Some(input) = &self.file.guest.input
+            && let Err(error) = std::fs::metadata(input.get_ref())
+        {
+            return Err(self.invalid(
+                "guest.input",
+                input.span(),
+                format!("{}: {error}", input.get_ref().display()),
+            ));
+        }
+        Ok(role)
+    }
+}
+
+/// Whether the command line itself gave argument `id` (not a default).
+fn given(matches: &ArgMatches, id: &str) -> bool {
+    matches!(matches.value_source(id), Some(ValueSource::CommandLine))
+}
+
+/// Sets `$target` from the file unless the flag `$id` was given.
+macro_rules! take {
+    ($matches:expr, $id:literal, $target:expr, $value:expr) => {
+        if !given($matches, $id)
+            && let Some(value) = $value
+        {
+            $target = value;
+        }
+    };
+}
+
+impl Loaded {
+    /// Fills `ft` from `[replica]` where the command line left it unset.
+    pub(crate) fn apply_replica(&self, matches: &ArgMatches, ft: &mut FtArgs) {
+        let r = &self.file.replica;
+        take!(
+            matches,
+            "arbiter",
+            ft.arbiter,
+            r.arbiter.as_ref().map(|a| Some(a.get_ref().0.clone()))
+        );
+        take!(
+            matches,
+            "arbiter_key",
+            ft.arbiter_key,
+            r.arbiter_key.as_ref().map(|p| Some(p.get_ref().clone()))
+        );
+        take!(matches, "vm_id", ft.vm_id, r.vm_id);
+        take!(
+            matches,
+            "id",
+            ft.id,
+            r.id.as_ref().map(|i| Some(i.get_ref().clone()))
+        );
+        take!(
+            matches,
+            "peer_timeout_ms",
+            ft.peer_timeout_ms,
+            r.peer_timeout_ms.map(|t| t.0)
+        );
+        take!(matches, "status_dir", ft.status_dir, r.status_dir.clone());
+        take!(matches, "transport", ft.transport, r.transport.map(|t| t.0));
+        take!(
+            matches,
+            "link_key",
+            ft.link_key,
+            r.link_key.as_ref().map(|p| Some(p.get_ref().clone()))
+        );
+    }
+
+    /// Fills a primary's flags from the file where the command line left
+    /// them unset.
+    pub(crate) fn apply_primary(&self, matches: &ArgMatches, primary: &mut PrimaryFlags<'_>) {
+        let g = &self.file.guest;
+        let run = &mut *primary.run;
+        take!(
+            matches,
+            "guest",
+            run.guest,
+            g.name.as_ref().map(|v| v.get_ref().clone())
+        );
+        take!(
+            matches,
+            "mem_mib",
+            run.mem_mib,
+            g.mem_mib.as_ref().map(|v| *v.get_ref())
+        );
+        take!(
+            matches,
+            "arg",
+            run.arg,
+            g.arg.as_ref().map(|v| *v.get_ref())
+        );
+        take!(
+            matches,
+            "input",
+            run.input,
+            g.input.as_ref().map(|v| Some(v.get_ref().clone()))
+        );
+        take!(
+            matches,
+            "allow_rdtsc",
+            run.allow_rdtsc,
+            g.allow_rdtsc.as_ref().map(|v| *v.get_ref())
+        );
+        take!(matches, "quiet", run.quiet, g.quiet);
+        take!(matches, "tap", run.tap, g.tap.clone().map(Some));
+        take!(
+            matches,
+            "digest_interval",
+            *primary.digest_interval,
+            g.digest_interval.as_ref().map(|v| *v.get_ref())
+        );
+        if let Some(p) = self.file.primary.as_ref().map(Spanned::get_ref) {
+            take!(matches, "backup", *primary.backup, p.backup.clone());
+            take!(
+                matches,
+                "backup_id",
+                *primary.backup_id,
+                p.backup_id.clone()
+            );
+            take!(
+                matches,
+                "join_listen",
+                *primary.join_listen,
+                p.join_listen.clone().map(Some)
+            );
+            take!(matches, "stats", *primary.stats, p.stats.clone().map(Some));
+        }
+        take!(
+            matches,
+            "metrics",
+            *primary.metrics,
+            self.file
+                .metrics
+                .as_ref()
+                .map(|m| Some(m.get_ref().clone()))
+        );
+    }
+
+    /// Fills a backup's flags from the file where the command line left
+    /// them unset.
+    pub(crate) fn apply_backup(&self, matches: &ArgMatches, backup: &mut BackupFlags<'_>) {
+        let g = &self.file.guest;
+        take!(matches, "tap", *backup.tap, g.tap.clone().map(Some));
+        take!(matches, "quiet", *backup.quiet, g.quiet);
+        if let Some(b) = self.file.backup.as_ref().map(Spanned::get_ref) {
+            take!(matches, "listen", *backup.listen, b.listen.clone());
+            take!(matches, "join", *backup.join, b.join.clone().map(Some));
+            take!(
+                matches,
+                "join_listen",
+                *backup.join_listen,
+                b.join_listen.clone().map(Some)
+            );
+        }
+        take!(
+            matches,
+            "metrics",
+            *backup.metrics,
+            self.file
+                .metrics
+                .as_ref()
+                .map(|m| Some(m.get_ref().clone()))
+        );
+    }
+}
+
+/// The primary's own flags, borrowed from the parsed command.
+pub(crate) struct PrimaryFlags<'a> {
+    pub run: &'a mut RunArgs,
+    pub backup: &'a mut String,
+    pub backup_id: &'a mut String,
+    pub join_listen: &'a mut Option<String>,
+    pub stats: &'a mut Option<PathBuf>,
+    pub digest_interval: &'a mut u64,
+    pub metrics: &'a mut Option<String>,
+}
+
+/// The backup's own flags, borrowed from the parsed command.
+pub(crate) struct BackupFlags<'a> {
+    pub listen: &'a mut String,
+    pub tap: &'a mut Option<String>,
+    pub join: &'a mut Option<String>,
+    pub join_listen: &'a mut Option<String>,
+    pub quiet: &'a mut bool,
+    pub metrics: &'a mut Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(text: &str) -> Result<Loaded, ConfigError> {
+        parse(Path::new("test.toml"), text.to_string())
+    }
+
+    fn message(result: Result<Loaded, ConfigError>) -> String {
+        match result {
+            Ok(_) => panic!("accepted"),
+            Err(error) => error.to_string(),
+        }
+    }
+
+    const FULL: &str = r#"role = "primary"
+metrics = "127.0.0.1:9400"
+
+[replica]
+id = "host-a"
+vm_id = 7
+arbiter = "etcd://10.0.0.5:2379,10.0.0.6:2379"
+link_key = "/etc/lockstep/link.key"
+transport = "shm"
+peer_timeout_ms = 800
+status_dir = "/run/x"
+
+[guest]
+name = "net"
+mem_mib = 32
+arg = 5
+tap = "tap0"
+quiet = true
+digest_interval = 50
+
+[primary]
+backup = "10.1.0.2:7700"
+backup_id = "host-b"
+join_listen = "10.1.0.1:7800"
+"#;
+
+    #[test]
+    fn a_full_file_parses() {
+        let loaded = parsed(FULL).expect("parses");
+        let file = &loaded.file;
+        assert_eq!(
+            file.role.as_ref().map(|r| *r.get_ref()),
+            Some(Role::Primary)
+        );
+        assert_eq!(file.replica.vm_id, Some(7));
+        assert_eq!(file.replica.peer_timeout_ms.map(|t| t.0), Some(800));
+        assert_eq!(
+            file.replica.transport.map(|t| t.0),
+            Some(replica::link::TransportKind::Shm)
+        );
+        assert_eq!(file.guest.mem_mib.as_ref().map(|m| *m.get_ref()), Some(32));
+        let primary = file.primary.as_ref().expect("[primary]").get_ref();
+        assert_eq!(primary.backup_id.as_deref(), Some("host-b"));
+        loaded.check_role(Role::Primary).expect("a primary's file");
+        let wrong = loaded.check_role(Role::Backup).expect_err("not a backup's");
+        assert!(
+            wrong.to_string().contains("line 1") && wrong.to_string().contains("`role`"),
+            "{wrong}"
+        );
+    }
+
+    #[test]
+    fn an_unknown_key_is_refused_with_its_name_and_line() {
+        let text = "role = \"backup\"\n[replica]\nid = \"b\"\npeer_timout_ms = 5\n";
+        let error = message(parsed(text));
+        assert!(error.contains("peer_timout_ms"), "{error}");
+        assert!(error.contains("line 4"), "{error}");
+        assert!(error.contains("test.toml"), "{error}");
+    }
+
+    #[test]
+    fn an_unknown_section_is_refused() {
+        let error = message(parsed("[replicas]\nid = \"a\"\n"));
+        assert!(
+            error.contains("replicas") && error.contains("line 1"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_line() {
+        let cases = [
+            ("[replica]\n\ntransport = \"udp\"\n", "line 3", "udp"),
+            ("[replica]\npeer_timeout_ms = 0\n", "line 2", "0 ms"),
+            (
+                "[replica]\npeer_timeout_ms = \"fast\"\n",
+                "line 2",
+                "`replica.peer_timeout_ms`: invalid type",
+            ),
+            ("[guest]\nmem_mib = -4\n", "line 2", "`guest.mem_mib`"),
+            (
+                "[replica]\nvm_id = 1\n[guest]\nquiet = 3\n",
+                "line 4",
+                "`guest.quiet`",
+            ),
+            (
+                "[replica]\narbiter = \"http://x:1\"\n",
+                "line 2",
+                "unknown scheme",
+            ),
+            ("[replica]\narbiter = \"etcd://a:1,b\"\n", "line 2", "`b`"),
+            ("[replica]\narbiter = \"nohost\"\n", "line 2", "HOST:PORT"),
+            ("role = \"witness\"\n", "line 1", "witness"),
+            ("[guest]\nquiet = yes\n", "line 2", ""),
+        ];
+        for (text, line, what) in cases {
+            let error = message(parsed(text));
+            assert!(
+                error.contains(line) && error.contains(what),
+                "{text:?}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_backup_file_refuses_primary_settings() {
+        let text = "role = \"backup\"\n[guest]\ntap = \"tap0\"\nmem_mib = 8\n";
+        let error = parsed(text)
+            .expect("parses")
+            .check_role(Role::Backup)
+            .expect_err("refused");
+        let error = error.to_string();
+        assert!(
+            error.contains("guest.mem_mib") && error.contains("line 4"),
+            "{error}"
+        );
+        let text = "[primary]\nbackup = \"x:1\"\n";
+        let error = parsed(text)
+            .expect("parses")
+            .check_role(Role::Backup)
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            error.contains("[primary]") && error.contains("line 1"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn validate_reads_the_key_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let short = dir.path().join("short.key");
+        std::fs::write(&short, "abc\n").expect("write");
+        let text = format!(
+            "role = \"backup\"\n[replica]\nlink_key = \"{}\"\n",
+            short.display()
+        );
+        let error = parsed(&text)
+            .expect("parses")
+            .validate()
+            .expect_err("short key");
+        let error = error.to_string();
+        assert!(
+            error.contains("replica.link_key") && error.contains("line 3"),
+            "{error}"
+        );
+        let good = dir.path().join("good.key");
+        crate::keys::generate(&good).expect("keygen");
+        let text = format!(
+            "role = \"backup\"\n[replica]\nlink_key = \"{}\"\n",
+            good.display()
+        );
+        assert_eq!(
+            parsed(&text).expect("parses").validate().expect("valid"),
+            Role::Backup
+        );
+        let error = parsed("role = \"backup\"\n")
+            .expect("parses")
+            .validate()
+            .expect_err("no key");
+        assert!(error.to_string().contains("keygen"), "{error}");
+    }
+
+    #[test]
+    fn flags_override_the_file_and_defaults_do_not() {
+        use clap::{CommandFactory, FromArgMatches};
+        let loaded = parsed(FULL).expect("parses");
+        let matches = crate::Cli::command()
+            .try_get_matches_from(["lockstep", "primary", "--mem-mib", "64", "--vm-id", "9"])
+            .expect("parses");
+        let cli = crate::Cli::from_arg_matches(&matches).expect("command");
+        let sub = matches.subcommand_matches("primary").expect("primary");
+        let crate::Command::Primary {
+            mut backup,
+            mut backup_id,
+            mut run,
+            mut ft,
+            mut stats,
+            mut digest_interval,
+            mut join_listen,
+            mut ops,
+            ..
+        } = cli.command
+        else {
+            panic!("not primary");
+        };
+        loaded.apply_replica(sub, &mut ft);
+        loaded.apply_primary(
+            sub,
+            &mut PrimaryFlags {
+                run: &mut run,
+                backup: &mut backup,
+                backup_id: &mut backup_id,
+                join_listen: &mut join_listen,
+                stats: &mut stats,
+                digest_interval: &mut digest_interval,
+                metrics: &mut ops.metrics,
+            },
+        );
+        assert_eq!(run.mem_mib, 64, "the flag wins");
+        assert_eq!(ft.vm_id, 9, "the flag wins");
+        assert_eq!(run.guest, "net", "the file fills a default");
+        assert_eq!(run.arg, 5);
+        assert!(run.quiet);
+        assert_eq!(run.tap.as_deref(), Some("tap0"));
+        assert_eq!(digest_interval, 50);
+        assert_eq!(backup, "10.1.0.2:7700");
+        assert_eq!(backup_id, "host-b");
+        assert_eq!(join_listen.as_deref(), Some("10.1.0.1:7800"));
+        assert_eq!(ft.id.as_deref(), Some("host-a"));
+        assert_eq!(ft.peer_timeout_ms, 800);
+        assert_eq!(ft.transport, replica::link::TransportKind::Shm);
+        assert_eq!(ft.status_dir, PathBuf::from("/run/x"));
+        assert_eq!(ops.metrics.as_deref(), Some("127.0.0.1:9400"));
+    }
+}
