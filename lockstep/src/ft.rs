@@ -3,16 +3,16 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arbiter::{Arbiter, EmbeddedArbiter, Key, Outcome, ReplicaId, error_chain};
 use clap::Args;
 use nic::gate::{FrameOut, OutputGate};
-use nic::tap::{RxQueue, TapDevice, TapWriter};
+use nic::tap::{RxQueue, TapDevice};
 use replica::backup::LinkListener;
-use replica::failover::{BackupSource, FailoverSink, Membership, Promote};
+use replica::failover::{BackupSource, CutoverOutput, FailoverSink, GoLive, Membership, Promote};
 use replica::link::{LinkSettings, TransportKind};
 use replica::primary::PrimaryLink;
 use vmm::events::{Live, Replay};
@@ -413,17 +413,46 @@ impl FrameOut for Dropped {
     }
 }
 
-/// The backup's NIC output: nothing until it goes live, then its TAP.
-#[derive(Clone, Default)]
-struct Promotable(Arc<Mutex<Option<TapWriter>>>);
-
-impl FrameOut for Promotable {
-    fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
-        match self.0.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
-            Some(tap) => tap.send(frame),
-            None => Ok(()), // a backup's output is suppressed
-        }
+/// Waits until the kernel reports interface `name` running (`IFF_RUNNING`:
+/// its carrier was processed, so a bridge it belongs to forwards its
+/// frames), for at most `timeout`. Returns how long it waited, or `None` if
+/// it never did (or the flags cannot be read: the caller goes on anyway).
+fn wait_until_running(name: &str, timeout: Duration) -> Option<Duration> {
+    let started = std::time::Instant::now();
+    // SAFETY: socket(2) with constant arguments; the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
     }
+    // SAFETY: `ifreq` is plain data for which all-zero bytes are valid.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (slot, byte) in request
+        .ifr_name
+        .iter_mut()
+        .zip(name.bytes().take(libc::IFNAMSIZ - 1))
+    {
+        *slot = byte as libc::c_char;
+    }
+    let running = loop {
+        // SAFETY: SIOCGIFFLAGS reads the NUL-terminated name in `request`
+        // and writes only its flags field; `fd` is an open socket.
+        let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut request) };
+        if rc < 0 {
+            break None;
+        }
+        // SAFETY: SIOCGIFFLAGS filled the union's flags member.
+        let flags = unsafe { request.ifr_ifru.ifru_flags };
+        if flags & libc::IFF_RUNNING as libc::c_short != 0 {
+            break Some(started.elapsed());
+        }
+        if started.elapsed() >= timeout {
+            break None;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    };
+    // SAFETY: `fd` is ours and closed once.
+    unsafe { libc::close(fd) };
+    running
 }
 
 /// A gratuitous ARP announcing `ip` at `mac`, so switches and neighbours
@@ -858,7 +887,7 @@ impl BackupSide {
         ft: &FtArgs,
         stop: Arc<AtomicBool>,
     ) -> Result<Self, CliError> {
-        let output = Promotable::default();
+        let output = CutoverOutput::new(CutoverOutput::window_for(ft.peer_timeout()));
         let gate = Arc::new(OutputGate::open(Box::new(output.clone())));
         let joins = match join_listen {
             Some(address) => Some(JoinSetup::new(
@@ -903,7 +932,7 @@ struct Promotion {
     tap: Option<String>,
     mac: Option<[u8; 6]>,
     guest_arg: u64,
-    output: Promotable,
+    output: CutoverOutput,
     stop: Arc<AtomicBool>,
     /// The backup's output gate (open; it holds again while a backup joins).
     gate: Arc<OutputGate>,
@@ -929,7 +958,12 @@ fn promotion(promotion: Promotion) -> Promote {
         joins,
         peer_timeout,
     } = promotion;
-    Box::new(move |clock, generation| {
+    Box::new(move |go: GoLive| {
+        let GoLive {
+            clock_ns: clock,
+            generation,
+            stream_ended,
+        } = go;
         let mut membership = membership.clone().ok_or_else(|| {
             VmmError::Halted("a backup without an arbiter never goes live".into())
         })?;
@@ -969,6 +1003,10 @@ fn promotion(promotion: Promotion) -> Promote {
         let mut writer = device
             .writer()
             .map_err(|e| VmmError::Config(e.to_string()))?;
+        // Frames written before the kernel processed the TAP's carrier are
+        // dropped by the bridge: wait for it (a few ms), so the resent
+        // frames below reach the client.
+        let carrier = wait_until_running(name, Duration::from_secs(2));
         let (ip, _) = guest_abi::net_address_from_arg(guest_arg);
         let announcement = gratuitous_arp(mac, ip);
         let _ = writer.send(&announcement);
@@ -987,10 +1025,22 @@ fn promotion(promotion: Promotion) -> Promote {
                     }
                 });
         }
-        *output.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(writer);
+        // The frames the old primary may never have released, then live.
+        let resent = output.go_live(Box::new(writer), stream_ended);
         eprintln!(
-            "lockstep backup: NIC attached to {name}; gratuitous ARP sent for {}.{}.{}.{}",
-            ip[0], ip[1], ip[2], ip[3]
+            "lockstep backup: NIC attached to {name} ({}); gratuitous ARP sent for {}.{}.{}.{}; resent {} frames ({} bytes) the old primary may not have released ({} older replay frames not resent; {} ms after the stream ended)",
+            carrier.map_or("carrier not seen within 2 s".to_string(), |d| format!(
+                "running after {} µs",
+                d.as_micros()
+            )),
+            ip[0],
+            ip[1],
+            ip[2],
+            ip[3],
+            resent.frames,
+            resent.bytes,
+            resent.older,
+            stream_ended.elapsed().as_millis()
         );
         Ok(live.with_network(queue))
     })

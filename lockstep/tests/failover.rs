@@ -309,6 +309,99 @@ fn primary_killed_under_load_backup_goes_live_and_no_acknowledged_incr_is_lost()
     );
 }
 
+/// Retransmissions the kernel made on the client's connection so far
+/// (`tcpi_total_retrans` of `TCP_INFO`).
+fn client_retransmissions(stream: &TcpStream) -> u32 {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `info` is a plain-data struct the kernel fills up to `len`
+    // bytes; `len` holds its size; the fd is the stream's, open for the call.
+    unsafe {
+        let mut info: libc::tcp_info = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let rc = libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        );
+        assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+        info.tcpi_total_retrans
+    }
+}
+
+/// The number in "resent N frames" of a promoted backup's log.
+fn resent_frames(stderr: &str) -> u64 {
+    let at = stderr
+        .find("resent ")
+        .unwrap_or_else(|| panic!("no resend report in:\n{stderr}"));
+    stderr[at + 7..]
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no resend count in:\n{stderr}"))
+}
+
+/// The primary dies holding a reply the Output Rule kept back (the backup
+/// was stopped, so nothing was acknowledged): the request reached the
+/// guest, the reply never left. The promoted backup replays the request,
+/// produces the same reply and must send it at once on going live, before
+/// the client's next retransmission (without the resend, the client waits
+/// for its TCP retransmission timer and the reply comes after it).
+#[test]
+fn primary_killed_holding_a_reply_the_promoted_backup_sends_it_without_waiting_for_the_client() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let net = Net::new();
+    let arbiter = Arbiter::start(&net);
+    let mut pair = start_pair(&net, &arbiter);
+    let mut stream = client(&net);
+    assert_eq!(incr(&mut stream, "held", 50), 50);
+    // The backup stops acknowledging: from now on every reply is held.
+    kill(&pair.backup, "-STOP");
+    stream
+        .write_all(b"*2\r\n$4\r\nINCR\r\n$4\r\nheld\r\n")
+        .expect("send");
+    // Let the request reach the guest and its reply be produced (and held);
+    // the client retransmits once meanwhile (its RTO is 200 ms at least),
+    // so its next retransmission is 400 ms or more after that one.
+    thread::sleep(Duration::from_millis(300));
+    let retransmissions = client_retransmissions(&stream);
+    kill(&pair.primary, "-KILL");
+    let _ = pair.primary.wait();
+    let killed = Instant::now();
+    kill(&pair.backup, "-CONT");
+    let reply = {
+        let mut reply = Vec::new();
+        let mut byte = [0u8; 1];
+        while !reply.ends_with(b"\r\n") {
+            stream.read_exact(&mut byte).expect("the held reply");
+            reply.push(byte[0]);
+        }
+        String::from_utf8_lossy(&reply).into_owned()
+    };
+    let after = killed.elapsed();
+    let retransmitted = client_retransmissions(&stream) - retransmissions;
+    eprintln!(
+        "held reply {reply:?} arrived {} ms after the primary was killed; the client retransmitted {retransmitted} times meanwhile",
+        after.as_millis()
+    );
+    assert_eq!(reply, ":51\r\n", "the held INCR's reply");
+    assert_eq!(command(&mut stream, &["GET", "held"]), "51");
+    kill(&pair.backup, "-TERM");
+    let stderr = stderr_of(pair.backup);
+    assert!(
+        stderr.contains("won generation 2 at the arbiter: live as primary"),
+        "{stderr}"
+    );
+    assert!(resent_frames(&stderr) > 0, "{stderr}");
+    assert_eq!(
+        retransmitted,
+        0,
+        "the reply came only after the client retransmitted ({} ms after the kill):\n{stderr}",
+        after.as_millis()
+    );
+}
+
 #[test]
 fn with_an_etcd_arbiter_the_backup_goes_live_when_the_primary_dies() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());

@@ -17,13 +17,46 @@
 //!   opens the gate and runs unprotected. Lost: it halts for good.
 //! - **Arbiter unreachable**: the caller retries and stays as it is (outputs
 //!   held, or not live): the service stalls rather than splits.
+//!
+//! # Frames at cut-over
+//!
+//! A frame the guest produced at log position `L` left the old primary only
+//! once the primary *processed* an ack `>= L`. The backup acks on receipt,
+//! but it cannot know which of its acks the primary acted on before it died
+//! (an ack can be in flight, or read but not yet turned into a release):
+//! frames near the end of the log may never have reached the client. Left
+//! alone, the client gets them only when its TCP retransmission timer fires
+//! (200 ms at least on Linux), and the guest's reply after that.
+//!
+//! So the backup's NIC output while it replays ([`CutoverOutput`]) is not
+//! simply dropped: it keeps the frames its replay produced recently, and on
+//! going live sends every one produced within the *resend window* before the
+//! stream was found ended, right after the gratuitous ARP and before the
+//! first live frame:
+//!
+//! ```text
+//!  replay frames:  f1 f2 f3 ... fk fk+1 ... fn   │ stream ended (t_end)  │ won g+1
+//!  kept:                         └─ produced ≥ t_end - window ─┘            │
+//!                                                               resend ─────┘ then live
+//! ```
+//!
+//! The window is twice the peer timeout: the primary was alive at least until
+//! the last word the backup heard from it (`t_end`, or `t_end - timeout` when
+//! it fell silent), and an ack the backup sent a full peer timeout before that
+//! was read and acted on by a primary that was still running. A frame older
+//! than the window was therefore released; one inside it may not have been,
+//! and is sent again. Duplicates are harmless by design (bit-identical
+//! frames: the replica is deterministic; TCP drops segments it already has).
+//! The number kept is bounded ([`CUTOVER_MAX_FRAMES`], [`CUTOVER_MAX_BYTES`];
+//! the oldest go first), and the count sent is reported per failover.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arbiter::{Arbiter, Outcome, ReplicaId, error_chain};
 use channel::log::EntryKind;
-use nic::gate::OutputGate;
+use nic::gate::{FrameOut, OutputGate};
 use vmm::VmmError;
 use vmm::digest::Digest;
 use vmm::events::{EventSink, EventSource, Live, Replay};
@@ -81,11 +114,148 @@ impl Membership {
     }
 }
 
+/// What a backup that won the arbiter goes live with.
+#[derive(Clone, Copy, Debug)]
+pub struct GoLive {
+    /// The guest clock to continue from (the last value the guest saw).
+    pub clock_ns: u64,
+    /// The generation it won.
+    pub generation: u64,
+    /// When the primary's stream was found ended (the replay had consumed
+    /// every entry received): the resend window ends here.
+    pub stream_ended: Instant,
+}
+
 /// Builds the live event source of a backup going live (attaches the NIC to
-/// the TAP, announces the guest), given the guest clock to continue from and
-/// the generation it won. Its sink is a [`FailoverSink`] running alone, so a
-/// new backup can join it later.
-pub type Promote = Box<dyn FnMut(u64, u64) -> Result<Live<FailoverSink>, VmmError> + Send>;
+/// the TAP, announces the guest, resends the frames the old primary may not
+/// have released). Its sink is a [`FailoverSink`] running alone, so a new
+/// backup can join it later.
+pub type Promote = Box<dyn FnMut(GoLive) -> Result<Live<FailoverSink>, VmmError> + Send>;
+
+/// Most frames a replaying backup keeps for the cut-over.
+pub const CUTOVER_MAX_FRAMES: usize = 4096;
+/// Most frame bytes a replaying backup keeps for the cut-over.
+pub const CUTOVER_MAX_BYTES: usize = 16 << 20;
+
+/// What [`CutoverOutput::go_live`] sent again.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Resent {
+    /// Frames sent again.
+    pub frames: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Frames kept and not sent (produced before the window).
+    pub older: u64,
+}
+
+struct Kept {
+    at: Instant,
+    frame: Vec<u8>,
+}
+
+struct CutoverState {
+    live: Option<Box<dyn FrameOut>>,
+    kept: VecDeque<Kept>,
+    bytes: usize,
+    window: Duration,
+    produced: u64,
+}
+
+/// A backup's NIC output (see the module docs, *Frames at cut-over*): while
+/// it replays, frames go nowhere but the most recent are kept; on going live
+/// the ones inside the resend window are sent, then everything goes to the
+/// live output. Clones share one state; the output gate of the backup is
+/// open, so frames arrive here in the order the guest produced them.
+#[derive(Clone)]
+pub struct CutoverOutput(Arc<Mutex<CutoverState>>);
+
+impl CutoverOutput {
+    /// Keeps the frames produced in the last `window` (at least 10 ms).
+    pub fn new(window: Duration) -> Self {
+        Self(Arc::new(Mutex::new(CutoverState {
+            live: None,
+            kept: VecDeque::new(),
+            bytes: 0,
+            window: window.max(Duration::from_millis(10)),
+            produced: 0,
+        })))
+    }
+
+    /// The resend window for a pair with this peer timeout: twice the
+    /// timeout (see the module docs), at most 3 s.
+    pub fn window_for(peer_timeout: Duration) -> Duration {
+        (peer_timeout * 2).min(Duration::from_secs(3))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CutoverState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a frame the replay produced.
+    fn keep(&self, frame: &[u8]) {
+        let mut state = self.lock();
+        let now = Instant::now();
+        state.produced += 1;
+        state.bytes += frame.len();
+        state.kept.push_back(Kept {
+            at: now,
+            frame: frame.to_vec(),
+        });
+        let window = state.window;
+        while let Some(front) = state.kept.front() {
+            let expired = now.saturating_duration_since(front.at) > window;
+            let over = state.kept.len() > CUTOVER_MAX_FRAMES || state.bytes > CUTOVER_MAX_BYTES;
+            if !(expired || over) {
+                break;
+            }
+            let len = front.frame.len();
+            state.kept.pop_front();
+            state.bytes -= len;
+        }
+    }
+
+    /// Frames the replay produced so far.
+    pub fn produced(&self) -> u64 {
+        self.lock().produced
+    }
+
+    /// Goes live on `out`: first sends again every kept frame produced
+    /// within the window before `stream_ended`, in order, then lets every
+    /// later frame through to `out`.
+    pub fn go_live(&self, mut out: Box<dyn FrameOut>, stream_ended: Instant) -> Resent {
+        let mut state = self.lock();
+        let since = stream_ended
+            .checked_sub(state.window)
+            .unwrap_or(stream_ended);
+        let mut resent = Resent::default();
+        for kept in std::mem::take(&mut state.kept) {
+            if kept.at < since {
+                resent.older += 1;
+                continue;
+            }
+            // Errors as the gate counts them: the network may drop a frame.
+            let _ = out.send(&kept.frame);
+            resent.frames += 1;
+            resent.bytes += kept.frame.len() as u64;
+        }
+        state.bytes = 0;
+        state.live = Some(out);
+        resent
+    }
+}
+
+impl FrameOut for CutoverOutput {
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        {
+            let mut state = self.lock();
+            if let Some(live) = state.live.as_mut() {
+                return live.send(frame);
+            }
+        }
+        self.keep(frame);
+        Ok(())
+    }
+}
 
 /// The backup's event source: the primary's stream while it lasts, then,
 /// after winning the arbiter, live values.
@@ -167,10 +337,15 @@ impl BackupSource {
         let Some(membership) = &self.membership else {
             return Err(cause);
         };
+        let stream_ended = Instant::now();
         let why = format!("the primary is gone (stream ended at exit {exit}: {cause})");
         let generation = membership.go_live_alone(&why)?;
-        let clock = self.replay.stats().last_clock_ns;
-        self.live = Some((self.promote)(clock, generation)?);
+        let clock_ns = self.replay.stats().last_clock_ns;
+        self.live = Some((self.promote)(GoLive {
+            clock_ns,
+            generation,
+            stream_ended,
+        })?);
         self.promoted = Some((exit, generation));
         eprintln!(
             "lockstep backup: primary lost at exit {exit}; won generation {generation} at the arbiter: live as primary"
@@ -572,5 +747,75 @@ impl EventSink for FailoverSink {
             self.unacked_since = Some((self.entries, Instant::now()));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Sent(Arc<Mutex<Vec<Vec<u8>>>>);
+
+    impl FrameOut for Sent {
+        fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+            self.0.lock().expect("lock").push(frame.to_vec());
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn replay_frames_are_kept_and_resent_on_going_live_then_passed_through() {
+        let mut output = CutoverOutput::new(Duration::from_secs(10));
+        output.send(&[1]).expect("kept");
+        output.send(&[2, 2]).expect("kept");
+        let sent = Sent::default();
+        let resent = output.go_live(Box::new(sent.clone()), Instant::now());
+        assert_eq!(
+            resent,
+            Resent {
+                frames: 2,
+                bytes: 3,
+                older: 0
+            }
+        );
+        output.send(&[3]).expect("live");
+        assert_eq!(
+            *sent.0.lock().expect("lock"),
+            vec![vec![1], vec![2, 2], vec![3]]
+        );
+        assert_eq!(output.produced(), 2);
+    }
+
+    #[test]
+    fn frames_older_than_the_window_are_not_resent() {
+        let mut output = CutoverOutput::new(Duration::from_millis(30));
+        output.send(&[1]).expect("kept");
+        std::thread::sleep(Duration::from_millis(60));
+        output.send(&[2]).expect("kept");
+        let sent = Sent::default();
+        let resent = output.go_live(Box::new(sent.clone()), Instant::now());
+        assert_eq!(resent.frames, 1);
+        assert_eq!(*sent.0.lock().expect("lock"), vec![vec![2]]);
+        // The window ends when the stream ended, not when the arbiter
+        // answered: a frame kept before `stream_ended - window` stays out.
+        let mut output = CutoverOutput::new(Duration::from_millis(30));
+        output.send(&[1]).expect("kept");
+        std::thread::sleep(Duration::from_millis(60));
+        let resent = output.go_live(Box::new(Sent::default()), Instant::now());
+        assert_eq!((resent.frames, resent.older), (0, 1));
+    }
+
+    #[test]
+    fn at_most_the_bounded_number_of_frames_is_kept() {
+        let mut output = CutoverOutput::new(Duration::from_secs(10));
+        for i in 0..CUTOVER_MAX_FRAMES + 10 {
+            output.send(&i.to_le_bytes()).expect("kept");
+        }
+        let sent = Sent::default();
+        let resent = output.go_live(Box::new(sent.clone()), Instant::now());
+        assert_eq!(resent.frames, CUTOVER_MAX_FRAMES as u64);
+        // The oldest went first.
+        assert_eq!(sent.0.lock().expect("lock")[0], 10usize.to_le_bytes());
     }
 }
