@@ -224,6 +224,7 @@ fn trial(
     number: u64,
     random: &mut Random,
     reprotect: bool,
+    liveness: &[String],
 ) -> Result<Outcome, CliError> {
     let at = bed.addresses().clone();
     let guest = at.guest;
@@ -280,16 +281,15 @@ fn trial(
     // The campaign's own status directory: `lockstep status` on the host
     // never lists its replicas.
     let status_dir = dir.join("status").to_string_lossy().into_owned();
-    let ft = [
+    let mut ft = vec![
         "--arbiter",
         arbiter_address.as_str(),
         "--arbiter-key",
         key_text.as_str(),
-        "--peer-timeout-ms",
-        "1500",
         "--status-dir",
         status_dir.as_str(),
     ];
+    ft.extend(liveness.iter().map(String::as_str));
     let backup_log = dir.join(format!("backup-{number}.log"));
     let primary_log = dir.join(format!("primary-{number}.log"));
     let primary_join = format!("{}:{}", at.log_a, 7450 + (number % 50));
@@ -297,7 +297,7 @@ fn trial(
     let mut backup_args = vec![
         "backup", "--listen", &link, "--tap", TAP, "--id", "b", "--quiet",
     ];
-    backup_args.extend(ft);
+    backup_args.extend(ft.iter().copied());
     if reprotect {
         backup_args.extend(["--join-listen", backup_join.as_str()]);
     }
@@ -318,7 +318,7 @@ fn trial(
         &guest_arg,
         "--quiet",
     ];
-    primary_args.extend(ft);
+    primary_args.extend(ft.iter().copied());
     if reprotect {
         primary_args.extend(["--join-listen", primary_join.as_str()]);
     }
@@ -426,7 +426,7 @@ fn trial(
                 "c",
                 "--quiet",
             ];
-            joiner_args.extend(ft);
+            joiner_args.extend(ft.iter().copied());
             let joiner = spawn(bed, joiner_host, exe, &joiner_args, Some(&joiner_log))?;
             children.push(("joiner", joiner));
             let deadline = Instant::now() + Duration::from_secs(30);
@@ -513,7 +513,12 @@ fn trial(
 
 /// Runs `trials` trials with `seed` (with `reprotect`, a new backup joins
 /// the survivor of each trial and then takes over from it).
-pub fn run(trials: u64, seed: u64, reprotect: bool) -> Result<Campaign, CliError> {
+pub fn run(
+    trials: u64,
+    seed: u64,
+    reprotect: bool,
+    liveness: crate::ft::LivenessArgs,
+) -> Result<Campaign, CliError> {
     let exe = std::env::current_exe().map_err(|source| CliError::File {
         what: "cannot find this program",
         path: PathBuf::from("/proc/self/exe"),
@@ -537,7 +542,15 @@ pub fn run(trials: u64, seed: u64, reprotect: bool) -> Result<Campaign, CliError
             .spawn_scoped(scope, || -> Result<(), CliError> {
                 bed.enter(Ns::Client)?;
                 for number in 1..=trials {
-                    let outcome = trial(&bed, &exe, &dir, number, &mut random, reprotect)?;
+                    let outcome = trial(
+                        &bed,
+                        &exe,
+                        &dir,
+                        number,
+                        &mut random,
+                        reprotect,
+                        &liveness.flags(),
+                    )?;
                     campaign.trials += 1;
                     campaign.joins += u64::from(outcome.joined);
                     campaign.second_failovers += u64::from(outcome.second_failover);

@@ -39,11 +39,9 @@ pub struct FtArgs {
     /// This replica's name at the arbiter.
     #[arg(long)]
     pub id: Option<String>,
-    /// The peer counts as lost after this long without a word (ms). Liveness
-    /// is the log stream itself and its acks; a guest waiting for input
-    /// syncs at least every 50 ms. On real networks allow for their jitter.
-    #[arg(long, default_value_t = 500)]
-    pub peer_timeout_ms: u64,
+    /// Heartbeat interval and peer timeout of the logging channel.
+    #[command(flatten)]
+    pub liveness: LivenessArgs,
     /// Where this replica publishes its status for `lockstep status`.
     #[arg(long, default_value = replica::status::DEFAULT_DIR)]
     pub status_dir: PathBuf,
@@ -61,9 +59,74 @@ pub struct FtArgs {
     pub link_key: Option<PathBuf>,
 }
 
+/// How fast a replica notices that its peer is gone.
+///
+/// Both ends of the logging channel send a heartbeat from the channel's own
+/// threads (the primary's sender, the backup's receiver) whenever they have
+/// sent nothing else for `--heartbeat-ms`, whatever the guest is doing; the
+/// log batches and acks count as heartbeats too. An end that hears nothing
+/// at all from its peer for `--peer-timeout-ms` counts it as lost and goes
+/// to the arbiter. A peer that is slow but still talks (it heartbeats, or
+/// its acks advance) is never declared dead.
+///
+/// The defaults (5 ms / 50 ms) suit both replicas on one host or a quiet
+/// LAN: a failover is noticed within 50 ms. On a real network set the
+/// timeout to several times the worst round trip plus the longest pause a
+/// replica may see (a loaded host, a VM migration, GC of a neighbour), e.g.
+/// `--heartbeat-ms 20 --peer-timeout-ms 500` across racks; it must be at
+/// least three heartbeats. A longer timeout never risks split brain (the
+/// arbiter decides); it only delays the failover.
+#[derive(Args, Clone, Copy, Debug)]
+pub struct LivenessArgs {
+    /// Heartbeat interval of the logging channel, in ms (see above).
+    #[arg(long, default_value_t = 5)]
+    pub heartbeat_ms: u64,
+    /// The peer counts as lost after this long without a word, in ms (at
+    /// least 3 heartbeats).
+    #[arg(long, default_value_t = 50)]
+    pub peer_timeout_ms: u64,
+}
+
+impl LivenessArgs {
+    /// The peer timeout.
+    pub fn peer_timeout(&self) -> Duration {
+        Duration::from_millis(self.peer_timeout_ms.max(1))
+    }
+
+    /// The heartbeat interval.
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms.max(1))
+    }
+
+    /// Refuses settings under which a late heartbeat looks like a death.
+    pub fn check(&self) -> Result<(), CliError> {
+        if self.heartbeat_ms == 0 {
+            return Err(CliError::Usage("--heartbeat-ms must be at least 1".into()));
+        }
+        if self.peer_timeout_ms < 3 * self.heartbeat_ms {
+            return Err(CliError::Usage(format!(
+                "--peer-timeout-ms {} is shorter than three heartbeats (--heartbeat-ms {}): a late heartbeat would look like a dead peer",
+                self.peer_timeout_ms, self.heartbeat_ms
+            )));
+        }
+        Ok(())
+    }
+
+    /// The same settings as command-line flags, for a replica started by
+    /// `lockstep up` or `lockstep chaos`.
+    pub fn flags(&self) -> Vec<String> {
+        vec![
+            "--heartbeat-ms".into(),
+            self.heartbeat_ms.to_string(),
+            "--peer-timeout-ms".into(),
+            self.peer_timeout_ms.to_string(),
+        ]
+    }
+}
+
 impl FtArgs {
     fn peer_timeout(&self) -> Duration {
-        Duration::from_millis(self.peer_timeout_ms.max(1))
+        self.liveness.peer_timeout()
     }
 
     fn arbiter(&self) -> Result<Option<Arc<dyn Arbiter>>, CliError> {
@@ -87,8 +150,9 @@ impl FtArgs {
     }
 
     /// The channel settings: transport, key, VM id, and the two-core
-    /// profile with this peer timeout (heartbeats at a tenth of it).
+    /// profile with this heartbeat interval and peer timeout.
     pub fn link_settings(&self) -> Result<LinkSettings, CliError> {
+        self.liveness.check()?;
         let key = match self.link_key.as_ref().or(self.arbiter_key.as_ref()) {
             Some(path) => crate::keys::read(path, "link key")?,
             None => {
@@ -99,8 +163,7 @@ impl FtArgs {
         };
         let mut profile = replica::link::Profile::two_core();
         profile.liveness.peer_timeout = self.peer_timeout();
-        profile.liveness.heartbeat =
-            (self.peer_timeout() / 10).clamp(Duration::from_millis(1), Duration::from_millis(50));
+        profile.liveness.heartbeat = self.liveness.heartbeat();
         Ok(LinkSettings {
             kind: self.transport,
             key,

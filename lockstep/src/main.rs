@@ -132,6 +132,9 @@ enum Command {
         /// transfer, then kill the survivor: the joined backup must take over.
         #[arg(long)]
         reprotect: bool,
+        /// The replicas' heartbeat interval and peer timeout.
+        #[command(flatten)]
+        liveness: ft::LivenessArgs,
     },
     /// The embedded arbiter: an atomic test-and-set on generations that
     /// decides which replica may go live alone.
@@ -175,6 +178,9 @@ enum Command {
         /// The logging link between the hosts: a rate or `unshaped`.
         #[arg(long, default_value = "unshaped", value_parser = parse_rate)]
         log_link: testbed::Rate,
+        /// The replicas' heartbeat interval and peer timeout.
+        #[command(flatten)]
+        liveness: ft::LivenessArgs,
     },
     /// Run a command in the client namespace of the running `lockstep up`
     /// (or of testbed `--run ID`), e.g. `lockstep client -- redis-cli -h
@@ -437,8 +443,10 @@ fn execute(command: Command) -> Result<(), CliError> {
             trials,
             seed,
             reprotect,
+            liveness,
         } => {
-            let campaign = chaos::run(trials, seed, reprotect)?;
+            liveness.check()?;
+            let campaign = chaos::run(trials, seed, reprotect, liveness)?;
             let mut times = campaign.failover_ms.clone();
             let p50 = perf::median(&mut times);
             let max = times.last().copied().unwrap_or(f64::NAN);
@@ -487,7 +495,8 @@ fn execute(command: Command) -> Result<(), CliError> {
             link,
             client_link,
             log_link,
-        } => up(transport, link, client_link, log_link),
+            liveness,
+        } => up(transport, link, client_link, log_link, liveness),
         Command::Client { run, command } => client(run.as_deref(), &command),
         Command::Testbed { action } => testbed_command(action),
         Command::Bench {
@@ -806,7 +815,9 @@ fn up(
     link: Option<String>,
     client_link: testbed::Rate,
     log_link: testbed::Rate,
+    liveness: ft::LivenessArgs,
 ) -> Result<(), CliError> {
+    liveness.check()?;
     use testbed::Ns;
     let bed = testbed::Testbed::up(&testbed::Config {
         client_link,
@@ -859,7 +870,7 @@ fn up(
             format!("{}:7700", at.log_b)
         }
     });
-    let ft_flags = owned(&[
+    let mut ft_flags = owned(&[
         "--arbiter",
         &arbiter_address,
         "--arbiter-key",
@@ -867,6 +878,7 @@ fn up(
         "--transport",
         transport.name(),
     ]);
+    ft_flags.extend(liveness.flags());
     let join_address = |ns: Ns| {
         format!(
             "{}:{UP_JOIN_PORT}",

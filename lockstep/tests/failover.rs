@@ -402,6 +402,121 @@ fn primary_killed_holding_a_reply_the_promoted_backup_sends_it_without_waiting_f
     );
 }
 
+/// `arbiter.args()` with the default liveness (5 ms heartbeats, 50 ms
+/// peer timeout) instead of the tests' patient 1.5 s.
+fn default_liveness(arbiter: &Arbiter) -> Vec<String> {
+    let mut args = arbiter.args();
+    let at = args
+        .iter()
+        .position(|a| a == "--peer-timeout-ms")
+        .expect("the tests' peer timeout");
+    args.drain(at..at + 2);
+    args
+}
+
+/// A backup behind a slow logging link (1 Mbit/s) under a write burst
+/// acknowledges late (ack round trips of tens of ms, p99 near the timeout),
+/// but its acks keep advancing and its heartbeats keep coming: with the
+/// default 5 ms / 50 ms liveness it must not be declared dead (no
+/// failover), and every write is acknowledged.
+#[test]
+fn a_slow_backup_that_still_acks_is_never_declared_dead() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let net = Net::new();
+    let arbiter = Arbiter::start(&net);
+    net.bed
+        .set_rate(Link::Log, testbed::Rate::Mbit(1))
+        .expect("shape the logging link");
+    let link = net.log_address(Ns::B, 7700);
+    let mut backup_args: Vec<String> = ["backup", "--listen", &link, "--tap", net.tap()]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    backup_args.extend(["--id".into(), "backup".into(), "--quiet".into()]);
+    backup_args.extend(default_liveness(&arbiter));
+    let backup = net
+        .lockstep(Ns::B)
+        .args(&backup_args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the backup");
+    let arg = net.guest_arg();
+    let mut primary_args: Vec<String> = [
+        "primary",
+        "--backup",
+        &link,
+        "--guest",
+        "net",
+        "--tap",
+        net.tap(),
+        "--arg",
+        &arg,
+        "--id",
+        "primary",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    primary_args.extend(default_liveness(&arbiter));
+    let refs: Vec<&str> = primary_args.iter().map(String::as_str).collect();
+    let primary = net.start(Ns::A, &refs);
+    let mut stream = client(&net);
+    // 384 KiB of writes pipelined: 3 s or more of log at 1 Mbit/s, sixty
+    // times the peer timeout.
+    const SETS: usize = 96;
+    let value = "v".repeat(4096);
+    let mut burst = String::new();
+    for i in 0..SETS {
+        let key = format!("k{i}");
+        burst.push_str(&format!(
+            "*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${}\r\n{value}\r\n",
+            key.len(),
+            value.len()
+        ));
+    }
+    let started = Instant::now();
+    let mut writer = stream.try_clone().expect("clone");
+    let sender = thread::spawn(move || writer.write_all(burst.as_bytes()).expect("burst"));
+    let mut replies = 0;
+    let mut reader = std::io::BufReader::new(&mut stream);
+    let mut line = String::new();
+    while replies < SETS {
+        line.clear();
+        std::io::BufRead::read_line(&mut reader, &mut line).expect("a reply");
+        assert_eq!(line, "+OK\r\n");
+        replies += 1;
+    }
+    sender.join().expect("sender");
+    let took = started.elapsed();
+    drop(reader);
+    assert_eq!(
+        command(&mut stream, &["GET", &format!("k{}", SETS - 1)]),
+        value
+    );
+    drop(stream);
+    let pair = Pair { primary, backup };
+    kill(&pair.primary, "-TERM");
+    let primary_stderr = stderr_of(pair.primary);
+    kill(&pair.backup, "-TERM");
+    let backup_stderr = stderr_of(pair.backup);
+    eprintln!(
+        "{SETS} SETs of 4 KiB through a 1 Mbit/s logging link took {} ms",
+        took.as_millis()
+    );
+    for (who, text) in [("primary", &primary_stderr), ("backup", &backup_stderr)] {
+        assert!(
+            !text.contains("won generation") && !text.contains("lost"),
+            "the {who} gave up on its peer:\n{primary_stderr}\n{backup_stderr}"
+        );
+    }
+    assert!(
+        took > Duration::from_millis(100),
+        "the burst did not outlast the peer timeout ({} ms): the test proves nothing",
+        took.as_millis()
+    );
+}
+
 #[test]
 fn with_an_etcd_arbiter_the_backup_goes_live_when_the_primary_dies() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
@@ -751,4 +866,29 @@ fn a_new_backup_joins_by_state_transfer_and_takes_over_at_the_next_failover() {
         stderr.contains("won generation 4 at the arbiter: live as primary"),
         "{stderr}"
     );
+}
+
+/// Liveness settings under which a late heartbeat would look like a dead
+/// peer are refused with a message naming both flags.
+#[test]
+fn a_peer_timeout_shorter_than_three_heartbeats_is_refused() {
+    for command in ["primary", "backup"] {
+        let output = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+            .args([command, "--heartbeat-ms", "20", "--peer-timeout-ms", "30"])
+            .args(if command == "primary" {
+                ["--backup", "127.0.0.1:9"]
+            } else {
+                ["--listen", "127.0.0.1:0"]
+            })
+            .output()
+            .expect("run lockstep");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{command}: {stderr}");
+        assert!(
+            stderr.contains(
+                "--peer-timeout-ms 30 is shorter than three heartbeats (--heartbeat-ms 20)"
+            ),
+            "{command}: {stderr}"
+        );
+    }
 }

@@ -442,8 +442,10 @@ pub struct FailoverSink {
     timeout: Duration,
     entries: u64,
     bytes: u64,
-    /// The oldest flushed position not yet acknowledged, and since when.
-    unacked_since: Option<(u64, Instant)>,
+    /// The oldest flushed position not yet acknowledged, the acknowledged
+    /// position when the clock started, and since when: the clock restarts
+    /// whenever the acks advance (a slow backup that acks is not dead).
+    unacked_since: Option<(u64, u64, Instant)>,
     unprotected: Option<u64>,
     status: Option<crate::status::StatusFile>,
     /// Acks and the last acknowledged position, kept when the link goes.
@@ -459,8 +461,11 @@ pub struct FailoverSink {
 impl FailoverSink {
     /// Streams through `link`, whose acks release `gate`'s frames; without
     /// `membership` the loss of the backup stops the primary (fail-stop).
-    /// `timeout`: a flushed position unacknowledged this long counts as a
-    /// lost backup even if heartbeats still arrive.
+    /// `timeout`: acks that do not advance at all for this long while a
+    /// flushed position is outstanding count as a lost backup even if
+    /// heartbeats still arrive; acks that advance, however slowly, restart
+    /// the clock (a slow backup slows the primary through the ring's
+    /// back-pressure, it is never declared dead).
     pub fn new(
         link: PrimaryLink,
         gate: Arc<OutputGate>,
@@ -686,12 +691,16 @@ impl FailoverSink {
             self.backup_lost(format!("backup lost ({why})"))?;
             return Ok(false);
         }
-        if let Some((position, since)) = self.unacked_since {
-            if link.acked() >= position {
+        if let Some((position, acked_then, since)) = self.unacked_since {
+            let acked = link.acked();
+            if acked >= position {
                 self.unacked_since = None;
+            } else if acked > acked_then {
+                // Slow, but acknowledging: not dead. Restart the clock.
+                self.unacked_since = Some((position, acked, Instant::now()));
             } else if since.elapsed() > self.timeout {
                 self.backup_lost(format!(
-                    "backup silent: log position {position} unacknowledged for {} ms",
+                    "backup silent: no acknowledgement for {} ms (log position {position} outstanding, {acked} acknowledged)",
                     since.elapsed().as_millis()
                 ))?;
                 return Ok(false);
@@ -744,7 +753,7 @@ impl EventSink for FailoverSink {
             link.wake();
         }
         if self.unacked_since.is_none() && self.acked() < self.entries {
-            self.unacked_since = Some((self.entries, Instant::now()));
+            self.unacked_since = Some((self.entries, self.acked(), Instant::now()));
         }
         Ok(())
     }
