@@ -330,6 +330,9 @@ pub fn primary(
         FailoverSink::new(link, Arc::clone(&gate), membership, ft.peer_timeout()).with_status(
             replica::status::StatusFile::new(&ft.status_dir, me.as_str()),
         );
+    if let Some(guard) = network.as_ref().and_then(|n| n.guard.clone()) {
+        sink = sink.with_guard(guard);
+    }
     let join_listener = match join_listen {
         None => None,
         Some(address) => {

@@ -568,6 +568,9 @@ pub(crate) fn vm_config(args: &RunArgs) -> VmConfig {
 pub(crate) struct Network {
     queue: Arc<RxQueue>,
     gate: Arc<OutputGate>,
+    /// With `gated`: the guard between the gate and the TAP (frames leave
+    /// only while the backup's acks are fresh; see `replica::failover`).
+    guard: Option<replica::failover::OutputGuard>,
     stop: Arc<AtomicBool>,
     reader: Option<std::thread::JoinHandle<()>>,
 }
@@ -588,14 +591,17 @@ impl Network {
         let stop = Arc::new(AtomicBool::new(false));
         let reader = tap.spawn_reader(Arc::clone(&queue), Arc::clone(&stop))?;
         let out = Box::new(tap.writer()?);
-        let gate = Arc::new(if gated {
-            OutputGate::new(out)
+        let (gate, guard) = if gated {
+            let guard = replica::failover::OutputGuard::new(out);
+            (OutputGate::new(Box::new(guard.clone())), Some(guard))
         } else {
-            OutputGate::open(out)
-        });
+            (OutputGate::open(out), None)
+        };
+        let gate = Arc::new(gate);
         Ok(Some(Self {
             queue,
             gate,
+            guard,
             stop,
             reader: Some(reader),
         }))

@@ -414,11 +414,20 @@ fn default_liveness(arbiter: &Arbiter) -> Vec<String> {
     args
 }
 
+/// 5 ms heartbeats, a 200 ms peer timeout.
+fn slow_liveness(arbiter: &Arbiter) -> Vec<String> {
+    let mut args = default_liveness(arbiter);
+    args.extend(["--peer-timeout-ms".into(), "200".into()]);
+    args
+}
+
 /// A backup behind a slow logging link (1 Mbit/s) under a write burst
-/// acknowledges late (ack round trips of tens of ms, p99 near the timeout),
-/// but its acks keep advancing and its heartbeats keep coming: with the
-/// default 5 ms / 50 ms liveness it must not be declared dead (no
-/// failover), and every write is acknowledged.
+/// acknowledges late (ack round trips of tens of ms, p99 about 60 ms: a
+/// dozen heartbeat intervals), but its acks keep advancing and its
+/// heartbeats keep coming: with 5 ms heartbeats and a 200 ms peer timeout
+/// it must not be declared dead (no failover), and every write is
+/// acknowledged. (An ack later than the peer timeout counts as lost: the
+/// primary could not tell it from one sent before the backup went live.)
 #[test]
 fn a_slow_backup_that_still_acks_is_never_declared_dead() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
@@ -433,7 +442,7 @@ fn a_slow_backup_that_still_acks_is_never_declared_dead() {
         .map(|s| s.to_string())
         .collect();
     backup_args.extend(["--id".into(), "backup".into(), "--quiet".into()]);
-    backup_args.extend(default_liveness(&arbiter));
+    backup_args.extend(slow_liveness(&arbiter));
     let backup = net
         .lockstep(Ns::B)
         .args(&backup_args)
@@ -458,11 +467,11 @@ fn a_slow_backup_that_still_acks_is_never_declared_dead() {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    primary_args.extend(default_liveness(&arbiter));
+    primary_args.extend(slow_liveness(&arbiter));
     let refs: Vec<&str> = primary_args.iter().map(String::as_str).collect();
     let primary = net.start(Ns::A, &refs);
     let mut stream = client(&net);
-    // 384 KiB of writes pipelined: 3 s or more of log at 1 Mbit/s, sixty
+    // 384 KiB of writes pipelined: 3 s or more of log at 1 Mbit/s, fifteen
     // times the peer timeout.
     const SETS: usize = 96;
     let value = "v".repeat(4096);
@@ -511,7 +520,7 @@ fn a_slow_backup_that_still_acks_is_never_declared_dead() {
         );
     }
     assert!(
-        took > Duration::from_millis(100),
+        took > Duration::from_millis(400),
         "the burst did not outlast the peer timeout ({} ms): the test proves nothing",
         took.as_millis()
     );
@@ -891,4 +900,236 @@ fn a_peer_timeout_shorter_than_three_heartbeats_is_refused() {
             "{command}: {stderr}"
         );
     }
+}
+
+/// A capture on one switch port in the client's namespace: the instants at
+/// which frames sent by the guest's MAC arrived from that port's host.
+struct PortCapture {
+    frames: std::sync::Arc<Mutex<Vec<Instant>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    reader: Option<thread::JoinHandle<()>>,
+}
+
+impl PortCapture {
+    fn start(net: &Net, port: &'static str) -> Self {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        let fd = net
+            .bed
+            .run_in(Ns::Client, move || {
+                let name = std::ffi::CString::new(port).expect("name");
+                let protocol = (libc::ETH_P_ALL as u16).to_be();
+                // SAFETY: socket(2), if_nametoindex(3) and bind(2) with a
+                // NUL-terminated name and a zeroed, filled-in sockaddr_ll of
+                // the size passed; the fd is owned by the OwnedFd at once.
+                unsafe {
+                    let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(protocol));
+                    assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
+                    let fd = OwnedFd::from_raw_fd(fd);
+                    let mut address: libc::sockaddr_ll = std::mem::zeroed();
+                    address.sll_family = libc::AF_PACKET as u16;
+                    address.sll_protocol = protocol;
+                    address.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
+                    assert!(address.sll_ifindex > 0, "no port {port}");
+                    let rc = libc::bind(
+                        std::os::fd::AsRawFd::as_raw_fd(&fd),
+                        (&address as *const libc::sockaddr_ll).cast(),
+                        std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+                    );
+                    assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+                    let timeout = libc::timeval {
+                        tv_sec: 0,
+                        tv_usec: 50_000,
+                    };
+                    libc::setsockopt(
+                        std::os::fd::AsRawFd::as_raw_fd(&fd),
+                        libc::SOL_SOCKET,
+                        libc::SO_RCVTIMEO,
+                        (&timeout as *const libc::timeval).cast(),
+                        std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+                    );
+                    fd
+                }
+            })
+            .expect("client namespace");
+        let frames = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (frames, stop) = (frames.clone(), stop.clone());
+            thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    // SAFETY: recvfrom(2) into `buf` (its length passed) and
+                    // into a zeroed sockaddr_ll whose size is passed.
+                    let (n, kind) = unsafe {
+                        let mut from: libc::sockaddr_ll = std::mem::zeroed();
+                        let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+                        let n = libc::recvfrom(
+                            std::os::fd::AsRawFd::as_raw_fd(&fd),
+                            buf.as_mut_ptr().cast(),
+                            buf.len(),
+                            0,
+                            (&mut from as *mut libc::sockaddr_ll).cast(),
+                            &mut len,
+                        );
+                        (n, from.sll_pkttype)
+                    };
+                    // Frames the port received from its host, not the ones
+                    // the switch sent to it (a flooded broadcast of the new
+                    // primary's guest crosses a0 outwards too).
+                    if n >= 12 && kind != libc::PACKET_OUTGOING && buf[6..12] == testbed::GUEST_MAC
+                    {
+                        frames.lock().expect("frames").push(Instant::now());
+                    }
+                }
+            })
+        };
+        Self {
+            frames,
+            stop,
+            reader: Some(reader),
+        }
+    }
+
+    /// Guest frames that arrived from the port at or after `since`.
+    fn since(&self, since: Instant) -> usize {
+        self.frames
+            .lock()
+            .expect("frames")
+            .iter()
+            .filter(|at| **at >= since)
+            .count()
+    }
+
+    fn total(&self) -> usize {
+        self.frames.lock().expect("frames").len()
+    }
+}
+
+impl Drop for PortCapture {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+    }
+}
+
+/// The primary is frozen (SIGSTOP) under load from several clients, the
+/// backup goes live, then the primary resumes (SIGCONT): it must learn at
+/// once that it lost and halt, and nothing it sends may reach the client
+/// after the new generation was granted (checked by a capture on the
+/// switch port of host a in the client's namespace). A frozen primary
+/// resumes with acks its backup sent before going live waiting in its
+/// socket, and a guest that carries on where it stopped.
+#[test]
+fn a_frozen_primary_resumed_after_the_backup_went_live_sends_nothing_and_halts() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let net = Net::new();
+    let arbiter = Arbiter::start(&net);
+    let link = net.log_address(Ns::B, 7700);
+    let mut backup_args: Vec<String> = ["backup", "--listen", &link, "--tap", net.tap()]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    backup_args.extend(["--id".into(), "backup".into(), "--quiet".into()]);
+    backup_args.extend(default_liveness(&arbiter));
+    let backup = net
+        .lockstep(Ns::B)
+        .args(&backup_args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the backup");
+    let arg = net.guest_arg();
+    let mut primary_args: Vec<String> = [
+        "primary",
+        "--backup",
+        &link,
+        "--guest",
+        "net",
+        "--tap",
+        net.tap(),
+        "--arg",
+        &arg,
+        "--id",
+        "primary",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    primary_args.extend(default_liveness(&arbiter));
+    let refs: Vec<&str> = primary_args.iter().map(String::as_str).collect();
+    let primary = net.start(Ns::A, &refs);
+    let mut pair = Pair { primary, backup };
+    let capture = PortCapture::start(&net, "a0");
+    // Several clients INCR without pause: replies are held and released
+    // all the time, so the freeze lands with some in flight.
+    let running = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let mut clients = Vec::new();
+    for c in 0..4 {
+        let mut stream = client(&net);
+        let running = running.clone();
+        clients.push(thread::spawn(move || {
+            let mut last = 0;
+            while running.load(std::sync::atomic::Ordering::Relaxed) {
+                let reply = command(&mut stream, &["INCR", &format!("frozen{c}")]);
+                last = reply[1..].parse::<u64>().expect("an integer");
+            }
+            last
+        }));
+    }
+    thread::sleep(Duration::from_millis(500));
+    assert!(capture.total() > 0, "the capture saw no frame of the guest");
+    kill(&pair.primary, "-STOP");
+    // The backup notices the silence, wins generation 2 and announces the
+    // guest on host b's port.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while net.guest_port().as_deref() != Some("b0") {
+        if Instant::now() >= deadline {
+            kill(&pair.primary, "-CONT");
+            kill(&pair.primary, "-KILL");
+            kill(&pair.backup, "-KILL");
+            panic!(
+                "the backup never went live:\n{}\n{}",
+                stderr_of(pair.primary),
+                stderr_of(pair.backup)
+            );
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    let granted = Instant::now();
+    thread::sleep(Duration::from_millis(200));
+    kill(&pair.primary, "-CONT");
+    let status = exited(&mut pair.primary, Duration::from_secs(10));
+    thread::sleep(Duration::from_millis(200));
+    running.store(false, std::sync::atomic::Ordering::Relaxed);
+    let totals: Vec<u64> = clients
+        .into_iter()
+        .map(|c| c.join().expect("client"))
+        .collect();
+    let leaked = capture.since(granted);
+    drop(capture);
+    let primary_stderr = stderr_of(pair.primary);
+    kill(&pair.backup, "-TERM");
+    let backup_stderr = stderr_of(pair.backup);
+    eprintln!(
+        "INCRs per client {totals:?}; guest frames from host a after the grant: {leaked}; the old primary ended {status:?}"
+    );
+    assert!(
+        backup_stderr.contains("won generation 2 at the arbiter: live as primary"),
+        "{backup_stderr}"
+    );
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(4),
+        "the resumed primary did not halt as the loser:\n{primary_stderr}"
+    );
+    assert!(
+        primary_stderr.contains("lost generation 2"),
+        "{primary_stderr}"
+    );
+    assert_eq!(
+        leaked, 0,
+        "the resumed old primary sent {leaked} guest frames to the client after the new generation was granted:\n{primary_stderr}"
+    );
 }

@@ -49,6 +49,37 @@
 //! frames: the replica is deterministic; TCP drops segments it already has).
 //! The number kept is bounded ([`CUTOVER_MAX_FRAMES`], [`CUTOVER_MAX_BYTES`];
 //! the oldest go first), and the count sent is reported per failover.
+//!
+//! # The stale side never releases a frame: acks have a lease
+//!
+//! A primary that was frozen (SIGSTOP, a stalled host) or cut off may
+//! resume after its backup went live, with acks the backup sent before it
+//! went live waiting in its socket, and a guest that carries on where it
+//! stopped. Releasing on those acks would put the old primary's frames on
+//! the wire after the new generation was granted. So an ack releases output
+//! only while it is *fresh* ([`Lease`]): the backup received entry `s` after
+//! the primary pushed it, and it goes live only after hearing nothing for
+//! the peer timeout and then winning the arbiter; so until `t_push(s) +
+//! peer timeout` it cannot be live. The primary marks, at every flush, how
+//! many entries it had pushed and when; an ack for `s` is dated by the last
+//! mark before `s` (a lower bound of its push time):
+//!
+//! ```text
+//!  marks:  (seq 40, t1)   (seq 57, t2)        ack 55 arrives at now
+//!  ack 55 ⇒ entry 55 pushed after t1 ⇒ the backup is not live before t1 + timeout
+//!  fresh  (now <  t1 + timeout): release, lease runs until t1 + timeout
+//!  stale  (now >= t1 + timeout): release nothing, the link counts as lost,
+//!                                the primary asks the arbiter (and halts if it lost)
+//! ```
+//!
+//! Every frame also passes the primary's [`OutputGuard`] on its way to the
+//! TAP, which sends only while the lease runs (or the primary won the right
+//! to run alone): a frame the resumed guest produces at a position already
+//! acknowledged would otherwise leave at once. What it withholds leaves
+//! when a fresh ack renews the lease, or when the primary wins the arbiter;
+//! if it lost, nothing ever does. A stale ack is treated like silence: a
+//! backup whose acks take longer than the peer timeout counts as lost.
+//! (Left: the microseconds between the check and the write(2) to the TAP.)
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -432,6 +463,207 @@ impl EventSource for BackupSource {
     }
 }
 
+/// The freshness of a link's acks (see the module docs, *acks have a
+/// lease*). Shared by the link's sender thread (which dates each ack), the
+/// vCPU thread (which marks pushes at every flush) and the primary's
+/// [`OutputGuard`].
+pub struct Lease {
+    base: Instant,
+    length: Duration,
+    /// `(pushed, at)`: every entry with a larger channel seq was pushed
+    /// after `at`.
+    marks: Mutex<VecDeque<(u64, Instant)>>,
+    /// Nanoseconds after `base` until which output may leave.
+    until_ns: std::sync::atomic::AtomicU64,
+    stale: Mutex<Option<String>>,
+    /// `stale` is set (read on every frame and ack without the lock).
+    is_stale: std::sync::atomic::AtomicBool,
+    output: Mutex<Option<std::sync::Weak<Mutex<GuardState>>>>,
+}
+
+impl Lease {
+    /// A lease of `length` (the peer timeout) for a link starting now.
+    pub fn new(length: Duration) -> Self {
+        let base = Instant::now();
+        Self {
+            base,
+            length,
+            marks: Mutex::new(VecDeque::from([(0, base)])),
+            until_ns: std::sync::atomic::AtomicU64::new(0),
+            stale: Mutex::new(None),
+            is_stale: std::sync::atomic::AtomicBool::new(false),
+            output: Mutex::new(None),
+        }
+    }
+
+    fn nanos(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// The primary had pushed entries up to channel seq `pushed` by now.
+    pub fn mark(&self, pushed: u64) {
+        self.mark_at(pushed, Instant::now());
+    }
+
+    /// The primary had pushed entries up to channel seq `pushed` by `at`
+    /// (and no further: later entries are pushed after `at`).
+    pub fn mark_at(&self, pushed: u64, at: Instant) {
+        let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        match marks.back_mut() {
+            // Nothing pushed since: the later instant is the better bound.
+            Some(last) if last.0 == pushed => last.1 = last.1.max(at),
+            Some(last) if last.0 > pushed => {}
+            _ => marks.push_back((pushed, at)),
+        }
+    }
+
+    /// An ack covering channel seq `seq` arrived: true if it is fresh (it
+    /// may release output; the lease is renewed), false if stale (nothing
+    /// may be released on it; the link is lost for good).
+    pub fn acknowledged(&self, seq: u64) -> bool {
+        if self.is_stale.load(std::sync::atomic::Ordering::Acquire) {
+            return false;
+        }
+        let pushed_after = {
+            let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+            while marks.len() >= 2 && marks[1].0 < seq {
+                marks.pop_front();
+            }
+            marks.front().map_or(self.base, |&(_, at)| at)
+        };
+        let age = pushed_after.elapsed();
+        if age >= self.length {
+            *self.stale.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!(
+                "the ack for channel seq {seq} came {} ms after the entry was pushed, beyond the {} ms peer timeout: the backup may have gone live",
+                age.as_millis(),
+                self.length.as_millis()
+            ));
+            self.is_stale
+                .store(true, std::sync::atomic::Ordering::Release);
+            return false;
+        }
+        self.until_ns.fetch_max(
+            self.nanos(pushed_after + self.length),
+            std::sync::atomic::Ordering::AcqRel,
+        );
+        true
+    }
+
+    /// Why the acks are no longer trusted, once one came too late.
+    pub fn stale(&self) -> Option<String> {
+        if !self.is_stale.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        self.stale.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Whether output may leave now.
+    pub fn running(&self) -> bool {
+        !self.is_stale.load(std::sync::atomic::Ordering::Acquire)
+            && self.nanos(Instant::now()) < self.until_ns.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Sends what the guard withheld while the lease had lapsed, now that a
+    /// fresh ack renewed it (called by the link after releasing).
+    pub fn renewed(&self) {
+        let output = self
+            .output
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(std::sync::Weak::upgrade);
+        if let Some(state) = output {
+            let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+            if self.running() {
+                state.flush();
+            }
+        }
+    }
+}
+
+/// Most frames the guard withholds (the oldest are dropped beyond: TCP
+/// recovers them, and a primary that lost never sends them anyway).
+pub const GUARD_MAX_FRAMES: usize = 4096;
+
+struct GuardState {
+    out: Box<dyn FrameOut>,
+    lease: Option<Arc<Lease>>,
+    alone: bool,
+    withheld: VecDeque<Vec<u8>>,
+    withheld_total: u64,
+}
+
+impl GuardState {
+    fn may_send(&self) -> bool {
+        self.alone || self.lease.as_ref().is_some_and(|lease| lease.running())
+    }
+
+    fn flush(&mut self) {
+        while let Some(frame) = self.withheld.pop_front() {
+            let _ = self.out.send(&frame);
+        }
+    }
+}
+
+/// The primary's output on its way to the TAP: sends only while the link's
+/// [`Lease`] runs or after the primary won the right to run alone.
+#[derive(Clone)]
+pub struct OutputGuard(Arc<Mutex<GuardState>>);
+
+impl OutputGuard {
+    /// Guards `out`; nothing leaves until [`OutputGuard::follow`] or
+    /// [`OutputGuard::alone`].
+    pub fn new(out: Box<dyn FrameOut>) -> Self {
+        Self(Arc::new(Mutex::new(GuardState {
+            out,
+            lease: None,
+            alone: false,
+            withheld: VecDeque::new(),
+            withheld_total: 0,
+        })))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, GuardState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Output follows `lease` (a link's; a backup is protecting us).
+    pub fn follow(&self, lease: Arc<Lease>) {
+        *lease.output.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::downgrade(&self.0));
+        let mut state = self.lock();
+        state.lease = Some(lease);
+        state.alone = false;
+    }
+
+    /// This primary won the right to run alone: everything leaves.
+    pub fn alone(&self) {
+        let mut state = self.lock();
+        state.alone = true;
+        state.flush();
+    }
+
+    /// Frames withheld so far because the lease had lapsed.
+    pub fn withheld(&self) -> u64 {
+        self.lock().withheld_total
+    }
+}
+
+impl FrameOut for OutputGuard {
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        let mut state = self.lock();
+        if state.may_send() {
+            state.flush();
+            return state.out.send(frame);
+        }
+        state.withheld_total += 1;
+        state.withheld.push_back(frame.to_vec());
+        if state.withheld.len() > GUARD_MAX_FRAMES {
+            state.withheld.pop_front();
+        }
+        Ok(())
+    }
+}
+
 /// The primary's log sink: streams to the backup while it acknowledges,
 /// and on its loss holds output until the arbiter lets this replica run
 /// alone.
@@ -456,6 +688,8 @@ pub struct FailoverSink {
     transport: &'static str,
     /// Where new backups join, if this primary accepts them.
     joins: Option<Arc<crate::join::JoinPort>>,
+    /// The primary's output guard, if its frames pass one.
+    guard: Option<OutputGuard>,
 }
 
 impl FailoverSink {
@@ -508,7 +742,19 @@ impl FailoverSink {
             metrics: None,
             transport: "none",
             joins: None,
+            guard: None,
         }
+    }
+
+    /// The primary's frames pass `guard`: they leave only while the link's
+    /// acks are fresh, or once this primary won the right to run alone.
+    pub fn with_guard(mut self, guard: OutputGuard) -> Self {
+        match (&self.link, self.unprotected) {
+            (Some(link), None) => guard.follow(link.lease()),
+            _ => guard.alone(),
+        }
+        self.guard = Some(guard);
+        self
     }
 
     /// Lets new backups join through `port` while this primary runs alone.
@@ -540,6 +786,9 @@ impl FailoverSink {
                     }
                 }
                 self.transport = link.transport();
+                if let Some(guard) = &self.guard {
+                    guard.follow(link.lease());
+                }
                 self.link = Some(link);
                 self.unprotected = None;
                 self.unacked_since = None;
@@ -673,6 +922,9 @@ impl FailoverSink {
         eprintln!("lockstep primary: {why}; holding output until the arbiter decides");
         let generation = membership.go_live_alone(&why)?;
         self.unprotected = Some(generation);
+        if let Some(guard) = &self.guard {
+            guard.alone();
+        }
         self.gate.open_fully();
         if let Some(port) = &self.joins {
             port.set_alone(Some(generation));
@@ -813,6 +1065,42 @@ mod tests {
         std::thread::sleep(Duration::from_millis(60));
         let resent = output.go_live(Box::new(Sent::default()), Instant::now());
         assert_eq!((resent.frames, resent.older), (0, 1));
+    }
+
+    #[test]
+    fn an_ack_releases_only_within_the_lease_of_its_entry() {
+        let lease = Arc::new(Lease::new(Duration::from_millis(40)));
+        let sent = Sent::default();
+        let mut guard = OutputGuard::new(Box::new(sent.clone()));
+        guard.follow(Arc::clone(&lease));
+        // No ack yet: withheld.
+        guard.send(&[1]).expect("withheld");
+        assert!(sent.0.lock().expect("lock").is_empty());
+        lease.mark(3);
+        assert!(lease.acknowledged(4), "a fresh ack");
+        lease.renewed();
+        assert_eq!(*sent.0.lock().expect("lock"), vec![vec![1]]);
+        guard.send(&[2]).expect("sent");
+        assert_eq!(sent.0.lock().expect("lock").len(), 2);
+        // The lease lapses (a frozen primary): frames are withheld ...
+        std::thread::sleep(Duration::from_millis(60));
+        guard.send(&[3]).expect("withheld");
+        assert_eq!(sent.0.lock().expect("lock").len(), 2);
+        // ... and an ack for an entry pushed before the freeze is stale:
+        // it releases nothing and the link is lost for good.
+        assert!(!lease.acknowledged(4 + 1));
+        assert!(
+            lease
+                .stale()
+                .is_some_and(|why| why.contains("peer timeout"))
+        );
+        lease.mark(9);
+        assert!(!lease.acknowledged(10), "stale stays stale");
+        assert_eq!(sent.0.lock().expect("lock").len(), 2);
+        // Winning the arbiter lets everything out.
+        guard.alone();
+        assert_eq!(sent.0.lock().expect("lock").len(), 3);
+        assert_eq!(guard.withheld(), 2);
     }
 
     #[test]
