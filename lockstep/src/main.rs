@@ -5,6 +5,7 @@ mod chaos;
 mod ft;
 mod guests;
 mod keys;
+mod linearize;
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -135,6 +136,10 @@ enum Command {
         /// The replicas' heartbeat interval and peer timeout.
         #[command(flatten)]
         liveness: ft::LivenessArgs,
+        /// Write every trial (fault, its time, who went live, generation,
+        /// recovery, operations, verdict) and the summary to FILE as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// The embedded arbiter: an atomic test-and-set on generations that
     /// decides which replica may go live alone.
@@ -444,6 +449,7 @@ fn execute(command: Command) -> Result<(), CliError> {
             seed,
             reprotect,
             liveness,
+            json,
         } => {
             liveness.check()?;
             let campaign = chaos::run(trials, seed, reprotect, liveness)?;
@@ -451,14 +457,18 @@ fn execute(command: Command) -> Result<(), CliError> {
             let p50 = perf::median(&mut times);
             let max = times.last().copied().unwrap_or(f64::NAN);
             println!(
-                "chaos: {} trials, {} failovers, {} split brains, {} lost acknowledged writes ({} INCRs acknowledged); \
+                "chaos: {} trials, {} failovers, {} split brains, {} lost acknowledged writes ({} INCRs acknowledged), {} linearizability violations ({} operations checked, {} undecided); \
                  client served again after the fault: p50 {p50:.0} ms, max {max:.0} ms",
                 campaign.trials,
                 campaign.failovers,
                 campaign.split_brains,
                 campaign.lost_writes,
-                campaign.acknowledged
+                campaign.acknowledged,
+                campaign.violations,
+                campaign.operations,
+                campaign.undecided
             );
+            chaos::report(&campaign, json.as_deref())?;
             if reprotect {
                 println!(
                     "chaos: {} re-protections by state transfer; {} joined backups went live when the survivor was killed in turn",
@@ -470,9 +480,10 @@ fn execute(command: Command) -> Result<(), CliError> {
                     ));
                 }
             }
-            if campaign.split_brains > 0 || campaign.lost_writes > 0 {
+            if campaign.split_brains > 0 || campaign.lost_writes > 0 || campaign.violations > 0 {
                 return Err(CliError::Usage(
-                    "the campaign found split brains or lost writes".into(),
+                    "the campaign found split brains, lost writes or a non-linearizable history"
+                        .into(),
                 ));
             }
             Ok(())
