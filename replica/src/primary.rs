@@ -145,7 +145,10 @@ impl PrimaryLink {
             ring,
             lease,
             pushed: 0,
-            marked: Instant::now(),
+            // In the past, so that the first push (the header) is dated.
+            marked: Instant::now()
+                .checked_sub(Duration::from_secs(1))
+                .unwrap_or_else(Instant::now),
             sender: Some(sender),
             counters,
             transport,
