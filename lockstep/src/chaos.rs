@@ -32,15 +32,47 @@ use std::time::{Duration, Instant};
 use testbed::{Link, Ns, Testbed};
 
 use crate::CliError;
+use crate::linearize::{Call, Op, Reply, Verdict};
 
 const TAP: &str = testbed::TAP;
 
 /// The fault a trial injects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Fault {
+pub enum Fault {
+    /// SIGKILL of the primary.
     KillPrimary,
+    /// SIGKILL of the backup.
     KillBackup,
+    /// SIGSTOP of the primary (resumed with SIGCONT before the trial ends:
+    /// it must learn it lost and halt).
+    StopPrimary,
+    /// SIGSTOP of the backup (resumed likewise).
+    StopBackup,
+    /// The logging link cut (both replicas keep their sockets).
     Partition,
+    /// Host a's client link cut for a while: the pair is healthy, the
+    /// clients cannot reach the primary; nobody may go live.
+    CutClientA,
+    /// The arbiter killed: the pair carries on, nobody needs it.
+    KillArbiter,
+}
+
+impl Fault {
+    /// Every kind, in the order the first trials of a campaign use them.
+    pub const ALL: [Fault; 7] = [
+        Fault::KillPrimary,
+        Fault::KillBackup,
+        Fault::StopPrimary,
+        Fault::StopBackup,
+        Fault::Partition,
+        Fault::CutClientA,
+        Fault::KillArbiter,
+    ];
+
+    /// Whether a replica must go live alone after it.
+    fn needs_failover(self) -> bool {
+        !matches!(self, Fault::CutClientA | Fault::KillArbiter)
+    }
 }
 
 /// Totals of a campaign.
@@ -63,6 +95,19 @@ pub struct Campaign {
     /// Failover times: from the fault to the client's first acknowledged
     /// reply afterwards, in ms, one per trial.
     pub failover_ms: Vec<f64>,
+    /// The same, by fault kind.
+    pub recovery_by_fault: Vec<(Fault, Vec<f64>)>,
+    /// Operations recorded (all clients, all trials).
+    pub operations: u64,
+    /// Trials whose history is not linearizable (must be 0).
+    pub violations: u64,
+    /// Trials whose history the checker could not decide.
+    pub undecided: u64,
+    /// Frames the promoted backups resent at go-live, one entry per
+    /// promotion.
+    pub resent_frames: Vec<u64>,
+    /// One JSON object per trial.
+    pub trial_json: Vec<String>,
 }
 
 /// A small deterministic generator (xorshift), seeded per campaign.
@@ -114,27 +159,159 @@ fn spawn(
     })
 }
 
-fn resp(stream: &mut TcpStream, words: &[&str]) -> Option<String> {
-    let mut request = format!("*{}\r\n", words.len());
+/// Sends one RESP command and reads its reply; `None` if the connection
+/// failed (the operation may or may not have taken effect).
+fn request(stream: &mut TcpStream, words: &[&str]) -> Option<Reply> {
+    let mut message = format!("*{}\r\n", words.len());
     for word in words {
-        request.push_str(&format!("${}\r\n{word}\r\n", word.len()));
+        message.push_str(&format!("${}\r\n{word}\r\n", word.len()));
     }
-    stream.write_all(request.as_bytes()).ok()?;
-    let mut reply = Vec::new();
+    stream.write_all(message.as_bytes()).ok()?;
+    let mut line = Vec::new();
     let mut byte = [0u8; 1];
-    while !reply.ends_with(b"\r\n") {
+    while !line.ends_with(b"\r\n") {
         stream.read_exact(&mut byte).ok()?;
-        reply.push(byte[0]);
+        line.push(byte[0]);
+        if line.len() > 1 << 16 {
+            return None;
+        }
     }
-    if reply.starts_with(b"$") {
-        let len: usize = String::from_utf8_lossy(&reply[1..reply.len() - 2])
-            .parse()
-            .ok()?;
-        let mut body = vec![0u8; len + 2];
-        stream.read_exact(&mut body).ok()?;
-        return Some(String::from_utf8_lossy(&body[..len]).into_owned());
+    let text = String::from_utf8_lossy(&line[1..line.len() - 2]).into_owned();
+    match line.first() {
+        Some(b'+') => Some(Reply::Ok),
+        Some(b'-') => Some(Reply::Error),
+        Some(b':') => text.parse().ok().map(Reply::Int),
+        Some(b'$') if text == "-1" => Some(Reply::Value(None)),
+        Some(b'$') => {
+            let len: usize = text.parse().ok()?;
+            let mut body = vec![0u8; len.checked_add(2)?];
+            stream.read_exact(&mut body).ok()?;
+            Some(Reply::Value(Some(
+                String::from_utf8_lossy(&body[..len]).into_owned(),
+            )))
+        }
+        _ => None,
     }
-    Some(String::from_utf8_lossy(&reply[..reply.len() - 2]).into_owned())
+}
+
+/// Clients per trial.
+const CLIENTS: u32 = 3;
+/// The keys the clients share.
+const KEYS: [&str; 3] = ["k0", "k1", "k2"];
+/// A key only ever INCRed (the lost-acknowledged-writes count).
+const COUNTER: &str = "chaos";
+
+/// Sends `signal` (`-STOP`, `-CONT`) to `child`.
+fn signal(child: &Child, signal: &str) {
+    let _ = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status();
+}
+
+/// Every operation of a trial's clients.
+struct History {
+    start: Instant,
+    ops: Vec<Op>,
+}
+
+impl History {
+    /// The highest value an INCR of the counter was acknowledged with.
+    fn acknowledged_incr(&self) -> u64 {
+        self.ops
+            .iter()
+            .filter(|op| op.key == COUNTER && op.call == Call::Incr)
+            .filter_map(|op| match op.reply {
+                Some(Reply::Int(n)) => u64::try_from(n).ok(),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// The clients of a trial: each on its own connection (made from the
+/// calling thread's namespace, the client's), issuing SET, GET and INCR on
+/// shared keys without pause and recording each with its times.
+struct Workers {
+    start: Instant,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handles: Vec<thread::JoinHandle<Vec<Op>>>,
+}
+
+impl Workers {
+    fn start(guest: Ipv4Addr, clients: u32, seed: u64) -> Self {
+        let start = Instant::now();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let handles = (0..clients)
+            .map(|client| {
+                let stop = std::sync::Arc::clone(&stop);
+                thread::spawn(move || {
+                    let ns = |at: Instant| at.saturating_duration_since(start).as_nanos() as u64;
+                    let mut random = Random(
+                        (seed ^ ((u64::from(client) + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)))
+                            .max(1),
+                    );
+                    let mut ops = Vec::new();
+                    let mut stream: Option<TcpStream> = None;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let Some(connection) = stream.as_mut() else {
+                            stream = connect(guest, Duration::from_secs(2));
+                            continue;
+                        };
+                        let key = KEYS[random.below(KEYS.len() as u64) as usize];
+                        let value = random.below(1000).to_string();
+                        let (key, call, words): (&str, Call, Vec<&str>) = match random.below(10) {
+                            0..=2 => (key, Call::Set(value.clone()), vec!["SET", key, &value]),
+                            3..=5 => (key, Call::Get, vec!["GET", key]),
+                            6..=8 => (key, Call::Incr, vec!["INCR", key]),
+                            _ => (COUNTER, Call::Incr, vec!["INCR", COUNTER]),
+                        };
+                        let invoked_ns = ns(Instant::now());
+                        let reply = request(connection, &words);
+                        let completed_ns = match reply {
+                            Some(_) => ns(Instant::now()),
+                            None => u64::MAX,
+                        };
+                        if reply.is_none() {
+                            stream = None; // unanswered: reconnect
+                        }
+                        ops.push(Op {
+                            client,
+                            key: key.to_string(),
+                            call,
+                            reply,
+                            invoked_ns,
+                            completed_ns,
+                        });
+                    }
+                    ops
+                })
+            })
+            .collect();
+        Self {
+            start,
+            stop,
+            handles,
+        }
+    }
+
+    fn ns(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.start).as_nanos() as u64
+    }
+
+    fn finish(self) -> History {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut ops = Vec::new();
+        for handle in self.handles {
+            if let Ok(mut more) = handle.join() {
+                ops.append(&mut more);
+            }
+        }
+        History {
+            start: self.start,
+            ops,
+        }
+    }
 }
 
 /// A connection to the guest's RESP port, made from the calling thread's
@@ -176,31 +353,6 @@ fn reap(children: &mut [(&str, Child)]) -> Vec<(String, Option<i32>)> {
     codes
 }
 
-/// Sends INCRs for `duration`, counting the acknowledged ones; reconnects
-/// after a failure. Returns when the time is up.
-fn incr_for(
-    guest: Ipv4Addr,
-    stream: &mut Option<TcpStream>,
-    acknowledged: &mut u64,
-    duration: Duration,
-) {
-    let until = Instant::now() + duration;
-    while Instant::now() < until {
-        let Some(connection) = stream.as_mut() else {
-            *stream = connect(guest, Duration::from_secs(2));
-            continue;
-        };
-        match resp(connection, &["INCR", "chaos"]) {
-            Some(reply) if reply.starts_with(':') => {
-                if let Ok(value) = reply[1..].parse::<u64>() {
-                    *acknowledged = (*acknowledged).max(value);
-                }
-            }
-            _ => *stream = None,
-        }
-    }
-}
-
 fn log_says(path: &Path, text: &str) -> bool {
     std::fs::read_to_string(path).is_ok_and(|log| log.contains(text))
 }
@@ -214,6 +366,11 @@ struct Outcome {
     lost: u64,
     acknowledged: u64,
     recovered_after: Option<Duration>,
+    fault: Fault,
+    operations: u64,
+    verdict: Verdict,
+    resent: Vec<u64>,
+    json: String,
 }
 
 /// Runs one trial on `bed`, from a thread inside its client namespace.
@@ -224,14 +381,16 @@ fn trial(
     number: u64,
     random: &mut Random,
     reprotect: bool,
+    liveness: &[String],
 ) -> Result<Outcome, CliError> {
     let at = bed.addresses().clone();
     let guest = at.guest;
     let guest_arg = at.guest_arg().to_string();
-    let fault = match random.below(3) {
-        0 => Fault::KillPrimary,
-        1 => Fault::KillBackup,
-        _ => Fault::Partition,
+    // The first trials try every kind once (a short campaign covers them
+    // all); then at random.
+    let fault = match usize::try_from(number - 1) {
+        Ok(i) if i < Fault::ALL.len() => Fault::ALL[i],
+        _ => Fault::ALL[random.below(Fault::ALL.len() as u64) as usize],
     };
     let fault_after = Duration::from_millis(200 + random.below(1200));
     // Ports inside the testbed's namespaces; a fresh one each trial.
@@ -280,16 +439,15 @@ fn trial(
     // The campaign's own status directory: `lockstep status` on the host
     // never lists its replicas.
     let status_dir = dir.join("status").to_string_lossy().into_owned();
-    let ft = [
+    let mut ft = vec![
         "--arbiter",
         arbiter_address.as_str(),
         "--arbiter-key",
         key_text.as_str(),
-        "--peer-timeout-ms",
-        "1500",
         "--status-dir",
         status_dir.as_str(),
     ];
+    ft.extend(liveness.iter().map(String::as_str));
     let backup_log = dir.join(format!("backup-{number}.log"));
     let primary_log = dir.join(format!("primary-{number}.log"));
     let primary_join = format!("{}:{}", at.log_a, 7450 + (number % 50));
@@ -297,7 +455,7 @@ fn trial(
     let mut backup_args = vec![
         "backup", "--listen", &link, "--tap", TAP, "--id", "b", "--quiet",
     ];
-    backup_args.extend(ft);
+    backup_args.extend(ft.iter().copied());
     if reprotect {
         backup_args.extend(["--join-listen", backup_join.as_str()]);
     }
@@ -318,7 +476,7 @@ fn trial(
         &guest_arg,
         "--quiet",
     ];
-    primary_args.extend(ft);
+    primary_args.extend(ft.iter().copied());
     if reprotect {
         primary_args.extend(["--join-listen", primary_join.as_str()]);
     }
@@ -329,47 +487,80 @@ fn trial(
         ("primary", primary),
     ];
 
-    let mut acknowledged = 0u64;
-    let mut stream = connect(guest, Duration::from_secs(20));
-    let mut cut = false;
-    let started = Instant::now();
-    let mut struck = false;
-    let mut struck_at = None;
-    let mut recovered_after = None;
-    let run_for = fault_after + Duration::from_secs(3);
-    while started.elapsed() < run_for {
-        if !struck && started.elapsed() >= fault_after {
-            struck = true;
-            struck_at = Some(Instant::now());
-            match fault {
-                Fault::KillPrimary => {
-                    let _ = children[2].1.kill();
-                }
-                Fault::KillBackup => {
-                    let _ = children[1].1.kill();
-                }
-                Fault::Partition => {
-                    bed.cut(Link::Log)?;
-                    cut = true;
-                }
-            }
-        }
-        let Some(connection) = stream.as_mut() else {
-            stream = connect(guest, Duration::from_secs(2));
-            continue;
-        };
-        match resp(connection, &["INCR", "chaos"]) {
-            Some(reply) if reply.starts_with(':') => {
-                if let Ok(value) = reply[1..].parse::<u64>() {
-                    acknowledged = acknowledged.max(value);
-                }
-                if recovered_after.is_none() {
-                    recovered_after = struck_at.map(|at| at.elapsed());
-                }
-            }
-            _ => stream = None, // unanswered: not acknowledged; reconnect
-        }
+    // The switch may still hold the guest's MAC on the port of the host
+    // that was live in the last trial: forget it, as a switch does when a
+    // port goes down, so the clients' first frames are flooded to both.
+    for port in ["a0", "b0"] {
+        let _ = Command::new("bridge")
+            .args(["-n", &bed.netns(Ns::Client), "fdb", "del"])
+            .arg(testbed::GUEST_MAC.map(|b| format!("{b:02x}")).join(":"))
+            .args(["dev", port, "master"])
+            .stderr(Stdio::null())
+            .status();
     }
+    // Wait for the guest to serve before the fault clock starts.
+    drop(connect(guest, Duration::from_secs(20)));
+    let workers = Workers::start(guest, CLIENTS, random.next());
+    let mut cut: Option<Link> = None;
+    let started = Instant::now();
+    thread::sleep(fault_after);
+    let struck_at = Instant::now();
+    let struck_ns = workers.ns(struck_at);
+    let (arbiter_child, backup_child, primary_child) = (0usize, 1usize, 2usize);
+    let stopped = match fault {
+        Fault::KillPrimary => {
+            let _ = children[primary_child].1.kill();
+            None
+        }
+        Fault::KillBackup => {
+            let _ = children[backup_child].1.kill();
+            None
+        }
+        Fault::StopPrimary => {
+            signal(&children[primary_child].1, "-STOP");
+            Some(primary_child)
+        }
+        Fault::StopBackup => {
+            signal(&children[backup_child].1, "-STOP");
+            Some(backup_child)
+        }
+        Fault::Partition => {
+            bed.cut(Link::Log)?;
+            cut = Some(Link::Log);
+            None
+        }
+        Fault::CutClientA => {
+            bed.cut(Link::ClientA)?;
+            cut = Some(Link::ClientA);
+            None
+        }
+        Fault::KillArbiter => {
+            let _ = children[arbiter_child].1.kill();
+            None
+        }
+    };
+    // A frozen replica resumes once the other went live (or after 2 s):
+    // it must learn that it lost and halt.
+    if let Some(frozen) = stopped {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let survivor_log = if frozen == primary_child {
+            &backup_log
+        } else {
+            &primary_log
+        };
+        while !log_says(survivor_log, "won generation 2") && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+        thread::sleep(Duration::from_millis(100));
+        signal(&children[frozen].1, "-CONT");
+    }
+    if cut == Some(Link::ClientA) {
+        thread::sleep(Duration::from_millis(500));
+        bed.restore(Link::ClientA)?;
+        cut = None;
+    }
+    let run_for = fault_after + Duration::from_millis(1500);
+    thread::sleep(run_for.saturating_sub(started.elapsed()));
     // Re-protection: a third replica joins the survivor, then the survivor
     // dies too and the joined replica must take over.
     let joiner_log = dir.join(format!("joiner-{number}.log"));
@@ -386,12 +577,7 @@ fn trial(
             if Instant::now() >= deadline {
                 break None;
             }
-            incr_for(
-                guest,
-                &mut stream,
-                &mut acknowledged,
-                Duration::from_millis(100),
-            );
+            thread::sleep(Duration::from_millis(100));
         };
         if let Some((survivor, join_address)) = survivor {
             // The joiner runs on the other host, over the logging link: after
@@ -401,20 +587,15 @@ fn trial(
             } else {
                 (Ns::A, 2usize)
             };
-            if cut {
+            if cut == Some(Link::Log) {
                 let deadline = Instant::now() + Duration::from_secs(10);
                 while children[loser].1.try_wait().ok().flatten().is_none()
                     && Instant::now() < deadline
                 {
-                    incr_for(
-                        guest,
-                        &mut stream,
-                        &mut acknowledged,
-                        Duration::from_millis(100),
-                    );
+                    thread::sleep(Duration::from_millis(100));
                 }
                 bed.restore(Link::Log)?;
-                cut = false;
+                cut = None;
             }
             let mut joiner_args = vec![
                 "backup",
@@ -426,44 +607,60 @@ fn trial(
                 "c",
                 "--quiet",
             ];
-            joiner_args.extend(ft);
+            joiner_args.extend(ft.iter().copied());
             let joiner = spawn(bed, joiner_host, exe, &joiner_args, Some(&joiner_log))?;
             children.push(("joiner", joiner));
             let deadline = Instant::now() + Duration::from_secs(30);
             while !joined && Instant::now() < deadline {
-                incr_for(
-                    guest,
-                    &mut stream,
-                    &mut acknowledged,
-                    Duration::from_millis(100),
-                );
+                thread::sleep(Duration::from_millis(100));
                 joined = log_says(&joiner_log, "clone verified");
             }
             if joined {
                 // Let it follow under load a while, then kill the survivor.
-                incr_for(
-                    guest,
-                    &mut stream,
-                    &mut acknowledged,
-                    Duration::from_millis(300 + random.below(1000)),
-                );
+                thread::sleep(Duration::from_millis(300 + random.below(1000)));
                 let _ = children[survivor].1.kill();
-                incr_for(
-                    guest,
-                    &mut stream,
-                    &mut acknowledged,
-                    Duration::from_secs(3),
-                );
+                thread::sleep(Duration::from_secs(3));
             }
         }
     }
-    let final_value = connect(guest, Duration::from_secs(10))
-        .and_then(|mut connection| resp(&mut connection, &["GET", "chaos"]))
-        .and_then(|value| value.parse::<u64>().ok())
-        .unwrap_or(0);
+    let mut history = workers.finish();
+    // The final reads, as operations of their own.
+    let final_value = {
+        let mut final_value = 0;
+        if let Some(mut connection) = connect(guest, Duration::from_secs(10)) {
+            for key in KEYS.iter().chain([&COUNTER]) {
+                let invoked = history.start.elapsed().as_nanos() as u64;
+                let reply = request(&mut connection, &["GET", key]);
+                let completed = history.start.elapsed().as_nanos() as u64;
+                if *key == COUNTER
+                    && let Some(Reply::Value(Some(v))) = &reply
+                {
+                    final_value = v.parse().unwrap_or(0);
+                }
+                history.ops.push(Op {
+                    client: CLIENTS,
+                    key: key.to_string(),
+                    call: Call::Get,
+                    completed_ns: if reply.is_some() { completed } else { u64::MAX },
+                    reply,
+                    invoked_ns: invoked,
+                });
+            }
+        }
+        final_value
+    };
+    let acknowledged = history.acknowledged_incr();
+    let recovered_after = history
+        .ops
+        .iter()
+        .filter(|op| op.reply.is_some() && op.completed_ns > struck_ns)
+        .map(|op| op.completed_ns - struck_ns)
+        .min()
+        .map(Duration::from_nanos);
+    let verdict = crate::linearize::check(&history.ops);
     let codes = reap(&mut children);
-    if cut {
-        bed.restore(Link::Log)?;
+    if let Some(link) = cut {
+        bed.restore(link)?;
     }
     let backup_text = std::fs::read_to_string(&backup_log).unwrap_or_default();
     let primary_text = std::fs::read_to_string(&primary_log).unwrap_or_default();
@@ -480,18 +677,81 @@ fn trial(
             .count()
             > 1
     });
+    // Split brain, judged from the arbiter's record: two replicas that
+    // each served as primary of one generation. The record names who holds
+    // the last generation; a replica whose log says it went live in that
+    // generation but is not the one recorded is a second brain, and so are
+    // two logs claiming one earlier generation.
+    let names = [
+        ("b", &backup_text),
+        ("a", &primary_text),
+        ("c", &joiner_text),
+    ];
+    let record = arbiter::state::load(&state)
+        .ok()
+        .and_then(|registry| registry.get(1).cloned());
+    let claims = |generation: u64| {
+        let won = format!("won generation {generation} ");
+        names
+            .iter()
+            .filter(|(_, text)| text.contains(&won))
+            .map(|(name, _)| *name)
+            .collect::<Vec<_>>()
+    };
+    let split_brain = match &record {
+        None => true, // no record: nothing was granted safely
+        Some(record) => {
+            let last = claims(record.generation);
+            last.iter().any(|name| *name != record.primary.as_str())
+                || (2..record.generation).any(|g| claims(g).len() > 1)
+        }
+    } || split_brain;
+    let resent: Vec<u64> = names
+        .iter()
+        .filter_map(|(_, text)| {
+            let at = text.find("; resent ")?;
+            text[at + 9..].split_whitespace().next()?.parse().ok()
+        })
+        .collect();
+    for text in [&backup_text, &primary_text, &joiner_text] {
+        if let Some(line) = text.lines().find(|line| line.contains("; resent ")) {
+            eprintln!("chaos: trial {number}: {line}");
+        }
+    }
     let second_failover = joiner_text.contains("won generation 4");
     let lost = acknowledged.saturating_sub(final_value);
-    eprintln!(
-        "chaos: trial {number}: {fault:?} after {} ms; acknowledged {acknowledged}, counter {final_value}; service back after {}; live alone: {}{}; exit codes {codes:?}",
+    let verdict_text = match &verdict {
+        Verdict::Linearizable => "linearizable".to_string(),
+        Verdict::Violation { key, ops, clients } => {
+            format!("NOT linearizable (key {key}, {ops} operations by {clients} clients)")
+        }
+        Verdict::Unknown { key } => format!("undecided (key {key})"),
+    };
+    let live = match (primary_won, backup_won) {
+        (true, true) => "both",
+        (true, false) => "primary",
+        (false, true) => "backup",
+        (false, false) => "nobody",
+    };
+    let json = format!(
+        "{{\"trial\":{number},\"fault\":\"{fault:?}\",\"fault_after_ms\":{},\"live\":\"{live}\",\"generation\":{},\"recovery_ms\":{},\"operations\":{},\"unanswered\":{},\"verdict\":\"{}\",\"split_brain\":{split_brain},\"lost_acknowledged_writes\":{lost},\"resent_frames\":{:?}}}",
         fault_after.as_millis(),
+        record.as_ref().map_or(0, |r| r.generation),
+        recovered_after.map_or("null".to_string(), |d| format!(
+            "{:.3}",
+            d.as_secs_f64() * 1000.0
+        )),
+        history.ops.len(),
+        history.ops.iter().filter(|op| op.reply.is_none()).count(),
+        verdict_text,
+        resent,
+    );
+    eprintln!(
+        "chaos: trial {number}: {fault:?} after {} ms; {} operations by {CLIENTS} clients, {verdict_text}; acknowledged {acknowledged}, counter {final_value}; service back after {}; live alone: {}; resent frames {resent:?}{}; exit codes {codes:?}",
+        fault_after.as_millis(),
+        history.ops.len(),
         recovered_after.map_or("never".to_string(), |d| format!("{} ms", d.as_millis())),
-        match (primary_won, backup_won) {
-            (true, true) => "BOTH (split brain)",
-            (true, false) => "primary",
-            (false, true) => "backup",
-            (false, false) => "nobody",
-        },
+        if split_brain { "SPLIT BRAIN" } else { live },
         match (reprotect, joined, second_failover) {
             (false, _, _) => "",
             (true, true, true) => "; joined by c, which went live when the survivor was killed",
@@ -508,12 +768,22 @@ fn trial(
         lost,
         acknowledged,
         recovered_after,
+        fault,
+        operations: history.ops.len() as u64,
+        verdict,
+        resent,
+        json,
     })
 }
 
 /// Runs `trials` trials with `seed` (with `reprotect`, a new backup joins
 /// the survivor of each trial and then takes over from it).
-pub fn run(trials: u64, seed: u64, reprotect: bool) -> Result<Campaign, CliError> {
+pub fn run(
+    trials: u64,
+    seed: u64,
+    reprotect: bool,
+    liveness: crate::ft::LivenessArgs,
+) -> Result<Campaign, CliError> {
     let exe = std::env::current_exe().map_err(|source| CliError::File {
         what: "cannot find this program",
         path: PathBuf::from("/proc/self/exe"),
@@ -537,7 +807,15 @@ pub fn run(trials: u64, seed: u64, reprotect: bool) -> Result<Campaign, CliError
             .spawn_scoped(scope, || -> Result<(), CliError> {
                 bed.enter(Ns::Client)?;
                 for number in 1..=trials {
-                    let outcome = trial(&bed, &exe, &dir, number, &mut random, reprotect)?;
+                    let outcome = trial(
+                        &bed,
+                        &exe,
+                        &dir,
+                        number,
+                        &mut random,
+                        reprotect,
+                        &liveness.flags(),
+                    )?;
                     campaign.trials += 1;
                     campaign.joins += u64::from(outcome.joined);
                     campaign.second_failovers += u64::from(outcome.second_failover);
@@ -545,8 +823,27 @@ pub fn run(trials: u64, seed: u64, reprotect: bool) -> Result<Campaign, CliError
                     campaign.split_brains += u64::from(outcome.split_brain);
                     campaign.lost_writes += outcome.lost;
                     campaign.acknowledged += outcome.acknowledged;
+                    campaign.operations += outcome.operations;
+                    match outcome.verdict {
+                        Verdict::Linearizable => {}
+                        Verdict::Violation { .. } => campaign.violations += 1,
+                        Verdict::Unknown { .. } => campaign.undecided += 1,
+                    }
+                    campaign.resent_frames.extend(&outcome.resent);
+                    campaign.trial_json.push(outcome.json);
                     if let Some(after) = outcome.recovered_after {
-                        campaign.failover_ms.push(after.as_secs_f64() * 1000.0);
+                        let ms = after.as_secs_f64() * 1000.0;
+                        if outcome.fault.needs_failover() {
+                            campaign.failover_ms.push(ms);
+                        }
+                        match campaign
+                            .recovery_by_fault
+                            .iter_mut()
+                            .find(|(fault, _)| *fault == outcome.fault)
+                        {
+                            Some((_, times)) => times.push(ms),
+                            None => campaign.recovery_by_fault.push((outcome.fault, vec![ms])),
+                        }
                     }
                 }
                 Ok(())
@@ -561,4 +858,63 @@ pub fn run(trials: u64, seed: u64, reprotect: bool) -> Result<Campaign, CliError
     })?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(campaign)
+}
+
+/// The `p`-quantile (0..=1) of `times` (sorted here), nearest rank.
+fn quantile(times: &mut [f64], p: f64) -> f64 {
+    if times.is_empty() {
+        return f64::NAN;
+    }
+    times.sort_by(f64::total_cmp);
+    let rank = ((p * times.len() as f64).ceil() as usize).clamp(1, times.len());
+    times[rank - 1]
+}
+
+/// Prints recovery p50/p99 per fault kind and the resent frames, and
+/// writes the JSON report to `json` if given.
+pub fn report(campaign: &Campaign, json: Option<&Path>) -> Result<(), CliError> {
+    let mut kinds = Vec::new();
+    for (fault, times) in &campaign.recovery_by_fault {
+        let mut times = times.clone();
+        let (p50, p99) = (quantile(&mut times, 0.5), quantile(&mut times, 0.99));
+        println!(
+            "chaos: {fault:?}: {} trials, client served again after p50 {p50:.1} ms, p99 {p99:.1} ms",
+            times.len()
+        );
+        kinds.push(format!(
+            "{{\"fault\":\"{fault:?}\",\"trials\":{},\"recovery_p50_ms\":{p50:.3},\"recovery_p99_ms\":{p99:.3}}}",
+            times.len()
+        ));
+    }
+    let resent = &campaign.resent_frames;
+    if !resent.is_empty() {
+        let mut frames: Vec<f64> = resent.iter().map(|&n| n as f64).collect();
+        println!(
+            "chaos: promoted backups resent p50 {:.0}, max {:.0} frames at go-live ({} promotions)",
+            quantile(&mut frames, 0.5),
+            quantile(&mut frames, 1.0),
+            resent.len()
+        );
+    }
+    let Some(path) = json else {
+        return Ok(());
+    };
+    let text = format!(
+        "{{\"trials\":[{}],\"summary\":{{\"trials\":{},\"failovers\":{},\"split_brains\":{},\"lost_acknowledged_writes\":{},\"linearizability_violations\":{},\"undecided\":{},\"operations\":{},\"by_fault\":[{}],\"resent_frames\":{:?}}}}}\n",
+        campaign.trial_json.join(","),
+        campaign.trials,
+        campaign.failovers,
+        campaign.split_brains,
+        campaign.lost_writes,
+        campaign.violations,
+        campaign.undecided,
+        campaign.operations,
+        kinds.join(","),
+        campaign.resent_frames,
+    );
+    std::fs::write(path, text).map_err(|source| CliError::File {
+        what: "cannot write",
+        path: path.to_path_buf(),
+        source,
+    })
 }

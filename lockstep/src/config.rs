@@ -13,7 +13,8 @@
 //! arbiter_key = "/etc/lockstep/arbiter.key"
 //! link_key = "/etc/lockstep/link.key"
 //! transport = "tcp"                # tcp, shm or rdma
-//! peer_timeout_ms = 500
+//! heartbeat_ms = 20                # --heartbeat-ms
+//! peer_timeout_ms = 500            # --peer-timeout-ms (>= 3 heartbeats)
 //! status_dir = "/run/lockstep"
 //!
 //! [guest]                          # tap and quiet: both roles; the rest: primary only
@@ -127,6 +128,7 @@ pub(crate) struct ReplicaSection {
     pub arbiter_key: Option<Spanned<PathBuf>>,
     pub link_key: Option<Spanned<PathBuf>>,
     pub transport: Option<Transport>,
+    pub heartbeat_ms: Option<PositiveMs>,
     pub peer_timeout_ms: Option<PositiveMs>,
     pub status_dir: Option<PathBuf>,
 }
@@ -506,8 +508,14 @@ impl Loaded {
         );
         take!(
             matches,
+            "heartbeat_ms",
+            ft.liveness.heartbeat_ms,
+            r.heartbeat_ms.map(|t| t.0)
+        );
+        take!(
+            matches,
             "peer_timeout_ms",
-            ft.peer_timeout_ms,
+            ft.liveness.peer_timeout_ms,
             r.peer_timeout_ms.map(|t| t.0)
         );
         take!(matches, "status_dir", ft.status_dir, r.status_dir.clone());
@@ -864,7 +872,7 @@ join_listen = "10.1.0.1:7800"
         assert_eq!(backup_id, "host-b");
         assert_eq!(join_listen.as_deref(), Some("10.1.0.1:7800"));
         assert_eq!(ft.id.as_deref(), Some("host-a"));
-        assert_eq!(ft.peer_timeout_ms, 800);
+        assert_eq!(ft.liveness.peer_timeout_ms, 800);
         assert_eq!(ft.transport, replica::link::TransportKind::Shm);
         assert_eq!(ft.status_dir, PathBuf::from("/run/x"));
         assert_eq!(ops.metrics.as_deref(), Some("127.0.0.1:9400"));

@@ -3,16 +3,16 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arbiter::{Arbiter, EmbeddedArbiter, Key, Outcome, ReplicaId, error_chain};
 use clap::Args;
 use nic::gate::{FrameOut, OutputGate};
-use nic::tap::{RxQueue, TapDevice, TapWriter};
+use nic::tap::{RxQueue, TapDevice};
 use replica::backup::LinkListener;
-use replica::failover::{BackupSource, FailoverSink, Membership, Promote};
+use replica::failover::{BackupSource, CutoverOutput, FailoverSink, GoLive, Membership, Promote};
 use replica::link::{LinkSettings, TransportKind};
 use replica::primary::PrimaryLink;
 use vmm::events::{Live, Replay};
@@ -39,11 +39,9 @@ pub struct FtArgs {
     /// This replica's name at the arbiter.
     #[arg(long)]
     pub id: Option<String>,
-    /// The peer counts as lost after this long without a word (ms). Liveness
-    /// is the log stream itself and its acks; a guest waiting for input
-    /// syncs at least every 50 ms. On real networks allow for their jitter.
-    #[arg(long, default_value_t = 500)]
-    pub peer_timeout_ms: u64,
+    /// Heartbeat interval and peer timeout of the logging channel.
+    #[command(flatten)]
+    pub liveness: LivenessArgs,
     /// Where this replica publishes its status for `lockstep status`.
     #[arg(long, default_value = replica::status::DEFAULT_DIR)]
     pub status_dir: PathBuf,
@@ -64,9 +62,74 @@ pub struct FtArgs {
     pub board: replica::status::Board,
 }
 
+/// How fast a replica notices that its peer is gone.
+///
+/// Both ends of the logging channel send a heartbeat from the channel's own
+/// threads (the primary's sender, the backup's receiver) whenever they have
+/// sent nothing else for `--heartbeat-ms`, whatever the guest is doing; the
+/// log batches and acks count as heartbeats too. An end that hears nothing
+/// at all from its peer for `--peer-timeout-ms` counts it as lost and goes
+/// to the arbiter. A peer that is slow but still talks (it heartbeats, or
+/// its acks advance) is never declared dead.
+///
+/// The defaults (5 ms / 50 ms) suit both replicas on one host or a quiet
+/// LAN: a failover is noticed within 50 ms. On a real network set the
+/// timeout to several times the worst round trip plus the longest pause a
+/// replica may see (a loaded host, a VM migration, GC of a neighbour), e.g.
+/// `--heartbeat-ms 20 --peer-timeout-ms 500` across racks; it must be at
+/// least three heartbeats. A longer timeout never risks split brain (the
+/// arbiter decides); it only delays the failover.
+#[derive(Args, Clone, Copy, Debug)]
+pub struct LivenessArgs {
+    /// Heartbeat interval of the logging channel, in ms (see above).
+    #[arg(long, default_value_t = 5)]
+    pub heartbeat_ms: u64,
+    /// The peer counts as lost after this long without a word, in ms (at
+    /// least 3 heartbeats).
+    #[arg(long, default_value_t = 50)]
+    pub peer_timeout_ms: u64,
+}
+
+impl LivenessArgs {
+    /// The peer timeout.
+    pub fn peer_timeout(&self) -> Duration {
+        Duration::from_millis(self.peer_timeout_ms.max(1))
+    }
+
+    /// The heartbeat interval.
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms.max(1))
+    }
+
+    /// Refuses settings under which a late heartbeat looks like a death.
+    pub fn check(&self) -> Result<(), CliError> {
+        if self.heartbeat_ms == 0 {
+            return Err(CliError::Usage("--heartbeat-ms must be at least 1".into()));
+        }
+        if self.peer_timeout_ms < 3 * self.heartbeat_ms {
+            return Err(CliError::Usage(format!(
+                "--peer-timeout-ms {} is shorter than three heartbeats (--heartbeat-ms {}): a late heartbeat would look like a dead peer",
+                self.peer_timeout_ms, self.heartbeat_ms
+            )));
+        }
+        Ok(())
+    }
+
+    /// The same settings as command-line flags, for a replica started by
+    /// `lockstep up` or `lockstep chaos`.
+    pub fn flags(&self) -> Vec<String> {
+        vec![
+            "--heartbeat-ms".into(),
+            self.heartbeat_ms.to_string(),
+            "--peer-timeout-ms".into(),
+            self.peer_timeout_ms.to_string(),
+        ]
+    }
+}
+
 impl FtArgs {
     fn peer_timeout(&self) -> Duration {
-        Duration::from_millis(self.peer_timeout_ms.max(1))
+        self.liveness.peer_timeout()
     }
 
     fn arbiter(&self) -> Result<Option<Arc<dyn Arbiter>>, CliError> {
@@ -90,8 +153,9 @@ impl FtArgs {
     }
 
     /// The channel settings: transport, key, VM id, and the two-core
-    /// profile with this peer timeout (heartbeats at a tenth of it).
+    /// profile with this heartbeat interval and peer timeout.
     pub fn link_settings(&self) -> Result<LinkSettings, CliError> {
+        self.liveness.check()?;
         let key = match self.link_key.as_ref().or(self.arbiter_key.as_ref()) {
             Some(path) => crate::keys::read(path, "link key")?,
             None => {
@@ -102,8 +166,7 @@ impl FtArgs {
         };
         let mut profile = replica::link::Profile::two_core();
         profile.liveness.peer_timeout = self.peer_timeout();
-        profile.liveness.heartbeat =
-            (self.peer_timeout() / 10).clamp(Duration::from_millis(1), Duration::from_millis(50));
+        profile.liveness.heartbeat = self.liveness.heartbeat();
         Ok(LinkSettings {
             kind: self.transport,
             key,
@@ -271,6 +334,9 @@ pub fn primary(
             replica::status::StatusFile::new(&ft.status_dir, me.as_str())
                 .with_board(ft.board.clone()),
         );
+    if let Some(guard) = network.as_ref().and_then(|n| n.guard.clone()) {
+        sink = sink.with_guard(guard);
+    }
     let join_listener = match join_listen {
         None => None,
         Some(address) => {
@@ -438,17 +504,46 @@ impl FrameOut for Dropped {
     }
 }
 
-/// The backup's NIC output: nothing until it goes live, then its TAP.
-#[derive(Clone, Default)]
-struct Promotable(Arc<Mutex<Option<TapWriter>>>);
-
-impl FrameOut for Promotable {
-    fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
-        match self.0.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
-            Some(tap) => tap.send(frame),
-            None => Ok(()), // a backup's output is suppressed
-        }
+/// Waits until the kernel reports interface `name` running (`IFF_RUNNING`:
+/// its carrier was processed, so a bridge it belongs to forwards its
+/// frames), for at most `timeout`. Returns how long it waited, or `None` if
+/// it never did (or the flags cannot be read: the caller goes on anyway).
+fn wait_until_running(name: &str, timeout: Duration) -> Option<Duration> {
+    let started = std::time::Instant::now();
+    // SAFETY: socket(2) with constant arguments; the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
     }
+    // SAFETY: `ifreq` is plain data for which all-zero bytes are valid.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (slot, byte) in request
+        .ifr_name
+        .iter_mut()
+        .zip(name.bytes().take(libc::IFNAMSIZ - 1))
+    {
+        *slot = byte as libc::c_char;
+    }
+    let running = loop {
+        // SAFETY: SIOCGIFFLAGS reads the NUL-terminated name in `request`
+        // and writes only its flags field; `fd` is an open socket.
+        let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut request) };
+        if rc < 0 {
+            break None;
+        }
+        // SAFETY: SIOCGIFFLAGS filled the union's flags member.
+        let flags = unsafe { request.ifr_ifru.ifru_flags };
+        if flags & libc::IFF_RUNNING as libc::c_short != 0 {
+            break Some(started.elapsed());
+        }
+        if started.elapsed() >= timeout {
+            break None;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    };
+    // SAFETY: `fd` is ours and closed once.
+    unsafe { libc::close(fd) };
+    running
 }
 
 /// A gratuitous ARP announcing `ip` at `mac`, so switches and neighbours
@@ -905,7 +1000,7 @@ impl BackupSide {
         ft: &FtArgs,
         stop: Arc<AtomicBool>,
     ) -> Result<Self, CliError> {
-        let output = Promotable::default();
+        let output = CutoverOutput::new(CutoverOutput::window_for(ft.peer_timeout()));
         let gate = Arc::new(OutputGate::open(Box::new(output.clone())));
         let joins = match join_listen {
             Some(address) => Some(JoinSetup::new(
@@ -951,7 +1046,7 @@ struct Promotion {
     tap: Option<String>,
     mac: Option<[u8; 6]>,
     guest_arg: u64,
-    output: Promotable,
+    output: CutoverOutput,
     stop: Arc<AtomicBool>,
     /// The backup's output gate (open; it holds again while a backup joins).
     gate: Arc<OutputGate>,
@@ -980,7 +1075,12 @@ fn promotion(promotion: Promotion) -> Promote {
         peer_timeout,
         board,
     } = promotion;
-    Box::new(move |clock, generation| {
+    Box::new(move |go: GoLive| {
+        let GoLive {
+            clock_ns: clock,
+            generation,
+            stream_ended,
+        } = go;
         let mut membership = membership.clone().ok_or_else(|| {
             VmmError::Halted("a backup without an arbiter never goes live".into())
         })?;
@@ -1021,6 +1121,10 @@ fn promotion(promotion: Promotion) -> Promote {
         let mut writer = device
             .writer()
             .map_err(|e| VmmError::Config(e.to_string()))?;
+        // Frames written before the kernel processed the TAP's carrier are
+        // dropped by the bridge: wait for it (a few ms), so the resent
+        // frames below reach the client.
+        let carrier = wait_until_running(name, Duration::from_secs(2));
         let (ip, _) = guest_abi::net_address_from_arg(guest_arg);
         let announcement = gratuitous_arp(mac, ip);
         let _ = writer.send(&announcement);
@@ -1039,13 +1143,22 @@ fn promotion(promotion: Promotion) -> Promote {
                     }
                 });
         }
-        *output.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(writer);
+        // The frames the old primary may never have released, then live.
+        let resent = output.go_live(Box::new(writer), stream_ended);
         tracing::info!(
-            "lockstep backup: NIC attached to {name}; gratuitous ARP sent for {}.{}.{}.{}",
+            "lockstep backup: NIC attached to {name} ({}); gratuitous ARP sent for {}.{}.{}.{}; resent {} frames ({} bytes) the old primary may not have released ({} older replay frames not resent; {} ms after the stream ended)",
+            carrier.map_or("carrier not seen within 2 s".to_string(), |d| format!(
+                "running after {} µs",
+                d.as_micros()
+            )),
             ip[0],
             ip[1],
             ip[2],
-            ip[3]
+            ip[3],
+            resent.frames,
+            resent.bytes,
+            resent.older,
+            stream_ended.elapsed().as_millis()
         );
         Ok(live.with_network(queue))
     })

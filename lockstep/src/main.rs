@@ -7,6 +7,7 @@ mod ft;
 mod guests;
 mod keys;
 mod metrics;
+mod linearize;
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -191,6 +192,13 @@ enum Command {
         /// transfer, then kill the survivor: the joined backup must take over.
         #[arg(long)]
         reprotect: bool,
+        /// The replicas' heartbeat interval and peer timeout.
+        #[command(flatten)]
+        liveness: ft::LivenessArgs,
+        /// Write every trial (fault, its time, who went live, generation,
+        /// recovery, operations, verdict) and the summary to FILE as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// The embedded arbiter: an atomic test-and-set on generations that
     /// decides which replica may go live alone.
@@ -234,6 +242,9 @@ enum Command {
         /// The logging link between the hosts: a rate or `unshaped`.
         #[arg(long, default_value = "unshaped", value_parser = parse_rate)]
         log_link: testbed::Rate,
+        /// The replicas' heartbeat interval and peer timeout.
+        #[command(flatten)]
+        liveness: ft::LivenessArgs,
     },
     /// Run a command in the client namespace of the running `lockstep up`
     /// (or of testbed `--run ID`), e.g. `lockstep client -- redis-cli -h
@@ -598,20 +609,27 @@ fn execute(command: Command, matches: &clap::ArgMatches) -> Result<(), CliError>
             trials,
             seed,
             reprotect,
+            liveness,
+            json,
         } => {
-            let campaign = chaos::run(trials, seed, reprotect)?;
+            liveness.check()?;
+            let campaign = chaos::run(trials, seed, reprotect, liveness)?;
             let mut times = campaign.failover_ms.clone();
             let p50 = perf::median(&mut times);
             let max = times.last().copied().unwrap_or(f64::NAN);
             println!(
-                "chaos: {} trials, {} failovers, {} split brains, {} lost acknowledged writes ({} INCRs acknowledged); \
+                "chaos: {} trials, {} failovers, {} split brains, {} lost acknowledged writes ({} INCRs acknowledged), {} linearizability violations ({} operations checked, {} undecided); \
                  client served again after the fault: p50 {p50:.0} ms, max {max:.0} ms",
                 campaign.trials,
                 campaign.failovers,
                 campaign.split_brains,
                 campaign.lost_writes,
-                campaign.acknowledged
+                campaign.acknowledged,
+                campaign.violations,
+                campaign.operations,
+                campaign.undecided
             );
+            chaos::report(&campaign, json.as_deref())?;
             if reprotect {
                 println!(
                     "chaos: {} re-protections by state transfer; {} joined backups went live when the survivor was killed in turn",
@@ -623,9 +641,10 @@ fn execute(command: Command, matches: &clap::ArgMatches) -> Result<(), CliError>
                     ));
                 }
             }
-            if campaign.split_brains > 0 || campaign.lost_writes > 0 {
+            if campaign.split_brains > 0 || campaign.lost_writes > 0 || campaign.violations > 0 {
                 return Err(CliError::Usage(
-                    "the campaign found split brains or lost writes".into(),
+                    "the campaign found split brains, lost writes or a non-linearizable history"
+                        .into(),
                 ));
             }
             Ok(())
@@ -648,7 +667,8 @@ fn execute(command: Command, matches: &clap::ArgMatches) -> Result<(), CliError>
             link,
             client_link,
             log_link,
-        } => up(transport, link, client_link, log_link),
+            liveness,
+        } => up(transport, link, client_link, log_link, liveness),
         Command::Client { run, command } => client(run.as_deref(), &command),
         Command::Testbed { action } => testbed_command(action),
         Command::Bench {
@@ -720,6 +740,9 @@ pub(crate) fn vm_config(args: &RunArgs) -> VmConfig {
 pub(crate) struct Network {
     queue: Arc<RxQueue>,
     gate: Arc<OutputGate>,
+    /// With `gated`: the guard between the gate and the TAP (frames leave
+    /// only while the backup's acks are fresh; see `replica::failover`).
+    guard: Option<replica::failover::OutputGuard>,
     stop: Arc<AtomicBool>,
     reader: Option<std::thread::JoinHandle<()>>,
 }
@@ -740,14 +763,17 @@ impl Network {
         let stop = Arc::new(AtomicBool::new(false));
         let reader = tap.spawn_reader(Arc::clone(&queue), Arc::clone(&stop))?;
         let out = Box::new(tap.writer()?);
-        let gate = Arc::new(if gated {
-            OutputGate::new(out)
+        let (gate, guard) = if gated {
+            let guard = replica::failover::OutputGuard::new(out);
+            (OutputGate::new(Box::new(guard.clone())), Some(guard))
         } else {
-            OutputGate::open(out)
-        });
+            (OutputGate::open(out), None)
+        };
+        let gate = Arc::new(gate);
         Ok(Some(Self {
             queue,
             gate,
+            guard,
             stop,
             reader: Some(reader),
         }))
@@ -967,7 +993,9 @@ fn up(
     link: Option<String>,
     client_link: testbed::Rate,
     log_link: testbed::Rate,
+    liveness: ft::LivenessArgs,
 ) -> Result<(), CliError> {
+    liveness.check()?;
     use testbed::Ns;
     let bed = testbed::Testbed::up(&testbed::Config {
         client_link,
@@ -1020,7 +1048,7 @@ fn up(
             format!("{}:7700", at.log_b)
         }
     });
-    let ft_flags = owned(&[
+    let mut ft_flags = owned(&[
         "--arbiter",
         &arbiter_address,
         "--arbiter-key",
@@ -1028,6 +1056,7 @@ fn up(
         "--transport",
         transport.name(),
     ]);
+    ft_flags.extend(liveness.flags());
     let join_address = |ns: Ns| {
         format!(
             "{}:{UP_JOIN_PORT}",

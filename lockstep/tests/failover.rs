@@ -309,6 +309,223 @@ fn primary_killed_under_load_backup_goes_live_and_no_acknowledged_incr_is_lost()
     );
 }
 
+/// Retransmissions the kernel made on the client's connection so far
+/// (`tcpi_total_retrans` of `TCP_INFO`).
+fn client_retransmissions(stream: &TcpStream) -> u32 {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `info` is a plain-data struct the kernel fills up to `len`
+    // bytes; `len` holds its size; the fd is the stream's, open for the call.
+    unsafe {
+        let mut info: libc::tcp_info = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let rc = libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        );
+        assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+        info.tcpi_total_retrans
+    }
+}
+
+/// The number in "resent N frames" of a promoted backup's log.
+fn resent_frames(stderr: &str) -> u64 {
+    let at = stderr
+        .find("resent ")
+        .unwrap_or_else(|| panic!("no resend report in:\n{stderr}"));
+    stderr[at + 7..]
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no resend count in:\n{stderr}"))
+}
+
+/// The primary dies holding a reply the Output Rule kept back (the backup
+/// was stopped, so nothing was acknowledged): the request reached the
+/// guest, the reply never left. The promoted backup replays the request,
+/// produces the same reply and must send it at once on going live, before
+/// the client's next retransmission (without the resend, the client waits
+/// for its TCP retransmission timer and the reply comes after it).
+#[test]
+fn primary_killed_holding_a_reply_the_promoted_backup_sends_it_without_waiting_for_the_client() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let net = Net::new();
+    let arbiter = Arbiter::start(&net);
+    let mut pair = start_pair(&net, &arbiter);
+    let mut stream = client(&net);
+    assert_eq!(incr(&mut stream, "held", 50), 50);
+    // The backup stops acknowledging: from now on every reply is held.
+    kill(&pair.backup, "-STOP");
+    stream
+        .write_all(b"*2\r\n$4\r\nINCR\r\n$4\r\nheld\r\n")
+        .expect("send");
+    // Let the request reach the guest and its reply be produced (and held);
+    // the client retransmits once meanwhile (its RTO is 200 ms at least),
+    // so its next retransmission is 400 ms or more after that one.
+    thread::sleep(Duration::from_millis(300));
+    let retransmissions = client_retransmissions(&stream);
+    kill(&pair.primary, "-KILL");
+    let _ = pair.primary.wait();
+    let killed = Instant::now();
+    kill(&pair.backup, "-CONT");
+    let reply = {
+        let mut reply = Vec::new();
+        let mut byte = [0u8; 1];
+        while !reply.ends_with(b"\r\n") {
+            stream.read_exact(&mut byte).expect("the held reply");
+            reply.push(byte[0]);
+        }
+        String::from_utf8_lossy(&reply).into_owned()
+    };
+    let after = killed.elapsed();
+    let retransmitted = client_retransmissions(&stream) - retransmissions;
+    eprintln!(
+        "held reply {reply:?} arrived {} ms after the primary was killed; the client retransmitted {retransmitted} times meanwhile",
+        after.as_millis()
+    );
+    assert_eq!(reply, ":51\r\n", "the held INCR's reply");
+    assert_eq!(command(&mut stream, &["GET", "held"]), "51");
+    kill(&pair.backup, "-TERM");
+    let stderr = stderr_of(pair.backup);
+    assert!(
+        stderr.contains("won generation 2 at the arbiter: live as primary"),
+        "{stderr}"
+    );
+    assert!(resent_frames(&stderr) > 0, "{stderr}");
+    assert_eq!(
+        retransmitted,
+        0,
+        "the reply came only after the client retransmitted ({} ms after the kill):\n{stderr}",
+        after.as_millis()
+    );
+}
+
+/// `arbiter.args()` with the default liveness (5 ms heartbeats, 50 ms
+/// peer timeout) instead of the tests' patient 1.5 s.
+fn default_liveness(arbiter: &Arbiter) -> Vec<String> {
+    let mut args = arbiter.args();
+    let at = args
+        .iter()
+        .position(|a| a == "--peer-timeout-ms")
+        .expect("the tests' peer timeout");
+    args.drain(at..at + 2);
+    args
+}
+
+/// 5 ms heartbeats, a 200 ms peer timeout.
+fn slow_liveness(arbiter: &Arbiter) -> Vec<String> {
+    let mut args = default_liveness(arbiter);
+    args.extend(["--peer-timeout-ms".into(), "200".into()]);
+    args
+}
+
+/// A backup behind a slow logging link (1 Mbit/s) under a write burst
+/// acknowledges late (ack round trips of tens of ms, p99 about 60 ms: a
+/// dozen heartbeat intervals), but its acks keep advancing and its
+/// heartbeats keep coming: with 5 ms heartbeats and a 200 ms peer timeout
+/// it must not be declared dead (no failover), and every write is
+/// acknowledged. (An ack later than the peer timeout counts as lost: the
+/// primary could not tell it from one sent before the backup went live.)
+#[test]
+fn a_slow_backup_that_still_acks_is_never_declared_dead() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let net = Net::new();
+    let arbiter = Arbiter::start(&net);
+    net.bed
+        .set_rate(Link::Log, testbed::Rate::Mbit(1))
+        .expect("shape the logging link");
+    let link = net.log_address(Ns::B, 7700);
+    let mut backup_args: Vec<String> = ["backup", "--listen", &link, "--tap", net.tap()]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    backup_args.extend(["--id".into(), "backup".into(), "--quiet".into()]);
+    backup_args.extend(slow_liveness(&arbiter));
+    let backup = net
+        .lockstep(Ns::B)
+        .args(&backup_args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the backup");
+    let arg = net.guest_arg();
+    let mut primary_args: Vec<String> = [
+        "primary",
+        "--backup",
+        &link,
+        "--guest",
+        "net",
+        "--tap",
+        net.tap(),
+        "--arg",
+        &arg,
+        "--id",
+        "primary",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    primary_args.extend(slow_liveness(&arbiter));
+    let refs: Vec<&str> = primary_args.iter().map(String::as_str).collect();
+    let primary = net.start(Ns::A, &refs);
+    let mut stream = client(&net);
+    // 384 KiB of writes pipelined: 3 s or more of log at 1 Mbit/s, fifteen
+    // times the peer timeout.
+    const SETS: usize = 96;
+    let value = "v".repeat(4096);
+    let mut burst = String::new();
+    for i in 0..SETS {
+        let key = format!("k{i}");
+        burst.push_str(&format!(
+            "*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${}\r\n{value}\r\n",
+            key.len(),
+            value.len()
+        ));
+    }
+    let started = Instant::now();
+    let mut writer = stream.try_clone().expect("clone");
+    let sender = thread::spawn(move || writer.write_all(burst.as_bytes()).expect("burst"));
+    let mut replies = 0;
+    let mut reader = std::io::BufReader::new(&mut stream);
+    let mut line = String::new();
+    while replies < SETS {
+        line.clear();
+        std::io::BufRead::read_line(&mut reader, &mut line).expect("a reply");
+        assert_eq!(line, "+OK\r\n");
+        replies += 1;
+    }
+    sender.join().expect("sender");
+    let took = started.elapsed();
+    drop(reader);
+    assert_eq!(
+        command(&mut stream, &["GET", &format!("k{}", SETS - 1)]),
+        value
+    );
+    drop(stream);
+    let pair = Pair { primary, backup };
+    kill(&pair.primary, "-TERM");
+    let primary_stderr = stderr_of(pair.primary);
+    kill(&pair.backup, "-TERM");
+    let backup_stderr = stderr_of(pair.backup);
+    eprintln!(
+        "{SETS} SETs of 4 KiB through a 1 Mbit/s logging link took {} ms",
+        took.as_millis()
+    );
+    for (who, text) in [("primary", &primary_stderr), ("backup", &backup_stderr)] {
+        assert!(
+            !text.contains("won generation") && !text.contains("lost"),
+            "the {who} gave up on its peer:\n{primary_stderr}\n{backup_stderr}"
+        );
+    }
+    assert!(
+        took > Duration::from_millis(400),
+        "the burst did not outlast the peer timeout ({} ms): the test proves nothing",
+        took.as_millis()
+    );
+}
+
 #[test]
 fn with_an_etcd_arbiter_the_backup_goes_live_when_the_primary_dies() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
@@ -657,5 +874,262 @@ fn a_new_backup_joins_by_state_transfer_and_takes_over_at_the_next_failover() {
     assert!(
         stderr.contains("won generation 4 at the arbiter: live as primary"),
         "{stderr}"
+    );
+}
+
+/// Liveness settings under which a late heartbeat would look like a dead
+/// peer are refused with a message naming both flags.
+#[test]
+fn a_peer_timeout_shorter_than_three_heartbeats_is_refused() {
+    for command in ["primary", "backup"] {
+        let output = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+            .args([command, "--heartbeat-ms", "20", "--peer-timeout-ms", "30"])
+            .args(if command == "primary" {
+                ["--backup", "127.0.0.1:9"]
+            } else {
+                ["--listen", "127.0.0.1:0"]
+            })
+            .output()
+            .expect("run lockstep");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{command}: {stderr}");
+        assert!(
+            stderr.contains(
+                "--peer-timeout-ms 30 is shorter than three heartbeats (--heartbeat-ms 20)"
+            ),
+            "{command}: {stderr}"
+        );
+    }
+}
+
+/// A capture on one switch port in the client's namespace: the instants at
+/// which frames sent by the guest's MAC arrived from that port's host.
+struct PortCapture {
+    frames: std::sync::Arc<Mutex<Vec<Instant>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    reader: Option<thread::JoinHandle<()>>,
+}
+
+impl PortCapture {
+    fn start(net: &Net, port: &'static str) -> Self {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        let fd = net
+            .bed
+            .run_in(Ns::Client, move || {
+                let name = std::ffi::CString::new(port).expect("name");
+                let protocol = (libc::ETH_P_ALL as u16).to_be();
+                // SAFETY: socket(2), if_nametoindex(3) and bind(2) with a
+                // NUL-terminated name and a zeroed, filled-in sockaddr_ll of
+                // the size passed; the fd is owned by the OwnedFd at once.
+                unsafe {
+                    let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(protocol));
+                    assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
+                    let fd = OwnedFd::from_raw_fd(fd);
+                    let mut address: libc::sockaddr_ll = std::mem::zeroed();
+                    address.sll_family = libc::AF_PACKET as u16;
+                    address.sll_protocol = protocol;
+                    address.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
+                    assert!(address.sll_ifindex > 0, "no port {port}");
+                    let rc = libc::bind(
+                        std::os::fd::AsRawFd::as_raw_fd(&fd),
+                        (&address as *const libc::sockaddr_ll).cast(),
+                        std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+                    );
+                    assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+                    let timeout = libc::timeval {
+                        tv_sec: 0,
+                        tv_usec: 50_000,
+                    };
+                    libc::setsockopt(
+                        std::os::fd::AsRawFd::as_raw_fd(&fd),
+                        libc::SOL_SOCKET,
+                        libc::SO_RCVTIMEO,
+                        (&timeout as *const libc::timeval).cast(),
+                        std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+                    );
+                    fd
+                }
+            })
+            .expect("client namespace");
+        let frames = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (frames, stop) = (frames.clone(), stop.clone());
+            thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    // SAFETY: recvfrom(2) into `buf` (its length passed) and
+                    // into a zeroed sockaddr_ll whose size is passed.
+                    let (n, kind) = unsafe {
+                        let mut from: libc::sockaddr_ll = std::mem::zeroed();
+                        let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+                        let n = libc::recvfrom(
+                            std::os::fd::AsRawFd::as_raw_fd(&fd),
+                            buf.as_mut_ptr().cast(),
+                            buf.len(),
+                            0,
+                            (&mut from as *mut libc::sockaddr_ll).cast(),
+                            &mut len,
+                        );
+                        (n, from.sll_pkttype)
+                    };
+                    // Frames the port received from its host, not the ones
+                    // the switch sent to it (a flooded broadcast of the new
+                    // primary's guest crosses a0 outwards too).
+                    if n >= 12 && kind != libc::PACKET_OUTGOING && buf[6..12] == testbed::GUEST_MAC
+                    {
+                        frames.lock().expect("frames").push(Instant::now());
+                    }
+                }
+            })
+        };
+        Self {
+            frames,
+            stop,
+            reader: Some(reader),
+        }
+    }
+
+    /// Guest frames that arrived from the port at or after `since`.
+    fn since(&self, since: Instant) -> usize {
+        self.frames
+            .lock()
+            .expect("frames")
+            .iter()
+            .filter(|at| **at >= since)
+            .count()
+    }
+
+    fn total(&self) -> usize {
+        self.frames.lock().expect("frames").len()
+    }
+}
+
+impl Drop for PortCapture {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+    }
+}
+
+/// The primary is frozen (SIGSTOP) under load from several clients, the
+/// backup goes live, then the primary resumes (SIGCONT): it must learn at
+/// once that it lost and halt, and nothing it sends may reach the client
+/// after the new generation was granted (checked by a capture on the
+/// switch port of host a in the client's namespace). A frozen primary
+/// resumes with acks its backup sent before going live waiting in its
+/// socket, and a guest that carries on where it stopped.
+#[test]
+fn a_frozen_primary_resumed_after_the_backup_went_live_sends_nothing_and_halts() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let net = Net::new();
+    let arbiter = Arbiter::start(&net);
+    let link = net.log_address(Ns::B, 7700);
+    let mut backup_args: Vec<String> = ["backup", "--listen", &link, "--tap", net.tap()]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    backup_args.extend(["--id".into(), "backup".into(), "--quiet".into()]);
+    backup_args.extend(default_liveness(&arbiter));
+    let backup = net
+        .lockstep(Ns::B)
+        .args(&backup_args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the backup");
+    let arg = net.guest_arg();
+    let mut primary_args: Vec<String> = [
+        "primary",
+        "--backup",
+        &link,
+        "--guest",
+        "net",
+        "--tap",
+        net.tap(),
+        "--arg",
+        &arg,
+        "--id",
+        "primary",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    primary_args.extend(default_liveness(&arbiter));
+    let refs: Vec<&str> = primary_args.iter().map(String::as_str).collect();
+    let primary = net.start(Ns::A, &refs);
+    let mut pair = Pair { primary, backup };
+    let capture = PortCapture::start(&net, "a0");
+    // Several clients INCR without pause: replies are held and released
+    // all the time, so the freeze lands with some in flight.
+    let running = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let mut clients = Vec::new();
+    for c in 0..4 {
+        let mut stream = client(&net);
+        let running = running.clone();
+        clients.push(thread::spawn(move || {
+            let mut last = 0;
+            while running.load(std::sync::atomic::Ordering::Relaxed) {
+                let reply = command(&mut stream, &["INCR", &format!("frozen{c}")]);
+                last = reply[1..].parse::<u64>().expect("an integer");
+            }
+            last
+        }));
+    }
+    thread::sleep(Duration::from_millis(500));
+    assert!(capture.total() > 0, "the capture saw no frame of the guest");
+    kill(&pair.primary, "-STOP");
+    // The backup notices the silence, wins generation 2 and announces the
+    // guest on host b's port.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while net.guest_port().as_deref() != Some("b0") {
+        if Instant::now() >= deadline {
+            kill(&pair.primary, "-CONT");
+            kill(&pair.primary, "-KILL");
+            kill(&pair.backup, "-KILL");
+            panic!(
+                "the backup never went live:\n{}\n{}",
+                stderr_of(pair.primary),
+                stderr_of(pair.backup)
+            );
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    let granted = Instant::now();
+    thread::sleep(Duration::from_millis(200));
+    kill(&pair.primary, "-CONT");
+    let status = exited(&mut pair.primary, Duration::from_secs(10));
+    thread::sleep(Duration::from_millis(200));
+    running.store(false, std::sync::atomic::Ordering::Relaxed);
+    let totals: Vec<u64> = clients
+        .into_iter()
+        .map(|c| c.join().expect("client"))
+        .collect();
+    let leaked = capture.since(granted);
+    drop(capture);
+    let primary_stderr = stderr_of(pair.primary);
+    kill(&pair.backup, "-TERM");
+    let backup_stderr = stderr_of(pair.backup);
+    eprintln!(
+        "INCRs per client {totals:?}; guest frames from host a after the grant: {leaked}; the old primary ended {status:?}"
+    );
+    assert!(
+        backup_stderr.contains("won generation 2 at the arbiter: live as primary"),
+        "{backup_stderr}"
+    );
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(4),
+        "the resumed primary did not halt as the loser:\n{primary_stderr}"
+    );
+    assert!(
+        primary_stderr.contains("lost generation 2"),
+        "{primary_stderr}"
+    );
+    assert_eq!(
+        leaked, 0,
+        "the resumed old primary sent {leaked} guest frames to the client after the new generation was granted:\n{primary_stderr}"
     );
 }

@@ -17,13 +17,77 @@
 //!   opens the gate and runs unprotected. Lost: it halts for good.
 //! - **Arbiter unreachable**: the caller retries and stays as it is (outputs
 //!   held, or not live): the service stalls rather than splits.
+//!
+//! # Frames at cut-over
+//!
+//! A frame the guest produced at log position `L` left the old primary only
+//! once the primary *processed* an ack `>= L`. The backup acks on receipt,
+//! but it cannot know which of its acks the primary acted on before it died
+//! (an ack can be in flight, or read but not yet turned into a release):
+//! frames near the end of the log may never have reached the client. Left
+//! alone, the client gets them only when its TCP retransmission timer fires
+//! (200 ms at least on Linux), and the guest's reply after that.
+//!
+//! So the backup's NIC output while it replays ([`CutoverOutput`]) is not
+//! simply dropped: it keeps the frames its replay produced recently, and on
+//! going live sends every one produced within the *resend window* before the
+//! stream was found ended, right after the gratuitous ARP and before the
+//! first live frame:
+//!
+//! ```text
+//!  replay frames:  f1 f2 f3 ... fk fk+1 ... fn   │ stream ended (t_end)  │ won g+1
+//!  kept:                         └─ produced ≥ t_end - window ─┘            │
+//!                                                               resend ─────┘ then live
+//! ```
+//!
+//! The window is twice the peer timeout: the primary was alive at least until
+//! the last word the backup heard from it (`t_end`, or `t_end - timeout` when
+//! it fell silent), and an ack the backup sent a full peer timeout before that
+//! was read and acted on by a primary that was still running. A frame older
+//! than the window was therefore released; one inside it may not have been,
+//! and is sent again. Duplicates are harmless by design (bit-identical
+//! frames: the replica is deterministic; TCP drops segments it already has).
+//! The number kept is bounded ([`CUTOVER_MAX_FRAMES`], [`CUTOVER_MAX_BYTES`];
+//! the oldest go first), and the count sent is reported per failover.
+//!
+//! # The stale side never releases a frame: acks have a lease
+//!
+//! A primary that was frozen (SIGSTOP, a stalled host) or cut off may
+//! resume after its backup went live, with acks the backup sent before it
+//! went live waiting in its socket, and a guest that carries on where it
+//! stopped. Releasing on those acks would put the old primary's frames on
+//! the wire after the new generation was granted. So an ack releases output
+//! only while it is *fresh* ([`Lease`]): the backup received entry `s` after
+//! the primary pushed it, and it goes live only after hearing nothing for
+//! the peer timeout and then winning the arbiter; so until `t_push(s) +
+//! peer timeout` it cannot be live. The primary marks, at every flush, how
+//! many entries it had pushed and when; an ack for `s` is dated by the last
+//! mark before `s` (a lower bound of its push time):
+//!
+//! ```text
+//!  marks:  (seq 40, t1)   (seq 57, t2)        ack 55 arrives at now
+//!  ack 55 ⇒ entry 55 pushed after t1 ⇒ the backup is not live before t1 + timeout
+//!  fresh  (now <  t1 + timeout): release, lease runs until t1 + timeout
+//!  stale  (now >= t1 + timeout): release nothing, the link counts as lost,
+//!                                the primary asks the arbiter (and halts if it lost)
+//! ```
+//!
+//! Every frame also passes the primary's [`OutputGuard`] on its way to the
+//! TAP, which sends only while the lease runs (or the primary won the right
+//! to run alone): a frame the resumed guest produces at a position already
+//! acknowledged would otherwise leave at once. What it withholds leaves
+//! when a fresh ack renews the lease, or when the primary wins the arbiter;
+//! if it lost, nothing ever does. A stale ack is treated like silence: a
+//! backup whose acks take longer than the peer timeout counts as lost.
+//! (Left: the microseconds between the check and the write(2) to the TAP.)
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arbiter::{Arbiter, Outcome, ReplicaId, error_chain};
 use channel::log::EntryKind;
-use nic::gate::OutputGate;
+use nic::gate::{FrameOut, OutputGate};
 use vmm::VmmError;
 use vmm::digest::Digest;
 use vmm::events::{EventSink, EventSource, Live, Replay};
@@ -81,11 +145,148 @@ impl Membership {
     }
 }
 
+/// What a backup that won the arbiter goes live with.
+#[derive(Clone, Copy, Debug)]
+pub struct GoLive {
+    /// The guest clock to continue from (the last value the guest saw).
+    pub clock_ns: u64,
+    /// The generation it won.
+    pub generation: u64,
+    /// When the primary's stream was found ended (the replay had consumed
+    /// every entry received): the resend window ends here.
+    pub stream_ended: Instant,
+}
+
 /// Builds the live event source of a backup going live (attaches the NIC to
-/// the TAP, announces the guest), given the guest clock to continue from and
-/// the generation it won. Its sink is a [`FailoverSink`] running alone, so a
-/// new backup can join it later.
-pub type Promote = Box<dyn FnMut(u64, u64) -> Result<Live<FailoverSink>, VmmError> + Send>;
+/// the TAP, announces the guest, resends the frames the old primary may not
+/// have released). Its sink is a [`FailoverSink`] running alone, so a new
+/// backup can join it later.
+pub type Promote = Box<dyn FnMut(GoLive) -> Result<Live<FailoverSink>, VmmError> + Send>;
+
+/// Most frames a replaying backup keeps for the cut-over.
+pub const CUTOVER_MAX_FRAMES: usize = 4096;
+/// Most frame bytes a replaying backup keeps for the cut-over.
+pub const CUTOVER_MAX_BYTES: usize = 16 << 20;
+
+/// What [`CutoverOutput::go_live`] sent again.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Resent {
+    /// Frames sent again.
+    pub frames: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Frames kept and not sent (produced before the window).
+    pub older: u64,
+}
+
+struct Kept {
+    at: Instant,
+    frame: Vec<u8>,
+}
+
+struct CutoverState {
+    live: Option<Box<dyn FrameOut>>,
+    kept: VecDeque<Kept>,
+    bytes: usize,
+    window: Duration,
+    produced: u64,
+}
+
+/// A backup's NIC output (see the module docs, *Frames at cut-over*): while
+/// it replays, frames go nowhere but the most recent are kept; on going live
+/// the ones inside the resend window are sent, then everything goes to the
+/// live output. Clones share one state; the output gate of the backup is
+/// open, so frames arrive here in the order the guest produced them.
+#[derive(Clone)]
+pub struct CutoverOutput(Arc<Mutex<CutoverState>>);
+
+impl CutoverOutput {
+    /// Keeps the frames produced in the last `window` (at least 10 ms).
+    pub fn new(window: Duration) -> Self {
+        Self(Arc::new(Mutex::new(CutoverState {
+            live: None,
+            kept: VecDeque::new(),
+            bytes: 0,
+            window: window.max(Duration::from_millis(10)),
+            produced: 0,
+        })))
+    }
+
+    /// The resend window for a pair with this peer timeout: twice the
+    /// timeout (see the module docs), at most 3 s.
+    pub fn window_for(peer_timeout: Duration) -> Duration {
+        (peer_timeout * 2).min(Duration::from_secs(3))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CutoverState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a frame the replay produced.
+    fn keep(&self, frame: &[u8]) {
+        let mut state = self.lock();
+        let now = Instant::now();
+        state.produced += 1;
+        state.bytes += frame.len();
+        state.kept.push_back(Kept {
+            at: now,
+            frame: frame.to_vec(),
+        });
+        let window = state.window;
+        while let Some(front) = state.kept.front() {
+            let expired = now.saturating_duration_since(front.at) > window;
+            let over = state.kept.len() > CUTOVER_MAX_FRAMES || state.bytes > CUTOVER_MAX_BYTES;
+            if !(expired || over) {
+                break;
+            }
+            let len = front.frame.len();
+            state.kept.pop_front();
+            state.bytes -= len;
+        }
+    }
+
+    /// Frames the replay produced so far.
+    pub fn produced(&self) -> u64 {
+        self.lock().produced
+    }
+
+    /// Goes live on `out`: first sends again every kept frame produced
+    /// within the window before `stream_ended`, in order, then lets every
+    /// later frame through to `out`.
+    pub fn go_live(&self, mut out: Box<dyn FrameOut>, stream_ended: Instant) -> Resent {
+        let mut state = self.lock();
+        let since = stream_ended
+            .checked_sub(state.window)
+            .unwrap_or(stream_ended);
+        let mut resent = Resent::default();
+        for kept in std::mem::take(&mut state.kept) {
+            if kept.at < since {
+                resent.older += 1;
+                continue;
+            }
+            // Errors as the gate counts them: the network may drop a frame.
+            let _ = out.send(&kept.frame);
+            resent.frames += 1;
+            resent.bytes += kept.frame.len() as u64;
+        }
+        state.bytes = 0;
+        state.live = Some(out);
+        resent
+    }
+}
+
+impl FrameOut for CutoverOutput {
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        {
+            let mut state = self.lock();
+            if let Some(live) = state.live.as_mut() {
+                return live.send(frame);
+            }
+        }
+        self.keep(frame);
+        Ok(())
+    }
+}
 
 /// The backup's event source: the primary's stream while it lasts, then,
 /// after winning the arbiter, live values.
@@ -174,6 +375,7 @@ impl BackupSource {
         let Some(membership) = &self.membership else {
             return Err(cause);
         };
+        let stream_ended = Instant::now();
         let why = format!("the primary is gone (stream ended at exit {exit}: {cause})");
         if let Some(status) = &self.status {
             status.board().update(|f| f.peer_silences += 1);
@@ -182,8 +384,12 @@ impl BackupSource {
         if let Some(status) = &self.status {
             status.board().update(|f| f.failovers += 1);
         }
-        let clock = self.replay.stats().last_clock_ns;
-        self.live = Some((self.promote)(clock, generation)?);
+        let clock_ns = self.replay.stats().last_clock_ns;
+        self.live = Some((self.promote)(GoLive {
+            clock_ns,
+            generation,
+            stream_ended,
+        })?);
         self.promoted = Some((exit, generation));
         tracing::info!(
             "lockstep backup: primary lost at exit {exit}; won generation {generation} at the arbiter: live as primary"
@@ -270,6 +476,207 @@ impl EventSource for BackupSource {
     }
 }
 
+/// The freshness of a link's acks (see the module docs, *acks have a
+/// lease*). Shared by the link's sender thread (which dates each ack), the
+/// vCPU thread (which marks pushes at every flush) and the primary's
+/// [`OutputGuard`].
+pub struct Lease {
+    base: Instant,
+    length: Duration,
+    /// `(pushed, at)`: every entry with a larger channel seq was pushed
+    /// after `at`.
+    marks: Mutex<VecDeque<(u64, Instant)>>,
+    /// Nanoseconds after `base` until which output may leave.
+    until_ns: std::sync::atomic::AtomicU64,
+    stale: Mutex<Option<String>>,
+    /// `stale` is set (read on every frame and ack without the lock).
+    is_stale: std::sync::atomic::AtomicBool,
+    output: Mutex<Option<std::sync::Weak<Mutex<GuardState>>>>,
+}
+
+impl Lease {
+    /// A lease of `length` (the peer timeout) for a link starting now.
+    pub fn new(length: Duration) -> Self {
+        let base = Instant::now();
+        Self {
+            base,
+            length,
+            marks: Mutex::new(VecDeque::from([(0, base)])),
+            until_ns: std::sync::atomic::AtomicU64::new(0),
+            stale: Mutex::new(None),
+            is_stale: std::sync::atomic::AtomicBool::new(false),
+            output: Mutex::new(None),
+        }
+    }
+
+    fn nanos(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// The primary had pushed entries up to channel seq `pushed` by now.
+    pub fn mark(&self, pushed: u64) {
+        self.mark_at(pushed, Instant::now());
+    }
+
+    /// The primary had pushed entries up to channel seq `pushed` by `at`
+    /// (and no further: later entries are pushed after `at`).
+    pub fn mark_at(&self, pushed: u64, at: Instant) {
+        let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        match marks.back_mut() {
+            // Nothing pushed since: the later instant is the better bound.
+            Some(last) if last.0 == pushed => last.1 = last.1.max(at),
+            Some(last) if last.0 > pushed => {}
+            _ => marks.push_back((pushed, at)),
+        }
+    }
+
+    /// An ack covering channel seq `seq` arrived: true if it is fresh (it
+    /// may release output; the lease is renewed), false if stale (nothing
+    /// may be released on it; the link is lost for good).
+    pub fn acknowledged(&self, seq: u64) -> bool {
+        if self.is_stale.load(std::sync::atomic::Ordering::Acquire) {
+            return false;
+        }
+        let pushed_after = {
+            let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+            while marks.len() >= 2 && marks[1].0 < seq {
+                marks.pop_front();
+            }
+            marks.front().map_or(self.base, |&(_, at)| at)
+        };
+        let age = pushed_after.elapsed();
+        if age >= self.length {
+            *self.stale.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!(
+                "the ack for channel seq {seq} came {} ms after the entry was pushed, beyond the {} ms peer timeout: the backup may have gone live",
+                age.as_millis(),
+                self.length.as_millis()
+            ));
+            self.is_stale
+                .store(true, std::sync::atomic::Ordering::Release);
+            return false;
+        }
+        self.until_ns.fetch_max(
+            self.nanos(pushed_after + self.length),
+            std::sync::atomic::Ordering::AcqRel,
+        );
+        true
+    }
+
+    /// Why the acks are no longer trusted, once one came too late.
+    pub fn stale(&self) -> Option<String> {
+        if !self.is_stale.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        self.stale.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Whether output may leave now.
+    pub fn running(&self) -> bool {
+        !self.is_stale.load(std::sync::atomic::Ordering::Acquire)
+            && self.nanos(Instant::now()) < self.until_ns.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Sends what the guard withheld while the lease had lapsed, now that a
+    /// fresh ack renewed it (called by the link after releasing).
+    pub fn renewed(&self) {
+        let output = self
+            .output
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(std::sync::Weak::upgrade);
+        if let Some(state) = output {
+            let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+            if self.running() {
+                state.flush();
+            }
+        }
+    }
+}
+
+/// Most frames the guard withholds (the oldest are dropped beyond: TCP
+/// recovers them, and a primary that lost never sends them anyway).
+pub const GUARD_MAX_FRAMES: usize = 4096;
+
+struct GuardState {
+    out: Box<dyn FrameOut>,
+    lease: Option<Arc<Lease>>,
+    alone: bool,
+    withheld: VecDeque<Vec<u8>>,
+    withheld_total: u64,
+}
+
+impl GuardState {
+    fn may_send(&self) -> bool {
+        self.alone || self.lease.as_ref().is_some_and(|lease| lease.running())
+    }
+
+    fn flush(&mut self) {
+        while let Some(frame) = self.withheld.pop_front() {
+            let _ = self.out.send(&frame);
+        }
+    }
+}
+
+/// The primary's output on its way to the TAP: sends only while the link's
+/// [`Lease`] runs or after the primary won the right to run alone.
+#[derive(Clone)]
+pub struct OutputGuard(Arc<Mutex<GuardState>>);
+
+impl OutputGuard {
+    /// Guards `out`; nothing leaves until [`OutputGuard::follow`] or
+    /// [`OutputGuard::alone`].
+    pub fn new(out: Box<dyn FrameOut>) -> Self {
+        Self(Arc::new(Mutex::new(GuardState {
+            out,
+            lease: None,
+            alone: false,
+            withheld: VecDeque::new(),
+            withheld_total: 0,
+        })))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, GuardState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Output follows `lease` (a link's; a backup is protecting us).
+    pub fn follow(&self, lease: Arc<Lease>) {
+        *lease.output.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::downgrade(&self.0));
+        let mut state = self.lock();
+        state.lease = Some(lease);
+        state.alone = false;
+    }
+
+    /// This primary won the right to run alone: everything leaves.
+    pub fn alone(&self) {
+        let mut state = self.lock();
+        state.alone = true;
+        state.flush();
+    }
+
+    /// Frames withheld so far because the lease had lapsed.
+    pub fn withheld(&self) -> u64 {
+        self.lock().withheld_total
+    }
+}
+
+impl FrameOut for OutputGuard {
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        let mut state = self.lock();
+        if state.may_send() {
+            state.flush();
+            return state.out.send(frame);
+        }
+        state.withheld_total += 1;
+        state.withheld.push_back(frame.to_vec());
+        if state.withheld.len() > GUARD_MAX_FRAMES {
+            state.withheld.pop_front();
+        }
+        Ok(())
+    }
+}
+
 /// The primary's log sink: streams to the backup while it acknowledges,
 /// and on its loss holds output until the arbiter lets this replica run
 /// alone.
@@ -280,8 +687,10 @@ pub struct FailoverSink {
     timeout: Duration,
     entries: u64,
     bytes: u64,
-    /// The oldest flushed position not yet acknowledged, and since when.
-    unacked_since: Option<(u64, Instant)>,
+    /// The oldest flushed position not yet acknowledged, the acknowledged
+    /// position when the clock started, and since when: the clock restarts
+    /// whenever the acks advance (a slow backup that acks is not dead).
+    unacked_since: Option<(u64, u64, Instant)>,
     unprotected: Option<u64>,
     status: Option<crate::status::StatusFile>,
     /// Acks and the last acknowledged position, kept when the link goes.
@@ -295,13 +704,18 @@ pub struct FailoverSink {
     /// Where its events are counted (its status file's, or a promoted
     /// backup's).
     board: Option<crate::status::Board>,
+    /// The primary's output guard, if its frames pass one.
+    guard: Option<OutputGuard>,
 }
 
 impl FailoverSink {
     /// Streams through `link`, whose acks release `gate`'s frames; without
     /// `membership` the loss of the backup stops the primary (fail-stop).
-    /// `timeout`: a flushed position unacknowledged this long counts as a
-    /// lost backup even if heartbeats still arrive.
+    /// `timeout`: acks that do not advance at all for this long while a
+    /// flushed position is outstanding count as a lost backup even if
+    /// heartbeats still arrive; acks that advance, however slowly, restart
+    /// the clock (a slow backup slows the primary through the ring's
+    /// back-pressure, it is never declared dead).
     pub fn new(
         link: PrimaryLink,
         gate: Arc<OutputGate>,
@@ -345,6 +759,7 @@ impl FailoverSink {
             transport: "none",
             joins: None,
             board: None,
+            guard: None,
         }
     }
 
@@ -359,6 +774,17 @@ impl FailoverSink {
         if let Some(board) = &self.board {
             board.update(event);
         }
+    }
+
+    /// The primary's frames pass `guard`: they leave only while the link's
+    /// acks are fresh, or once this primary won the right to run alone.
+    pub fn with_guard(mut self, guard: OutputGuard) -> Self {
+        match (&self.link, self.unprotected) {
+            (Some(link), None) => guard.follow(link.lease()),
+            _ => guard.alone(),
+        }
+        self.guard = Some(guard);
+        self
     }
 
     /// Lets new backups join through `port` while this primary runs alone.
@@ -390,6 +816,9 @@ impl FailoverSink {
                     }
                 }
                 self.transport = link.transport();
+                if let Some(guard) = &self.guard {
+                    guard.follow(link.lease());
+                }
                 self.link = Some(link);
                 self.unprotected = None;
                 self.unacked_since = None;
@@ -546,6 +975,9 @@ impl FailoverSink {
         let generation = membership.go_live_alone(&why)?;
         self.count(|f| f.failovers += 1);
         self.unprotected = Some(generation);
+        if let Some(guard) = &self.guard {
+            guard.alone();
+        }
         self.gate.open_fully();
         if let Some(port) = &self.joins {
             port.set_alone(Some(generation));
@@ -564,12 +996,16 @@ impl FailoverSink {
             self.backup_lost(format!("backup lost ({why})"))?;
             return Ok(false);
         }
-        if let Some((position, since)) = self.unacked_since {
-            if link.acked() >= position {
+        if let Some((position, acked_then, since)) = self.unacked_since {
+            let acked = link.acked();
+            if acked >= position {
                 self.unacked_since = None;
+            } else if acked > acked_then {
+                // Slow, but acknowledging: not dead. Restart the clock.
+                self.unacked_since = Some((position, acked, Instant::now()));
             } else if since.elapsed() > self.timeout {
                 self.backup_lost(format!(
-                    "backup silent: log position {position} unacknowledged for {} ms",
+                    "backup silent: no acknowledgement for {} ms (log position {position} outstanding, {acked} acknowledged)",
                     since.elapsed().as_millis()
                 ))?;
                 return Ok(false);
@@ -626,8 +1062,114 @@ impl EventSink for FailoverSink {
             link.wake();
         }
         if self.unacked_since.is_none() && self.acked() < self.entries {
-            self.unacked_since = Some((self.entries, Instant::now()));
+            self.unacked_since = Some((self.entries, self.acked(), Instant::now()));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Sent(Arc<Mutex<Vec<Vec<u8>>>>);
+
+    impl FrameOut for Sent {
+        fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+            self.0.lock().expect("lock").push(frame.to_vec());
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn replay_frames_are_kept_and_resent_on_going_live_then_passed_through() {
+        let mut output = CutoverOutput::new(Duration::from_secs(10));
+        output.send(&[1]).expect("kept");
+        output.send(&[2, 2]).expect("kept");
+        let sent = Sent::default();
+        let resent = output.go_live(Box::new(sent.clone()), Instant::now());
+        assert_eq!(
+            resent,
+            Resent {
+                frames: 2,
+                bytes: 3,
+                older: 0
+            }
+        );
+        output.send(&[3]).expect("live");
+        assert_eq!(
+            *sent.0.lock().expect("lock"),
+            vec![vec![1], vec![2, 2], vec![3]]
+        );
+        assert_eq!(output.produced(), 2);
+    }
+
+    #[test]
+    fn frames_older_than_the_window_are_not_resent() {
+        let mut output = CutoverOutput::new(Duration::from_millis(30));
+        output.send(&[1]).expect("kept");
+        std::thread::sleep(Duration::from_millis(60));
+        output.send(&[2]).expect("kept");
+        let sent = Sent::default();
+        let resent = output.go_live(Box::new(sent.clone()), Instant::now());
+        assert_eq!(resent.frames, 1);
+        assert_eq!(*sent.0.lock().expect("lock"), vec![vec![2]]);
+        // The window ends when the stream ended, not when the arbiter
+        // answered: a frame kept before `stream_ended - window` stays out.
+        let mut output = CutoverOutput::new(Duration::from_millis(30));
+        output.send(&[1]).expect("kept");
+        std::thread::sleep(Duration::from_millis(60));
+        let resent = output.go_live(Box::new(Sent::default()), Instant::now());
+        assert_eq!((resent.frames, resent.older), (0, 1));
+    }
+
+    #[test]
+    fn an_ack_releases_only_within_the_lease_of_its_entry() {
+        let lease = Arc::new(Lease::new(Duration::from_millis(40)));
+        let sent = Sent::default();
+        let mut guard = OutputGuard::new(Box::new(sent.clone()));
+        guard.follow(Arc::clone(&lease));
+        // No ack yet: withheld.
+        guard.send(&[1]).expect("withheld");
+        assert!(sent.0.lock().expect("lock").is_empty());
+        lease.mark(3);
+        assert!(lease.acknowledged(4), "a fresh ack");
+        lease.renewed();
+        assert_eq!(*sent.0.lock().expect("lock"), vec![vec![1]]);
+        guard.send(&[2]).expect("sent");
+        assert_eq!(sent.0.lock().expect("lock").len(), 2);
+        // The lease lapses (a frozen primary): frames are withheld ...
+        std::thread::sleep(Duration::from_millis(60));
+        guard.send(&[3]).expect("withheld");
+        assert_eq!(sent.0.lock().expect("lock").len(), 2);
+        // ... and an ack for an entry pushed before the freeze is stale:
+        // it releases nothing and the link is lost for good.
+        assert!(!lease.acknowledged(4 + 1));
+        assert!(
+            lease
+                .stale()
+                .is_some_and(|why| why.contains("peer timeout"))
+        );
+        lease.mark(9);
+        assert!(!lease.acknowledged(10), "stale stays stale");
+        assert_eq!(sent.0.lock().expect("lock").len(), 2);
+        // Winning the arbiter lets everything out.
+        guard.alone();
+        assert_eq!(sent.0.lock().expect("lock").len(), 3);
+        assert_eq!(guard.withheld(), 2);
+    }
+
+    #[test]
+    fn at_most_the_bounded_number_of_frames_is_kept() {
+        let mut output = CutoverOutput::new(Duration::from_secs(10));
+        for i in 0..CUTOVER_MAX_FRAMES + 10 {
+            output.send(&i.to_le_bytes()).expect("kept");
+        }
+        let sent = Sent::default();
+        let resent = output.go_live(Box::new(sent.clone()), Instant::now());
+        assert_eq!(resent.frames, CUTOVER_MAX_FRAMES as u64);
+        // The oldest went first.
+        assert_eq!(sent.0.lock().expect("lock")[0], 10usize.to_le_bytes());
     }
 }

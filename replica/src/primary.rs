@@ -45,6 +45,13 @@ pub struct PrimaryLink {
     ring: Producer<Vec<u8>>,
     /// Sent entries' buffers, back from the sender for reuse.
     recycled: Consumer<Vec<u8>>,
+    /// Dates the acks: only fresh ones release output (see
+    /// `failover`'s module docs).
+    lease: Arc<crate::failover::Lease>,
+    /// Channel seq of the last entry pushed.
+    pushed: u64,
+    /// When the lease was last marked.
+    marked: Instant,
     sender: Option<SenderHandle>,
     counters: Arc<AckCounters>,
     transport: &'static str,
@@ -101,12 +108,21 @@ impl PrimaryLink {
         let (ring, consumer) = RingBuffer::new::<Vec<u8>>(settings.profile.ring_slots as usize);
         let (recycle, recycled) = RingBuffer::new::<Vec<u8>>(settings.profile.ring_slots as usize);
         let counters = Arc::new(AckCounters::default());
+        let lease = Arc::new(crate::failover::Lease::new(
+            settings.profile.liveness.peer_timeout,
+        ));
         let on_ack = {
             let counters = Arc::clone(&counters);
+            let lease = Arc::clone(&lease);
             move |seq: u64| {
                 // Channel seq 1 is the header: log position = base + seq - 1.
                 let position = base + seq - 1;
+                // A stale ack releases nothing (the backup may be live).
+                if !lease.acknowledged(seq) {
+                    return;
+                }
                 gate.ack(position);
+                lease.renewed();
                 counters.acked.fetch_max(position, Ordering::Release);
                 counters.acks.fetch_add(1, Ordering::Relaxed);
             }
@@ -155,6 +171,12 @@ impl PrimaryLink {
         let mut link = Self {
             ring,
             recycled,
+            lease,
+            pushed: 0,
+            // In the past, so that the first push (the header) is dated.
+            marked: Instant::now()
+                .checked_sub(Duration::from_secs(1))
+                .unwrap_or_else(Instant::now),
             sender: Some(sender),
             counters,
             transport,
@@ -210,10 +232,20 @@ impl PrimaryLink {
         if let Some(reason) = self.lost() {
             return Err(reason);
         }
+        // Date the entries for the lease, at most once a millisecond: every
+        // entry after `pushed` is pushed after now.
+        let now = Instant::now();
+        if now.saturating_duration_since(self.marked) >= Duration::from_millis(1) {
+            self.lease.mark_at(self.pushed, now);
+            self.marked = now;
+        }
         let mut entry = entry;
         loop {
             match self.ring.push(entry) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    self.pushed += 1;
+                    return Ok(());
+                }
                 Err(PushError::Full(back)) => {
                     entry = back;
                     if let Some(sender) = &self.sender {
@@ -230,13 +262,25 @@ impl PrimaryLink {
 
     /// Wakes the sender thread: the entries pushed so far must leave now.
     pub fn wake(&self) {
+        self.lease.mark(self.pushed);
         if let Some(sender) = &self.sender {
             sender.wake();
         }
     }
 
-    /// Why the link is gone, once it is (the sender thread ended).
+    /// The lease that dates this link's acks.
+    pub fn lease(&self) -> Arc<crate::failover::Lease> {
+        Arc::clone(&self.lease)
+    }
+
+    /// Why the link is gone, once it is (the sender thread ended, or an ack
+    /// came too late to be trusted).
     pub fn lost(&mut self) -> Option<String> {
+        if self.ended.is_none()
+            && let Some(stale) = self.lease.stale()
+        {
+            self.ended = Some(stale);
+        }
         if self.ended.is_none() && self.sender.as_ref().is_some_and(SenderHandle::ended) {
             let reason = match self.sender.take().map(SenderHandle::abandon) {
                 Some(Err(error)) => arbiter::error_chain(&error),

@@ -399,6 +399,7 @@ impl Testbed {
         };
         // On failure, dropping `testbed` removes what was made.
         testbed.build(config)?;
+        testbed.wait_forwarding()?;
         Ok(testbed)
     }
 
@@ -663,10 +664,55 @@ impl Testbed {
         Ok(())
     }
 
-    /// Restores a cut `link`.
+    /// Restores a cut `link`, and returns once its bridge ports forward.
     pub fn restore(&self, link: Link) -> Result<(), TestbedError> {
         for (ns, device) in link.ends() {
             ip_in(&self.netns(ns), &["link", "set", device, "up"])?;
+        }
+        self.wait_forwarding()
+    }
+
+    /// Waits (up to 3 s) until every bridge port of the client segment
+    /// (`a0`, `b0` on the switch, each host's `up0`) forwards. A veth's
+    /// carrier reaches its bridge through the kernel's link-watch work,
+    /// which batches events up to a second apart: until then the port is
+    /// `disabled` and drops every frame (a fresh testbed, or a restored
+    /// link, would silently drop the first frames of a test). The guests'
+    /// TAPs are left out: they get a carrier only when a VMM attaches.
+    fn wait_forwarding(&self) -> Result<(), TestbedError> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        for link in [Link::ClientA, Link::ClientB] {
+            let ends = link.ends();
+            // A cut link's ports never forward: skip it.
+            let mut cut = false;
+            for (ns, device) in ends {
+                let shown = ip_in(&self.netns(ns), &["-o", "link", "show", "dev", device])?;
+                cut |= !(shown.contains(",UP") || shown.contains("<UP"));
+            }
+            if cut {
+                continue;
+            }
+            for (ns, port) in ends {
+                loop {
+                    let shown = run_tool(
+                        "bridge",
+                        &["-n", &self.netns(ns), "link", "show", "dev", port],
+                    )?;
+                    if shown.contains("state forwarding") {
+                        break;
+                    }
+                    if std::time::Instant::now() >= deadline {
+                        return Err(TestbedError::Command {
+                            command: format!("bridge -n {} link show dev {port}", self.netns(ns)),
+                            stderr: format!(
+                                "the port does not forward after 3 s: {}",
+                                shown.trim()
+                            ),
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
         }
         Ok(())
     }
