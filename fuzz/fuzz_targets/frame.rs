@@ -7,7 +7,9 @@
 //! generation (so the generation check passes). A frame must never be
 //! accepted twice by one opener (replay).
 #![no_main]
-use channel::protocol::{FRAME_HEADER_LEN, FrameKeys, Role, batch_entries, decode_frame, frame_len};
+use channel::protocol::{
+    FRAME_HEADER_LEN, FrameKeys, Role, batch_entries, decode_frame, frame_len,
+};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -6,8 +6,8 @@ mod config;
 mod ft;
 mod guests;
 mod keys;
-mod metrics;
 mod linearize;
+mod metrics;
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
