@@ -174,9 +174,14 @@ fn start_pair(net: &Net, arbiter: &Arbiter) -> Pair {
     start_pair_with(net, arbiter, &[])
 }
 
-/// A backup in host b listening on the logging link, then a primary in
-/// host a serving the guest.
 fn start_pair_with(net: &Net, arbiter: &Arbiter, primary_extra: &[&str]) -> Pair {
+    start_pair_on(net, arbiter.args(), primary_extra)
+}
+
+/// A backup in host b listening on the logging link, then a primary in
+/// host a serving the guest; both take `replica_args` (the arbiter and
+/// liveness flags), the primary `primary_extra` too.
+fn start_pair_on(net: &Net, replica_args: Vec<String>, primary_extra: &[&str]) -> Pair {
     let link = net.log_address(Ns::B, 7700);
     let mut backup_args: Vec<String> = vec![
         "backup".into(),
@@ -188,7 +193,7 @@ fn start_pair_with(net: &Net, arbiter: &Arbiter, primary_extra: &[&str]) -> Pair
         "backup".into(),
         "--quiet".into(),
     ];
-    backup_args.extend(arbiter.args());
+    backup_args.extend(replica_args.iter().cloned());
     let backup = net
         .lockstep(Ns::B)
         .args(&backup_args)
@@ -213,7 +218,7 @@ fn start_pair_with(net: &Net, arbiter: &Arbiter, primary_extra: &[&str]) -> Pair
     .iter()
     .map(|s| s.to_string())
     .collect();
-    primary_args.extend(arbiter.args());
+    primary_args.extend(replica_args);
     primary_args.extend(primary_extra.iter().map(|s| s.to_string()));
     let primary_refs: Vec<&str> = primary_args.iter().map(String::as_str).collect();
     let primary = net.start(Ns::A, &primary_refs);
@@ -436,40 +441,7 @@ fn a_slow_backup_that_still_acks_is_never_declared_dead() {
     net.bed
         .set_rate(Link::Log, testbed::Rate::Mbit(1))
         .expect("shape the logging link");
-    let link = net.log_address(Ns::B, 7700);
-    let mut backup_args: Vec<String> = ["backup", "--listen", &link, "--tap", net.tap()]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    backup_args.extend(["--id".into(), "backup".into(), "--quiet".into()]);
-    backup_args.extend(slow_liveness(&arbiter));
-    let backup = net
-        .lockstep(Ns::B)
-        .args(&backup_args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the backup");
-    let arg = net.guest_arg();
-    let mut primary_args: Vec<String> = [
-        "primary",
-        "--backup",
-        &link,
-        "--guest",
-        "net",
-        "--tap",
-        net.tap(),
-        "--arg",
-        &arg,
-        "--id",
-        "primary",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    primary_args.extend(slow_liveness(&arbiter));
-    let refs: Vec<&str> = primary_args.iter().map(String::as_str).collect();
-    let primary = net.start(Ns::A, &refs);
+    let Pair { primary, backup } = start_pair_on(&net, slow_liveness(&arbiter), &[]);
     let mut stream = client(&net);
     // 384 KiB of writes pipelined: 3 s or more of log at 1 Mbit/s, fifteen
     // times the peer timeout.
@@ -1026,41 +998,7 @@ fn a_frozen_primary_resumed_after_the_backup_went_live_sends_nothing_and_halts()
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let net = Net::new();
     let arbiter = Arbiter::start(&net);
-    let link = net.log_address(Ns::B, 7700);
-    let mut backup_args: Vec<String> = ["backup", "--listen", &link, "--tap", net.tap()]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    backup_args.extend(["--id".into(), "backup".into(), "--quiet".into()]);
-    backup_args.extend(default_liveness(&arbiter));
-    let backup = net
-        .lockstep(Ns::B)
-        .args(&backup_args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the backup");
-    let arg = net.guest_arg();
-    let mut primary_args: Vec<String> = [
-        "primary",
-        "--backup",
-        &link,
-        "--guest",
-        "net",
-        "--tap",
-        net.tap(),
-        "--arg",
-        &arg,
-        "--id",
-        "primary",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    primary_args.extend(default_liveness(&arbiter));
-    let refs: Vec<&str> = primary_args.iter().map(String::as_str).collect();
-    let primary = net.start(Ns::A, &refs);
-    let mut pair = Pair { primary, backup };
+    let mut pair = start_pair_on(&net, default_liveness(&arbiter), &[]);
     let capture = PortCapture::start(&net, "a0");
     // Several clients INCR without pause: replies are held and released
     // all the time, so the freeze lands with some in flight.
