@@ -494,62 +494,14 @@ fn a_connecting_primary_tells_an_impostor_backup_nothing() {
 trait ReadWrite: Read + Write {}
 impl<T: Read + Write> ReadWrite for T {}
 
-/// Receives the memfd a listener shares (`SCM_RIGHTS`), as the transport
-/// does.
+/// Receives the memfd a listener shares, with the transport's own code.
 fn recv_fd(sock: &UnixStream) -> std::os::fd::OwnedFd {
-    use std::os::fd::{AsRawFd, FromRawFd};
-    let mut byte = [0u8; 1];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    let mut cbuf = [0u64; 8];
-    // SAFETY: an all-zero msghdr is a valid empty header.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = size_of_val(&cbuf);
-    // SAFETY: msg points to live buffers of the declared sizes.
-    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-    assert_eq!(n, 1, "recvmsg: {}", std::io::Error::last_os_error());
-    // SAFETY: recvmsg filled the control buffer; FIRSTHDR points inside it.
-    let cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
-    assert!(!cmsg.is_null(), "no fd");
-    // SAFETY: cmsg is a header inside cbuf carrying one fd, ours now.
-    let fd = unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>()) };
-    // SAFETY: the kernel installed fd for us; nothing else owns it.
-    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+    channel::transport::shm::recv_fd(sock).expect("the listener's memfd")
 }
 
-/// Shares `fd` over `sock` (`SCM_RIGHTS`), as a listener does.
+/// Shares `fd` over `sock`, as a listener does.
 fn send_fd(sock: &UnixStream, fd: i32) {
-    use std::os::fd::AsRawFd;
-    let mut byte = [0u8; 1];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    let mut cbuf = [0u64; 8];
-    // SAFETY: an all-zero msghdr is a valid empty header.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    // SAFETY: CMSG_SPACE is a size computation.
-    msg.msg_controllen = unsafe { libc::CMSG_SPACE(4) } as usize;
-    // SAFETY: the control buffer (64 bytes) holds one header with one fd;
-    // FIRSTHDR/DATA compute pointers inside it.
-    unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(4) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>(), fd);
-    }
-    // SAFETY: msg and what it points to are live for the call.
-    let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, 0) };
-    assert_eq!(n, 1, "sendmsg: {}", std::io::Error::last_os_error());
+    channel::transport::shm::send_fd(sock, fd).expect("share the memfd");
 }
 
 /// A shared mapping of a whole memfd.

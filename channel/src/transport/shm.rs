@@ -741,7 +741,9 @@ impl Transport for ShmTransport {
     }
 }
 
-fn send_fd(sock: &UnixStream, fd: RawFd) -> Result<(), TransportError> {
+/// Shares `fd` over `sock` with one data byte (`SCM_RIGHTS`), as the
+/// listening end does with its memfd.
+pub fn send_fd(sock: &UnixStream, fd: RawFd) -> Result<(), TransportError> {
     let mut byte = [0u8; 1];
     let mut iov = libc::iovec {
         iov_base: byte.as_mut_ptr().cast(),
@@ -773,7 +775,9 @@ fn send_fd(sock: &UnixStream, fd: RawFd) -> Result<(), TransportError> {
     Ok(())
 }
 
-fn recv_fd(sock: &UnixStream) -> Result<OwnedFd, TransportError> {
+/// Receives the one file descriptor a peer shares over `sock`
+/// (`SCM_RIGHTS`); anything else is [`TransportError::BadRegion`].
+pub fn recv_fd(sock: &UnixStream) -> Result<OwnedFd, TransportError> {
     let mut byte = [0u8; 1];
     let mut iov = libc::iovec {
         iov_base: byte.as_mut_ptr().cast(),
