@@ -34,6 +34,7 @@
 //! | 5    | Progress | none: the primary has passed `exit` with no other event (live streaming) |
 //! | 6    | End      | u64: the guest's exit code; `exit` is its last exit (flag bit 0: stopped by the host; the payload is then the final [`DigestRecord`]) |
 //! | 7    | RxFrames | network frames delivered into the guest's RX queue: repeated `u32 length` + frame bytes |
+//! | 8    | RxFramesPacked | the same, each frame's headers coded against the frame before it: see [`packed`] (what the primary writes) |
 //!
 //! # Log file layout
 //!
@@ -53,6 +54,8 @@
 //! 56      20    guest_name       UTF-8, zero padded
 //! 76      4     crc32c           over bytes 0 .. 76
 //! ```
+
+pub mod packed;
 
 use std::io::{self, Read, Write};
 
@@ -91,6 +94,8 @@ pub enum EntryKind {
     End = 6,
     /// Network frames delivered to the guest (see [`encode_frames`]).
     RxFrames = 7,
+    /// Network frames delivered to the guest, headers packed (see [`packed`]).
+    RxFramesPacked = 8,
 }
 
 impl EntryKind {
@@ -104,6 +109,7 @@ impl EntryKind {
             5 => Self::Progress,
             6 => Self::End,
             7 => Self::RxFrames,
+            8 => Self::RxFramesPacked,
             _ => return None,
         })
     }
@@ -118,6 +124,7 @@ impl EntryKind {
             Self::Progress => "progress",
             Self::End => "end",
             Self::RxFrames => "rx-frames",
+            Self::RxFramesPacked => "rx-frames-packed",
         }
     }
 }
@@ -195,6 +202,20 @@ impl Entry {
     /// The payload as a digest record (Digest).
     pub fn digest(&self) -> Option<DigestRecord> {
         DigestRecord::read_from_bytes(&self.payload).ok()
+    }
+
+    /// The frames of an RxFrames or RxFramesPacked entry; `None` for the
+    /// other kinds.
+    pub fn rx_frames(&self) -> Option<Result<Vec<Vec<u8>>, packed::PackedError>> {
+        match self.kind {
+            EntryKind::RxFrames => Some(decode_frames(&self.payload).ok_or(packed::PackedError {
+                frame: 0,
+                offset: 0,
+                what: "the u32-length frames do not fill the payload exactly",
+            })),
+            EntryKind::RxFramesPacked => Some(packed::decode(&self.payload)),
+            _ => None,
+        }
     }
 }
 

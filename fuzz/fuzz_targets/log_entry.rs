@@ -1,10 +1,10 @@
 //! Log entries as they arrive inside batches or sit in a log file:
 //! `channel::log::decode_entry`, entry after entry, and the payload views
-//! (`payload_u64`, `digest`, `decode_frames` for RxFrames). Bit 0 of the
+//! (`payload_u64`, `digest`, `rx_frames` for both kinds of received frames). Bit 0 of the
 //! first byte fixes each entry's crc32c up. Every entry that decodes must
 //! re-encode to exactly the bytes it came from.
 #![no_main]
-use channel::log::{ENTRY_HEADER_LEN, EntryKind, decode_entry, decode_frames};
+use channel::log::{ENTRY_HEADER_LEN, decode_entry};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -31,9 +31,7 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(entry.encoded_len(), used);
                 let _ = entry.payload_u64();
                 let _ = entry.digest();
-                if entry.kind == EntryKind::RxFrames {
-                    let _ = decode_frames(&entry.payload);
-                }
+                let _ = entry.rx_frames();
                 at += used;
                 index += 1;
             }

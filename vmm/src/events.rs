@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use channel::log::{
     DigestRecord, Entry, EntryKind, FLAG_END_STOPPED, FLAG_INPUT_EOF, LogReader, LogWriter,
-    decode_frames, encode_frames,
+    encode_frames, packed,
 };
 use nic::tap::RxQueue;
 use zerocopy::IntoBytes;
@@ -292,7 +292,12 @@ impl<S: EventSink> EventSource for Live<S> {
         };
         let frames = queue.take(max_frames, wait);
         if !frames.is_empty() {
-            self.log(EntryKind::RxFrames, 0, exit, &encode_frames(&frames))?;
+            // The NIC delivers frames of 14 ..= 1514 bytes, which always
+            // pack; anything else would go unpacked.
+            match packed::encode_vec(&frames) {
+                Ok(payload) => self.log(EntryKind::RxFramesPacked, 0, exit, &payload)?,
+                Err(_) => self.log(EntryKind::RxFrames, 0, exit, &encode_frames(&frames))?,
+            }
         }
         Ok(frames)
     }
@@ -584,16 +589,21 @@ impl<R: EntrySource> EventSource for Replay<R> {
     ) -> Result<Vec<Vec<u8>>, VmmError> {
         // No entry for this exit means no frames arrived here on the primary.
         let next = self.peek(exit)?;
-        if next.exit != exit || next.kind != EntryKind::RxFrames {
+        let kind = next.kind;
+        if next.exit != exit || !matches!(kind, EntryKind::RxFrames | EntryKind::RxFramesPacked) {
             return Ok(Vec::new());
         }
-        let entry = self.take(exit, EntryKind::RxFrames)?;
-        let frames = decode_frames(&entry.payload).ok_or_else(|| {
-            VmmError::LogMismatch(format!(
-                "rx-frames entry {} has a malformed payload",
-                entry.seq
-            ))
-        })?;
+        let entry = self.take(exit, kind)?;
+        let frames = match entry.rx_frames() {
+            Some(Ok(frames)) => frames,
+            Some(Err(error)) => {
+                return Err(VmmError::LogMismatch(format!(
+                    "{kind} entry {} has a malformed payload: {error}",
+                    entry.seq
+                )));
+            }
+            None => Vec::new(),
+        };
         if frames.len() > max_frames {
             return Err(VmmError::Diverged {
                 exit,

@@ -258,8 +258,26 @@ fn main() -> Result<()> {
         ],
     ]
     .concat();
-    let frames = encode_frames(&[arp, syn]);
+    let frames = encode_frames(&[arp.clone(), syn.clone()]);
     seeds.put("rx_frames", "arp-syn", &frames)?;
+    // Packed: the ARP, the SYN, then the next segment of the same flow
+    // (identification + 1, sequence + 1) so that a delta record is there.
+    let mut next = syn.clone();
+    next[19] = 2;
+    next[41] = 2;
+    let packed = channel::log::packed::encode_vec(&[arp, syn, next])
+        .map_err(|index| std::io::Error::other(format!("frame {index} does not pack")))?;
+    seeds.put("rx_frames_packed", "arp-syn-next", &packed)?;
+    let mut packed_entry = Vec::new();
+    encode_entry(
+        EntryKind::RxFramesPacked,
+        0,
+        9,
+        40,
+        &packed,
+        &mut packed_entry,
+    );
+    seeds.put_mode("log_entry", "rx-frames-packed", 0, &packed_entry)?;
     let mut rx_entry = Vec::new();
     encode_entry(EntryKind::RxFrames, 0, 9, 40, &frames, &mut rx_entry);
     seeds.put_mode("log_entry", "rx-frames", 0, &rx_entry)?;

@@ -5,7 +5,11 @@
 //!
 //! ```text
 //!  log bytes = entry headers (32 B each) + padding (to 8 B)
-//!            + RxFrames payloads:  per frame  u32 length (4 B)
+//!            + RxFramesPacked payloads: the TCP payload (the client's bytes)
+//!                                  + everything else, packed (lengths, span, the
+//!                                    header bytes the prediction missed; first
+//!                                    frame of each entry whole)
+//!            + RxFrames payloads (older logs):  per frame  u32 length (4 B)
 //!                                           + Ethernet header (14 B)
 //!                                           + IPv4 header (20 B + options)
 //!                                           + TCP header (20 B + options: 12 B of timestamps)
@@ -21,7 +25,8 @@ use std::fs::File;
 use std::io::BufReader;
 use std::path::Path;
 
-use channel::log::{ENTRY_HEADER_LEN, EntryKind, LogReader, decode_frames};
+use channel::log::packed::tcp_split;
+use channel::log::{ENTRY_HEADER_LEN, EntryKind, LogReader};
 use serde_json::{Value, json};
 
 /// Byte counts of one log, by part.
@@ -51,6 +56,9 @@ pub struct Anatomy {
     pub other_frames: u64,
     /// Payloads of entries other than RxFrames.
     pub other_entries: u64,
+    /// RxFramesPacked entries: every byte but the TCP payload (lengths,
+    /// spans, header bytes the prediction missed, whole frames).
+    pub packed_coding: u64,
 }
 
 impl Anatomy {
@@ -65,6 +73,7 @@ impl Anatomy {
             + self.payload
             + self.other_frames
             + self.other_entries
+            + self.packed_coding
     }
 
     /// Adds one frame.
@@ -96,20 +105,24 @@ impl Anatomy {
             anatomy.entry_headers += ENTRY_HEADER_LEN as u64;
             anatomy.padding +=
                 (entry.encoded_len() - ENTRY_HEADER_LEN - entry.payload.len()) as u64;
-            if entry.kind == EntryKind::RxFrames {
-                anatomy.rx_entries += 1;
-                let frames = decode_frames(&entry.payload).ok_or_else(|| {
-                    format!(
-                        "{}: entry {} holds malformed frames",
-                        path.display(),
-                        entry.seq
-                    )
-                })?;
-                for frame in &frames {
-                    anatomy.add_frame(frame);
+            match entry.rx_frames() {
+                Some(frames) => {
+                    let frames = frames.map_err(|error| {
+                        format!("{}: entry {}: {error}", path.display(), entry.seq)
+                    })?;
+                    anatomy.rx_entries += 1;
+                    if entry.kind == EntryKind::RxFramesPacked {
+                        let payload: u64 = frames.iter().map(|frame| tcp_payload(frame)).sum();
+                        anatomy.frames += frames.len() as u64;
+                        anatomy.payload += payload;
+                        anatomy.packed_coding += entry.payload.len() as u64 - payload;
+                    } else {
+                        for frame in &frames {
+                            anatomy.add_frame(frame);
+                        }
+                    }
                 }
-            } else {
-                anatomy.other_entries += entry.payload.len() as u64;
+                None => anatomy.other_entries += entry.payload.len() as u64,
             }
         }
         Ok(anatomy)
@@ -128,6 +141,7 @@ impl Anatomy {
             ("entry padding", self.padding),
             ("other frames (ARP, ...)", self.other_frames),
             ("other entries (clock, digest, ...)", self.other_entries),
+            ("packed frames' headers and lengths", self.packed_coding),
         ]
         .into_iter()
         .map(|(name, bytes)| (name, bytes, per(bytes)))
@@ -174,20 +188,9 @@ impl Anatomy {
     }
 }
 
-/// (IPv4 header length, TCP header length) of an Ethernet IPv4 TCP frame
-/// whose headers are all there, else `None`.
-fn tcp_split(frame: &[u8]) -> Option<(usize, usize)> {
-    if frame.len() < 14 + 20 || frame[12..14] != [0x08, 0x00] {
-        return None;
-    }
-    let ip = &frame[14..];
-    if ip[0] >> 4 != 4 || ip[9] != 6 {
-        return None;
-    }
-    let ihl = usize::from(ip[0] & 0x0f) * 4;
-    let tcp = ip.get(ihl..)?;
-    let offset = usize::from(*tcp.get(12)? >> 4) * 4;
-    (ihl >= 20 && offset >= 20 && tcp.len() >= offset).then_some((ihl, offset))
+/// The TCP payload bytes of an Ethernet IPv4 TCP frame (0 for others).
+fn tcp_payload(frame: &[u8]) -> u64 {
+    tcp_split(frame).map_or(0, |(ip, tcp)| (frame.len() - 14 - ip - tcp) as u64)
 }
 
 #[cfg(test)]
@@ -244,18 +247,31 @@ mod tests {
         writer
             .append(EntryKind::Clock, 0, 2, 6, &7u64.to_le_bytes())
             .expect("append");
+        let packed = channel::log::packed::encode_vec(&frames).expect("packable");
+        writer
+            .append(EntryKind::RxFramesPacked, 0, 3, 7, &packed)
+            .expect("append");
         writer.flush().expect("flush");
         drop(writer);
         let anatomy = Anatomy::of_file(&path).expect("anatomy");
         let _ = std::fs::remove_file(&path);
         assert_eq!(
             (anatomy.entries, anatomy.rx_entries, anatomy.frames),
-            (2, 1, 2)
+            (3, 2, 4)
         );
-        assert_eq!(anatomy.payload, 2 * 1448);
+        assert_eq!(anatomy.payload, 4 * 1448);
         assert_eq!(anatomy.other_entries, 8);
+        assert_eq!(anatomy.packed_coding, packed.len() as u64 - 2 * 1448);
+        // The first frame whole (69 bytes with its length and span); the
+        // second, a copy whose zero length, identification and checksum
+        // the prediction gets wrong, in a dozen.
+        assert!(anatomy.packed_coding < 69 + 16, "{anatomy:?}");
         // Two 1514-byte frames + 2 length words = 3036 bytes, padded to 3040.
-        assert_eq!(anatomy.padding, 4);
-        assert_eq!(anatomy.total(), 2 * 32 + 3040 + 8);
+        let packed_padding = packed.len().div_ceil(8) * 8 - packed.len();
+        assert_eq!(anatomy.padding, 4 + packed_padding as u64);
+        assert_eq!(
+            anatomy.total(),
+            3 * 32 + 3040 + 8 + (packed.len() + packed_padding) as u64
+        );
     }
 }
