@@ -34,7 +34,7 @@
 //! | 5    | Progress | none: the primary has passed `exit` with no other event (live streaming) |
 //! | 6    | End      | u64: the guest's exit code; `exit` is its last exit (flag bit 0: stopped by the host; the payload is then the final [`DigestRecord`]) |
 //! | 7    | RxFrames | network frames delivered into the guest's RX queue: repeated `u32 length` + frame bytes |
-//! | 8    | RxFramesPacked | the same, each frame's headers coded against the frame before it: see [`packed`] (what the primary writes) |
+//! | 9    | RxFramesPacked | the same, each frame's headers coded against the frame before it: see [`packed`] (what the primary writes) |
 //!
 //! # Log file layout
 //!
@@ -95,7 +95,7 @@ pub enum EntryKind {
     /// Network frames delivered to the guest (see [`encode_frames`]).
     RxFrames = 7,
     /// Network frames delivered to the guest, headers packed (see [`packed`]).
-    RxFramesPacked = 8,
+    RxFramesPacked = 9,
 }
 
 impl EntryKind {
@@ -109,7 +109,7 @@ impl EntryKind {
             5 => Self::Progress,
             6 => Self::End,
             7 => Self::RxFrames,
-            8 => Self::RxFramesPacked,
+            9 => Self::RxFramesPacked,
             _ => return None,
         })
     }
