@@ -1221,6 +1221,61 @@ mod tests {
         assert_eq!(guard.withheld(), 2);
     }
 
+    /// An output whose writes block until the test lets them through.
+    struct Blocking {
+        entered: std::sync::mpsc::Sender<()>,
+        go: std::sync::mpsc::Receiver<()>,
+    }
+
+    impl FrameOut for Blocking {
+        fn send(&mut self, _frame: &[u8]) -> std::io::Result<()> {
+            let _ = self.entered.send(());
+            let _ = self.go.recv();
+            Ok(())
+        }
+    }
+
+    /// The ack path (`Lease::renewed`, on the sender thread) never waits
+    /// behind a TAP write in progress: the guard used to hold its one lock
+    /// across the write, and every ack took that lock.
+    #[test]
+    fn an_ack_never_waits_behind_a_tap_write() {
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (go, go_rx) = std::sync::mpsc::channel();
+        let guard = OutputGuard::new(Box::new(Blocking {
+            entered: entered_tx,
+            go: go_rx,
+        }));
+        let lease = Arc::new(Lease::new(Duration::from_secs(30)));
+        guard.follow(Arc::clone(&lease));
+        lease.mark(3);
+        assert!(lease.acknowledged(4));
+        let mut writer = guard.clone();
+        let write = std::thread::spawn(move || writer.send(&[1]));
+        entered
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the write started");
+        // The write is in progress (blocked): an ack arrives.
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let acker = {
+            let lease = Arc::clone(&lease);
+            std::thread::spawn(move || {
+                lease.mark(5);
+                assert!(lease.acknowledged(6));
+                lease.renewed();
+                let _ = done_tx.send(());
+            })
+        };
+        let returned = done.recv_timeout(Duration::from_secs(5));
+        go.send(()).expect("let the write finish");
+        write.join().expect("writer").expect("sent");
+        acker.join().expect("acker");
+        assert!(
+            returned.is_ok(),
+            "the ack waited for the TAP write to finish"
+        );
+    }
+
     #[test]
     fn at_most_the_bounded_number_of_frames_is_kept() {
         let mut output = CutoverOutput::new(Duration::from_secs(10));
