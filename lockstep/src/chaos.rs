@@ -92,8 +92,8 @@ pub struct Campaign {
     pub joins: u64,
     /// Joined backups that went live when the survivor was killed in turn.
     pub second_failovers: u64,
-    /// Failover times: from the fault to the client's first acknowledged
-    /// reply afterwards, in ms, one per trial.
+    /// Failover times: from the fault to the end of the longest reply gap
+    /// of any client around it (see `recovery`), in ms, one per trial.
     pub failover_ms: Vec<f64>,
     /// The same, by fault kind.
     pub recovery_by_fault: Vec<(Fault, Vec<f64>)>,
@@ -487,13 +487,23 @@ fn trial(
         ("primary", primary),
     ];
 
-    // The switch may still hold the guest's MAC on the port of the host
-    // that was live in the last trial: forget it, as a switch does when a
-    // port goes down, so the clients' first frames are flooded to both.
-    for port in ["a0", "b0"] {
+    // The bridges may still hold the guest's MAC where it was live in the
+    // last trial: forget it, as a switch does when a port goes down, so
+    // the clients' first frames are flooded. Not only the switch: when the
+    // backup went live on host b, its gratuitous ARP taught host a's bridge
+    // that the guest is behind the uplink (up0), and that bridge then
+    // dropped every unicast frame for the guest coming in on up0 (the new
+    // primary's guest is behind tap0) until the guest happened to send
+    // something: the trials that served nobody for seconds.
+    let mac = testbed::GUEST_MAC.map(|b| format!("{b:02x}")).join(":");
+    for (ns, port) in [
+        (Ns::Client, "a0"),
+        (Ns::Client, "b0"),
+        (Ns::A, "up0"),
+        (Ns::B, "up0"),
+    ] {
         let _ = Command::new("bridge")
-            .args(["-n", &bed.netns(Ns::Client), "fdb", "del"])
-            .arg(testbed::GUEST_MAC.map(|b| format!("{b:02x}")).join(":"))
+            .args(["-n", &bed.netns(ns), "fdb", "del", &mac])
             .args(["dev", port, "master"])
             .stderr(Stdio::null())
             .status();
@@ -650,13 +660,20 @@ fn trial(
         final_value
     };
     let acknowledged = history.acknowledged_incr();
-    let recovered_after = history
+    let recovered_after = recovery(&history.ops, CLIENTS, struck_ns);
+    // The trial's timeline (ns since the workload started).
+    let first_reply = history
+        .ops
+        .iter()
+        .filter(|op| op.reply.is_some())
+        .map(|op| op.completed_ns)
+        .min();
+    let first_reply_after_fault = history
         .ops
         .iter()
         .filter(|op| op.reply.is_some() && op.completed_ns > struck_ns)
         .map(|op| op.completed_ns - struck_ns)
-        .min()
-        .map(Duration::from_nanos);
+        .min();
     let verdict = crate::linearize::check(&history.ops);
     let codes = reap(&mut children);
     if let Some(link) = cut {
@@ -734,7 +751,7 @@ fn trial(
         (false, false) => "nobody",
     };
     let json = format!(
-        "{{\"trial\":{number},\"fault\":\"{fault:?}\",\"fault_after_ms\":{},\"live\":\"{live}\",\"generation\":{},\"recovery_ms\":{},\"operations\":{},\"unanswered\":{},\"verdict\":\"{}\",\"split_brain\":{split_brain},\"lost_acknowledged_writes\":{lost},\"resent_frames\":{:?}}}",
+        "{{\"trial\":{number},\"fault\":\"{fault:?}\",\"fault_after_ms\":{},\"live\":\"{live}\",\"generation\":{},\"recovery_ms\":{},\"operations\":{},\"unanswered\":{},\"verdict\":\"{}\",\"split_brain\":{split_brain},\"lost_acknowledged_writes\":{lost},\"resent_frames\":{:?},\"fault_ms\":{:.3},\"first_reply_ms\":{},\"first_reply_after_fault_ms\":{}}}",
         fault_after.as_millis(),
         record.as_ref().map_or(0, |r| r.generation),
         recovered_after.map_or("null".to_string(), |d| format!(
@@ -745,6 +762,9 @@ fn trial(
         history.ops.iter().filter(|op| op.reply.is_none()).count(),
         verdict_text,
         resent,
+        struck_ns as f64 / 1e6,
+        ms_or_null(first_reply),
+        ms_or_null(first_reply_after_fault),
     );
     eprintln!(
         "chaos: trial {number}: {fault:?} after {} ms; {} operations by {CLIENTS} clients, {verdict_text}; acknowledged {acknowledged}, counter {final_value}; service back after {}; live alone: {}; resent frames {resent:?}{}; exit codes {codes:?}",
@@ -774,6 +794,52 @@ fn trial(
         resent,
         json,
     })
+}
+
+/// Client-visible recovery: per client, the longest gap between replies
+/// (from the start of the trial's workload, or a reply, to the next reply)
+/// among those that end after the fault; the trial's figure is the latest
+/// end of these, measured from the fault. A client that got no reply after
+/// the fault makes it `None` (service never came back for it). Counting
+/// the first reply after the fault instead would call a trial recovered
+/// when one reply already on its way arrived, however long the service
+/// stalled after it.
+///
+/// ```text
+///  client 1: ─r──r──r──r─┊─r────────────────────r──r──r─   longest gap ends at R1
+///  client 2: ─r──r──r────┊──────────────────r──r──r──r─    longest gap ends at R2
+///                      fault                R2   R1        recovery = R1 - fault
+/// ```
+fn recovery(ops: &[Op], clients: u32, struck_ns: u64) -> Option<Duration> {
+    let mut latest = 0u64;
+    for client in 0..clients {
+        let mut replies: Vec<u64> = ops
+            .iter()
+            .filter(|op| op.client == client && op.reply.is_some())
+            .map(|op| op.completed_ns)
+            .collect();
+        replies.sort_unstable();
+        if replies.last().is_none_or(|&last| last <= struck_ns) {
+            return None;
+        }
+        let mut previous = 0u64;
+        let mut longest: Option<(u64, u64)> = None;
+        for &at in &replies {
+            let gap = at.saturating_sub(previous);
+            if at > struck_ns && longest.is_none_or(|(g, _)| gap > g) {
+                longest = Some((gap, at));
+            }
+            previous = at;
+        }
+        if let Some((_, end)) = longest {
+            latest = latest.max(end.saturating_sub(struck_ns));
+        }
+    }
+    Some(Duration::from_nanos(latest))
+}
+
+fn ms_or_null(ns: Option<u64>) -> String {
+    ns.map_or("null".to_string(), |ns| format!("{:.3}", ns as f64 / 1e6))
 }
 
 /// Runs `trials` trials with `seed` (with `reprotect`, a new backup joins
@@ -917,4 +983,38 @@ pub fn report(campaign: &Campaign, json: Option<&Path>) -> Result<(), CliError> 
         path: path.to_path_buf(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(client: u32, completed_ms: u64) -> Op {
+        Op {
+            client,
+            key: "k".into(),
+            call: Call::Get,
+            reply: Some(Reply::Value(None)),
+            invoked_ns: 0,
+            completed_ns: completed_ms * 1_000_000,
+        }
+    }
+
+    /// Recovery is the end of the longest gap around the fault, not the
+    /// first reply after it; a client never served again makes it `None`.
+    #[test]
+    fn recovery_is_the_end_of_the_longest_reply_gap_per_client() {
+        let fault = 100 * 1_000_000;
+        // Client 0: one reply right after the fault, then a 900 ms gap.
+        // Client 1: replies every 10 ms throughout.
+        let mut ops = vec![reply(0, 90), reply(0, 101), reply(0, 1001), reply(0, 1010)];
+        ops.extend((1..150).map(|i| reply(1, i * 10)));
+        assert_eq!(recovery(&ops, 2, fault), Some(Duration::from_millis(901)));
+        // A gap from the start of the workload counts too.
+        let ops = vec![reply(0, 3000), reply(0, 3010)];
+        assert_eq!(recovery(&ops, 1, fault), Some(Duration::from_millis(2900)));
+        // A client with no reply after the fault: never recovered.
+        let ops = vec![reply(0, 50), reply(1, 50), reply(1, 200)];
+        assert_eq!(recovery(&ops, 2, fault), None);
+    }
 }

@@ -1071,3 +1071,136 @@ fn a_frozen_primary_resumed_after_the_backup_went_live_sends_nothing_and_halts()
         "the resumed old primary sent {leaked} guest frames to the client after the new generation was granted:\n{primary_stderr}"
     );
 }
+
+/// The backup is frozen (SIGSTOP) under load from several clients. Its
+/// socket fills and the primary's sender can no longer send, but no ack
+/// or heartbeat arrives either: after the peer timeout the primary must
+/// declare the backup dead, win generation 2 at the arbiter and serve
+/// alone, so the clients' requests keep completing while the backup is
+/// still frozen. Resumed (SIGCONT), the backup must learn that it lost and
+/// halt with the fail-stop code, without one guest frame leaving host b
+/// (checked by a capture on host b's switch port).
+#[test]
+fn a_frozen_backup_is_given_up_on_the_primary_serves_alone_and_the_resumed_backup_halts() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let net = Net::new();
+    let arbiter = Arbiter::start(&net);
+    let mut pair = start_pair_on(&net, default_liveness(&arbiter), &[]);
+    let capture = PortCapture::start(&net, "b0");
+    let running = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for c in 0..4 {
+        let mut stream = client(&net);
+        let (running, done) = (running.clone(), done.clone());
+        clients.push(thread::spawn(move || {
+            // Two clients INCR, two SET 16 KiB values: the log carries
+            // megabytes a second, so the frozen backup's socket fills.
+            let value = "w".repeat(16 << 10);
+            let mut last = 0;
+            while running.load(std::sync::atomic::Ordering::Relaxed) {
+                let key = format!("stopped{c}");
+                if c % 2 == 0 {
+                    let reply = command(&mut stream, &["INCR", &key]);
+                    last = reply[1..].parse::<u64>().expect("an integer");
+                } else {
+                    assert_eq!(command(&mut stream, &["SET", &key, &value]), "+OK");
+                    last += 1;
+                }
+                done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            last
+        }));
+    }
+    thread::sleep(Duration::from_millis(500));
+    let before = done.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(before > 0, "no INCR completed before the freeze");
+    kill(&pair.backup, "-STOP");
+    let stopped = Instant::now();
+    // Give the primary ample time (the peer timeout is 50 ms) to give up
+    // on the frozen backup, then count what completes while it is frozen.
+    thread::sleep(Duration::from_millis(1500));
+    let at_1500 = done.load(std::sync::atomic::Ordering::Relaxed);
+    thread::sleep(Duration::from_millis(1500));
+    let at_3000 = done.load(std::sync::atomic::Ordering::Relaxed);
+    let frozen_for = stopped.elapsed();
+    kill(&pair.backup, "-CONT");
+    let status = exited(&mut pair.backup, Duration::from_secs(10));
+    thread::sleep(Duration::from_millis(200));
+    running.store(false, std::sync::atomic::Ordering::Relaxed);
+    let totals: Vec<u64> = clients
+        .into_iter()
+        .map(|c| c.join().expect("client"))
+        .collect();
+    let leaked = capture.since(stopped);
+    drop(capture);
+    if status.is_none() {
+        kill(&pair.backup, "-KILL");
+    }
+    let backup_stderr = stderr_of(pair.backup);
+    kill(&pair.primary, "-TERM");
+    let primary_stderr = stderr_of(pair.primary);
+    eprintln!(
+        "INCRs: {before} before the freeze, {} in the frozen backup's first 1.5 s, {} in the next 1.5 s (frozen {} ms); per client {totals:?}; the resumed backup ended {status:?}; guest frames from host b since the freeze: {leaked}",
+        at_1500 - before,
+        at_3000 - at_1500,
+        frozen_for.as_millis()
+    );
+    assert!(
+        at_3000 > at_1500,
+        "no INCR completed between 1.5 s and 3 s after the backup froze: the primary stalled behind it:\n{primary_stderr}"
+    );
+    assert!(
+        primary_stderr.contains("won generation 2 at the arbiter: running unprotected"),
+        "{primary_stderr}"
+    );
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(4),
+        "the resumed backup did not halt as the loser:\n{backup_stderr}"
+    );
+    assert!(
+        backup_stderr.contains("lost generation 2"),
+        "{backup_stderr}"
+    );
+    assert_eq!(
+        leaked, 0,
+        "the resumed backup sent {leaked} guest frames from host b:\n{backup_stderr}"
+    );
+}
+
+/// The backup is frozen while the guest is idle (no client traffic): the
+/// primary must still give up on it after the peer timeout and win
+/// generation 2, so that the backup, resumed, halts (it must not take
+/// over from a healthy primary because it was the one asleep).
+#[test]
+fn a_backup_frozen_while_the_guest_idles_is_given_up_on_and_halts_when_resumed() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let net = Net::new();
+    let arbiter = Arbiter::start(&net);
+    let mut pair = start_pair_on(&net, default_liveness(&arbiter), &[]);
+    let mut stream = client(&net);
+    assert_eq!(incr(&mut stream, "idle", 20), 20);
+    kill(&pair.backup, "-STOP");
+    thread::sleep(Duration::from_millis(1000));
+    kill(&pair.backup, "-CONT");
+    let status = exited(&mut pair.backup, Duration::from_secs(10));
+    if status.is_none() {
+        kill(&pair.backup, "-KILL");
+    }
+    let backup_stderr = stderr_of(pair.backup);
+    let served = incr(&mut stream, "idle", 20);
+    drop(stream);
+    kill(&pair.primary, "-TERM");
+    let primary_stderr = stderr_of(pair.primary);
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(4),
+        "the resumed backup did not halt as the loser:\n{backup_stderr}\n{primary_stderr}"
+    );
+    assert!(
+        primary_stderr.contains("won generation 2 at the arbiter: running unprotected"),
+        "{primary_stderr}"
+    );
+    assert_eq!(served, 40, "acknowledged INCRs lost");
+}

@@ -491,7 +491,8 @@ pub struct Lease {
     stale: Mutex<Option<String>>,
     /// `stale` is set (read on every frame and ack without the lock).
     is_stale: std::sync::atomic::AtomicBool,
-    output: Mutex<Option<std::sync::Weak<Mutex<GuardState>>>>,
+    /// The guard following this lease (set once, read on every ack).
+    output: std::sync::OnceLock<std::sync::Weak<GuardInner>>,
 }
 
 impl Lease {
@@ -505,7 +506,7 @@ impl Lease {
             until_ns: std::sync::atomic::AtomicU64::new(0),
             stale: Mutex::new(None),
             is_stale: std::sync::atomic::AtomicBool::new(false),
-            output: Mutex::new(None),
+            output: std::sync::OnceLock::new(),
         }
     }
 
@@ -555,9 +556,10 @@ impl Lease {
                 .store(true, std::sync::atomic::Ordering::Release);
             return false;
         }
+        // SeqCst: see `renewed`.
         self.until_ns.fetch_max(
             self.nanos(pushed_after + self.length),
-            std::sync::atomic::Ordering::AcqRel,
+            std::sync::atomic::Ordering::SeqCst,
         );
         true
     }
@@ -573,23 +575,20 @@ impl Lease {
     /// Whether output may leave now.
     pub fn running(&self) -> bool {
         !self.is_stale.load(std::sync::atomic::Ordering::Acquire)
-            && self.nanos(Instant::now()) < self.until_ns.load(std::sync::atomic::Ordering::Acquire)
+            && self.nanos(Instant::now()) < self.until_ns.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Sends what the guard withheld while the lease had lapsed, now that a
     /// fresh ack renewed it (called by the link after releasing).
     pub fn renewed(&self) {
-        let output = self
-            .output
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .and_then(std::sync::Weak::upgrade);
-        if let Some(state) = output {
-            let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
-            if self.running() {
-                state.flush();
-            }
+        // SeqCst pairs with the guard's `send`: it raises `pending` before
+        // it reads the lease, we extended the lease before reading
+        // `pending`, so a frame withheld on the old lease is seen here.
+        if let Some(guard) = self.output.get().and_then(std::sync::Weak::upgrade)
+            && guard.pending.load(std::sync::atomic::Ordering::SeqCst)
+            && self.running()
+        {
+            guard.flush_if_running();
         }
     }
 }
@@ -598,8 +597,9 @@ impl Lease {
 /// recovers them, and a primary that lost never sends them anyway).
 pub const GUARD_MAX_FRAMES: usize = 4096;
 
+/// What decides whether a frame may leave, and the frames withheld: held
+/// only for these few checks and moves, never across a TAP write.
 struct GuardState {
-    out: Box<dyn FrameOut>,
     lease: Option<Arc<Lease>>,
     alone: bool,
     withheld: VecDeque<Vec<u8>>,
@@ -610,70 +610,131 @@ impl GuardState {
     fn may_send(&self) -> bool {
         self.alone || self.lease.as_ref().is_some_and(|lease| lease.running())
     }
+}
 
-    fn flush(&mut self) {
-        while let Some(frame) = self.withheld.pop_front() {
-            let _ = self.out.send(&frame);
+/// The guard's two locks, always taken in this order: `out` (the TAP
+/// writer: one write at a time, and frames in order) and then, briefly,
+/// `state`. On the data path only the gate's one writer takes `out`, so it
+/// is uncontended; the sender thread's ack hook takes neither unless frames
+/// were withheld (see [`Lease::renewed`]).
+struct GuardInner {
+    out: Mutex<Box<dyn FrameOut>>,
+    state: Mutex<GuardState>,
+    /// Frames are withheld (read without a lock on every ack).
+    pending: std::sync::atomic::AtomicBool,
+}
+
+impl GuardInner {
+    fn lock_out(&self) -> std::sync::MutexGuard<'_, Box<dyn FrameOut>> {
+        self.out.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_state(&self) -> std::sync::MutexGuard<'_, GuardState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes the withheld frames if output may leave now (the caller holds
+    /// `out` and writes them, in order, before anything newer).
+    fn take_withheld(
+        state: &mut GuardState,
+        pending: &std::sync::atomic::AtomicBool,
+    ) -> VecDeque<Vec<u8>> {
+        pending.store(false, std::sync::atomic::Ordering::SeqCst);
+        std::mem::take(&mut state.withheld)
+    }
+
+    /// Sends what was withheld, if output may leave now.
+    fn flush_if_running(&self) {
+        let mut out = self.lock_out();
+        let frames = {
+            let mut state = self.lock_state();
+            if !state.may_send() {
+                return;
+            }
+            Self::take_withheld(&mut state, &self.pending)
+        };
+        for frame in frames {
+            let _ = out.send(&frame);
         }
     }
 }
 
 /// The primary's output on its way to the TAP: sends only while the link's
 /// [`Lease`] runs or after the primary won the right to run alone.
+///
+/// ```text
+///  gate writer ─send(f)─▶ lock out ─▶ lock state, pending = true, may send?
+///                 yes ─▶ take withheld, pending = false, unlock state, write withheld.., f
+///                 no  ─▶ withhold f (pending stays true)
+///  ack hook ─▶ Lease::renewed ─▶ pending? ─no─▶ return (no lock)
+///                                  └─yes─▶ lock out, lock state, take, write
+/// ```
 #[derive(Clone)]
-pub struct OutputGuard(Arc<Mutex<GuardState>>);
+pub struct OutputGuard(Arc<GuardInner>);
 
 impl OutputGuard {
     /// Guards `out`; nothing leaves until [`OutputGuard::follow`] or
     /// [`OutputGuard::alone`].
     pub fn new(out: Box<dyn FrameOut>) -> Self {
-        Self(Arc::new(Mutex::new(GuardState {
-            out,
-            lease: None,
-            alone: false,
-            withheld: VecDeque::new(),
-            withheld_total: 0,
-        })))
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, GuardState> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        Self(Arc::new(GuardInner {
+            out: Mutex::new(out),
+            state: Mutex::new(GuardState {
+                lease: None,
+                alone: false,
+                withheld: VecDeque::new(),
+                withheld_total: 0,
+            }),
+            pending: std::sync::atomic::AtomicBool::new(false),
+        }))
     }
 
     /// Output follows `lease` (a link's; a backup is protecting us).
     pub fn follow(&self, lease: Arc<Lease>) {
-        *lease.output.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::downgrade(&self.0));
-        let mut state = self.lock();
+        // A lease belongs to one link, followed by one guard.
+        let _ = lease.output.set(Arc::downgrade(&self.0));
+        let mut state = self.0.lock_state();
         state.lease = Some(lease);
         state.alone = false;
     }
 
     /// This primary won the right to run alone: everything leaves.
     pub fn alone(&self) {
-        let mut state = self.lock();
-        state.alone = true;
-        state.flush();
+        self.0.lock_state().alone = true;
+        self.0.flush_if_running();
     }
 
     /// Frames withheld so far because the lease had lapsed.
     pub fn withheld(&self) -> u64 {
-        self.lock().withheld_total
+        self.0.lock_state().withheld_total
     }
 }
 
 impl FrameOut for OutputGuard {
     fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
-        let mut state = self.lock();
-        if state.may_send() {
-            state.flush();
-            return state.out.send(frame);
+        let mut out = self.0.lock_out();
+        let earlier = {
+            let mut state = self.0.lock_state();
+            // Raised before the lease is read (SeqCst, see
+            // `Lease::renewed`): an ack renewing the lease after our check
+            // then sees it and sends what we withhold.
+            self.0
+                .pending
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            if !state.may_send() {
+                state.withheld_total += 1;
+                state.withheld.push_back(frame.to_vec());
+                if state.withheld.len() > GUARD_MAX_FRAMES {
+                    state.withheld.pop_front();
+                }
+                return Ok(());
+            }
+            GuardInner::take_withheld(&mut state, &self.0.pending)
+        };
+        // Only the writer lock is held across the writes.
+        for withheld in earlier {
+            let _ = out.send(&withheld);
         }
-        state.withheld_total += 1;
-        state.withheld.push_back(frame.to_vec());
-        if state.withheld.len() > GUARD_MAX_FRAMES {
-            state.withheld.pop_front();
-        }
-        Ok(())
+        out.send(frame)
     }
 }
 
@@ -1158,6 +1219,61 @@ mod tests {
         guard.alone();
         assert_eq!(sent.0.lock().expect("lock").len(), 3);
         assert_eq!(guard.withheld(), 2);
+    }
+
+    /// An output whose writes block until the test lets them through.
+    struct Blocking {
+        entered: std::sync::mpsc::Sender<()>,
+        go: std::sync::mpsc::Receiver<()>,
+    }
+
+    impl FrameOut for Blocking {
+        fn send(&mut self, _frame: &[u8]) -> std::io::Result<()> {
+            let _ = self.entered.send(());
+            let _ = self.go.recv();
+            Ok(())
+        }
+    }
+
+    /// The ack path (`Lease::renewed`, on the sender thread) never waits
+    /// behind a TAP write in progress: the guard used to hold its one lock
+    /// across the write, and every ack took that lock.
+    #[test]
+    fn an_ack_never_waits_behind_a_tap_write() {
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (go, go_rx) = std::sync::mpsc::channel();
+        let guard = OutputGuard::new(Box::new(Blocking {
+            entered: entered_tx,
+            go: go_rx,
+        }));
+        let lease = Arc::new(Lease::new(Duration::from_secs(30)));
+        guard.follow(Arc::clone(&lease));
+        lease.mark(3);
+        assert!(lease.acknowledged(4));
+        let mut writer = guard.clone();
+        let write = std::thread::spawn(move || writer.send(&[1]));
+        entered
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the write started");
+        // The write is in progress (blocked): an ack arrives.
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let acker = {
+            let lease = Arc::clone(&lease);
+            std::thread::spawn(move || {
+                lease.mark(5);
+                assert!(lease.acknowledged(6));
+                lease.renewed();
+                let _ = done_tx.send(());
+            })
+        };
+        let returned = done.recv_timeout(Duration::from_secs(5));
+        go.send(()).expect("let the write finish");
+        write.join().expect("writer").expect("sent");
+        acker.join().expect("acker");
+        assert!(
+            returned.is_ok(),
+            "the ack waited for the TAP write to finish"
+        );
     }
 
     #[test]
