@@ -21,10 +21,12 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use channel::endpoint::ChannelError;
-use channel::protocol::{HandshakeError, PROTOCOL_VERSION, Role, Session};
+use channel::protocol::{
+    FRAME_HEADER_LEN, FrameKind, HandshakeError, PROTOCOL_VERSION, Role, Session, encode_control,
+};
 use channel::testkit::{BackupError, Content, RunSummary, error_chain, run_backup, run_primary};
-use channel::transport::TransportError;
 use channel::transport::rdma::{AckMode, RdmaConfig, RdmaTransport, probe};
+use channel::transport::{Transport, TransportError};
 use tuning::Profile;
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -478,4 +480,86 @@ fn keyless_peers_at_the_rdma_set_up_port_learn_nothing() {
             answer.len()
         );
     }
+}
+
+/// Both ends in this process: an idle end sleeps in `wait` (on its
+/// completion channel) instead of napping and polling again, and the
+/// peer's write wakes it. Counts `wait` calls, not times: half a second of
+/// silence may take a handful (early returns are allowed), never the
+/// thousands of 50 µs naps it took before the ends had an event to sleep on.
+#[test]
+fn idle_end_sleeps_until_the_peer_writes() {
+    if !have_device("idle_end_sleeps_until_the_peer_writes") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let l = TcpListener::bind(listen_addr()).expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let (go, go_rx) = std::sync::mpsc::channel::<()>();
+    let (done, done_rx) = std::sync::mpsc::channel::<()>();
+    let primary = std::thread::spawn(move || {
+        let cfg = config(AckMode::BackupAck);
+        let mut t =
+            RdmaTransport::connect(addr, &session(Role::Primary, GEN, KEY), &cfg).expect("connect");
+        go_rx.recv().expect("go");
+        let mut sealer = t.frame_keys().sealer(Role::Primary);
+        let len = loop {
+            if let Some(buf) = t.reserve(FRAME_HEADER_LEN).expect("reserve") {
+                break encode_control(buf, FrameKind::Heartbeat, GEN, 0, &mut sealer)
+                    .expect("a heartbeat frame");
+            }
+            t.poll().expect("poll");
+        };
+        t.commit(len).expect("commit");
+        // Alive until the backup has the frame (its close would wake it).
+        while done_rx.try_recv().is_err() {
+            t.poll().expect("poll");
+            t.wait(None, Duration::from_millis(20)).expect("wait");
+        }
+    });
+    let mut t = RdmaTransport::accept(
+        &l,
+        &session(Role::Backup, GEN, KEY),
+        &config(AckMode::BackupAck),
+    )
+    .expect("accept");
+    let start = Instant::now();
+    let mut calls = 0u32;
+    while start.elapsed() < Duration::from_millis(500) {
+        t.poll().expect("poll");
+        assert!(t.recv().expect("recv").is_none(), "nothing was sent yet");
+        t.wait(None, Duration::from_millis(500)).expect("wait");
+        calls += 1;
+    }
+    eprintln!("idle: {calls} wait calls in {:?}", start.elapsed());
+    assert!(
+        calls < 50,
+        "{calls} wait calls in half a second of silence: the idle end naps instead of sleeping"
+    );
+    go.send(()).expect("primary thread");
+    let woken = Instant::now();
+    let mut calls = 0u32;
+    let got = loop {
+        t.poll().expect("poll");
+        if let Some(frame) = t.recv().expect("recv") {
+            break frame.len();
+        }
+        assert!(
+            woken.elapsed() < Duration::from_secs(20),
+            "the peer's write did not arrive"
+        );
+        t.wait(None, Duration::from_secs(10)).expect("wait");
+        calls += 1;
+    };
+    eprintln!(
+        "woken: a {got}-byte frame {:?} after the peer was told to write, {calls} wait calls",
+        woken.elapsed()
+    );
+    assert_eq!(got, FRAME_HEADER_LEN);
+    assert!(
+        woken.elapsed() < Duration::from_secs(5),
+        "wait(10 s) was not woken by the peer's write"
+    );
+    done.send(()).expect("primary thread");
+    primary.join().expect("primary thread");
 }

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Build the test guest's initramfs: busybox, rdma_rxe and its module dependencies (plus kvm for the
-# nested-KVM probe), libibverbs with the rxe provider, perftest, the guest scripts, and the given
+# nested-KVM probe and the pair's nested guests, tun for their TAPs), libibverbs with the rxe provider, perftest, the guest scripts, and the given
 # host binaries (with their shared libraries) and data files.
 # usage: build-initramfs.sh OUT.cpio.gz [--data FILE]... [BINARY]...
 set -euo pipefail
@@ -47,7 +47,7 @@ done
 
 # kernel modules: the wanted ones plus their dependencies (modules.dep of the unpacked tree);
 # crc32_generic: rxe asks the crypto API for "crc32" but modules.dep does not say so
-WANT="rdma_rxe crc32_generic virtio_net virtio_pci rdma_ucm kvm kvm-amd kvm-intel"
+WANT="rdma_rxe crc32_generic virtio_net virtio_pci rdma_ucm kvm kvm-amd kvm-intel tun"
 need=""
 for m in $WANT; do
   line=$(grep -E "/$m\.ko(\.[a-z]+)?:" "$MODDIR/modules.dep" || true)

@@ -8,7 +8,10 @@
 #      backup and compared with the file, perftest ib_write_bw/ib_write_lat and the channel benchmark
 #      (RDMA and io_uring TCP) on the same device in the same boot, side by side in BENCH_ROUNDS
 #      rounds (default 3), and a nested-KVM probe
-#   4. two TCG guests back to back: the recorded log over real RoCEv2 between them
+#   4. two TCG guests back to back: the recorded log over real RoCEv2 between them, then a whole
+#      pair (guest/pair.sh): arbiter + `lockstep backup` in one, `lockstep primary --transport rdma`
+#      of the `net` guest on nested KVM in the other, pings through the output gate, SIGKILL of the
+#      primary, the backup wins the arbiter and goes live
 #   5. the perf gate: the median over the rounds of each ratio from step 3 against
 #      perf/baselines/rdma.txt
 # Fails on any failure. env: SKIP_2VM=1, SKIP_BENCH=1, BENCH_ROUNDS (default 3),
@@ -33,7 +36,7 @@ cd "$REPO"
 if [ -n "${LOCKSTEP_BIN:-}" ]; then   # a prebuilt lockstep (development only)
   cp "$LOCKSTEP_BIN" "$OUT/bin/lockstep"
 else
-  t quiet build-lockstep cargo build --release -p lockstep
+  t quiet build-lockstep cargo build --release -p lockstep --features rdma
   cp "$TARGET/release/lockstep" "$OUT/bin/"
 fi
 t quiet build-channel cargo build --release -p channel --features rdma --example log_stream
@@ -62,13 +65,14 @@ echo "== softroce: record a log"
 head -c 1048576 /dev/urandom > "$OUT/input.bin"
 "$OUT/bin/lockstep" record --guest fold --input "$OUT/input.bin" --log "$OUT/fold.log" --quiet
 ls -l "$OUT/fold.log"
+rm -f "$OUT/link.key"; "$OUT/bin/lockstep" keygen "$OUT/link.key"   # the pair's link and arbiter key
 # the example itself, on the host, over the transports that need no RDMA
 for tr in tcp shm; do
   "$OUT/bin/log_stream" log="$OUT/fold.log" transport=$tr role=both addr=127.0.0.1:$((17000 + $$ % 1000)) > "$OUT/host-$tr.log" 2>&1 \
     || { cat "$OUT/host-$tr.log"; echo "softroce: log_stream over $tr on the host failed"; exit 1; }
 done
 
-t "$HERE/build-initramfs.sh" "$OUT/initramfs.cpio.gz" --data "$OUT/fold.log" "$OUT"/bin/rdma-conformance \
+t "$HERE/build-initramfs.sh" "$OUT/initramfs.cpio.gz" --data "$OUT/fold.log" --data "$OUT/link.key" "$OUT"/bin/rdma-conformance \
   "$OUT"/bin/rdma-bench "$OUT"/bin/log_stream "$OUT"/bin/lockstep
 
 rc=0
@@ -81,9 +85,9 @@ grep -E '^(RESULT|PERF|BENCH|KVM_PROBE|===)|^test .*\.\.\. |entries in|reported 
 grep -q 'GUEST_DONE' "$OUT/vm1.log" || { echo "softroce: the guest did not finish; console tail:"; tail -30 "$OUT/vm1.log"; }
 
 if [ -z "${SKIP_2VM:-}" ]; then
-  echo "== softroce: two guests (a recorded log over RoCEv2)"
+  echo "== softroce: two guests (a recorded log, then a whole pair over RoCEv2)"
   t "$HERE/run-2vm.sh" "$OUT/initramfs.cpio.gz" "$OUT" || rc=1
-  grep -hE '^(RESULT|OK |ERR |===)' "$OUT/vmA.log" "$OUT/vmB.log" || true
+  grep -hE '^(RESULT|OK |ERR |PAIR |===)' "$OUT/vmA.log" "$OUT/vmB.log" || true
 fi
 
 if [ -z "${SKIP_BENCH:-}" ]; then

@@ -33,7 +33,7 @@ fuzz_target!(|data: &[u8]| {
         let label: &[u8] = if role == Role::Primary { b"P" } else { b"B" };
         let tag = hmac_sha256(
             KEY,
-            &[b"lockstep-rdma-info-v2", label, &binding, &info[..96]],
+            &[b"lockstep-rdma-info-v3", label, &binding, &info[..96]],
         );
         info[96..].copy_from_slice(&tag);
     }

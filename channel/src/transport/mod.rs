@@ -16,7 +16,7 @@
 //! |------------------------|----------------------------------|--------------------------------|-----------------------|
 //! | [`uring_tcp::UringTcp`]| std TCP connect + handshake      | io_uring writev / recv, CQ polled | the socket (and the ring fd) |
 //! | [`shm::ShmTransport`]  | unix socket: handshake, memfd fd | two SPSC byte rings in a memfd | the unix socket: a doorbell byte or EOF |
-//! | `rdma::RdmaTransport` (feature `rdma`) | TCP handshake, then QPN/GID/rkeys exchanged | RDMA WRITE WITH IMM into the peer's ring; status block written back | nothing: 50 µs naps |
+//! | `rdma::RdmaTransport` (feature `rdma`) | TCP handshake, then QPN/GID/rkeys exchanged | RDMA WRITE WITH IMM into the peer's ring; status block written back (WITH IMM too) | its completion channel (every write raises a receive completion) and the TCP side channel |
 
 #[cfg(feature = "rdma")]
 pub mod rdma;
@@ -162,9 +162,9 @@ pub trait Transport: Send {
     /// gone), `wake` turned readable, or `timeout` passed; it may return
     /// early. The caller has just found `recv` empty. A transport that can
     /// be woken by the peer (a readable socket, a doorbell) sleeps for the
-    /// whole `timeout`; the default, for one that cannot (RDMA: the peer's
-    /// NIC writes into our memory and raises no event), sleeps on `wake`
-    /// alone for at most [`UNWAKEABLE_NAP`] and polls again.
+    /// whole `timeout`; the default, for one that cannot (the peer writes
+    /// into our memory and raises no event), sleeps on `wake` alone for at
+    /// most [`UNWAKEABLE_NAP`] and polls again.
     fn wait(&mut self, wake: Option<RawFd>, timeout: Duration) -> Result<(), TransportError> {
         wait_readable(&[], wake, timeout.min(UNWAKEABLE_NAP))
     }

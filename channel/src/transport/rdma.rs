@@ -3,6 +3,8 @@
 //! straight into a ring registered in the other end's memory, and writes its
 //! status (ring credit and, on the backup, the cumulative ack) into a small
 //! status block in the other end's memory. No receive copies, no ack frames.
+//! Every write carries an immediate, so each one raises a receive
+//! completion at the peer: an idle end sleeps on its completion channel.
 //!
 //! # Connection set-up
 //!
@@ -24,7 +26,7 @@
 //!     │── "LKSTPRDY" ────────────────────────────────────▶│
 //!     │◀──────────────────────────────────── "LKSTPRDY" ──│
 //!     │══ WRITE_WITH_IMM frames ══▶ [backup's ring]        │
-//!     │   [primary's status block] ◀══ WRITE {consumed, reaped, ack} ══│
+//!     │   [primary's status block] ◀══ WRITE_WITH_IMM {consumed, reaped, ack} ══│
 //! ```
 //!
 //! `RdmaInfo` (little-endian; a refusal instead carries magic `"LKSTPRDN"`
@@ -47,7 +49,7 @@
 //! 64     8    address of the status block
 //! 72     8    largest frame accepted
 //! 80     16   reserved
-//! 96     32   HMAC-SHA256(key, "lockstep-rdma-info-v2" ‖ role ‖ binding ‖ bytes 0..96)
+//! 96     32   HMAC-SHA256(key, "lockstep-rdma-info-v3" ‖ role ‖ binding ‖ bytes 0..96)
 //!             binding: both handshake nonces (primary's, then backup's), so an
 //!             info block recorded from one connection is refused on another
 //! ```
@@ -71,10 +73,16 @@
 //! Space is reclaimed only when both hold: the peer reported the bytes
 //! consumed (its status block), and our write of them completed (the NIC
 //! has finished reading the staging bytes). Every write is signaled; at most
-//! 64 data writes are in flight, and never more than the receive requests
-//! the peer has posted.
+//! 64 data writes are in flight, and never more than three quarters of the
+//! receive requests the peer has posted: the last quarter is kept for status
+//! writes, which consume receive requests too (so the ends can always tell
+//! each other about the receives they re-posted).
 //!
-//! # Status block (written by the peer into our memory, plain RDMA WRITE)
+//! # Status block (written by the peer into our memory, RDMA WRITE WITH IMM)
+//!
+//! The status write's immediate is [`STATUS_IMM`] (bit 31 with a zero
+//! length, which no data span can carry); its receive completion wakes the
+//! peer, and its 48 bytes are in place before the completion.
 //!
 //! ```text
 //! offset size field
@@ -93,9 +101,13 @@
 //! counter is below the last accepted (an old block written again); acks
 //! beyond what was sent are refused by the endpoint. Frames received in
 //! the ring are copied out before they are checked and decoded, so the
-//! peer's later writes there cannot change a frame under its check. One status write is in flight at a time; the next goes out when
-//! the ack changed, when a quarter of the ring or of the receive requests
-//! is waiting to be reported, or whenever the reader drained its ring.
+//! peer's later writes there cannot change a frame under its check. One
+//! status write is in flight at a time; the next goes out when the ack
+//! changed, when a quarter of the ring or of the receive requests is waiting
+//! to be reported, or when the reader drained its ring after new frames.
+//! Receiving a status block alone never makes a status due before a
+//! quarter of the receive requests are waiting (else two idle ends would
+//! answer each other's status writes forever).
 //! Ack frames committed by the backup's endpoint do not enter the ring:
 //! the transport takes their sequence number into the status block, and the
 //! primary's [`Transport::transport_ack`] reports it. Heartbeats travel as
@@ -132,6 +144,15 @@
 //!   The explicit ack costs one status write per ack batch, coalesced with
 //!   the ring credit, and keeps the rule exactly as in the paper.
 //!
+//! # Sleeping
+//!
+//! [`Transport::wait`] takes the events already on the completion channel,
+//! arms the CQ (`ibv_req_notify_cq`), polls once more (a completion that
+//! came before the arm raises no event), then sleeps in `ppoll` on the
+//! channel's fd, the TCP side channel (readable at the peer's death) and
+//! the caller's wake fd. Frames, acks, ring credit and our own write
+//! completions all wake it; the caller spins briefly before it calls `wait`.
+//!
 //! # Failures
 //!
 //! Every failed work completion (retry exceeded: the peer's NIC stopped
@@ -150,7 +171,7 @@ mod verbs;
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
@@ -180,6 +201,9 @@ const MAX_DATA_INFLIGHT: usize = 64;
 const WR_RECV: u64 = 1;
 const WR_DATA: u64 = 2;
 const WR_STATUS: u64 = 3;
+/// Immediate of a status write: the skip flag with a zero length, which no
+/// data span carries.
+pub const STATUS_IMM: u32 = SKIP_FLAG;
 /// `IBV_PORT_ACTIVE`.
 const IBV_PORT_ACTIVE: u32 = 4;
 /// `IBV_LINK_LAYER_INFINIBAND`.
@@ -363,7 +387,7 @@ fn info_mac(
 ) -> Result<Hmac<Sha256>, TransportError> {
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key)
         .map_err(|_| TransportError::Handshake(crate::protocol::HandshakeError::BadKey))?;
-    mac.update(b"lockstep-rdma-info-v2");
+    mac.update(b"lockstep-rdma-info-v3");
     mac.update(role_label(role));
     mac.update(binding);
     mac.update(body);
@@ -378,10 +402,10 @@ impl PeerInfo {
     pub fn check_usable(&self) -> Result<(), TransportError> {
         if !self.ring_bytes.is_power_of_two()
             || !(64 << 10..=1 << 30).contains(&self.ring_bytes)
-            || self.recv_depth == 0
+            || self.recv_depth < 4
         {
             return Err(TransportError::BadRegion(
-                "the peer announced an unusable ring (size not a power of two in 64 KiB..1 GiB, or no receives)",
+                "the peer announced an unusable ring (size not a power of two in 64 KiB..1 GiB, or fewer than 4 receives)",
             ));
         }
         Ok(())
@@ -680,10 +704,16 @@ pub struct RdmaTransport {
     rx: RxRing,
     /// Ends of the data writes in flight, in post order.
     inflight: VecDeque<u64>,
+    /// Writes with immediate posted (data spans and status writes): each
+    /// consumes one of the peer's receive requests.
     spans_posted: u64,
     peer_reaped: u64,
     /// Receive completions reaped (and receive requests re-posted).
     reaped: u64,
+    /// Of these, the data spans.
+    reaped_data: u64,
+    /// `reaped_data` when the last status went out.
+    status_sent_data: u64,
     status_inflight: bool,
     /// (consumed, reaped, ack) last written to the peer.
     status_sent: (u64, u64, u64),
@@ -894,6 +924,8 @@ impl RdmaTransport {
             spans_posted: 0,
             peer_reaped: 0,
             reaped: 0,
+            reaped_data: 0,
+            status_sent_data: 0,
             status_inflight: false,
             status_sent: (0, 0, 0),
             ack_out: 0,
@@ -1060,7 +1092,17 @@ impl RdmaTransport {
                                 "the peer sent something other than a write with immediate",
                             ));
                         }
-                        self.rx.on_span(imm, byte_len)?;
+                        if imm == STATUS_IMM {
+                            // A status block: read by `refresh_status`.
+                            if byte_len as usize != STATUS_LEN {
+                                return Err(TransportError::BadRegion(
+                                    "the peer's status write has the wrong length",
+                                ));
+                            }
+                        } else {
+                            self.rx.on_span(imm, byte_len)?;
+                            self.reaped_data += 1;
+                        }
                         self.reaped += 1;
                         repost += 1;
                     }
@@ -1120,11 +1162,18 @@ impl RdmaTransport {
         Ok(())
     }
 
+    /// Receive requests of the peer that data writes may use: all but a
+    /// quarter, kept for status writes.
+    fn data_credit(&self) -> u64 {
+        let depth = u64::from(self.peer.recv_depth);
+        depth - (depth / 4).max(1)
+    }
+
     /// Posts committed spans while the limits allow.
     fn post(&mut self) -> Result<bool, TransportError> {
         let mut posted = false;
         while self.inflight.len() < MAX_DATA_INFLIGHT
-            && self.spans_posted - self.peer_reaped < u64::from(self.peer.recv_depth)
+            && self.spans_posted - self.peer_reaped < self.data_credit()
         {
             let Some(span) = self.tx.next_span() else {
                 break;
@@ -1156,12 +1205,14 @@ impl RdmaTransport {
         if now == self.status_sent {
             return Ok(false);
         }
+        let fresh_data = now.0 != c0 || self.reaped_data != self.status_sent_data;
         let due = force
             || now.2 != a0
             || now.0 - c0 >= self.rx_size() / 4
             || now.1 - r0 >= u64::from(RECV_DEPTH / 4)
-            || self.rx.drained();
-        if !due {
+            || (fresh_data && self.rx.drained());
+        // A status write takes one of the peer's receive requests too.
+        if !due || self.spans_posted - self.peer_reaped >= u64::from(self.peer.recv_depth) {
             return Ok(false);
         }
         self.status_out_counter += 1;
@@ -1184,10 +1235,12 @@ impl RdmaTransport {
             STATUS_LEN as u32,
             self.peer.status_addr,
             self.peer.status_rkey,
-            None,
+            Some(STATUS_IMM),
         )?;
+        self.spans_posted += 1;
         self.status_inflight = true;
         self.status_sent = now;
+        self.status_sent_data = self.reaped_data;
         Ok(true)
     }
 
@@ -1360,7 +1413,8 @@ impl Transport for RdmaTransport {
             for wc in &wcs[..n] {
                 let (wr_id, status, _, byte_len, imm) = wc_fields(wc);
                 // Flushed requests (status != SUCCESS) carried nothing.
-                if wr_id == WR_RECV && status == ibv_wc_status::IBV_WC_SUCCESS {
+                if wr_id == WR_RECV && status == ibv_wc_status::IBV_WC_SUCCESS && imm != STATUS_IMM
+                {
                     self.rx.on_span(imm, byte_len)?;
                 }
             }
@@ -1368,6 +1422,34 @@ impl Transport for RdmaTransport {
                 return Ok(());
             }
         }
+    }
+
+    /// Sleeps on the completion channel and the TCP side channel (see
+    /// "Sleeping" in the module docs).
+    fn wait(&mut self, wake: Option<RawFd>, timeout: Duration) -> Result<(), TransportError> {
+        if let Some(e) = self.failure() {
+            return Err(e);
+        }
+        if self.peer_eof {
+            return Ok(());
+        }
+        self.conn.verbs.take_events();
+        self.conn.verbs.arm()?;
+        // Completions that came before the arm raised no event.
+        if self.poll()? {
+            return Ok(());
+        }
+        super::wait_readable(
+            &[self.conn.verbs.event_fd(), self.control.as_raw_fd()],
+            wake,
+            timeout,
+        )?;
+        // The next poll looks at the side channel at once (a readable
+        // side channel means the peer is gone).
+        self.last_check = Instant::now()
+            .checked_sub(CHECK_EVERY)
+            .unwrap_or(self.last_check);
+        Ok(())
     }
 
     fn transport_ack(&mut self) -> Option<u64> {
@@ -1394,18 +1476,22 @@ impl Drop for RdmaTransport {
         // anything it could touch is freed.
         let deadline = Instant::now() + Duration::from_millis(100);
         while self.failed.is_none() && Instant::now() < deadline {
-            let step = self
-                .reap()
-                .and_then(|_| self.post())
-                .and_then(|_| self.send_status(true));
+            // Owed: consumption or the ack (receives re-posted for the
+            // peer's last status writes are not worth another round trip,
+            // and the peer, dropping too, would answer it).
+            let owed =
+                (self.rx.consumed(), self.ack_out) != (self.status_sent.0, self.status_sent.2);
+            let step = self.reap().and_then(|_| self.post()).and_then(|_| {
+                if owed {
+                    self.send_status(true)
+                } else {
+                    Ok(false)
+                }
+            });
             if step.is_err() {
                 break;
             }
-            let now = (self.rx.consumed(), self.reaped, self.ack_out);
-            if !self.status_inflight
-                && self.inflight.is_empty()
-                && !self.tx.has_unposted()
-                && now == self.status_sent
+            if !self.status_inflight && self.inflight.is_empty() && !self.tx.has_unposted() && !owed
             {
                 break;
             }
@@ -1492,6 +1578,7 @@ mod tests {
             (1 << 40, 256),
             (32 << 10, 256),
             (8 << 20, 0),
+            (8 << 20, 3),
         ] {
             let hostile = PeerInfo {
                 ring_bytes,

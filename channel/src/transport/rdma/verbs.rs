@@ -307,10 +307,12 @@ impl Drop for Buf {
     }
 }
 
-/// The verbs objects of one connection: PD, one CQ for both queues, the RC
-/// QP and the memory regions. Dropped before the buffers they cover.
+/// The verbs objects of one connection: PD, a completion channel, one CQ
+/// for both queues (raising its events on the channel), the RC QP and the
+/// memory regions. Dropped before the buffers they cover.
 pub struct Verbs {
     pub pd: *mut ibv_pd,
+    pub channel: *mut ibv_comp_channel,
     pub cq: *mut ibv_cq,
     pub qp: *mut ibv_qp,
     pub mrs: Vec<*mut ibv_mr>,
@@ -319,10 +321,12 @@ pub struct Verbs {
 }
 
 impl Verbs {
-    /// PD + CQ of `cqe` entries on `ctx`.
+    /// PD, a non-blocking completion channel and a CQ of `cqe` entries
+    /// on `ctx`.
     pub fn new(ctx: Context, cqe: i32) -> Result<Self, TransportError> {
         let mut v = Self {
             pd: null_mut(),
+            channel: null_mut(),
             cq: null_mut(),
             qp: null_mut(),
             mrs: Vec::new(),
@@ -333,12 +337,63 @@ impl Verbs {
         if v.pd.is_null() {
             return Err(verbs_err("ibv_alloc_pd"));
         }
-        // SAFETY: a live context; no completion channel, no context pointer.
-        v.cq = unsafe { ibv_create_cq(v.ctx.raw(), cqe, null_mut(), null_mut(), 0) };
+        // SAFETY: a live context.
+        v.channel = unsafe { ibv_create_comp_channel(v.ctx.raw()) };
+        if v.channel.is_null() {
+            return Err(verbs_err("ibv_create_comp_channel"));
+        }
+        let fd = v.event_fd();
+        // SAFETY: fcntl on the channel's own fd.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        // SAFETY: as above.
+        if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+            return Err(TransportError::last_os(
+                "making the completion channel non-blocking",
+            ));
+        }
+        // SAFETY: a live context and completion channel; no context pointer.
+        v.cq = unsafe { ibv_create_cq(v.ctx.raw(), cqe, null_mut(), v.channel, 0) };
         if v.cq.is_null() {
             return Err(verbs_err("ibv_create_cq"));
         }
         Ok(v)
+    }
+
+    /// The completion channel's fd: readable once the armed CQ got a
+    /// completion (see [`Verbs::arm`]).
+    pub fn event_fd(&self) -> i32 {
+        // SAFETY: a live channel (created in `new`, destroyed in `drop`).
+        unsafe { (*self.channel).fd }
+    }
+
+    /// Asks for one event on the channel at the CQ's next completion.
+    pub fn arm(&self) -> Result<(), TransportError> {
+        // SAFETY: a live CQ.
+        let rc = unsafe { ibv_req_notify_cq(self.cq, 0) };
+        check_rc("ibv_req_notify_cq", rc)
+    }
+
+    /// Takes and acknowledges every event waiting on the channel (the fd is
+    /// non-blocking); returns how many there were.
+    pub fn take_events(&self) -> u32 {
+        let mut n = 0u32;
+        loop {
+            let mut cq = null_mut();
+            let mut ctx = null_mut();
+            // SAFETY: a live, non-blocking channel: returns at once, filling
+            // the two pointers on success.
+            if unsafe { ibv_get_cq_event(self.channel, &mut cq, &mut ctx) } != 0 {
+                break;
+            }
+            n += 1;
+        }
+        if n > 0 {
+            // SAFETY: `n` events of our CQ (the only one on the channel)
+            // were taken above and are acknowledged once, as destroying the
+            // CQ requires.
+            unsafe { ibv_ack_cq_events(self.cq, n) };
+        }
+        n
     }
 
     /// Registers `buf` with `access` flags; returns (lkey, rkey).
@@ -559,6 +614,9 @@ impl Drop for Verbs {
             }
             if !self.cq.is_null() {
                 ibv_destroy_cq(self.cq);
+            }
+            if !self.channel.is_null() {
+                ibv_destroy_comp_channel(self.channel);
             }
             if !self.pd.is_null() {
                 ibv_dealloc_pd(self.pd);
