@@ -1,12 +1,10 @@
 //! `lockstep`: the command-line front end. Thin on purpose: it parses
 //! arguments, builds the pieces from the library crates and prints results.
 
-mod chaos;
 mod config;
 mod ft;
 mod guests;
 mod keys;
-mod linearize;
 mod metrics;
 
 use std::fs::File;
@@ -437,6 +435,8 @@ pub(crate) enum CliError {
     Replica(#[from] replica::ReplicaError),
     #[error(transparent)]
     Testbed(#[from] testbed::TestbedError),
+    #[error(transparent)]
+    Chaos(#[from] chaos::ChaosError),
     #[error("{what} {path}")]
     File {
         what: &'static str,
@@ -613,7 +613,12 @@ fn execute(command: Command, matches: &clap::ArgMatches) -> Result<(), CliError>
             json,
         } => {
             liveness.check()?;
-            let campaign = chaos::run(trials, seed, reprotect, liveness)?;
+            let exe = std::env::current_exe().map_err(|source| CliError::File {
+                what: "cannot find this program",
+                path: PathBuf::from("/proc/self/exe"),
+                source,
+            })?;
+            let campaign = chaos::run(trials, seed, reprotect, &liveness.flags(), &exe)?;
             let mut times = campaign.failover_ms.clone();
             let p50 = perf::median(&mut times);
             let max = times.last().copied().unwrap_or(f64::NAN);
