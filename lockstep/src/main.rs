@@ -5,7 +5,6 @@ mod config;
 mod ft;
 mod guests;
 mod keys;
-mod metrics;
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -437,6 +436,8 @@ pub(crate) enum CliError {
     Testbed(#[from] testbed::TestbedError),
     #[error(transparent)]
     Chaos(#[from] chaos::ChaosError),
+    #[error(transparent)]
+    Metrics(#[from] replica::metrics::MetricsError),
     #[error("{what} {path}")]
     File {
         what: &'static str,
@@ -525,7 +526,7 @@ fn execute(command: Command, matches: &clap::ArgMatches) -> Result<(), CliError>
             }
             if let Some(address) = &ops.metrics {
                 ft.board.update(|f| f.role = "primary");
-                metrics::serve(address, ft.board.clone())?;
+                replica::metrics::serve(address, ft.board.clone())?;
             }
             ft::primary(
                 &run,
@@ -568,7 +569,7 @@ fn execute(command: Command, matches: &clap::ArgMatches) -> Result<(), CliError>
             }
             if let Some(address) = &ops.metrics {
                 ft.board.update(|f| f.role = "backup");
-                metrics::serve(address, ft.board.clone())?;
+                replica::metrics::serve(address, ft.board.clone())?;
             }
             match join {
                 Some(primary) => ft::join(

@@ -39,6 +39,7 @@ pub mod backup;
 pub mod failover;
 pub mod join;
 pub mod link;
+pub mod metrics;
 pub mod primary;
 pub mod ratelimit;
 pub mod relay;
