@@ -18,8 +18,8 @@ use replica::primary::PrimaryLink;
 use vmm::events::{Live, Replay};
 use vmm::{Machine, VmConfig, VmmError};
 
-use crate::guests::GuestImage;
 use crate::{CliError, Network, RunArgs, console, ending, log_meta, open_input, vm_config};
+use guest_images::choice::GuestImage;
 
 /// How a replica finds the arbiter and names itself.
 #[derive(Args, Clone)]
@@ -157,7 +157,7 @@ impl FtArgs {
     pub fn link_settings(&self) -> Result<LinkSettings, CliError> {
         self.liveness.check()?;
         let key = match self.link_key.as_ref().or(self.arbiter_key.as_ref()) {
-            Some(path) => crate::keys::read(path, "link key")?,
+            Some(path) => lockstep_config::keys::read(path, "link key")?,
             None => {
                 return Err(CliError::Usage(
                     "no link key: both replicas must prove a pre-shared key; make one with `lockstep keygen FILE` and pass --link-key FILE (or --arbiter-key FILE) to both".into(),

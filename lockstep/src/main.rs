@@ -1,10 +1,8 @@
 //! `lockstep`: the command-line front end. Thin on purpose: it parses
 //! arguments, builds the pieces from the library crates and prints results.
 
-mod config;
 mod ft;
-mod guests;
-mod keys;
+mod overrides;
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -20,7 +18,8 @@ use nic::tap::{RxQueue, TapDevice};
 use vmm::events::{Discard, Live, LogSink, Replay};
 use vmm::{Machine, VmConfig, VmmError};
 
-use crate::guests::GuestImage;
+use guest_images::choice::{self as guests, GuestImage};
+use lockstep_config::{self as config, keys};
 
 /// Fault-tolerant virtual machines: a primary runs a guest on KVM, a backup
 /// replays it in lockstep from a log of its non-deterministic events.
@@ -447,6 +446,8 @@ pub(crate) enum CliError {
     },
     #[error(transparent)]
     Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Key(#[from] keys::KeyError),
     #[error("{0}")]
     Usage(String),
 }
@@ -510,10 +511,11 @@ fn execute(command: Command, matches: &clap::ArgMatches) -> Result<(), CliError>
             if let Some(path) = &ops.config {
                 let loaded = config::load(path)?;
                 loaded.check_role(config::Role::Primary)?;
-                loaded.apply_replica(matches, &mut ft);
-                loaded.apply_primary(
+                overrides::apply_replica(&loaded, matches, &mut ft);
+                overrides::apply_primary(
+                    &loaded,
                     matches,
-                    &mut config::PrimaryFlags {
+                    &mut overrides::PrimaryFlags {
                         run: &mut run,
                         backup: &mut backup,
                         backup_id: &mut backup_id,
@@ -554,10 +556,11 @@ fn execute(command: Command, matches: &clap::ArgMatches) -> Result<(), CliError>
             if let Some(path) = &ops.config {
                 let loaded = config::load(path)?;
                 loaded.check_role(config::Role::Backup)?;
-                loaded.apply_replica(matches, &mut ft);
-                loaded.apply_backup(
+                overrides::apply_replica(&loaded, matches, &mut ft);
+                overrides::apply_backup(
+                    &loaded,
                     matches,
-                    &mut config::BackupFlags {
+                    &mut overrides::BackupFlags {
                         listen: &mut listen,
                         tap: &mut tap,
                         join: &mut join,
