@@ -437,6 +437,8 @@ pub(crate) enum CliError {
     Chaos(#[from] chaos::ChaosError),
     #[error(transparent)]
     Metrics(#[from] replica::metrics::MetricsError),
+    #[error(transparent)]
+    Status(#[from] replica::status::StatusError),
     #[error("{what} {path}")]
     File {
         what: &'static str,
@@ -608,7 +610,10 @@ fn execute(command: Command, matches: &clap::ArgMatches) -> Result<(), CliError>
             );
             Ok(())
         }
-        Command::Status { dir, json } => ft::status(&dir, json),
+        Command::Status { dir, json } => {
+            print!("{}", replica::status::report(&dir, json)?);
+            Ok(())
+        }
         Command::Chaos {
             trials,
             seed,

@@ -41,6 +41,7 @@ pub mod join;
 pub mod link;
 pub mod metrics;
 pub mod primary;
+pub mod promotion;
 pub mod ratelimit;
 pub mod relay;
 pub mod status;
