@@ -213,55 +213,6 @@ pub struct Peers<'a> {
     pub supersede_generation: Option<u64>,
 }
 
-/// Which generation a starting primary registers its pair over: 0 for a VM
-/// the arbiter has never seen, or the generation the operator named with
-/// `--supersede-generation`, which must be the current one. Anything else
-/// is refused with who holds which generation: a primary restarted by a
-/// supervisor, or a second one started by mistake with the same id, must
-/// never take the VM from a running pair (or from a backup failing over,
-/// which holds the only current state).
-fn generation_to_supersede(
-    vm: u64,
-    me: &ReplicaId,
-    record: Option<&arbiter::VmRecord>,
-    supersede: Option<u64>,
-) -> Result<u64, CliError> {
-    let describe = |r: &arbiter::VmRecord| {
-        format!(
-            "generation {} has primary {} and {}",
-            r.generation,
-            r.primary,
-            r.backup.as_ref().map_or_else(
-                || "no backup (it runs alone)".to_string(),
-                |b| format!("backup {b}")
-            )
-        )
-    };
-    match (record, supersede) {
-        (None, None) => Ok(0),
-        (None, Some(g)) => Err(CliError::Usage(format!(
-            "--supersede-generation {g}: the arbiter has no record of VM {vm}; start without it"
-        ))),
-        (Some(r), None) => Err(VmmError::Halted(format!(
-            "refusing to start VM {vm} as {me}: the arbiter already records it ({}). A running pair, or a backup taking over, may hold the only current state. If that pair is gone for good, start again with --supersede-generation {}",
-            describe(r),
-            r.generation
-        ))
-        .into()),
-        (Some(r), Some(g)) if r.generation != g => Err(VmmError::Halted(format!(
-            "--supersede-generation {g} is not VM {vm}'s current generation: {}; refusing to start",
-            describe(r)
-        ))
-        .into()),
-        (Some(r), Some(g)) if r.primary != *me => Err(VmmError::Halted(format!(
-            "--supersede-generation {g}: only the primary of generation {g} may start a new pair for VM {vm} ({}), not {me}; refusing to start",
-            describe(r)
-        ))
-        .into()),
-        (Some(_), Some(g)) => Ok(g),
-    }
-}
-
 pub fn primary(
     args: &RunArgs,
     peers: &Peers<'_>,
@@ -281,12 +232,16 @@ pub fn primary(
         Some(arbiter) => {
             let peer = ReplicaId::new(backup_id).map_err(|e| CliError::Usage(e.to_string()))?;
             let record = arbiter.read(ft.vm_id).map_err(arbiter_error)?;
-            let expected = generation_to_supersede(
+            let expected = replica::primary::generation_to_supersede(
                 ft.vm_id,
                 &me,
                 record.as_ref(),
                 peers.supersede_generation,
-            )?;
+            )
+            .map_err(|error| match error {
+                replica::primary::SupersedeError::Refused(why) => VmmError::Halted(why).into(),
+                usage => CliError::Usage(usage.to_string()),
+            })?;
             match arbiter
                 .register(ft.vm_id, expected, &me, &peer)
                 .map_err(arbiter_error)?
@@ -716,33 +671,14 @@ pub fn join(
         .read(ft.vm_id)
         .map_err(arbiter_error)?
         .ok_or_else(|| CliError::Usage(format!("the arbiter knows no VM {}", ft.vm_id)))?;
-    let mut stream =
-        std::net::TcpStream::connect(primary).map_err(|source| replica::ReplicaError::Link {
-            what: format!("connect to the primary's join address {primary}"),
-            source,
-        })?;
+    let (stream, generation) =
+        replica::join::connect(primary, &settings, record.generation, me.as_str())?;
     let link_error = |what: &'static str| {
         move |source| replica::ReplicaError::Link {
             what: what.into(),
             source,
         }
     };
-    stream
-        .set_nodelay(true)
-        .map_err(link_error("set TCP_NODELAY"))?;
-    stream
-        .set_read_timeout(Some(channel::protocol::HANDSHAKE_TIMEOUT))
-        .map_err(link_error("set the join timeout"))?;
-    // We connected to the primary's join port: we prove the key first.
-    channel::protocol::handshake_as(
-        &mut stream,
-        &settings.session(channel::protocol::Role::Backup, record.generation),
-        channel::protocol::PROTOCOL_VERSION,
-        channel::protocol::Side::Connecting,
-    )
-    .map_err(|e| replica::ReplicaError::Channel(arbiter::error_chain(&e)))?;
-    replica::join::send_name(&mut stream, me.as_str())?;
-    let generation = replica::join::read_generation(&mut stream)?;
     if generation == 0 {
         return Err(VmmError::Halted(format!(
             "the primary at {primary} refused {me} as its new backup (see its log)"
