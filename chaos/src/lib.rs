@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use testbed::{Link, Ns, Testbed};
 
+pub mod deploy;
 pub mod linearize;
 
 use crate::linearize::{Call, Op, Reply, Verdict};
@@ -47,6 +48,8 @@ pub enum ChaosError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Key(#[from] lockstep_config::keys::KeyError),
     #[error("{0}")]
     Usage(String),
 }

@@ -482,22 +482,11 @@ impl Loaded {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parsed(text: &str) -> Result<Loaded, ConfigError> {
-        parse(Path::new("test.toml"), text.to_string())
-    }
-
-    fn message(result: Result<Loaded, ConfigError>) -> String {
-        match result {
-            Ok(_) => panic!("accepted"),
-            Err(error) => error.to_string(),
-        }
-    }
-
-    const FULL: &str = r#"role = "primary"
+/// A primary's config file using every setting (the key file need not
+/// exist: [`parse`] and [`Loaded::check_role`] accept it, [`Loaded::validate`]
+/// does not), for tests of the file and of how flags override it.
+#[doc(hidden)]
+pub const EXAMPLE_PRIMARY: &str = r#"role = "primary"
 metrics = "127.0.0.1:9400"
 
 [replica]
@@ -522,6 +511,23 @@ backup = "10.1.0.2:7700"
 backup_id = "host-b"
 join_listen = "10.1.0.1:7800"
 "#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(text: &str) -> Result<Loaded, ConfigError> {
+        parse(Path::new("test.toml"), text.to_string())
+    }
+
+    fn message(result: Result<Loaded, ConfigError>) -> String {
+        match result {
+            Ok(_) => panic!("accepted"),
+            Err(error) => error.to_string(),
+        }
+    }
+
+    use crate::EXAMPLE_PRIMARY as FULL;
 
     #[test]
     fn a_full_file_parses() {

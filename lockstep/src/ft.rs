@@ -17,7 +17,9 @@ use replica::primary::PrimaryLink;
 use vmm::events::{Live, Replay};
 use vmm::{Machine, VmConfig, VmmError};
 
-use crate::{CliError, Network, RunArgs, console, ending, log_meta, open_input, vm_config};
+use replica::network::Network;
+
+use crate::{CliError, RunArgs, console, ending, log_meta, open_input, vm_config};
 use guest_images::choice::GuestImage;
 
 /// How a replica finds the arbiter and names itself.
@@ -263,7 +265,7 @@ pub fn primary(
         me: me.clone(),
         generation,
     });
-    let network = Network::open_with(args, true)?;
+    let network = Network::open_with(args.tap.as_deref(), true)?;
     let gate = match &network {
         Some(network) => Arc::clone(&network.gate),
         None => Arc::new(OutputGate::new(Box::new(nic::gate::Dropped))),

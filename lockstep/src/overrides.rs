@@ -199,31 +199,7 @@ mod tests {
 
     use super::*;
 
-    const FULL: &str = r#"role = "primary"
-metrics = "127.0.0.1:9400"
-
-[replica]
-id = "host-a"
-vm_id = 7
-arbiter = "etcd://10.0.0.5:2379,10.0.0.6:2379"
-link_key = "/etc/lockstep/link.key"
-transport = "shm"
-peer_timeout_ms = 800
-status_dir = "/run/x"
-
-[guest]
-name = "net"
-mem_mib = 32
-arg = 5
-tap = "tap0"
-quiet = true
-digest_interval = 50
-
-[primary]
-backup = "10.1.0.2:7700"
-backup_id = "host-b"
-join_listen = "10.1.0.1:7800"
-"#;
+    use lockstep_config::EXAMPLE_PRIMARY as FULL;
 
     #[test]
     fn flags_override_the_file_and_defaults_do_not() {

@@ -40,6 +40,7 @@ pub mod failover;
 pub mod join;
 pub mod link;
 pub mod metrics;
+pub mod network;
 pub mod primary;
 pub mod promotion;
 pub mod ratelimit;
