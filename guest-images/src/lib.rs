@@ -12,6 +12,8 @@
 //! The programs themselves live in `guest/` (a `#![no_std]` crate outside the
 //! workspace); `build.rs` builds them with their own linker script.
 
+pub mod choice;
+
 include!(concat!(env!("OUT_DIR"), "/images.rs"));
 
 /// Looks up an embedded guest image by name.

@@ -9,17 +9,18 @@ use std::time::Duration;
 
 use arbiter::{Arbiter, EmbeddedArbiter, Key, Outcome, ReplicaId, error_chain};
 use clap::Args;
-use nic::gate::{FrameOut, OutputGate};
-use nic::tap::{RxQueue, TapDevice};
+use nic::gate::OutputGate;
 use replica::backup::LinkListener;
-use replica::failover::{BackupSource, CutoverOutput, FailoverSink, GoLive, Membership, Promote};
+use replica::failover::{BackupSource, CutoverOutput, FailoverSink, Membership, Promote};
 use replica::link::{LinkSettings, TransportKind};
 use replica::primary::PrimaryLink;
 use vmm::events::{Live, Replay};
 use vmm::{Machine, VmConfig, VmmError};
 
-use crate::guests::GuestImage;
-use crate::{CliError, Network, RunArgs, console, ending, log_meta, open_input, vm_config};
+use replica::network::Network;
+
+use crate::{CliError, RunArgs, console, ending, log_meta, open_input, vm_config};
+use guest_images::choice::GuestImage;
 
 /// How a replica finds the arbiter and names itself.
 #[derive(Args, Clone)]
@@ -157,7 +158,7 @@ impl FtArgs {
     pub fn link_settings(&self) -> Result<LinkSettings, CliError> {
         self.liveness.check()?;
         let key = match self.link_key.as_ref().or(self.arbiter_key.as_ref()) {
-            Some(path) => crate::keys::read(path, "link key")?,
+            Some(path) => lockstep_config::keys::read(path, "link key")?,
             None => {
                 return Err(CliError::Usage(
                     "no link key: both replicas must prove a pre-shared key; make one with `lockstep keygen FILE` and pass --link-key FILE (or --arbiter-key FILE) to both".into(),
@@ -214,55 +215,6 @@ pub struct Peers<'a> {
     pub supersede_generation: Option<u64>,
 }
 
-/// Which generation a starting primary registers its pair over: 0 for a VM
-/// the arbiter has never seen, or the generation the operator named with
-/// `--supersede-generation`, which must be the current one. Anything else
-/// is refused with who holds which generation: a primary restarted by a
-/// supervisor, or a second one started by mistake with the same id, must
-/// never take the VM from a running pair (or from a backup failing over,
-/// which holds the only current state).
-fn generation_to_supersede(
-    vm: u64,
-    me: &ReplicaId,
-    record: Option<&arbiter::VmRecord>,
-    supersede: Option<u64>,
-) -> Result<u64, CliError> {
-    let describe = |r: &arbiter::VmRecord| {
-        format!(
-            "generation {} has primary {} and {}",
-            r.generation,
-            r.primary,
-            r.backup.as_ref().map_or_else(
-                || "no backup (it runs alone)".to_string(),
-                |b| format!("backup {b}")
-            )
-        )
-    };
-    match (record, supersede) {
-        (None, None) => Ok(0),
-        (None, Some(g)) => Err(CliError::Usage(format!(
-            "--supersede-generation {g}: the arbiter has no record of VM {vm}; start without it"
-        ))),
-        (Some(r), None) => Err(VmmError::Halted(format!(
-            "refusing to start VM {vm} as {me}: the arbiter already records it ({}). A running pair, or a backup taking over, may hold the only current state. If that pair is gone for good, start again with --supersede-generation {}",
-            describe(r),
-            r.generation
-        ))
-        .into()),
-        (Some(r), Some(g)) if r.generation != g => Err(VmmError::Halted(format!(
-            "--supersede-generation {g} is not VM {vm}'s current generation: {}; refusing to start",
-            describe(r)
-        ))
-        .into()),
-        (Some(r), Some(g)) if r.primary != *me => Err(VmmError::Halted(format!(
-            "--supersede-generation {g}: only the primary of generation {g} may start a new pair for VM {vm} ({}), not {me}; refusing to start",
-            describe(r)
-        ))
-        .into()),
-        (Some(_), Some(g)) => Ok(g),
-    }
-}
-
 pub fn primary(
     args: &RunArgs,
     peers: &Peers<'_>,
@@ -282,12 +234,16 @@ pub fn primary(
         Some(arbiter) => {
             let peer = ReplicaId::new(backup_id).map_err(|e| CliError::Usage(e.to_string()))?;
             let record = arbiter.read(ft.vm_id).map_err(arbiter_error)?;
-            let expected = generation_to_supersede(
+            let expected = replica::primary::generation_to_supersede(
                 ft.vm_id,
                 &me,
                 record.as_ref(),
                 peers.supersede_generation,
-            )?;
+            )
+            .map_err(|error| match error {
+                replica::primary::SupersedeError::Refused(why) => VmmError::Halted(why).into(),
+                usage => CliError::Usage(usage.to_string()),
+            })?;
             match arbiter
                 .register(ft.vm_id, expected, &me, &peer)
                 .map_err(arbiter_error)?
@@ -309,10 +265,10 @@ pub fn primary(
         me: me.clone(),
         generation,
     });
-    let network = Network::open_with(args, true)?;
+    let network = Network::open_with(args.tap.as_deref(), true)?;
     let gate = match &network {
         Some(network) => Arc::clone(&network.gate),
-        None => Arc::new(OutputGate::new(Box::new(Dropped))),
+        None => Arc::new(OutputGate::new(Box::new(nic::gate::Dropped))),
     };
     let settings = ft.link_settings()?;
     let link = PrimaryLink::connect(
@@ -493,73 +449,6 @@ pub fn primary(
         })?;
     }
     Ok(())
-}
-
-/// Frames of a VM without a NIC (there are none).
-struct Dropped;
-
-impl FrameOut for Dropped {
-    fn send(&mut self, _frame: &[u8]) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Waits until the kernel reports interface `name` running (`IFF_RUNNING`:
-/// its carrier was processed, so a bridge it belongs to forwards its
-/// frames), for at most `timeout`. Returns how long it waited, or `None` if
-/// it never did (or the flags cannot be read: the caller goes on anyway).
-fn wait_until_running(name: &str, timeout: Duration) -> Option<Duration> {
-    let started = std::time::Instant::now();
-    // SAFETY: socket(2) with constant arguments; the fd is closed below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: `ifreq` is plain data for which all-zero bytes are valid.
-    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (slot, byte) in request
-        .ifr_name
-        .iter_mut()
-        .zip(name.bytes().take(libc::IFNAMSIZ - 1))
-    {
-        *slot = byte as libc::c_char;
-    }
-    let running = loop {
-        // SAFETY: SIOCGIFFLAGS reads the NUL-terminated name in `request`
-        // and writes only its flags field; `fd` is an open socket.
-        let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut request) };
-        if rc < 0 {
-            break None;
-        }
-        // SAFETY: SIOCGIFFLAGS filled the union's flags member.
-        let flags = unsafe { request.ifr_ifru.ifru_flags };
-        if flags & libc::IFF_RUNNING as libc::c_short != 0 {
-            break Some(started.elapsed());
-        }
-        if started.elapsed() >= timeout {
-            break None;
-        }
-        std::thread::sleep(Duration::from_micros(200));
-    };
-    // SAFETY: `fd` is ours and closed once.
-    unsafe { libc::close(fd) };
-    running
-}
-
-/// A gratuitous ARP announcing `ip` at `mac`, so switches and neighbours
-/// learn the guest's new port.
-fn gratuitous_arp(mac: [u8; 6], ip: [u8; 4]) -> Vec<u8> {
-    let mut frame = Vec::with_capacity(60);
-    frame.extend_from_slice(&[0xff; 6]);
-    frame.extend_from_slice(&mac);
-    frame.extend_from_slice(&[0x08, 0x06]); // ARP
-    frame.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]); // Ethernet/IPv4, request
-    frame.extend_from_slice(&mac);
-    frame.extend_from_slice(&ip);
-    frame.extend_from_slice(&[0; 6]);
-    frame.extend_from_slice(&ip);
-    frame.resize(60, 0);
-    frame
 }
 
 /// `lockstep backup`.
@@ -784,33 +673,14 @@ pub fn join(
         .read(ft.vm_id)
         .map_err(arbiter_error)?
         .ok_or_else(|| CliError::Usage(format!("the arbiter knows no VM {}", ft.vm_id)))?;
-    let mut stream =
-        std::net::TcpStream::connect(primary).map_err(|source| replica::ReplicaError::Link {
-            what: format!("connect to the primary's join address {primary}"),
-            source,
-        })?;
+    let (stream, generation) =
+        replica::join::connect(primary, &settings, record.generation, me.as_str())?;
     let link_error = |what: &'static str| {
         move |source| replica::ReplicaError::Link {
             what: what.into(),
             source,
         }
     };
-    stream
-        .set_nodelay(true)
-        .map_err(link_error("set TCP_NODELAY"))?;
-    stream
-        .set_read_timeout(Some(channel::protocol::HANDSHAKE_TIMEOUT))
-        .map_err(link_error("set the join timeout"))?;
-    // We connected to the primary's join port: we prove the key first.
-    channel::protocol::handshake_as(
-        &mut stream,
-        &settings.session(channel::protocol::Role::Backup, record.generation),
-        channel::protocol::PROTOCOL_VERSION,
-        channel::protocol::Side::Connecting,
-    )
-    .map_err(|e| replica::ReplicaError::Channel(arbiter::error_chain(&e)))?;
-    replica::join::send_name(&mut stream, me.as_str())?;
-    let generation = replica::join::read_generation(&mut stream)?;
     if generation == 0 {
         return Err(VmmError::Halted(format!(
             "the primary at {primary} refused {me} as its new backup (see its log)"
@@ -984,7 +854,7 @@ fn spawn_join_service(
 struct BackupSide {
     has_nic: bool,
     gate: Arc<OutputGate>,
-    promotion: Option<Promotion>,
+    promotion: Option<replica::promotion::Promotion>,
     joins: Option<JoinSetup>,
 }
 
@@ -1012,7 +882,7 @@ impl BackupSide {
             )?),
             None => None,
         };
-        let promotion = Promotion {
+        let promotion = replica::promotion::Promotion {
             tap: tap.map(str::to_string),
             mac: config.mac,
             guest_arg: meta.guest_arg,
@@ -1036,189 +906,7 @@ impl BackupSide {
     fn promote(&mut self) -> Result<Promote, CliError> {
         self.promotion
             .take()
-            .map(promotion)
+            .map(replica::promotion::promotion)
             .ok_or_else(|| CliError::Usage("the promotion was already taken".into()))
-    }
-}
-
-/// What a backup needs to go live and, once live, to take a new backup on.
-struct Promotion {
-    tap: Option<String>,
-    mac: Option<[u8; 6]>,
-    guest_arg: u64,
-    output: CutoverOutput,
-    stop: Arc<AtomicBool>,
-    /// The backup's output gate (open; it holds again while a backup joins).
-    gate: Arc<OutputGate>,
-    /// Who this replica is at the arbiter.
-    membership: Option<Membership>,
-    /// Where new backups join once this one is live (`--join-listen`).
-    joins: Option<Arc<replica::join::JoinPort>>,
-    peer_timeout: Duration,
-    /// Where the live sink counts its events (the backup's figures).
-    board: replica::status::Board,
-}
-
-/// What a backup does when it wins the arbiter: attach the NIC to the TAP,
-/// announce the guest, and hand back live event sources whose sink runs
-/// alone (and takes a joining backup on, with `--join-listen`).
-fn promotion(promotion: Promotion) -> Promote {
-    let Promotion {
-        tap,
-        mac,
-        guest_arg,
-        output,
-        stop,
-        gate,
-        membership,
-        joins,
-        peer_timeout,
-        board,
-    } = promotion;
-    Box::new(move |go: GoLive| {
-        let GoLive {
-            clock_ns: clock,
-            generation,
-            stream_ended,
-        } = go;
-        let mut membership = membership.clone().ok_or_else(|| {
-            VmmError::Halted("a backup without an arbiter never goes live".into())
-        })?;
-        membership.generation = generation;
-        // The backup's own status file keeps reporting (role: live).
-        let mut sink = FailoverSink::alone(Arc::clone(&gate), membership, peer_timeout)
-            .with_board(board.clone());
-        if let Some(port) = &joins {
-            sink = sink.with_joins(Arc::clone(port));
-        }
-        let live = Live::new(Box::new(std::io::empty()), sink)
-            .streaming()
-            .with_clock_base(clock)
-            .with_stop(Arc::clone(&stop));
-        let (Some(mac), Some(name)) = (mac, tap.as_deref()) else {
-            return Ok(live);
-        };
-        // The old primary may still hold the TAP until it learns it lost the
-        // arbiter and halts: wait for it to let go.
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        let device = loop {
-            match TapDevice::open(name) {
-                Ok(device) => break device,
-                Err(nic::NicError::Tap { source, .. })
-                    if source.raw_os_error() == Some(libc::EBUSY)
-                        && std::time::Instant::now() < deadline =>
-                {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err(error) => return Err(VmmError::Config(error.to_string())),
-            }
-        };
-        let queue = Arc::new(RxQueue::default());
-        // The reader thread serves the live guest until the process ends.
-        let _reader = device
-            .spawn_reader(Arc::clone(&queue), Arc::new(AtomicBool::new(false)))
-            .map_err(|e| VmmError::Config(e.to_string()))?;
-        let mut writer = device
-            .writer()
-            .map_err(|e| VmmError::Config(e.to_string()))?;
-        // Frames written before the kernel processed the TAP's carrier are
-        // dropped by the bridge: wait for it (a few ms), so the resent
-        // frames below reach the client.
-        let carrier = wait_until_running(name, Duration::from_secs(2));
-        let (ip, _) = guest_abi::net_address_from_arg(guest_arg);
-        let announcement = gratuitous_arp(mac, ip);
-        let _ = writer.send(&announcement);
-        // Announce again a few times, as QEMU's self-announce does: a
-        // bridge port may start forwarding only once the kernel has
-        // processed the TAP's carrier (deferred work), and a switch that
-        // missed the first announcement would keep sending the guest's
-        // frames to the dead host's port. Only the host sees these frames.
-        if let Ok(mut again) = device.writer() {
-            let _ = std::thread::Builder::new()
-                .name("announce".into())
-                .spawn(move || {
-                    for delay_ms in [50, 150, 300, 500, 1000] {
-                        std::thread::sleep(Duration::from_millis(delay_ms));
-                        let _ = again.send(&announcement);
-                    }
-                });
-        }
-        // The frames the old primary may never have released, then live.
-        let resent = output.go_live(Box::new(writer), stream_ended);
-        tracing::info!(
-            "lockstep backup: NIC attached to {name} ({}); gratuitous ARP sent for {}.{}.{}.{}; resent {} frames ({} bytes) the old primary may not have released ({} older replay frames not resent; {} ms after the stream ended)",
-            carrier.map_or("carrier not seen within 2 s".to_string(), |d| format!(
-                "running after {} µs",
-                d.as_micros()
-            )),
-            ip[0],
-            ip[1],
-            ip[2],
-            ip[3],
-            resent.frames,
-            resent.bytes,
-            resent.older,
-            stream_ended.elapsed().as_millis()
-        );
-        Ok(live.with_network(queue))
-    })
-}
-
-/// `lockstep status`: what every replica on this host says it is doing.
-pub fn status(dir: &Path, json: bool) -> Result<(), CliError> {
-    if json {
-        let replicas = replica::status::read_all_json(dir).map_err(|source| CliError::File {
-            what: "no replica figures in",
-            path: dir.to_path_buf(),
-            source,
-        })?;
-        let list: Vec<serde_json::Value> = replicas
-            .into_iter()
-            .map(|(id, age, figures)| {
-                serde_json::json!({
-                    "id": id,
-                    "updated_ms_ago": u64::try_from(age.as_millis()).unwrap_or(u64::MAX),
-                    "running": age <= Duration::from_secs(3),
-                    "figures": figures,
-                })
-            })
-            .collect();
-        println!("{}", serde_json::Value::Array(list));
-        return Ok(());
-    }
-    let replicas = replica::status::read_all(dir).map_err(|source| CliError::File {
-        what: "no replica status in",
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    if replicas.is_empty() {
-        println!("no replicas have published a status in {}", dir.display());
-    }
-    for (id, age, text) in replicas {
-        let state = if age > Duration::from_secs(3) {
-            format!("NOT RUNNING (last word {:.1} s ago)", age.as_secs_f64())
-        } else {
-            format!("updated {} ms ago", age.as_millis())
-        };
-        println!("== {id}: {state}");
-        for line in text.lines() {
-            println!("   {line}");
-        }
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn gratuitous_arp_announces_the_guest() {
-        let frame = gratuitous_arp([2, 0, 0, 0, 0, 9], [10, 77, 0, 2]);
-        assert_eq!(frame.len(), 60);
-        assert_eq!(&frame[..6], &[0xff; 6]);
-        assert_eq!(&frame[12..14], &[0x08, 0x06]);
-        assert_eq!(&frame[28..32], &[10, 77, 0, 2], "sender IP");
-        assert_eq!(&frame[38..42], &[10, 77, 0, 2], "target IP");
     }
 }

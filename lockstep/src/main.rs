@@ -1,13 +1,8 @@
 //! `lockstep`: the command-line front end. Thin on purpose: it parses
 //! arguments, builds the pieces from the library crates and prints results.
 
-mod chaos;
-mod config;
 mod ft;
-mod guests;
-mod keys;
-mod linearize;
-mod metrics;
+mod overrides;
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -18,12 +13,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use channel::log::{LogMeta, LogReader, LogWriter};
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
-use nic::gate::OutputGate;
-use nic::tap::{RxQueue, TapDevice};
+use replica::network::Network;
 use vmm::events::{Discard, Live, LogSink, Replay};
 use vmm::{Machine, VmConfig, VmmError};
 
-use crate::guests::GuestImage;
+use guest_images::choice::{self as guests, GuestImage};
+use lockstep_config::{self as config, keys};
 
 /// Fault-tolerant virtual machines: a primary runs a guest on KVM, a backup
 /// replays it in lockstep from a log of its non-deterministic events.
@@ -437,6 +432,12 @@ pub(crate) enum CliError {
     Replica(#[from] replica::ReplicaError),
     #[error(transparent)]
     Testbed(#[from] testbed::TestbedError),
+    #[error(transparent)]
+    Chaos(#[from] chaos::ChaosError),
+    #[error(transparent)]
+    Metrics(#[from] replica::metrics::MetricsError),
+    #[error(transparent)]
+    Status(#[from] replica::status::StatusError),
     #[error("{what} {path}")]
     File {
         what: &'static str,
@@ -446,6 +447,8 @@ pub(crate) enum CliError {
     },
     #[error(transparent)]
     Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Key(#[from] keys::KeyError),
     #[error("{0}")]
     Usage(String),
 }
@@ -509,10 +512,11 @@ fn execute(command: Command, matches: &clap::ArgMatches) -> Result<(), CliError>
             if let Some(path) = &ops.config {
                 let loaded = config::load(path)?;
                 loaded.check_role(config::Role::Primary)?;
-                loaded.apply_replica(matches, &mut ft);
-                loaded.apply_primary(
+                overrides::apply_replica(&loaded, matches, &mut ft);
+                overrides::apply_primary(
+                    &loaded,
                     matches,
-                    &mut config::PrimaryFlags {
+                    &mut overrides::PrimaryFlags {
                         run: &mut run,
                         backup: &mut backup,
                         backup_id: &mut backup_id,
@@ -525,7 +529,7 @@ fn execute(command: Command, matches: &clap::ArgMatches) -> Result<(), CliError>
             }
             if let Some(address) = &ops.metrics {
                 ft.board.update(|f| f.role = "primary");
-                metrics::serve(address, ft.board.clone())?;
+                replica::metrics::serve(address, ft.board.clone())?;
             }
             ft::primary(
                 &run,
@@ -553,10 +557,11 @@ fn execute(command: Command, matches: &clap::ArgMatches) -> Result<(), CliError>
             if let Some(path) = &ops.config {
                 let loaded = config::load(path)?;
                 loaded.check_role(config::Role::Backup)?;
-                loaded.apply_replica(matches, &mut ft);
-                loaded.apply_backup(
+                overrides::apply_replica(&loaded, matches, &mut ft);
+                overrides::apply_backup(
+                    &loaded,
                     matches,
-                    &mut config::BackupFlags {
+                    &mut overrides::BackupFlags {
                         listen: &mut listen,
                         tap: &mut tap,
                         join: &mut join,
@@ -568,7 +573,7 @@ fn execute(command: Command, matches: &clap::ArgMatches) -> Result<(), CliError>
             }
             if let Some(address) = &ops.metrics {
                 ft.board.update(|f| f.role = "backup");
-                metrics::serve(address, ft.board.clone())?;
+                replica::metrics::serve(address, ft.board.clone())?;
             }
             match join {
                 Some(primary) => ft::join(
@@ -604,7 +609,10 @@ fn execute(command: Command, matches: &clap::ArgMatches) -> Result<(), CliError>
             );
             Ok(())
         }
-        Command::Status { dir, json } => ft::status(&dir, json),
+        Command::Status { dir, json } => {
+            print!("{}", replica::status::report(&dir, json)?);
+            Ok(())
+        }
         Command::Chaos {
             trials,
             seed,
@@ -613,7 +621,8 @@ fn execute(command: Command, matches: &clap::ArgMatches) -> Result<(), CliError>
             json,
         } => {
             liveness.check()?;
-            let campaign = chaos::run(trials, seed, reprotect, liveness)?;
+            let campaign =
+                chaos::run(trials, seed, reprotect, &liveness.flags(), &this_program()?)?;
             let mut times = campaign.failover_ms.clone();
             let p50 = perf::median(&mut times);
             let max = times.last().copied().unwrap_or(f64::NAN);
@@ -668,7 +677,19 @@ fn execute(command: Command, matches: &clap::ArgMatches) -> Result<(), CliError>
             client_link,
             log_link,
             liveness,
-        } => up(transport, link, client_link, log_link, liveness),
+        } => {
+            liveness.check()?;
+            chaos::deploy::up(
+                &this_program()?,
+                transport,
+                link,
+                client_link,
+                log_link,
+                &liveness.flags(),
+                stop_flag(),
+            )?;
+            Ok(())
+        }
         Command::Client { run, command } => client(run.as_deref(), &command),
         Command::Testbed { action } => testbed_command(action),
         Command::Bench {
@@ -692,6 +713,15 @@ extern "C" fn request_stop(_signal: libc::c_int) {
     if let Some(flag) = STOP.get() {
         flag.store(true, Ordering::Relaxed);
     }
+}
+
+/// The path of this executable, which the deployments run.
+fn this_program() -> Result<PathBuf, CliError> {
+    std::env::current_exe().map_err(|source| CliError::File {
+        what: "cannot find this program",
+        path: PathBuf::from("/proc/self/exe"),
+        source,
+    })
 }
 
 fn stop_flag() -> Arc<AtomicBool> {
@@ -735,80 +765,9 @@ pub(crate) fn vm_config(args: &RunArgs) -> VmConfig {
     }
 }
 
-/// A TAP interface wired to the guest: its reader thread fills `queue`, and
-/// `gate` (open: no backup to wait for) writes the guest's frames to it.
-pub(crate) struct Network {
-    queue: Arc<RxQueue>,
-    gate: Arc<OutputGate>,
-    /// With `gated`: the guard between the gate and the TAP (frames leave
-    /// only while the backup's acks are fresh; see `replica::failover`).
-    guard: Option<replica::failover::OutputGuard>,
-    stop: Arc<AtomicBool>,
-    reader: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Network {
-    fn open(args: &RunArgs) -> Result<Option<Self>, CliError> {
-        Self::open_with(args, false)
-    }
-
-    /// With `gated`, frames are held until acknowledged (a primary with a
-    /// backup); otherwise they leave at once (FT off).
-    fn open_with(args: &RunArgs, gated: bool) -> Result<Option<Self>, CliError> {
-        let Some(name) = &args.tap else {
-            return Ok(None);
-        };
-        let tap = TapDevice::open(name)?;
-        let queue = Arc::new(RxQueue::default());
-        let stop = Arc::new(AtomicBool::new(false));
-        let reader = tap.spawn_reader(Arc::clone(&queue), Arc::clone(&stop))?;
-        let out = Box::new(tap.writer()?);
-        let (gate, guard) = if gated {
-            let guard = replica::failover::OutputGuard::new(out);
-            (OutputGate::new(Box::new(guard.clone())), Some(guard))
-        } else {
-            (OutputGate::open(out), None)
-        };
-        let gate = Arc::new(gate);
-        Ok(Some(Self {
-            queue,
-            gate,
-            guard,
-            stop,
-            reader: Some(reader),
-        }))
-    }
-
-    fn live<S: vmm::events::EventSink>(network: &Option<Self>, live: Live<S>) -> Live<S> {
-        match network {
-            Some(network) => live.with_network(Arc::clone(&network.queue)),
-            None => live,
-        }
-    }
-
-    fn attach<E: vmm::events::EventSource>(
-        network: &Option<Self>,
-        machine: &mut Machine<E>,
-    ) -> Result<(), CliError> {
-        if let Some(network) = network {
-            machine.set_net_output(Arc::clone(&network.gate))?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Network {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(reader) = self.reader.take() {
-            let _ = reader.join();
-        }
-    }
-}
-
 fn run(args: &RunArgs) -> Result<(), CliError> {
     let guest = GuestImage::resolve(&args.guest)?;
-    let network = Network::open(args)?;
+    let network = Network::open(args.tap.as_deref())?;
     let events = Network::live(
         &network,
         Live::new(open_input(args.input.as_ref())?, Discard),
@@ -869,7 +828,7 @@ fn record(args: &RunArgs, log: &PathBuf, digest_interval: u64) -> Result<(), Cli
         BufWriter::with_capacity(1 << 16, out),
         &meta,
     )?);
-    let network = Network::open(args)?;
+    let network = Network::open(args.tap.as_deref())?;
     let mut events = Network::live(&network, Live::new(open_input(args.input.as_ref())?, sink))
         .with_stop(stop_flag());
     if streaming {
@@ -981,265 +940,6 @@ pub(crate) fn log_meta(
         vm_flags: config.flags(),
         guest_name: guest.name().to_string(),
     }
-}
-
-/// Port of each replica's join service (`--join-listen`) on its end of the
-/// logging link, and of the arbiter in its namespace.
-const UP_JOIN_PORT: u16 = 7800;
-const UP_ARBITER_PORT: u16 = 7400;
-
-fn up(
-    transport: replica::link::TransportKind,
-    link: Option<String>,
-    client_link: testbed::Rate,
-    log_link: testbed::Rate,
-    liveness: ft::LivenessArgs,
-) -> Result<(), CliError> {
-    liveness.check()?;
-    use testbed::Ns;
-    let bed = testbed::Testbed::up(&testbed::Config {
-        client_link,
-        log_link,
-        ..testbed::Config::new("up")
-    })?;
-    let at = bed.addresses().clone();
-    let binary = std::env::current_exe().map_err(|source| CliError::File {
-        what: "cannot find this program",
-        path: PathBuf::from("/proc/self/exe"),
-        source,
-    })?;
-    let spawn = |ns: Ns, args: &[String], what: &'static str| -> Result<_, CliError> {
-        bed.command(ns, &binary)?
-            .args(args)
-            .spawn()
-            .map_err(|source| CliError::File {
-                what,
-                path: binary.clone(),
-                source,
-            })
-    };
-    // An embedded arbiter with a fresh state and key for this deployment.
-    // A private directory (0700, unpredictable name) and a key (0600) of
-    // this deployment's own.
-    let dir = keys::private_dir("lockstep-up")?;
-    let key = dir.join("arbiter.key");
-    keys::generate(&key)?;
-    let state = dir.join("arbiter.state");
-    let arbiter_address = format!("{}:{UP_ARBITER_PORT}", at.arbiter);
-    let key_text = key.to_string_lossy().into_owned();
-    let state_text = state.to_string_lossy().into_owned();
-    let owned = |words: &[&str]| words.iter().map(|w| w.to_string()).collect::<Vec<_>>();
-    let mut arbiter = spawn(
-        Ns::Arbiter,
-        &owned(&[
-            "arbiter",
-            "--listen",
-            &arbiter_address,
-            "--state",
-            &state_text,
-            "--key-file",
-            &key_text,
-        ]),
-        "cannot start the arbiter",
-    )?;
-    let link = link.unwrap_or_else(|| match transport {
-        replica::link::TransportKind::Shm => dir.join("link.sock").to_string_lossy().into_owned(),
-        replica::link::TransportKind::Tcp | replica::link::TransportKind::Rdma => {
-            format!("{}:7700", at.log_b)
-        }
-    });
-    let mut ft_flags = owned(&[
-        "--arbiter",
-        &arbiter_address,
-        "--arbiter-key",
-        &key_text,
-        "--transport",
-        transport.name(),
-    ]);
-    ft_flags.extend(liveness.flags());
-    let join_address = |ns: Ns| {
-        format!(
-            "{}:{UP_JOIN_PORT}",
-            at.log(ns).unwrap_or(std::net::Ipv4Addr::LOCALHOST)
-        )
-    };
-    // Give the arbiter a moment to listen (the primary registers the pair);
-    // asked from host a, over the management link.
-    if let Ok(target) = arbiter_address.parse::<std::net::SocketAddr>() {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while bed
-            .connect(Ns::A, target, std::time::Duration::from_millis(500))
-            .is_err()
-            && std::time::Instant::now() < deadline
-        {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-    }
-    let mut backup_args = owned(&[
-        "backup",
-        "--listen",
-        &link,
-        "--quiet",
-        "--tap",
-        testbed::TAP,
-        "--id",
-        "backup",
-        "--join-listen",
-        &join_address(Ns::B),
-    ]);
-    backup_args.extend(ft_flags.iter().cloned());
-    let backup = spawn(Ns::B, &backup_args, "cannot start the backup")?;
-    let guest_arg = at.guest_arg().to_string();
-    let mut primary_args = owned(&[
-        "primary",
-        "--backup",
-        &link,
-        "--backup-id",
-        "backup",
-        "--id",
-        "primary",
-        "--guest",
-        "net",
-        "--mem-mib",
-        "32",
-        "--tap",
-        testbed::TAP,
-        "--arg",
-        &guest_arg,
-        "--join-listen",
-        &join_address(Ns::A),
-    ]);
-    primary_args.extend(ft_flags.iter().cloned());
-    let primary = spawn(Ns::A, &primary_args, "cannot start the primary")?;
-    let client_ns = bed.netns(Ns::Client);
-    tracing::info!(
-        "lockstep up: testbed {run}: arbiter in {arb} (pid {}), primary in {a} (pid {}), backup in {b} (pid {}); the log over {} on the logging link {}-{}",
-        arbiter.id(),
-        primary.id(),
-        backup.id(),
-        transport.name(),
-        at.log_a,
-        at.log_b,
-        run = bed.run_id(),
-        arb = bed.netns(Ns::Arbiter),
-        a = bed.netns(Ns::A),
-        b = bed.netns(Ns::B),
-    );
-    tracing::info!(
-        "lockstep up: the guest is {} in {client_ns}: redis 6379, echo 7, sink 5001, source 5002. From another terminal:\n    ip netns exec {client_ns} redis-cli -h {} incr counter\n    lockstep client -- redis-benchmark -h {} -t ping,set,get,incr -n 20000 -q\nlockstep up: Ctrl-C stops (`lockstep testbed status` shows the links)",
-        at.guest,
-        at.guest,
-        at.guest
-    );
-    // Supervise: whichever replica dies, the other goes live, and a new
-    // backup joins it by state transfer (`backup --join`) from the dead
-    // one's host, for as long as a replica runs.
-    let stop = stop_flag();
-    let mut live = (Ns::A, primary);
-    let mut standby: Option<(Ns, std::process::Child)> = Some((Ns::B, backup));
-    let mut pending_join: Option<(Ns, std::time::Instant)> = None;
-    let mut joins = 1u32;
-    let result = loop {
-        if stop.load(Ordering::Relaxed) {
-            break Ok(());
-        }
-        std::thread::sleep(std::time::Duration::from_millis(200));
-        if let Ok(Some(status)) = live.1.try_wait() {
-            if status.success() {
-                break Ok(());
-            }
-            let Some(next) = standby.take() else {
-                break Err(CliError::Usage(format!(
-                    "the live replica in {} exited ({status}) with no backup to take over",
-                    live.0
-                )));
-            };
-            tracing::info!(
-                "lockstep up: the live replica in {} exited ({status}); the backup in {} takes over, and a new backup joins it from {}",
-                live.0,
-                next.0,
-                live.0
-            );
-            // Give the backup time to notice and win the arbiter.
-            pending_join = Some((
-                live.0,
-                std::time::Instant::now() + std::time::Duration::from_secs(1),
-            ));
-            live = next;
-            continue;
-        }
-        if let Some((host, child)) = standby.as_mut()
-            && let Ok(Some(status)) = child.try_wait()
-        {
-            let host = *host;
-            standby = None;
-            if !status.success() {
-                tracing::info!(
-                    "lockstep up: the backup in {host} exited ({status}); starting a new one there, which joins the primary by state transfer"
-                );
-                // Give the primary time to notice and win the arbiter.
-                pending_join = Some((
-                    host,
-                    std::time::Instant::now() + std::time::Duration::from_secs(1),
-                ));
-            }
-        }
-        if let Some((host, due)) = pending_join
-            && standby.is_none()
-            && std::time::Instant::now() >= due
-        {
-            pending_join = None;
-            joins += 1;
-            let mut args = owned(&[
-                "backup",
-                "--join",
-                &join_address(live.0),
-                "--quiet",
-                "--tap",
-                testbed::TAP,
-                "--id",
-                &format!("backup-{joins}"),
-                "--join-listen",
-                &join_address(host),
-            ]);
-            args.extend(ft_flags.iter().cloned());
-            match spawn(host, &args, "cannot start a joining backup") {
-                Ok(child) => standby = Some((host, child)),
-                Err(error) => tracing::info!("lockstep up: {error}"),
-            }
-        }
-    };
-    // Stop: the primary first (its stop record ends the backup's replay);
-    // a backup still running after a grace period is stopped too.
-    let finish = |child: &mut std::process::Child, grace: std::time::Duration| {
-        let exited_within = |child: &mut std::process::Child, time| {
-            let deadline = std::time::Instant::now() + time;
-            while child.try_wait().ok().flatten().is_none() {
-                if std::time::Instant::now() >= deadline {
-                    return false;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-            true
-        };
-        if !exited_within(child, grace) {
-            // SAFETY: kill(2) on our own, not yet reaped, child's pid.
-            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-            if !exited_within(child, std::time::Duration::from_secs(20)) {
-                let _ = child.kill();
-            }
-        }
-        let _ = child.wait();
-    };
-    finish(&mut live.1, std::time::Duration::ZERO);
-    if let Some((_, mut child)) = standby {
-        finish(&mut child, std::time::Duration::from_secs(3));
-    }
-    let _ = arbiter.kill();
-    let _ = arbiter.wait();
-    let _ = std::fs::remove_dir_all(&dir);
-    drop(bed);
-    result
 }
 
 /// The testbed `run`, or the one `lockstep up` runs (`label`), or the only

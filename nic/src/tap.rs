@@ -222,6 +222,85 @@ impl RxQueue {
     }
 }
 
+impl TapDevice {
+    /// Opens TAP `name` as [`TapDevice::open`] does, retrying every 50 ms
+    /// until `timeout` while another process still holds it (`EBUSY`): a
+    /// promoted backup waits for the old primary to learn it lost the
+    /// arbiter and halt.
+    pub fn open_when_free(name: &str, timeout: Duration) -> Result<Self, NicError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match Self::open(name) {
+                Ok(device) => return Ok(device),
+                Err(NicError::Tap { source, .. })
+                    if source.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+}
+
+/// Waits until the kernel reports interface `name` running (`IFF_RUNNING`:
+/// its carrier was processed, so a bridge it belongs to forwards its
+/// frames), for at most `timeout`. Returns how long it waited, or `None` if
+/// it never did (or the flags cannot be read: the caller goes on anyway).
+pub fn wait_until_running(name: &str, timeout: Duration) -> Option<Duration> {
+    let started = std::time::Instant::now();
+    // SAFETY: socket(2) with constant arguments; the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `ifreq` is plain data for which all-zero bytes are valid.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (slot, byte) in request
+        .ifr_name
+        .iter_mut()
+        .zip(name.bytes().take(libc::IFNAMSIZ - 1))
+    {
+        *slot = byte as libc::c_char;
+    }
+    let running = loop {
+        // SAFETY: SIOCGIFFLAGS reads the NUL-terminated name in `request`
+        // and writes only its flags field; `fd` is an open socket.
+        let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut request) };
+        if rc < 0 {
+            break None;
+        }
+        // SAFETY: SIOCGIFFLAGS filled the union's flags member.
+        let flags = unsafe { request.ifr_ifru.ifru_flags };
+        if flags & libc::IFF_RUNNING as libc::c_short != 0 {
+            break Some(started.elapsed());
+        }
+        if started.elapsed() >= timeout {
+            break None;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    };
+    // SAFETY: `fd` is ours and closed once.
+    unsafe { libc::close(fd) };
+    running
+}
+
+/// A gratuitous ARP announcing `ip` at `mac`, so switches and neighbours
+/// learn the guest's new port.
+pub fn gratuitous_arp(mac: [u8; 6], ip: [u8; 4]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(60);
+    frame.extend_from_slice(&[0xff; 6]);
+    frame.extend_from_slice(&mac);
+    frame.extend_from_slice(&[0x08, 0x06]); // ARP
+    frame.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]); // Ethernet/IPv4, request
+    frame.extend_from_slice(&mac);
+    frame.extend_from_slice(&ip);
+    frame.extend_from_slice(&[0; 6]);
+    frame.extend_from_slice(&ip);
+    frame.resize(60, 0);
+    frame
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,5 +356,15 @@ mod tests {
             error.to_string().contains("invalid interface name"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn gratuitous_arp_announces_the_guest() {
+        let frame = gratuitous_arp([2, 0, 0, 0, 0, 9], [10, 77, 0, 2]);
+        assert_eq!(frame.len(), 60);
+        assert_eq!(&frame[..6], &[0xff; 6]);
+        assert_eq!(&frame[12..14], &[0x08, 0x06]);
+        assert_eq!(&frame[28..32], &[10, 77, 0, 2], "sender IP");
+        assert_eq!(&frame[38..42], &[10, 77, 0, 2], "target IP");
     }
 }

@@ -499,3 +499,44 @@ fn transfer(
     )?;
     Ok((link, report))
 }
+
+/// The joining backup's side of the join handshake (`lockstep backup
+/// --join PRIMARY`): connects to the primary's join address, proves the
+/// link key for the pair's current `generation` (the connecting side
+/// proves first), sends this replica's name `me` and reads the generation
+/// the primary registered for the new pair (0: refused). The stream is
+/// left with the handshake's read timeout; the state transfer follows on it.
+pub fn connect(
+    primary: &str,
+    settings: &crate::link::LinkSettings,
+    generation: u64,
+    me: &str,
+) -> Result<(TcpStream, u64), ReplicaError> {
+    let mut stream = TcpStream::connect(primary).map_err(|source| ReplicaError::Link {
+        what: format!("connect to the primary's join address {primary}"),
+        source,
+    })?;
+    let link_error = |what: &'static str| {
+        move |source| ReplicaError::Link {
+            what: what.into(),
+            source,
+        }
+    };
+    stream
+        .set_nodelay(true)
+        .map_err(link_error("set TCP_NODELAY"))?;
+    stream
+        .set_read_timeout(Some(channel::protocol::HANDSHAKE_TIMEOUT))
+        .map_err(link_error("set the join timeout"))?;
+    // We connected to the primary's join port: we prove the key first.
+    channel::protocol::handshake_as(
+        &mut stream,
+        &settings.session(channel::protocol::Role::Backup, generation),
+        channel::protocol::PROTOCOL_VERSION,
+        channel::protocol::Side::Connecting,
+    )
+    .map_err(|e| ReplicaError::Channel(arbiter::error_chain(&e)))?;
+    send_name(&mut stream, me)?;
+    let generation = read_generation(&mut stream)?;
+    Ok((stream, generation))
+}

@@ -400,3 +400,103 @@ fn is_not_listening(error: &TransportError) -> bool {
                 )
     )
 }
+
+/// Why a starting primary may not register its pair.
+#[derive(Debug, thiserror::Error)]
+pub enum SupersedeError {
+    /// `--supersede-generation` names a VM the arbiter has never seen (a
+    /// usage error).
+    #[error(
+        "--supersede-generation {generation}: the arbiter has no record of VM {vm}; start without it"
+    )]
+    NoRecord { vm: u64, generation: u64 },
+    /// The arbiter's record forbids it: the replica must halt (fail-stop)
+    /// with this explanation.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Which generation a starting primary registers its pair over: 0 for a VM
+/// the arbiter has never seen, or the generation the operator named with
+/// `--supersede-generation`, which must be the current one. Anything else
+/// is refused with who holds which generation: a primary restarted by a
+/// supervisor, or a second one started by mistake with the same id, must
+/// never take the VM from a running pair (or from a backup failing over,
+/// which holds the only current state).
+pub fn generation_to_supersede(
+    vm: u64,
+    me: &arbiter::ReplicaId,
+    record: Option<&arbiter::VmRecord>,
+    supersede: Option<u64>,
+) -> Result<u64, SupersedeError> {
+    let describe = |r: &arbiter::VmRecord| {
+        format!(
+            "generation {} has primary {} and {}",
+            r.generation,
+            r.primary,
+            r.backup.as_ref().map_or_else(
+                || "no backup (it runs alone)".to_string(),
+                |b| format!("backup {b}")
+            )
+        )
+    };
+    match (record, supersede) {
+        (None, None) => Ok(0),
+        (None, Some(g)) => Err(SupersedeError::NoRecord { vm, generation: g }),
+        (Some(r), None) => Err(SupersedeError::Refused(format!(
+            "refusing to start VM {vm} as {me}: the arbiter already records it ({}). A running pair, or a backup taking over, may hold the only current state. If that pair is gone for good, start again with --supersede-generation {}",
+            describe(r),
+            r.generation
+        ))),
+        (Some(r), Some(g)) if r.generation != g => Err(SupersedeError::Refused(format!(
+            "--supersede-generation {g} is not VM {vm}'s current generation: {}; refusing to start",
+            describe(r)
+        ))),
+        (Some(r), Some(g)) if r.primary != *me => Err(SupersedeError::Refused(format!(
+            "--supersede-generation {g}: only the primary of generation {g} may start a new pair for VM {vm} ({}), not {me}; refusing to start",
+            describe(r)
+        ))),
+        (Some(_), Some(g)) => Ok(g),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arbiter::{ReplicaId, VmRecord};
+
+    fn id(name: &str) -> ReplicaId {
+        ReplicaId::new(name.to_string()).expect("id")
+    }
+
+    #[test]
+    fn a_primary_supersedes_only_the_generation_it_names_and_leads() {
+        let me = id("host-a");
+        let record = VmRecord {
+            generation: 3,
+            primary: me.clone(),
+            backup: Some(id("host-b")),
+        };
+        assert_eq!(generation_to_supersede(1, &me, None, None).ok(), Some(0));
+        assert!(matches!(
+            generation_to_supersede(1, &me, None, Some(3)),
+            Err(SupersedeError::NoRecord { .. })
+        ));
+        assert!(matches!(
+            generation_to_supersede(1, &me, Some(&record), None),
+            Err(SupersedeError::Refused(why)) if why.contains("--supersede-generation 3")
+        ));
+        assert!(matches!(
+            generation_to_supersede(1, &me, Some(&record), Some(2)),
+            Err(SupersedeError::Refused(_))
+        ));
+        assert!(matches!(
+            generation_to_supersede(1, &id("host-c"), Some(&record), Some(3)),
+            Err(SupersedeError::Refused(why)) if why.contains("not host-c")
+        ));
+        assert_eq!(
+            generation_to_supersede(1, &me, Some(&record), Some(3)).ok(),
+            Some(3)
+        );
+    }
+}

@@ -251,6 +251,68 @@ pub fn read_all_json(dir: &Path) -> std::io::Result<Vec<(String, Duration, serde
     Ok(found)
 }
 
+/// `dir` holds no readable status.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} {}", dir.display())]
+pub struct StatusError {
+    what: &'static str,
+    dir: std::path::PathBuf,
+    #[source]
+    source: std::io::Error,
+}
+
+/// `lockstep status`: what every replica publishing in `dir` says it is
+/// doing, as text (a `== id: state` line and its status, indented, per
+/// replica) or, with `json`, one JSON array of `{id, updated_ms_ago,
+/// running, figures}` (a replica silent for over 3 s is not running). The
+/// text ends with a newline.
+pub fn report(dir: &Path, json: bool) -> Result<String, StatusError> {
+    use std::fmt::Write as _;
+    let error = |what: &'static str| {
+        move |source| StatusError {
+            what,
+            dir: dir.to_path_buf(),
+            source,
+        }
+    };
+    if json {
+        let replicas = read_all_json(dir).map_err(error("no replica figures in"))?;
+        let list: Vec<serde_json::Value> = replicas
+            .into_iter()
+            .map(|(id, age, figures)| {
+                serde_json::json!({
+                    "id": id,
+                    "updated_ms_ago": u64::try_from(age.as_millis()).unwrap_or(u64::MAX),
+                    "running": age <= Duration::from_secs(3),
+                    "figures": figures,
+                })
+            })
+            .collect();
+        return Ok(format!("{}\n", serde_json::Value::Array(list)));
+    }
+    let replicas = read_all(dir).map_err(error("no replica status in"))?;
+    let mut out = String::new();
+    if replicas.is_empty() {
+        let _ = writeln!(
+            out,
+            "no replicas have published a status in {}",
+            dir.display()
+        );
+    }
+    for (id, age, text) in replicas {
+        let state = if age > Duration::from_secs(3) {
+            format!("NOT RUNNING (last word {:.1} s ago)", age.as_secs_f64())
+        } else {
+            format!("updated {} ms ago", age.as_millis())
+        };
+        let _ = writeln!(out, "== {id}: {state}");
+        for line in text.lines() {
+            let _ = writeln!(out, "   {line}");
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -54,17 +54,14 @@
 
 use std::path::{Path, PathBuf};
 
-use clap::ArgMatches;
-use clap::parser::ValueSource;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::RunArgs;
-use crate::ft::FtArgs;
+pub mod keys;
 
 /// Errors of a config file.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum ConfigError {
+pub enum ConfigError {
     /// The file cannot be read.
     #[error("cannot read the config file {path}")]
     Read {
@@ -85,12 +82,22 @@ pub(crate) enum ConfigError {
         column: usize,
         message: String,
     },
+    /// A key file named by the config is unusable.
+    #[error("config file {path}, line {line}, column {column}: `{key}`")]
+    Key {
+        path: PathBuf,
+        key: String,
+        line: usize,
+        column: usize,
+        #[source]
+        source: keys::KeyError,
+    },
 }
 
 /// Which command a file is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub(crate) enum Role {
+pub enum Role {
     Primary,
     Backup,
 }
@@ -107,7 +114,7 @@ impl Role {
 /// A whole config file.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct ConfigFile {
+pub struct ConfigFile {
     pub role: Option<Spanned<Role>>,
     pub metrics: Option<Spanned<String>>,
     #[serde(default)]
@@ -121,7 +128,7 @@ pub(crate) struct ConfigFile {
 /// `[replica]`: the flags both roles take (`FtArgs`).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct ReplicaSection {
+pub struct ReplicaSection {
     pub id: Option<Spanned<String>>,
     pub vm_id: Option<u64>,
     pub arbiter: Option<Spanned<Arbiter>>,
@@ -136,7 +143,7 @@ pub(crate) struct ReplicaSection {
 /// `[guest]`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct GuestSection {
+pub struct GuestSection {
     pub name: Option<Spanned<String>>,
     pub mem_mib: Option<Spanned<u64>>,
     pub arg: Option<Spanned<u64>>,
@@ -150,7 +157,7 @@ pub(crate) struct GuestSection {
 /// `[primary]`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct PrimarySection {
+pub struct PrimarySection {
     pub backup: Option<String>,
     pub backup_id: Option<String>,
     pub join_listen: Option<String>,
@@ -160,7 +167,7 @@ pub(crate) struct PrimarySection {
 /// `[backup]`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct BackupSection {
+pub struct BackupSection {
     pub listen: Option<String>,
     pub join: Option<String>,
     pub join_listen: Option<String>,
@@ -168,7 +175,7 @@ pub(crate) struct BackupSection {
 
 /// A transport name, checked while parsing (so the error has its span).
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Transport(pub replica::link::TransportKind);
+pub struct Transport(pub replica::link::TransportKind);
 
 impl<'de> Deserialize<'de> for Transport {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -181,7 +188,7 @@ impl<'de> Deserialize<'de> for Transport {
 
 /// A timeout in milliseconds, at least 1.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct PositiveMs(pub u64);
+pub struct PositiveMs(pub u64);
 
 impl<'de> Deserialize<'de> for PositiveMs {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -197,7 +204,7 @@ impl<'de> Deserialize<'de> for PositiveMs {
 /// An arbiter address: `HOST:PORT` of `lockstep arbiter`, or
 /// `etcd://HOST:PORT[,HOST:PORT…]`, checked while parsing.
 #[derive(Clone, Debug)]
-pub(crate) struct Arbiter(pub String);
+pub struct Arbiter(pub String);
 
 impl<'de> Deserialize<'de> for Arbiter {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -274,14 +281,14 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
 }
 
 /// A loaded config file and where it came from (for errors with lines).
-pub(crate) struct Loaded {
+pub struct Loaded {
     pub path: PathBuf,
     text: String,
     pub file: ConfigFile,
 }
 
 /// Reads and parses `path`.
-pub(crate) fn load(path: &Path) -> Result<Loaded, ConfigError> {
+pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
@@ -290,7 +297,7 @@ pub(crate) fn load(path: &Path) -> Result<Loaded, ConfigError> {
 }
 
 /// Parses `text` (read from `path`).
-pub(crate) fn parse(path: &Path, text: String) -> Result<Loaded, ConfigError> {
+pub fn parse(path: &Path, text: String) -> Result<Loaded, ConfigError> {
     let file: ConfigFile = toml::from_str(&text).map_err(|error| {
         // toml's message has the line, the column and the offending key;
         // keep it on one line per part.
@@ -333,7 +340,7 @@ impl Loaded {
 
     /// Checks the file is one for `role`: its `role` (if given) matches,
     /// and it holds no section or key only the other role takes.
-    pub(crate) fn check_role(&self, role: Role) -> Result<(), ConfigError> {
+    pub fn check_role(&self, role: Role) -> Result<(), ConfigError> {
         let file = &self.file;
         if let Some(given) = &file.role
             && *given.get_ref() != role
@@ -399,7 +406,7 @@ impl Loaded {
     /// Deeper checks than parsing, for `lockstep config check`: the key
     /// files exist and hold a long enough key, the guest is known, the
     /// metrics address is HOST:PORT.
-    pub(crate) fn validate(&self) -> Result<Role, ConfigError> {
+    pub fn validate(&self) -> Result<Role, ConfigError> {
         let role = self
             .file
             .role
@@ -417,8 +424,16 @@ impl Loaded {
             ("replica.link_key", &replica.link_key),
         ] {
             if let Some(path) = path {
-                crate::keys::read(path.get_ref(), key)
-                    .map_err(|e| self.invalid(key, path.span(), crate::cli_error_chain(&e)))?;
+                crate::keys::read(path.get_ref(), key).map_err(|source| {
+                    let (line, column) = line_column(&self.text, path.span().start);
+                    ConfigError::Key {
+                        path: self.path.clone(),
+                        key: key.to_string(),
+                        line,
+                        column,
+                        source,
+                    }
+                })?;
             }
         }
         if replica.link_key.is_none() && replica.arbiter_key.is_none() {
@@ -442,7 +457,7 @@ impl Loaded {
                 .map_err(|e| self.invalid("replica.id", id.span(), e.to_string()))?;
         }
         if let Some(name) = &self.file.guest.name {
-            crate::guests::GuestImage::resolve(name.get_ref())
+            guest_images::choice::GuestImage::resolve(name.get_ref())
                 .map_err(|e| self.invalid("guest.name", name.span(), e.to_string()))?;
         }
         if let Some(address) = &self.file.metrics
@@ -467,202 +482,11 @@ impl Loaded {
     }
 }
 
-/// Whether the command line itself gave argument `id` (not a default).
-fn given(matches: &ArgMatches, id: &str) -> bool {
-    matches!(matches.value_source(id), Some(ValueSource::CommandLine))
-}
-
-/// Sets `$target` from the file unless the flag `$id` was given.
-macro_rules! take {
-    ($matches:expr, $id:literal, $target:expr, $value:expr) => {
-        if !given($matches, $id)
-            && let Some(value) = $value
-        {
-            $target = value;
-        }
-    };
-}
-
-impl Loaded {
-    /// Fills `ft` from `[replica]` where the command line left it unset.
-    pub(crate) fn apply_replica(&self, matches: &ArgMatches, ft: &mut FtArgs) {
-        let r = &self.file.replica;
-        take!(
-            matches,
-            "arbiter",
-            ft.arbiter,
-            r.arbiter.as_ref().map(|a| Some(a.get_ref().0.clone()))
-        );
-        take!(
-            matches,
-            "arbiter_key",
-            ft.arbiter_key,
-            r.arbiter_key.as_ref().map(|p| Some(p.get_ref().clone()))
-        );
-        take!(matches, "vm_id", ft.vm_id, r.vm_id);
-        take!(
-            matches,
-            "id",
-            ft.id,
-            r.id.as_ref().map(|i| Some(i.get_ref().clone()))
-        );
-        take!(
-            matches,
-            "heartbeat_ms",
-            ft.liveness.heartbeat_ms,
-            r.heartbeat_ms.map(|t| t.0)
-        );
-        take!(
-            matches,
-            "peer_timeout_ms",
-            ft.liveness.peer_timeout_ms,
-            r.peer_timeout_ms.map(|t| t.0)
-        );
-        take!(matches, "status_dir", ft.status_dir, r.status_dir.clone());
-        take!(matches, "transport", ft.transport, r.transport.map(|t| t.0));
-        take!(
-            matches,
-            "link_key",
-            ft.link_key,
-            r.link_key.as_ref().map(|p| Some(p.get_ref().clone()))
-        );
-    }
-
-    /// Fills a primary's flags from the file where the command line left
-    /// them unset.
-    pub(crate) fn apply_primary(&self, matches: &ArgMatches, primary: &mut PrimaryFlags<'_>) {
-        let g = &self.file.guest;
-        let run = &mut *primary.run;
-        take!(
-            matches,
-            "guest",
-            run.guest,
-            g.name.as_ref().map(|v| v.get_ref().clone())
-        );
-        take!(
-            matches,
-            "mem_mib",
-            run.mem_mib,
-            g.mem_mib.as_ref().map(|v| *v.get_ref())
-        );
-        take!(
-            matches,
-            "arg",
-            run.arg,
-            g.arg.as_ref().map(|v| *v.get_ref())
-        );
-        take!(
-            matches,
-            "input",
-            run.input,
-            g.input.as_ref().map(|v| Some(v.get_ref().clone()))
-        );
-        take!(
-            matches,
-            "allow_rdtsc",
-            run.allow_rdtsc,
-            g.allow_rdtsc.as_ref().map(|v| *v.get_ref())
-        );
-        take!(matches, "quiet", run.quiet, g.quiet);
-        take!(matches, "tap", run.tap, g.tap.clone().map(Some));
-        take!(
-            matches,
-            "digest_interval",
-            *primary.digest_interval,
-            g.digest_interval.as_ref().map(|v| *v.get_ref())
-        );
-        if let Some(p) = self.file.primary.as_ref().map(Spanned::get_ref) {
-            take!(matches, "backup", *primary.backup, p.backup.clone());
-            take!(
-                matches,
-                "backup_id",
-                *primary.backup_id,
-                p.backup_id.clone()
-            );
-            take!(
-                matches,
-                "join_listen",
-                *primary.join_listen,
-                p.join_listen.clone().map(Some)
-            );
-            take!(matches, "stats", *primary.stats, p.stats.clone().map(Some));
-        }
-        take!(
-            matches,
-            "metrics",
-            *primary.metrics,
-            self.file
-                .metrics
-                .as_ref()
-                .map(|m| Some(m.get_ref().clone()))
-        );
-    }
-
-    /// Fills a backup's flags from the file where the command line left
-    /// them unset.
-    pub(crate) fn apply_backup(&self, matches: &ArgMatches, backup: &mut BackupFlags<'_>) {
-        let g = &self.file.guest;
-        take!(matches, "tap", *backup.tap, g.tap.clone().map(Some));
-        take!(matches, "quiet", *backup.quiet, g.quiet);
-        if let Some(b) = self.file.backup.as_ref().map(Spanned::get_ref) {
-            take!(matches, "listen", *backup.listen, b.listen.clone());
-            take!(matches, "join", *backup.join, b.join.clone().map(Some));
-            take!(
-                matches,
-                "join_listen",
-                *backup.join_listen,
-                b.join_listen.clone().map(Some)
-            );
-        }
-        take!(
-            matches,
-            "metrics",
-            *backup.metrics,
-            self.file
-                .metrics
-                .as_ref()
-                .map(|m| Some(m.get_ref().clone()))
-        );
-    }
-}
-
-/// The primary's own flags, borrowed from the parsed command.
-pub(crate) struct PrimaryFlags<'a> {
-    pub run: &'a mut RunArgs,
-    pub backup: &'a mut String,
-    pub backup_id: &'a mut String,
-    pub join_listen: &'a mut Option<String>,
-    pub stats: &'a mut Option<PathBuf>,
-    pub digest_interval: &'a mut u64,
-    pub metrics: &'a mut Option<String>,
-}
-
-/// The backup's own flags, borrowed from the parsed command.
-pub(crate) struct BackupFlags<'a> {
-    pub listen: &'a mut String,
-    pub tap: &'a mut Option<String>,
-    pub join: &'a mut Option<String>,
-    pub join_listen: &'a mut Option<String>,
-    pub quiet: &'a mut bool,
-    pub metrics: &'a mut Option<String>,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parsed(text: &str) -> Result<Loaded, ConfigError> {
-        parse(Path::new("test.toml"), text.to_string())
-    }
-
-    fn message(result: Result<Loaded, ConfigError>) -> String {
-        match result {
-            Ok(_) => panic!("accepted"),
-            Err(error) => error.to_string(),
-        }
-    }
-
-    const FULL: &str = r#"role = "primary"
+/// A primary's config file using every setting (the key file need not
+/// exist: [`parse`] and [`Loaded::check_role`] accept it, [`Loaded::validate`]
+/// does not), for tests of the file and of how flags override it.
+#[doc(hidden)]
+pub const EXAMPLE_PRIMARY: &str = r#"role = "primary"
 metrics = "127.0.0.1:9400"
 
 [replica]
@@ -687,6 +511,23 @@ backup = "10.1.0.2:7700"
 backup_id = "host-b"
 join_listen = "10.1.0.1:7800"
 "#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(text: &str) -> Result<Loaded, ConfigError> {
+        parse(Path::new("test.toml"), text.to_string())
+    }
+
+    fn message(result: Result<Loaded, ConfigError>) -> String {
+        match result {
+            Ok(_) => panic!("accepted"),
+            Err(error) => error.to_string(),
+        }
+    }
+
+    use crate::EXAMPLE_PRIMARY as FULL;
 
     #[test]
     fn a_full_file_parses() {
@@ -823,58 +664,5 @@ join_listen = "10.1.0.1:7800"
             .validate()
             .expect_err("no key");
         assert!(error.to_string().contains("keygen"), "{error}");
-    }
-
-    #[test]
-    fn flags_override_the_file_and_defaults_do_not() {
-        use clap::{CommandFactory, FromArgMatches};
-        let loaded = parsed(FULL).expect("parses");
-        let matches = crate::Cli::command()
-            .try_get_matches_from(["lockstep", "primary", "--mem-mib", "64", "--vm-id", "9"])
-            .expect("parses");
-        let cli = crate::Cli::from_arg_matches(&matches).expect("command");
-        let sub = matches.subcommand_matches("primary").expect("primary");
-        let crate::Command::Primary {
-            mut backup,
-            mut backup_id,
-            mut run,
-            mut ft,
-            mut stats,
-            mut digest_interval,
-            mut join_listen,
-            mut ops,
-            ..
-        } = cli.command
-        else {
-            panic!("not primary");
-        };
-        loaded.apply_replica(sub, &mut ft);
-        loaded.apply_primary(
-            sub,
-            &mut PrimaryFlags {
-                run: &mut run,
-                backup: &mut backup,
-                backup_id: &mut backup_id,
-                join_listen: &mut join_listen,
-                stats: &mut stats,
-                digest_interval: &mut digest_interval,
-                metrics: &mut ops.metrics,
-            },
-        );
-        assert_eq!(run.mem_mib, 64, "the flag wins");
-        assert_eq!(ft.vm_id, 9, "the flag wins");
-        assert_eq!(run.guest, "net", "the file fills a default");
-        assert_eq!(run.arg, 5);
-        assert!(run.quiet);
-        assert_eq!(run.tap.as_deref(), Some("tap0"));
-        assert_eq!(digest_interval, 50);
-        assert_eq!(backup, "10.1.0.2:7700");
-        assert_eq!(backup_id, "host-b");
-        assert_eq!(join_listen.as_deref(), Some("10.1.0.1:7800"));
-        assert_eq!(ft.id.as_deref(), Some("host-a"));
-        assert_eq!(ft.liveness.peer_timeout_ms, 800);
-        assert_eq!(ft.transport, replica::link::TransportKind::Shm);
-        assert_eq!(ft.status_dir, PathBuf::from("/run/x"));
-        assert_eq!(ops.metrics.as_deref(), Some("127.0.0.1:9400"));
     }
 }

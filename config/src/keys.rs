@@ -15,34 +15,57 @@ use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::CliError;
-
 /// The shortest key accepted, in bytes (the arbiter's own minimum too).
-pub(crate) const MIN_KEY_LEN: usize = arbiter::protocol::MIN_KEY_LEN;
+pub const MIN_KEY_LEN: usize = arbiter::protocol::MIN_KEY_LEN;
 
-fn random_hex(bytes: usize) -> Result<String, CliError> {
+/// A key cannot be made or read.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// The host has no entropy to draw a key from.
+    #[error("no host entropy for a key")]
+    Entropy(#[source] getrandom::Error),
+    /// A key file or directory cannot be created, written or read.
+    #[error("{what} {}", path.display())]
+    File {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The key in a file is too short.
+    #[error(
+        "the {what} in {} is {len} bytes long; at least {MIN_KEY_LEN} are needed (make one with `lockstep keygen FILE`)",
+        path.display()
+    )]
+    Short {
+        what: String,
+        path: PathBuf,
+        len: usize,
+    },
+}
+
+fn random_hex(bytes: usize) -> Result<String, KeyError> {
     let mut secret = vec![0u8; bytes];
-    getrandom::fill(&mut secret)
-        .map_err(|e| CliError::Usage(format!("no host entropy for a key: {e}")))?;
+    getrandom::fill(&mut secret).map_err(KeyError::Entropy)?;
     Ok(secret.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// `lockstep keygen FILE`: a new 0600 file holding 32 random bytes in hex.
-pub(crate) fn generate(path: &Path) -> Result<(), CliError> {
+pub fn generate(path: &Path) -> Result<(), KeyError> {
     let text = random_hex(32)? + "\n";
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .map_err(|source| CliError::File {
+        .map_err(|source| KeyError::File {
             what: "cannot create the key file (it must not exist yet)",
             path: path.to_path_buf(),
             source,
         })?;
     file.write_all(text.as_bytes())
         .and_then(|()| file.sync_all())
-        .map_err(|source| CliError::File {
+        .map_err(|source| KeyError::File {
             what: "cannot write the key file",
             path: path.to_path_buf(),
             source,
@@ -51,19 +74,19 @@ pub(crate) fn generate(path: &Path) -> Result<(), CliError> {
 
 /// Reads a link key file: trimmed, at least [`MIN_KEY_LEN`] bytes. Warns
 /// when others may read it.
-pub(crate) fn read(path: &Path, what: &str) -> Result<Vec<u8>, CliError> {
-    let bytes = std::fs::read(path).map_err(|source| CliError::File {
+pub fn read(path: &Path, what: &str) -> Result<Vec<u8>, KeyError> {
+    let bytes = std::fs::read(path).map_err(|source| KeyError::File {
         what: "cannot read the key file",
         path: path.to_path_buf(),
         source,
     })?;
     let key = bytes.trim_ascii().to_vec();
     if key.len() < MIN_KEY_LEN {
-        return Err(CliError::Usage(format!(
-            "the {what} in {} is {} bytes long; at least {MIN_KEY_LEN} are needed (make one with `lockstep keygen FILE`)",
-            path.display(),
-            key.len()
-        )));
+        return Err(KeyError::Short {
+            what: what.to_string(),
+            path: path.to_path_buf(),
+            len: key.len(),
+        });
     }
     if let Ok(meta) = std::fs::metadata(path)
         && meta.permissions().mode() & 0o077 != 0
@@ -79,12 +102,12 @@ pub(crate) fn read(path: &Path, what: &str) -> Result<Vec<u8>, CliError> {
 
 /// A new private directory (0700) with an unpredictable name under the
 /// temporary directory, created exclusively.
-pub(crate) fn private_dir(prefix: &str) -> Result<PathBuf, CliError> {
+pub fn private_dir(prefix: &str) -> Result<PathBuf, KeyError> {
     let dir = std::env::temp_dir().join(format!("{prefix}-{}", random_hex(8)?));
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&dir)
-        .map_err(|source| CliError::File {
+        .map_err(|source| KeyError::File {
             what: "cannot create the private directory",
             path: dir.clone(),
             source,

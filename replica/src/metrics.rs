@@ -31,6 +31,7 @@
 
 use std::sync::Arc;
 
+use crate::status::{Board, Figures};
 use hdrhistogram::Histogram;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -38,9 +39,25 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::{Registry, Unit};
-use replica::status::{Board, Figures};
 
-use crate::CliError;
+/// The metrics endpoint cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// The address cannot be bound.
+    #[error("cannot serve metrics on {address}")]
+    Bind {
+        address: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The serving thread cannot start.
+    #[error("cannot start the metrics thread {address}")]
+    Thread {
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
 
 /// Every role a replica can report (the `role` label's values).
 const ROLES: [&str; 3] = ["primary", "backup", "live"];
@@ -250,7 +267,7 @@ impl Collector for ReplicaCollector {
 }
 
 /// The exposition text of `board`'s figures.
-pub(crate) fn render(board: &Board) -> Result<String, std::fmt::Error> {
+pub fn render(board: &Board) -> Result<String, std::fmt::Error> {
     let mut registry = Registry::with_prefix("lockstep");
     registry.register_collector(Box::new(ReplicaCollector {
         board: board.clone(),
@@ -263,7 +280,7 @@ pub(crate) fn render(board: &Board) -> Result<String, std::fmt::Error> {
 /// The classic (0.0.4) text format of an OpenMetrics exposition: a
 /// counter family's HELP and TYPE name its samples' `_total` name, and the
 /// `# UNIT` and `# EOF` lines go.
-pub(crate) fn classic(openmetrics: &str) -> String {
+pub fn classic(openmetrics: &str) -> String {
     let counters: std::collections::HashSet<&str> = openmetrics
         .lines()
         .filter_map(|line| line.strip_prefix("# TYPE "))
@@ -289,9 +306,11 @@ pub(crate) fn classic(openmetrics: &str) -> String {
 
 /// Serves `board` at `http://address/metrics` on a thread of its own, for
 /// as long as the process runs.
-pub(crate) fn serve(address: &str, board: Board) -> Result<(), CliError> {
-    let server = tiny_http::Server::http(address)
-        .map_err(|error| CliError::Usage(format!("cannot serve metrics on {address}: {error}")))?;
+pub fn serve(address: &str, board: Board) -> Result<(), MetricsError> {
+    let server = tiny_http::Server::http(address).map_err(|source| MetricsError::Bind {
+        address: address.to_string(),
+        source,
+    })?;
     let server = Arc::new(server);
     std::thread::Builder::new()
         .name("metrics".into())
@@ -330,9 +349,8 @@ pub(crate) fn serve(address: &str, board: Board) -> Result<(), CliError> {
                 let _ = request.respond(response);
             }
         })
-        .map_err(|source| CliError::File {
-            what: "cannot start the metrics thread",
-            path: std::path::PathBuf::from(address),
+        .map_err(|source| MetricsError::Thread {
+            address: address.to_string(),
             source,
         })?;
     Ok(())

@@ -31,8 +31,28 @@ use std::time::{Duration, Instant};
 
 use testbed::{Link, Ns, Testbed};
 
-use crate::CliError;
+pub mod deploy;
+pub mod linearize;
+
 use crate::linearize::{Call, Op, Reply, Verdict};
+
+/// What stops a campaign.
+#[derive(Debug, thiserror::Error)]
+pub enum ChaosError {
+    #[error(transparent)]
+    Testbed(#[from] testbed::TestbedError),
+    #[error("{what} {path}")]
+    File {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Key(#[from] lockstep_config::keys::KeyError),
+    #[error("{0}")]
+    Usage(String),
+}
 
 const TAP: &str = testbed::TAP;
 
@@ -133,7 +153,7 @@ fn spawn(
     exe: &Path,
     args: &[&str],
     stderr: Option<&Path>,
-) -> Result<Child, CliError> {
+) -> Result<Child, ChaosError> {
     let mut command: Command = bed.command(ns, exe)?;
     command
         .args(args)
@@ -141,7 +161,7 @@ fn spawn(
         .stdout(Stdio::null());
     match stderr {
         Some(path) => {
-            let file = std::fs::File::create(path).map_err(|source| CliError::File {
+            let file = std::fs::File::create(path).map_err(|source| ChaosError::File {
                 what: "cannot create",
                 path: path.to_path_buf(),
                 source,
@@ -152,7 +172,7 @@ fn spawn(
             command.stderr(Stdio::null());
         }
     }
-    command.spawn().map_err(|source| CliError::File {
+    command.spawn().map_err(|source| ChaosError::File {
         what: "cannot start",
         path: exe.to_path_buf(),
         source,
@@ -382,7 +402,7 @@ fn trial(
     random: &mut Random,
     reprotect: bool,
     liveness: &[String],
-) -> Result<Outcome, CliError> {
+) -> Result<Outcome, ChaosError> {
     let at = bed.addresses().clone();
     let guest = at.guest;
     let guest_arg = at.guest_arg().to_string();
@@ -401,7 +421,7 @@ fn trial(
         &key,
         format!("chaos campaign key {number:016x}, long enough"),
     )
-    .map_err(|source| CliError::File {
+    .map_err(|source| ChaosError::File {
         what: "cannot write",
         path: key.clone(),
         source,
@@ -426,7 +446,7 @@ fn trial(
     )?;
     let arbiter_socket: SocketAddr = arbiter_address
         .parse()
-        .map_err(|e| CliError::Usage(format!("arbiter address {arbiter_address}: {e}")))?;
+        .map_err(|e| ChaosError::Usage(format!("arbiter address {arbiter_address}: {e}")))?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while bed
         .connect(Ns::A, arbiter_socket, Duration::from_millis(500))
@@ -843,21 +863,19 @@ fn ms_or_null(ns: Option<u64>) -> String {
 }
 
 /// Runs `trials` trials with `seed` (with `reprotect`, a new backup joins
-/// the survivor of each trial and then takes over from it).
+/// the survivor of each trial and then takes over from it). `exe` is the
+/// `lockstep` binary the replicas and the arbiter run; `liveness` the
+/// heartbeat flags every replica gets.
 pub fn run(
     trials: u64,
     seed: u64,
     reprotect: bool,
-    liveness: crate::ft::LivenessArgs,
-) -> Result<Campaign, CliError> {
-    let exe = std::env::current_exe().map_err(|source| CliError::File {
-        what: "cannot find this program",
-        path: PathBuf::from("/proc/self/exe"),
-        source,
-    })?;
+    liveness: &[String],
+    exe: &Path,
+) -> Result<Campaign, ChaosError> {
     let bed = Testbed::up(&testbed::Config::new("chaos"))?;
     let dir = std::env::temp_dir().join(format!("lockstep-chaos-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|source| CliError::File {
+    std::fs::create_dir_all(&dir).map_err(|source| ChaosError::File {
         what: "cannot create",
         path: dir.clone(),
         source,
@@ -870,18 +888,10 @@ pub fn run(
     thread::scope(|scope| {
         thread::Builder::new()
             .name("chaos-client".into())
-            .spawn_scoped(scope, || -> Result<(), CliError> {
+            .spawn_scoped(scope, || -> Result<(), ChaosError> {
                 bed.enter(Ns::Client)?;
                 for number in 1..=trials {
-                    let outcome = trial(
-                        &bed,
-                        &exe,
-                        &dir,
-                        number,
-                        &mut random,
-                        reprotect,
-                        &liveness.flags(),
-                    )?;
+                    let outcome = trial(&bed, exe, &dir, number, &mut random, reprotect, liveness)?;
                     campaign.trials += 1;
                     campaign.joins += u64::from(outcome.joined);
                     campaign.second_failovers += u64::from(outcome.second_failover);
@@ -914,13 +924,13 @@ pub fn run(
                 }
                 Ok(())
             })
-            .map_err(|source| CliError::File {
+            .map_err(|source| ChaosError::File {
                 what: "cannot start the chaos client thread",
                 path: PathBuf::from("chaos-client"),
                 source,
             })?
             .join()
-            .map_err(|_| CliError::Usage("the chaos client thread panicked".into()))?
+            .map_err(|_| ChaosError::Usage("the chaos client thread panicked".into()))?
     })?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(campaign)
@@ -938,7 +948,7 @@ fn quantile(times: &mut [f64], p: f64) -> f64 {
 
 /// Prints recovery p50/p99 per fault kind and the resent frames, and
 /// writes the JSON report to `json` if given.
-pub fn report(campaign: &Campaign, json: Option<&Path>) -> Result<(), CliError> {
+pub fn report(campaign: &Campaign, json: Option<&Path>) -> Result<(), ChaosError> {
     let mut kinds = Vec::new();
     for (fault, times) in &campaign.recovery_by_fault {
         let mut times = times.clone();
@@ -978,7 +988,7 @@ pub fn report(campaign: &Campaign, json: Option<&Path>) -> Result<(), CliError> 
         kinds.join(","),
         campaign.resent_frames,
     );
-    std::fs::write(path, text).map_err(|source| CliError::File {
+    std::fs::write(path, text).map_err(|source| ChaosError::File {
         what: "cannot write",
         path: path.to_path_buf(),
         source,

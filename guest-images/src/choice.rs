@@ -22,7 +22,7 @@ impl GuestImage {
     pub fn resolve(name: &str) -> Result<Self, UnknownGuest> {
         let unknown = |detail: String| UnknownGuest {
             name: name.to_string(),
-            choices: guest_images::names().collect::<Vec<_>>().join(", "),
+            choices: crate::names().collect::<Vec<_>>().join(", "),
             detail,
         };
         if name.contains('/') {
@@ -32,7 +32,7 @@ impl GuestImage {
                 bytes: Cow::Owned(bytes),
             });
         }
-        let bytes = guest_images::image(name).ok_or_else(|| unknown(String::new()))?;
+        let bytes = crate::image(name).ok_or_else(|| unknown(String::new()))?;
         Ok(Self {
             name: name.to_string(),
             bytes: Cow::Borrowed(bytes),
@@ -51,13 +51,13 @@ impl GuestImage {
 
     /// The image identity recorded in logs.
     pub fn id(&self) -> u64 {
-        guest_images::image_id(&self.bytes)
+        crate::image_id(&self.bytes)
     }
 }
 
 /// Help text listing the embedded guests.
 pub fn help() -> String {
-    let names: Vec<_> = guest_images::names().collect();
+    let names: Vec<_> = crate::names().collect();
     format!(
         "Guest program: one of the embedded guests ({}) or the path of an ELF executable linked at 0x200000 for the lockstep ABI",
         names.join(", ")
