@@ -19,6 +19,7 @@ pub mod json;
 pub mod pv;
 pub mod redis;
 pub mod services;
+pub mod virtio_blk;
 pub mod virtio_net;
 
 use core::fmt::{self, Write};

@@ -24,6 +24,7 @@ use nic::tap::RxQueue;
 use zerocopy::IntoBytes;
 
 use crate::VmmError;
+use crate::block::{Completion, DiskCompleter, decode_completions, encode_completions};
 use crate::digest::Digest;
 use crate::state::EventPosition;
 
@@ -44,6 +45,20 @@ pub trait EventSource {
         max_frames: usize,
         wait: Duration,
     ) -> Result<Vec<Vec<u8>>, VmmError>;
+    /// Disk requests that complete into the guest's used ring at `exit`
+    /// (the guest polls the virtio-blk device). A live source takes what
+    /// the host has finished from `disk` and logs it; a replay takes the
+    /// list from the log and checks each against its own disk's completion.
+    fn blk_done(
+        &mut self,
+        exit: u64,
+        disk: &mut dyn DiskCompleter,
+    ) -> Result<Vec<Completion>, VmmError> {
+        let _ = disk;
+        Err(VmmError::Config(format!(
+            "exit {exit}: this event source cannot complete disk requests"
+        )))
+    }
     /// The log position of the last event so far: output produced now may
     /// leave only when the backup has acknowledged this position.
     fn log_position(&self) -> u64;
@@ -295,6 +310,18 @@ impl<S: EventSink> EventSource for Live<S> {
             self.log(EntryKind::RxFrames, 0, exit, &encode_frames(&frames))?;
         }
         Ok(frames)
+    }
+
+    fn blk_done(
+        &mut self,
+        exit: u64,
+        disk: &mut dyn DiskCompleter,
+    ) -> Result<Vec<Completion>, VmmError> {
+        let done = disk.harvest()?;
+        if !done.is_empty() {
+            self.log(EntryKind::BlkDone, 0, exit, &encode_completions(&done))?;
+        }
+        Ok(done)
     }
 
     fn log_position(&self) -> u64 {
@@ -606,6 +633,46 @@ impl<R: EntrySource> EventSource for Replay<R> {
         }
         self.stats.events += 1;
         Ok(frames)
+    }
+
+    fn blk_done(
+        &mut self,
+        exit: u64,
+        disk: &mut dyn DiskCompleter,
+    ) -> Result<Vec<Completion>, VmmError> {
+        // No entry for this exit: nothing completed here on the primary.
+        let next = self.peek(exit)?;
+        if next.exit != exit || next.kind != EntryKind::BlkDone {
+            return Ok(Vec::new());
+        }
+        let entry = self.take(exit, EntryKind::BlkDone)?;
+        let recorded = decode_completions(&entry.payload).ok_or_else(|| {
+            VmmError::LogMismatch(format!(
+                "blk-done entry {} has a malformed payload",
+                entry.seq
+            ))
+        })?;
+        for logged in &recorded {
+            let own = disk.wait_for(logged.tag)?;
+            if own != *logged {
+                return Err(VmmError::Diverged {
+                    exit,
+                    detail: format!(
+                        "disk request {}: this replica's disk gives status {} ({} bytes, data hash {:016x}), the log's entry {} says status {} ({} bytes, data hash {:016x}): the disk images differ",
+                        logged.tag,
+                        own.status,
+                        own.len,
+                        own.hash,
+                        entry.seq,
+                        logged.status,
+                        logged.len,
+                        logged.hash
+                    ),
+                });
+            }
+        }
+        self.stats.events += 1;
+        Ok(recorded)
     }
 
     fn log_position(&self) -> u64 {
