@@ -227,7 +227,16 @@ impl<E: EventSource> Machine<E> {
 
     /// Gives the VM a virtio-blk disk (at `guest_abi::BLK_BASE`). Every
     /// replica of a run, and its replay, must attach the same image.
+    /// The disk's identity (size, content hash) goes into the log first, so
+    /// a replica whose disk differs refuses to start.
     pub fn attach_disk(&mut self, disk: crate::block::Disk) -> Result<(), VmmError> {
+        if self.exits != 0 || self.blk.is_some() {
+            return Err(VmmError::Config(
+                "a disk is attached once, before the guest runs".into(),
+            ));
+        }
+        self.events
+            .disk_identity(disk.capacity(), disk.content_hash()?)?;
         self.blk = Some(VirtioBlk::new(disk)?);
         Ok(())
     }

@@ -65,6 +65,16 @@ fn record(disk: &Path, arg: u64) -> Result<(Vec<u8>, RunSummary, String), VmmErr
 }
 
 fn replay(disk: &Path, log: &[u8]) -> Result<(RunSummary, String), VmmError> {
+    replay_then(disk, log, || {})
+}
+
+/// Replays `log` on `disk`, calling `after_attach` once the disk passed the
+/// identity check and before the guest runs.
+fn replay_then(
+    disk: &Path,
+    log: &[u8],
+    after_attach: impl FnOnce(),
+) -> Result<(RunSummary, String), VmmError> {
     let reader = LogReader::new(log)?;
     let meta = reader.meta().clone();
     let image = guest_images::image("disk").expect("embedded guest");
@@ -79,6 +89,7 @@ fn replay(disk: &Path, log: &[u8]) -> Result<(RunSummary, String), VmmError> {
         meta.digest_interval,
     )?;
     machine.attach_disk(Disk::open(disk, false, None)?)?;
+    after_attach();
     let summary = machine.run()?;
     Ok((summary, console.text()))
 }
@@ -128,19 +139,64 @@ fn a_recorded_run_with_a_disk_replays_exactly_on_a_copy_of_its_disk() {
 }
 
 #[test]
-fn a_differing_disk_is_caught_at_its_first_read() {
+fn a_disk_that_differs_at_the_start_is_refused_before_the_guest_runs() {
+    let scratch = Scratch::new("identity");
+    let primary = scratch.path("primary.img");
+    let (log, summary, console) = record(&primary, 2).expect("record");
+    assert_eq!(summary.exit_code, 0, "{console}");
+    // Another size.
+    let small = scratch.path("small.img");
+    std::fs::write(&small, vec![0u8; (DISK_BYTES / 2) as usize]).expect("small image");
+    let text = replay(&small, &log).expect_err("size").to_string();
+    assert!(
+        text.contains("the disks differ") && text.contains(&format!("{} bytes", DISK_BYTES / 2)),
+        "{text}"
+    );
+    // Same size, one byte different.
+    let other = scratch.path("other.img");
+    let mut bytes = vec![0u8; DISK_BYTES as usize];
+    bytes[DISK_BYTES as usize - 1] = 1;
+    std::fs::write(&other, &bytes).expect("other image");
+    let text = replay(&other, &log).expect_err("content").to_string();
+    assert!(text.contains("the disks differ"), "{text}");
+    // No disk at all on the replaying side: the guest's first disk access
+    // is refused (the log's first entry is the disk identity).
+    let reader = LogReader::new(&log[..]).expect("log");
+    let meta = reader.meta().clone();
+    let image = guest_images::image("disk").expect("embedded guest");
+    let mut machine = Machine::new(
+        &VmConfig::with_flags(meta.mem_size, meta.vm_flags),
+        image,
+        meta.guest_arg,
+        Replay::new(reader),
+        Box::new(Console::default()),
+        meta.digest_interval,
+    )
+    .expect("machine");
+    assert!(
+        machine.run().is_err(),
+        "a replay without the disk must fail"
+    );
+}
+
+#[test]
+fn a_disk_that_changes_under_a_replica_is_caught_at_its_first_read() {
     let scratch = Scratch::new("differ");
     let primary = scratch.path("primary.img");
     let (log, summary, console) = record(&primary, 8).expect("record");
     assert_eq!(summary.exit_code, 0, "{console}");
-    // The backup's image has a different boot record: the guest's first
-    // read (sector 0) returns other data than the primary's did.
+    // The backup's image starts identical (fresh), then, after the identity
+    // check, its boot record changes behind the VMM's back: the guest's
+    // first read (sector 0) returns other data than the primary's did.
     let backup = scratch.path("backup.img");
-    let mut bytes = vec![0u8; DISK_BYTES as usize];
-    bytes[..8].copy_from_slice(b"LKSTDISK");
-    bytes[8] = 41;
-    std::fs::write(&backup, &bytes).expect("backup image");
-    let error = replay(&backup, &log).expect_err("must diverge");
+    std::fs::write(&backup, vec![0u8; DISK_BYTES as usize]).expect("backup image");
+    let error = replay_then(&backup, &log, || {
+        let mut bytes = vec![0u8; DISK_BYTES as usize];
+        bytes[..8].copy_from_slice(b"LKSTDISK");
+        bytes[8] = 41;
+        std::fs::write(&backup, &bytes).expect("tamper");
+    })
+    .expect_err("must diverge");
     let text = error.to_string();
     assert!(
         matches!(error, VmmError::Diverged { .. }) && text.contains("disk images differ"),
