@@ -245,6 +245,12 @@ enum Command {
         /// The replicas' heartbeat interval and peer timeout.
         #[command(flatten)]
         liveness: ft::LivenessArgs,
+        /// Give the guest a disk: the primary's image is FILE, the
+        /// backup's FILE.backup (local disks; both created when missing).
+        /// The Redis store keeps an append-only file there and reloads it
+        /// at boot.
+        #[arg(long, value_name = "FILE")]
+        disk: Option<PathBuf>,
     },
     /// Run a command in the client namespace of the running `lockstep up`
     /// (or of testbed `--run ID`), e.g. `lockstep client -- redis-cli -h
@@ -668,7 +674,8 @@ fn execute(command: Command, matches: &clap::ArgMatches) -> Result<(), CliError>
             client_link,
             log_link,
             liveness,
-        } => up(transport, link, client_link, log_link, liveness),
+            disk,
+        } => up(transport, link, client_link, log_link, liveness, disk),
         Command::Client { run, command } => client(run.as_deref(), &command),
         Command::Testbed { action } => testbed_command(action),
         Command::Bench {
@@ -994,8 +1001,18 @@ fn up(
     client_link: testbed::Rate,
     log_link: testbed::Rate,
     liveness: ft::LivenessArgs,
+    disk: Option<PathBuf>,
 ) -> Result<(), CliError> {
     liveness.check()?;
+    // The replicas start in other namespaces, maybe elsewhere: absolute.
+    let disk = match disk {
+        Some(path) => Some(std::path::absolute(&path).map_err(|source| CliError::File {
+            what: "cannot resolve the disk image path",
+            path,
+            source,
+        })?),
+        None => None,
+    };
     use testbed::Ns;
     let bed = testbed::Testbed::up(&testbed::Config {
         client_link,
@@ -1088,6 +1105,11 @@ fn up(
         &join_address(Ns::B),
     ]);
     backup_args.extend(ft_flags.iter().cloned());
+    if let Some(disk) = &disk {
+        let mut backup_disk = disk.clone().into_os_string();
+        backup_disk.push(".backup");
+        backup_args.extend(["--disk".into(), backup_disk.to_string_lossy().into_owned()]);
+    }
     let backup = spawn(Ns::B, &backup_args, "cannot start the backup")?;
     let guest_arg = at.guest_arg().to_string();
     let mut primary_args = owned(&[
@@ -1110,6 +1132,9 @@ fn up(
         &join_address(Ns::A),
     ]);
     primary_args.extend(ft_flags.iter().cloned());
+    if let Some(disk) = &disk {
+        primary_args.extend(["--disk".into(), disk.to_string_lossy().into_owned()]);
+    }
     let primary = spawn(Ns::A, &primary_args, "cannot start the primary")?;
     let client_ns = bed.netns(Ns::Client);
     tracing::info!(
