@@ -12,6 +12,7 @@
 
 extern crate alloc;
 
+pub mod aof;
 pub mod fold;
 pub mod heap;
 pub mod iperf;

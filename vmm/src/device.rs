@@ -122,6 +122,11 @@ pub fn handle_exit<E: EventSource>(
             Ok(ExitAction::Resume(0))
         }
         Exit::MmioRead { addr, len } if (BLK_BASE..BLK_BASE + BLK_SIZE).contains(&addr) => {
+            // Without a disk, MagicValue reads 0 (virtio-mmio: no device
+            // here), so a guest can probe; anything else is refused.
+            if context.blk.is_none() && addr == BLK_BASE && len == 4 {
+                return Ok(ExitAction::Resume(0));
+            }
             let blk = context.blk.as_deref_mut().ok_or_else(|| guest_error(format!("access to {addr:#x}: this VM has no disk")))?;
             let offset = addr - BLK_BASE;
             if offset == 0x060 && len == 4 {
