@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// The guest binaries, in the order `--guest` lists them.
-const GUESTS: &[&str] = &["fold", "rdtsc", "exits", "net", "scribble", "bulk"];
+const GUESTS: &[&str] = &["fold", "rdtsc", "exits", "net", "scribble", "bulk", "disk"];
 const TARGET: &str = "x86_64-unknown-linux-gnu";
 
 fn main() {

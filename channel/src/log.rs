@@ -34,6 +34,7 @@
 //! | 5    | Progress | none: the primary has passed `exit` with no other event (live streaming) |
 //! | 6    | End      | u64: the guest's exit code; `exit` is its last exit (flag bit 0: stopped by the host; the payload is then the final [`DigestRecord`]) |
 //! | 7    | RxFrames | network frames delivered into the guest's RX queue: repeated `u32 length` + frame bytes |
+//! | 8    | BlkDone  | disk requests completed into the guest's virtio-blk used ring: repeated 24-byte records (see `vmm::block`) |
 //! | 9    | RxFramesPacked | the same, each frame's headers coded against the frame before it: see [`packed`] (what the primary writes) |
 //!
 //! # Log file layout
@@ -94,6 +95,8 @@ pub enum EntryKind {
     End = 6,
     /// Network frames delivered to the guest (see [`encode_frames`]).
     RxFrames = 7,
+    /// Disk requests completed at this exit (see `vmm::block`).
+    BlkDone = 8,
     /// Network frames delivered to the guest, headers packed (see [`packed`]).
     RxFramesPacked = 9,
 }
@@ -109,6 +112,7 @@ impl EntryKind {
             5 => Self::Progress,
             6 => Self::End,
             7 => Self::RxFrames,
+            8 => Self::BlkDone,
             9 => Self::RxFramesPacked,
             _ => return None,
         })
@@ -124,6 +128,7 @@ impl EntryKind {
             Self::Progress => "progress",
             Self::End => "end",
             Self::RxFrames => "rx-frames",
+            Self::BlkDone => "blk-done",
             Self::RxFramesPacked => "rx-frames-packed",
         }
     }

@@ -15,7 +15,7 @@
 //! first (its stop record ends the backup's replay), a standby still
 //! running after 3 s gets SIGTERM, and 20 s later SIGKILL.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -28,19 +28,47 @@ use crate::ChaosError;
 const UP_JOIN_PORT: u16 = 7800;
 const UP_ARBITER_PORT: u16 = 7400;
 
+/// What `lockstep up` deploys.
+#[derive(Clone, Debug)]
+pub struct UpOptions {
+    /// How the replicas carry the log.
+    pub transport: replica::link::TransportKind,
+    /// Overrides the logging link's address.
+    pub link: Option<String>,
+    /// The client link's rate.
+    pub client_link: testbed::Rate,
+    /// The logging link's rate.
+    pub log_link: testbed::Rate,
+    /// The heartbeat flags each replica gets.
+    pub liveness: Vec<String>,
+    /// The primary's disk image (the backup's is the same path with
+    /// `.backup` appended), if the guest has a disk.
+    pub disk: Option<PathBuf>,
+}
+
 /// `lockstep up`: the default deployment, supervised until `stop` is set
 /// (see the module docs). `binary` is the `lockstep` executable the
-/// arbiter and the replicas run; `liveness` the heartbeat flags each
-/// replica gets; `link` overrides the logging link's address.
-pub fn up(
-    binary: &Path,
-    transport: replica::link::TransportKind,
-    link: Option<String>,
-    client_link: testbed::Rate,
-    log_link: testbed::Rate,
-    liveness: &[String],
-    stop: Arc<AtomicBool>,
-) -> Result<(), ChaosError> {
+/// arbiter and the replicas run.
+pub fn up(binary: &Path, options: &UpOptions, stop: Arc<AtomicBool>) -> Result<(), ChaosError> {
+    let UpOptions {
+        transport,
+        link,
+        client_link,
+        log_link,
+        liveness,
+        disk,
+    } = options.clone();
+    // The replicas start in other namespaces, maybe elsewhere: absolute.
+    let disk = match disk {
+        Some(path) => Some(
+            std::path::absolute(&path).map_err(|source| ChaosError::File {
+                what: "cannot resolve the disk image path",
+                path: path.to_path_buf(),
+                source,
+            })?,
+        ),
+        None => None,
+    };
     let bed = testbed::Testbed::up(&testbed::Config {
         client_link,
         log_link,
@@ -127,6 +155,11 @@ pub fn up(
         &join_address(Ns::B),
     ]);
     backup_args.extend(ft_flags.iter().cloned());
+    if let Some(disk) = &disk {
+        let mut backup_disk = disk.clone().into_os_string();
+        backup_disk.push(".backup");
+        backup_args.extend(["--disk".into(), backup_disk.to_string_lossy().into_owned()]);
+    }
     let backup = spawn(Ns::B, &backup_args, "cannot start the backup")?;
     let guest_arg = at.guest_arg().to_string();
     let mut primary_args = owned(&[
@@ -149,6 +182,9 @@ pub fn up(
         &join_address(Ns::A),
     ]);
     primary_args.extend(ft_flags.iter().cloned());
+    if let Some(disk) = &disk {
+        primary_args.extend(["--disk".into(), disk.to_string_lossy().into_owned()]);
+    }
     let primary = spawn(Ns::A, &primary_args, "cannot start the primary")?;
     let client_ns = bed.netns(Ns::Client);
     tracing::info!(

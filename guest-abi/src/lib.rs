@@ -83,6 +83,14 @@ pub const NET_BASE: u64 = 0xD000_1000;
 /// Size of the virtio-net MMIO window.
 pub const NET_SIZE: u64 = 0x1000;
 
+/// Guest-physical base of the virtio-blk device (virtio-mmio), present when
+/// the VM has a disk. See `vmm::block` for its registers and requests; the
+/// guest polls completions by reading InterruptStatus (0x060), the one exit
+/// at which finished requests reach its used ring.
+pub const BLK_BASE: u64 = 0xD000_2000;
+/// Size of the virtio-blk MMIO window.
+pub const BLK_SIZE: u64 = 0x1000;
+
 /// Value returned by the `INPUT` register when the input stream has ended.
 pub const INPUT_EOF: u64 = u64::MAX;
 

@@ -41,7 +41,7 @@ mod tests {
 
     #[test]
     fn every_guest_is_an_elf_image() {
-        assert_eq!(names().count(), 6);
+        assert_eq!(names().count(), 7);
         for (name, bytes) in IMAGES {
             assert_eq!(&bytes[..4], b"\x7fELF", "{name} is not an ELF image");
         }

@@ -656,3 +656,31 @@ fn arbitrary_input_never_panics_and_never_over_consumes() {
         }
     }
 }
+
+#[test]
+fn the_append_only_log_keeps_successful_writes_and_rebuilds_the_store() {
+    let mut server = server();
+    let mut client = server.connect(0);
+    let mut out = Vec::new();
+    let input = b"*3\r\n$3\r\nSET\r\n$1\r\na\r\n$1\r\n1\r\nGET a\r\n*2\r\n$4\r\nINCR\r\n$1\r\na\r\nINCR nokey extra\r\nRPUSH l x y\r\n";
+    assert!(server.take_aof().is_empty(), "off by default");
+    server.set_aof(true);
+    let (used, _) = server.serve(&mut client, input, 0, &mut out, usize::MAX);
+    assert_eq!(used, input.len());
+    let aof = server.take_aof();
+    assert_eq!(
+        aof,
+        b"*3\r\n$3\r\nSET\r\n$1\r\na\r\n$1\r\n1\r\n*2\r\n$4\r\nINCR\r\n$1\r\na\r\nRPUSH l x y\r\n",
+        "reads and failed writes are not logged"
+    );
+    assert!(server.take_aof().is_empty(), "taken");
+    let mut reloaded = self::server();
+    let mut loader = reloaded.connect(0);
+    let mut ignored = Vec::new();
+    reloaded.serve(&mut loader, &aof, 0, &mut ignored, usize::MAX);
+    assert_eq!(
+        run(&mut reloaded, &mut loader, 0, &["GET", "a"]),
+        "$1\r\n2\r\n"
+    );
+    assert_eq!(run(&mut reloaded, &mut loader, 0, &["LLEN", "l"]), ":2\r\n");
+}

@@ -12,6 +12,7 @@
 
 extern crate alloc;
 
+pub mod aof;
 pub mod fold;
 pub mod heap;
 pub mod iperf;
@@ -19,6 +20,7 @@ pub mod json;
 pub mod pv;
 pub mod redis;
 pub mod services;
+pub mod virtio_blk;
 pub mod virtio_net;
 
 use core::fmt::{self, Write};

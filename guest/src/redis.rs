@@ -27,6 +27,13 @@
 //!
 //! Time is the clock returned by the last `WAIT` exit, in ms: logged, so
 //! expiry replays exactly on the backup.
+//!
+//! # Persistence
+//!
+//! With a virtio-blk disk the store keeps an append-only file there
+//! ([`crate::aof`]): loaded at start, then every successful write command
+//! is appended and flushed before the replies of the same batch are sent
+//! (`appendfsync always`: a reply means durable).
 
 use alloc::vec;
 use alloc::vec::Vec;
@@ -36,7 +43,9 @@ use guest_redis::{After, Client, Config, Server};
 use smoltcp::iface::{SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 
+use crate::aof::Aof;
 use crate::heap;
+use crate::virtio_blk::BlkDevice;
 
 /// The service's port.
 pub const PORT: u16 = 6379;
@@ -73,6 +82,9 @@ pub struct Redis {
     server: Option<Server>,
     /// Heap use beyond which buffers stop growing and requests wait.
     buffer_limit: usize,
+    aof: Option<Aof>,
+    /// Records and bytes loaded from the append-only file at start.
+    loaded: (usize, u64),
 }
 
 fn used_memory() -> usize {
@@ -107,6 +119,8 @@ impl Redis {
             slots,
             server: None,
             buffer_limit: heap::size().saturating_sub(reserve / 2),
+            aof: None,
+            loaded: (0, 0),
         }
     }
 
@@ -129,7 +143,31 @@ impl Redis {
             },
             now_ms,
         ));
+        if let (Some(server), Ok(disk)) = (self.server.as_mut(), BlkDevice::init()) {
+            match Aof::open(disk) {
+                Ok((aof, records)) => {
+                    let mut loader = server.connect(now_ms);
+                    let mut ignored = Vec::new();
+                    for record in &records {
+                        server.serve(&mut loader, record, now_ms, &mut ignored, usize::MAX);
+                        ignored.clear();
+                    }
+                    server.disconnect(loader);
+                    server.set_aof(true);
+                    self.loaded = (records.len(), aof.len());
+                    self.aof = Some(aof);
+                }
+                Err(error) => {
+                    crate::println!("redis: cannot read the append-only file: {error:?}")
+                }
+            }
+        }
         (self.slots.len(), maxmemory)
+    }
+
+    /// With a disk: the records and bytes loaded from the append-only file.
+    pub fn aof_loaded(&self) -> Option<(usize, u64)> {
+        self.aof.as_ref().map(|_| self.loaded)
     }
 
     /// Serves every connection once at `now_ms`; removes due keys.
@@ -138,7 +176,14 @@ impl Redis {
             return;
         };
         for slot in &mut self.slots {
-            serve(slot, sockets, server, now_ms, self.buffer_limit);
+            serve(
+                slot,
+                sockets,
+                server,
+                now_ms,
+                self.buffer_limit,
+                &mut self.aof,
+            );
         }
         server.sweep_expired(now_ms);
     }
@@ -174,6 +219,7 @@ fn serve(
     server: &mut Server,
     now_ms: u64,
     buffer_limit: usize,
+    aof: &mut Option<Aof>,
 ) {
     let socket = sockets.get_mut::<tcp::Socket>(slot.handle);
     if !socket.is_open() {
@@ -212,6 +258,13 @@ fn serve(
         slot.input.drain(..used);
         if after == After::Close {
             slot.closing = true;
+        }
+        // Durable before any reply of this batch leaves.
+        let writes = server.take_aof();
+        if let Some(aof) = aof.as_mut()
+            && let Err(error) = aof.append(&writes)
+        {
+            crate::println!("redis: append-only file write failed: {error:?}");
         }
     }
     if !slot.output.is_empty()

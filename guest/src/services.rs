@@ -109,6 +109,9 @@ pub fn run() -> ! {
         crate::iperf::PORT,
         crate::heap::size()
     );
+    if let Some((records, bytes)) = redis.aof_loaded() {
+        crate::println!("net: redis append-only file: {records} records, {bytes} bytes loaded");
+    }
     let pattern: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
     loop {
         let now = instant(now_ns);

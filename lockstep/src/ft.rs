@@ -58,6 +58,14 @@ pub struct FtArgs {
     /// of the two is required: make one with `lockstep keygen FILE`).
     #[arg(long)]
     pub link_key: Option<PathBuf>,
+    /// The VM's disk image (virtio-blk), created zero-filled (64 MiB) when
+    /// missing. Local mode: each replica has its own identical copy.
+    #[arg(long)]
+    pub disk: Option<PathBuf>,
+    /// `local`: each replica applies every write to its own image (shared
+    /// is not built yet).
+    #[arg(long, default_value = "local")]
+    pub disk_mode: replica::disk::DiskMode,
     /// Where this replica's figures go for `--metrics` (not a flag).
     #[arg(skip)]
     pub board: replica::status::Board,
@@ -129,6 +137,14 @@ impl LivenessArgs {
 }
 
 impl FtArgs {
+    fn disk(&self) -> Option<replica::disk::DiskOptions> {
+        let path = self.disk.as_ref()?;
+        Some(replica::disk::DiskOptions {
+            mode: self.disk_mode,
+            ..replica::disk::DiskOptions::local(path)
+        })
+    }
+
     fn peer_timeout(&self) -> Duration {
         self.liveness.peer_timeout()
     }
@@ -321,6 +337,9 @@ pub fn primary(
         digest_interval,
     )?;
     Network::attach(&network, &mut machine)?;
+    if let Some(disk) = ft.disk() {
+        disk.attach(&mut machine)?;
+    }
     if let (Some(listener), Some(arbiter)) = (join_listener, join_arbiter) {
         let service = replica::join::JoinService {
             port: join_port,
@@ -553,7 +572,7 @@ pub fn backup(
         .with_board(ft.board.clone());
     let source = BackupSource::new(Replay::new(accepted.source), membership, side.promote()?)
         .with_status(status);
-    let machine = Machine::new(
+    let mut machine = Machine::new(
         &config,
         guest.bytes(),
         meta.guest_arg,
@@ -561,6 +580,9 @@ pub fn backup(
         console(quiet),
         meta.digest_interval,
     )?;
+    if let Some(disk) = ft.disk() {
+        disk.attach(&mut machine)?;
+    }
     follow(machine, side, guest.name())
 }
 
@@ -664,6 +686,11 @@ pub fn join(
     stop: Arc<AtomicBool>,
 ) -> Result<(), CliError> {
     use std::io::Write as _;
+    if ft.disk.is_some() {
+        return Err(CliError::Usage(
+            "--join with --disk: a state transfer does not carry a disk yet (issue 19)".into(),
+        ));
+    }
     let me = ft.me("backup")?;
     let arbiter = ft.arbiter()?.ok_or_else(|| {
         CliError::Usage("--join needs --arbiter (the new pair is recorded there)".into())

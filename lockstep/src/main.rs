@@ -240,6 +240,12 @@ enum Command {
         /// The replicas' heartbeat interval and peer timeout.
         #[command(flatten)]
         liveness: ft::LivenessArgs,
+        /// Give the guest a disk: the primary's image is FILE, the
+        /// backup's FILE.backup (local disks; both created when missing).
+        /// The Redis store keeps an append-only file there and reloads it
+        /// at boot.
+        #[arg(long, value_name = "FILE")]
+        disk: Option<PathBuf>,
     },
     /// Run a command in the client namespace of the running `lockstep up`
     /// (or of testbed `--run ID`), e.g. `lockstep client -- redis-cli -h
@@ -677,17 +683,18 @@ fn execute(command: Command, matches: &clap::ArgMatches) -> Result<(), CliError>
             client_link,
             log_link,
             liveness,
+            disk,
         } => {
             liveness.check()?;
-            chaos::deploy::up(
-                &this_program()?,
+            let options = chaos::deploy::UpOptions {
                 transport,
                 link,
                 client_link,
                 log_link,
-                &liveness.flags(),
-                stop_flag(),
-            )?;
+                liveness: liveness.flags(),
+                disk,
+            };
+            chaos::deploy::up(&this_program()?, &options, stop_flag())?;
             Ok(())
         }
         Command::Client { run, command } => client(run.as_deref(), &command),

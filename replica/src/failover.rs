@@ -441,6 +441,18 @@ impl EventSource for BackupSource {
         self.with(exit, |source| source.net_rx(exit, max_frames, wait))
     }
 
+    fn blk_done(
+        &mut self,
+        exit: u64,
+        disk: &mut dyn vmm::block::DiskCompleter,
+    ) -> Result<Vec<vmm::block::Completion>, VmmError> {
+        self.with(exit, |source| source.blk_done(exit, disk))
+    }
+
+    fn disk_identity(&mut self, capacity: u64, hash: u64) -> Result<(), VmmError> {
+        self.with(0, |source| source.disk_identity(capacity, hash))
+    }
+
     fn log_position(&self) -> u64 {
         match &self.live {
             Some(live) => live.log_position(),

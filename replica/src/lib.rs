@@ -36,6 +36,7 @@
 //! timeout counts the other as lost (see [`failover`]).
 
 pub mod backup;
+pub mod disk;
 pub mod failover;
 pub mod join;
 pub mod link;

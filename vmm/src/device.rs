@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use guest_abi::{
-    INPUT_EOF, MAILBOX_GPA, MAILBOX_MAX_LEN, Mailbox, NET_BASE, NET_SIZE, PV_BASE, PV_SIZE, reg,
+    BLK_BASE, BLK_SIZE, INPUT_EOF, MAILBOX_GPA, MAILBOX_MAX_LEN, Mailbox, NET_BASE, NET_SIZE,
+    PV_BASE, PV_SIZE, reg,
 };
 use nic::gate::OutputGate;
 use nic::virtio::GuestRam;
@@ -18,6 +19,7 @@ use nic::virtio::{VirtioNet, WriteEffect};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::VmmError;
+use crate::block::VirtioBlk;
 use crate::events::EventSource;
 use crate::kvm::Exit;
 
@@ -79,6 +81,8 @@ pub struct ExitContext<'a, E: EventSource> {
     pub console: &'a mut dyn Write,
     /// The network device, if the VM has one.
     pub net: Option<&'a mut NetState>,
+    /// The disk, if the VM has one.
+    pub blk: Option<&'a mut VirtioBlk>,
     /// Set by [`handle_exit`] when the exit is a sync point (the guest waits
     /// for input or produced output): the event source must flush.
     pub sync: bool,
@@ -114,6 +118,27 @@ pub fn handle_exit<E: EventSource>(
                     Some(gate) => frames.into_iter().for_each(|frame| gate.submit(position, frame)),
                     None => net.suppressed += frames.len() as u64,
                 }
+            }
+            Ok(ExitAction::Resume(0))
+        }
+        Exit::MmioRead { addr, len } if (BLK_BASE..BLK_BASE + BLK_SIZE).contains(&addr) => {
+            // Without a disk, MagicValue reads 0 (virtio-mmio: no device
+            // here), so a guest can probe; anything else is refused.
+            if context.blk.is_none() && addr == BLK_BASE && len == 4 {
+                return Ok(ExitAction::Resume(0));
+            }
+            let blk = context.blk.as_deref_mut().ok_or_else(|| guest_error(format!("access to {addr:#x}: this VM has no disk")))?;
+            let offset = addr - BLK_BASE;
+            if offset == 0x060 && len == 4 {
+                return blk.poll(context.memory, context.events, exit).map(|v| ExitAction::Resume(u64::from(v)));
+            }
+            let value = blk.read(offset, len).map_err(guest_error)?;
+            Ok(ExitAction::Resume(u64::from(value)))
+        }
+        Exit::MmioWrite { addr, len, value } if (BLK_BASE..BLK_BASE + BLK_SIZE).contains(&addr) => {
+            let blk = context.blk.as_deref_mut().ok_or_else(|| guest_error(format!("access to {addr:#x}: this VM has no disk")))?;
+            if blk.write(addr - BLK_BASE, len, value as u32).map_err(guest_error)? {
+                blk.notify(context.memory)?;
             }
             Ok(ExitAction::Resume(0))
         }
@@ -340,6 +365,7 @@ mod tests {
                 events: &mut self.events,
                 console: &mut self.console,
                 net: None,
+                blk: None,
                 sync: false,
             };
             handle_exit(kind, 7, &mut context)

@@ -24,8 +24,13 @@ use nic::tap::RxQueue;
 use zerocopy::IntoBytes;
 
 use crate::VmmError;
+use crate::block::{Completion, DiskCompleter, decode_completions, encode_completions};
 use crate::digest::Digest;
 use crate::state::EventPosition;
+
+/// `BlkDone` flag: the entry is the disk's identity (payload: capacity and
+/// content hash, u64 each), logged at exit 0 before the guest runs.
+pub const FLAG_BLK_IDENTITY: u16 = 1;
 
 /// A source of the values that make a run non-deterministic.
 pub trait EventSource {
@@ -44,6 +49,28 @@ pub trait EventSource {
         max_frames: usize,
         wait: Duration,
     ) -> Result<Vec<Vec<u8>>, VmmError>;
+    /// Disk requests that complete into the guest's used ring at `exit`
+    /// (the guest polls the virtio-blk device). A live source takes what
+    /// the host has finished from `disk` and logs it; a replay takes the
+    /// list from the log and checks each against its own disk's completion.
+    fn blk_done(
+        &mut self,
+        exit: u64,
+        disk: &mut dyn DiskCompleter,
+    ) -> Result<Vec<Completion>, VmmError> {
+        let _ = disk;
+        Err(VmmError::Config(format!(
+            "exit {exit}: this event source cannot complete disk requests"
+        )))
+    }
+    /// The VM has a disk of `capacity` bytes whose contents hash to `hash`
+    /// (called once, before the first exit). A live source logs it; a
+    /// replay refuses a disk that differs from the recorded one, so a
+    /// pair whose local disks are not identical copies never starts.
+    fn disk_identity(&mut self, capacity: u64, hash: u64) -> Result<(), VmmError> {
+        let _ = (capacity, hash);
+        Ok(())
+    }
     /// The log position of the last event so far: output produced now may
     /// leave only when the backup has acknowledged this position.
     fn log_position(&self) -> u64;
@@ -300,6 +327,24 @@ impl<S: EventSink> EventSource for Live<S> {
             }
         }
         Ok(frames)
+    }
+
+    fn blk_done(
+        &mut self,
+        exit: u64,
+        disk: &mut dyn DiskCompleter,
+    ) -> Result<Vec<Completion>, VmmError> {
+        let done = disk.harvest()?;
+        if !done.is_empty() {
+            self.log(EntryKind::BlkDone, 0, exit, &encode_completions(&done))?;
+        }
+        Ok(done)
+    }
+
+    fn disk_identity(&mut self, capacity: u64, hash: u64) -> Result<(), VmmError> {
+        let mut payload = capacity.to_le_bytes().to_vec();
+        payload.extend_from_slice(&hash.to_le_bytes());
+        self.log(EntryKind::BlkDone, FLAG_BLK_IDENTITY, 0, &payload)
     }
 
     fn log_position(&self) -> u64 {
@@ -616,6 +661,78 @@ impl<R: EntrySource> EventSource for Replay<R> {
         }
         self.stats.events += 1;
         Ok(frames)
+    }
+
+    fn blk_done(
+        &mut self,
+        exit: u64,
+        disk: &mut dyn DiskCompleter,
+    ) -> Result<Vec<Completion>, VmmError> {
+        // No entry for this exit: nothing completed here on the primary.
+        let next = self.peek(exit)?;
+        if next.exit != exit || next.kind != EntryKind::BlkDone || next.flags != 0 {
+            return Ok(Vec::new());
+        }
+        let entry = self.take(exit, EntryKind::BlkDone)?;
+        let recorded = decode_completions(&entry.payload).ok_or_else(|| {
+            VmmError::LogMismatch(format!(
+                "blk-done entry {} has a malformed payload",
+                entry.seq
+            ))
+        })?;
+        for logged in &recorded {
+            let own = disk.wait_for(logged.tag)?;
+            if own != *logged {
+                return Err(VmmError::Diverged {
+                    exit,
+                    detail: format!(
+                        "disk request {}: this replica's disk gives status {} ({} bytes, data hash {:016x}), the log's entry {} says status {} ({} bytes, data hash {:016x}): the disk images differ",
+                        logged.tag,
+                        own.status,
+                        own.len,
+                        own.hash,
+                        entry.seq,
+                        logged.status,
+                        logged.len,
+                        logged.hash
+                    ),
+                });
+            }
+        }
+        self.stats.events += 1;
+        Ok(recorded)
+    }
+
+    fn disk_identity(&mut self, capacity: u64, hash: u64) -> Result<(), VmmError> {
+        let next = self.peek(0)?;
+        if next.exit != 0 || next.kind != EntryKind::BlkDone || next.flags != FLAG_BLK_IDENTITY {
+            return Err(VmmError::LogMismatch(format!(
+                "this replica has a disk ({capacity} bytes), but the recording's VM had none (its first entry is {} at exit {})",
+                next.kind, next.exit
+            )));
+        }
+        let entry = self.take(0, EntryKind::BlkDone)?;
+        let word = |at: usize| {
+            entry
+                .payload
+                .get(at..at + 8)
+                .and_then(|bytes| bytes.try_into().ok())
+                .map(u64::from_le_bytes)
+        };
+        let (Some(their_capacity), Some(their_hash), 16) = (word(0), word(8), entry.payload.len())
+        else {
+            return Err(VmmError::LogMismatch(format!(
+                "disk identity entry {} has a {}-byte payload, not 16",
+                entry.seq,
+                entry.payload.len()
+            )));
+        };
+        if (their_capacity, their_hash) != (capacity, hash) {
+            return Err(VmmError::LogMismatch(format!(
+                "the disks differ: the primary's image has {their_capacity} bytes (content hash {their_hash:016x}), this replica's {capacity} bytes (content hash {hash:016x}); in local-disks mode both must start as identical copies"
+            )));
+        }
+        Ok(())
     }
 
     fn log_position(&self) -> u64 {

@@ -57,6 +57,8 @@
 //! # Modules
 //!
 //! - [`kvm`]: the only code that touches KVM (`unsafe` lives here).
+//! - [`block`]: the virtio-blk device over an image file and io_uring,
+//!   whose completions reach the guest only at logged exits.
 //! - [`device`]: the paravirtual device and exit handling (plain code over
 //!   [`kvm::Exit`], testable without a guest).
 //! - [`events`]: where non-determinism comes from: live sources (recording
@@ -68,6 +70,7 @@
 //! - [`snapshot`]: dirty-page pre-copy and the stop-and-copy pause at an
 //!   exit boundary.
 
+pub mod block;
 pub mod device;
 pub mod digest;
 pub mod events;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use nic::gate::OutputGate;
 use nic::virtio::VirtioNet;
 
+use crate::block::VirtioBlk;
 use crate::device::{ExitAction, ExitContext, NetState, PvDevice, handle_exit};
 use crate::digest::Digest;
 use crate::events::EventSource;
@@ -25,6 +26,7 @@ pub struct Machine<E: EventSource> {
     events: E,
     console: Box<dyn Write + Send>,
     net: Option<NetState>,
+    blk: Option<VirtioBlk>,
     digest_interval: u64,
     exits: u64,
     digests: u64,
@@ -83,6 +85,7 @@ impl<E: EventSource> Machine<E> {
             events,
             console,
             net,
+            blk: None,
             digest_interval,
             exits: 0,
             digests: 0,
@@ -133,6 +136,7 @@ impl<E: EventSource> Machine<E> {
             events,
             console,
             net,
+            blk: None,
             digest_interval,
             exits: state.exits,
             digests: state.digests,
@@ -170,6 +174,11 @@ impl<E: EventSource> Machine<E> {
 
     fn serve_capture(&mut self, request: CaptureRequest) -> Result<Captured, VmmError> {
         let started = Instant::now();
+        if self.blk.is_some() {
+            return Err(VmmError::Config(
+                "a state transfer of a VM with a disk is not supported yet (issue 19: the disk must travel too)".into(),
+            ));
+        }
         self.vm.complete_pending_io()?;
         let dirty = self.vm.dirty_log();
         let pages = copy_pages(&dirty, request.memory)?;
@@ -216,6 +225,27 @@ impl<E: EventSource> Machine<E> {
         Ok(())
     }
 
+    /// Gives the VM a virtio-blk disk (at `guest_abi::BLK_BASE`). Every
+    /// replica of a run, and its replay, must attach the same image.
+    /// The disk's identity (size, content hash) goes into the log first, so
+    /// a replica whose disk differs refuses to start.
+    pub fn attach_disk(&mut self, disk: crate::block::Disk) -> Result<(), VmmError> {
+        if self.exits != 0 || self.blk.is_some() {
+            return Err(VmmError::Config(
+                "a disk is attached once, before the guest runs".into(),
+            ));
+        }
+        self.events
+            .disk_identity(disk.capacity(), disk.content_hash()?)?;
+        self.blk = Some(VirtioBlk::new(disk)?);
+        Ok(())
+    }
+
+    /// The disk device, if any.
+    pub fn blk(&self) -> Option<&VirtioBlk> {
+        self.blk.as_ref()
+    }
+
     /// The network device's state, if any.
     pub fn net(&self) -> Option<&NetState> {
         self.net.as_ref()
@@ -247,6 +277,7 @@ impl<E: EventSource> Machine<E> {
                 events: &mut self.events,
                 console: &mut self.console,
                 net: self.net.as_mut(),
+                blk: self.blk.as_mut(),
                 sync: false,
             };
             let mut read_action = None;

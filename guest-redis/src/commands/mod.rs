@@ -302,6 +302,9 @@ pub struct Server {
     next_client_id: u64,
     connected: usize,
     start_ms: u64,
+    /// Write commands executed since the last [`Server::take_aof`], as the
+    /// request bytes that carried them, while the append-only log is on.
+    aof: Option<Vec<u8>>,
 }
 
 /// What a handler sees.
@@ -360,6 +363,7 @@ impl Server {
             next_client_id: 1,
             connected: 0,
             start_ms: now_ms,
+            aof: None,
         }
     }
 
@@ -397,6 +401,26 @@ impl Server {
         self.stats.rejected_connections += 1;
     }
 
+    /// Starts (or stops) collecting the append-only log: every write
+    /// command that succeeds is kept as the request bytes that carried it,
+    /// for the caller to make durable (with [`Self::take_aof`]) before it
+    /// sends the replies. Replaying the bytes through [`Self::serve`] at
+    /// boot rebuilds the keyspace (relative expiries restart from the
+    /// reload, and SPOP picks from the new seed, unlike Redis's rewritten
+    /// AOF).
+    pub fn set_aof(&mut self, on: bool) {
+        self.aof = on.then(Vec::new);
+    }
+
+    /// The write commands collected since the last call (empty when the
+    /// append-only log is off).
+    pub fn take_aof(&mut self) -> Vec<u8> {
+        match self.aof.as_mut() {
+            Some(aof) => core::mem::take(aof),
+            None => Vec::new(),
+        }
+    }
+
     /// Removes keys past their deadline, a bounded number per call.
     pub fn sweep_expired(&mut self, now_ms: u64) -> usize {
         self.db.sweep_expired(now_ms, SWEEP_BUDGET)
@@ -420,8 +444,22 @@ impl Server {
             match parse(&input[used..]) {
                 Parsed::Incomplete => break,
                 Parsed::Request(args, consumed) => {
+                    let request = used..used + consumed;
                     used += consumed;
-                    if self.execute(client, args, now_ms, out) == After::Close {
+                    let logged = self.aof.is_some()
+                        && args
+                            .first()
+                            .and_then(|name| lookup(name))
+                            .is_some_and(|spec| spec.flags & WRITE != 0);
+                    let reply_at = out.len();
+                    let after = self.execute(client, args, now_ms, out);
+                    if logged
+                        && out.get(reply_at) != Some(&b'-')
+                        && let Some(aof) = self.aof.as_mut()
+                    {
+                        aof.extend_from_slice(&input[request]);
+                    }
+                    if after == After::Close {
                         return (used, After::Close);
                     }
                 }

@@ -1,0 +1,266 @@
+//! The disk in a fault-tolerant pair (local disks): a real primary and a
+//! real backup process, each with its own image file, the log over shared
+//! memory (a unix socket in the test's own directory). Needs /dev/kvm.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+const KEY: &[u8] = b"lockstep disk test key, at least 32 bytes";
+
+/// Runs the `disk` guest as primary (image `a`) and backup (image `b`);
+/// returns both outputs.
+fn pair(dir: &Path, a: &Path, b: &Path, rounds: u64) -> (Output, Output) {
+    let key = dir.join("key");
+    std::fs::write(&key, KEY).expect("key");
+    let socket = dir.join("link.sock");
+    let status = dir.join("status");
+    let backup = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args(["backup", "--quiet", "--transport", "shm"])
+        .args(["--peer-timeout-ms", "5000", "--listen"])
+        .arg(&socket)
+        .arg("--disk")
+        .arg(b)
+        .arg("--link-key")
+        .arg(&key)
+        .arg("--status-dir")
+        .arg(&status)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the backup");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !socket.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let primary = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args(["primary", "--guest", "disk", "--arg", &rounds.to_string()])
+        .args(["--transport", "shm", "--backup"])
+        .arg(&socket)
+        .args(["--digest-interval", "20", "--peer-timeout-ms", "5000"])
+        .arg("--disk")
+        .arg(a)
+        .arg("--link-key")
+        .arg(&key)
+        .arg("--status-dir")
+        .arg(&status)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the primary");
+    // A backup that refused every connection keeps listening: stop it.
+    let mut backup = backup;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while backup.try_wait().expect("backup status").is_none()
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = backup.kill();
+    let backup = backup.wait_with_output().expect("backup");
+    (primary, backup)
+}
+
+fn text(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr)
+}
+
+#[test]
+fn a_pair_with_local_disks_keeps_both_images_identical_across_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    for boot in 1..=2 {
+        let (primary, backup) = pair(dir.path(), &a, &b, 30);
+        let (primary_text, backup_text) = (text(&primary), text(&backup));
+        assert!(
+            primary.status.success(),
+            "primary: {primary_text}\nbackup: {backup_text}"
+        );
+        assert!(backup.status.success(), "backup: {backup_text}");
+        assert!(
+            primary_text.contains(&format!("disk: boot {boot} id lockstep-disk"))
+                && primary_text.contains("mismatches 0"),
+            "{primary_text}"
+        );
+        let (a_bytes, b_bytes) = (std::fs::read(&a).expect("a"), std::fs::read(&b).expect("b"));
+        assert_eq!(a_bytes.len(), 64 << 20, "created with the default size");
+        assert!(
+            a_bytes == b_bytes,
+            "run {boot}: the replicas' images differ"
+        );
+    }
+}
+
+#[test]
+fn a_backup_whose_image_differs_refuses_the_pair() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    std::fs::write(&a, vec![0u8; 1 << 20]).expect("a");
+    let mut other = vec![0u8; 1 << 20];
+    other[4096] = 7;
+    std::fs::write(&b, other).expect("b");
+    let (primary, backup) = pair(dir.path(), &a, &b, 5);
+    let backup_text = text(&backup);
+    assert!(!backup.status.success(), "backup: {backup_text}");
+    assert!(
+        backup_text.contains("the disks differ") && backup_text.contains("content hash"),
+        "{backup_text}"
+    );
+    // The primary learns of it only by losing its backup (fail-stop without
+    // an arbiter); this guest is short enough to finish first.
+    let _ = primary;
+}
+
+/// `lockstep up --disk FILE` until `until` says done; returns its stderr.
+mod up {
+    use std::io::{BufRead, BufReader, Write};
+    use std::path::Path;
+    use std::process::{Command, Stdio};
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    pub struct Up {
+        child: std::process::Child,
+        lines: mpsc::Receiver<String>,
+        pub seen: Vec<String>,
+        pub run: String,
+        pub guest: String,
+    }
+
+    impl Up {
+        pub fn start(disk: &Path) -> Self {
+            let mut child = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+                .arg("up")
+                .arg("--disk")
+                .arg(disk)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("lockstep up");
+            let stderr = child.stderr.take().expect("stderr");
+            let (send, lines) = mpsc::channel();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if send.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+            let mut up = Self {
+                child,
+                lines,
+                seen: Vec::new(),
+                run: String::new(),
+                guest: String::new(),
+            };
+            let banner = up.line_with("lockstep up: testbed ");
+            up.run = banner
+                .split_whitespace()
+                .nth(3)
+                .expect("run")
+                .trim_end_matches(':')
+                .into();
+            let printed = up.line_with("redis-cli -h");
+            up.guest = printed.split_whitespace().nth(6).expect("guest").into();
+            up
+        }
+
+        fn line_with(&mut self, what: &str) -> String {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match self.lines.recv_timeout(left) {
+                    Ok(line) => {
+                        self.seen.push(line.clone());
+                        if line.contains(what) {
+                            return line;
+                        }
+                    }
+                    Err(_) => panic!("`{what}` never came; up said:\n{}", self.seen.join("\n")),
+                }
+            }
+        }
+
+        /// Stock redis-cli in the client namespace, `input` on its stdin
+        /// (one command a line), retried until it answers.
+        pub fn redis(&self, args: &[&str], input: &str) -> String {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let mut child = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+                    .args([
+                        "client",
+                        "--run",
+                        &self.run,
+                        "--",
+                        "redis-cli",
+                        "-h",
+                        &self.guest,
+                    ])
+                    .args(args)
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("redis-cli");
+                let mut stdin = child.stdin.take().expect("stdin");
+                stdin.write_all(input.as_bytes()).expect("commands");
+                drop(stdin);
+                let output = child.wait_with_output().expect("redis-cli");
+                let reply = String::from_utf8_lossy(&output.stdout).trim().to_string();
+                if output.status.success() && !reply.is_empty() && !reply.contains("rror") {
+                    return reply;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "redis-cli never answered: {reply}"
+                );
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        }
+
+        /// Ctrl-C, and wait for the whole deployment to stop.
+        pub fn stop(mut self) -> Vec<String> {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc_kill(self.child.id() as i32, 2) };
+            let status = self.child.wait().expect("up");
+            while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
+                self.seen.push(line);
+            }
+            assert!(status.success(), "up: {status}\n{}", self.seen.join("\n"));
+            self.seen
+        }
+    }
+
+    unsafe extern "C" {
+        #[link_name = "kill"]
+        fn libc_kill(pid: i32, signal: i32) -> i32;
+    }
+}
+
+#[test]
+fn the_store_persists_through_a_restart_of_up_on_the_same_disk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = dir.path().join("store.img");
+    let mut backup_disk = disk.clone().into_os_string();
+    backup_disk.push(".backup");
+    let first = up::Up::start(&disk);
+    let sets: String = (0..1000)
+        .map(|i| format!("SET key:{i} value-{i}\n"))
+        .collect();
+    first.redis(&[], &sets);
+    assert_eq!(first.redis(&["dbsize"], ""), "1000");
+    let said = first.stop().join("\n");
+    let (a, b) = (
+        std::fs::read(&disk).expect("primary image"),
+        std::fs::read(&backup_disk).expect("backup image"),
+    );
+    assert!(
+        a == b,
+        "the replicas' images differ after the stop:\n{said}"
+    );
+
+    let second = up::Up::start(&disk);
+    assert_eq!(second.redis(&["dbsize"], ""), "1000");
+    assert_eq!(second.redis(&["get", "key:0"], ""), "value-0");
+    assert_eq!(second.redis(&["get", "key:999"], ""), "value-999");
+    second.stop();
+}

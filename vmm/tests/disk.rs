@@ -1,0 +1,235 @@
+//! The virtio-blk disk through a real KVM guest (needs /dev/kvm): record a
+//! run with a disk, replay it against a copy of the disk as it was, and
+//! check that a differing image is caught at its first differing read and
+//! that writes persist across runs.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::Console;
+
+use channel::log::{EntryKind, LogMeta, LogReader, LogWriter};
+use vmm::block::Disk;
+use vmm::events::{Live, LogSink, Replay};
+use vmm::{Machine, RunSummary, VmConfig, VmmError};
+
+const DISK_BYTES: u64 = 4 << 20;
+
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "lockstep-disk-test-{name}-{}-{:x}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        ));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Self(dir)
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        self.0.join(file)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn record(disk: &Path, arg: u64) -> Result<(Vec<u8>, RunSummary, String), VmmError> {
+    let image = guest_images::image("disk").expect("embedded guest");
+    let config = VmConfig::default();
+    let meta = LogMeta {
+        image_id: guest_images::image_id(image),
+        mem_size: config.mem_size,
+        guest_arg: arg,
+        digest_interval: 50,
+        vm_flags: config.flags(),
+        guest_name: "disk".into(),
+    };
+    let sink = LogSink::new(LogWriter::new(Vec::new(), &meta)?);
+    let events = Live::new(Box::new(std::io::empty()), sink);
+    let console = Console::default();
+    let mut machine = Machine::new(&config, image, arg, events, Box::new(console.clone()), 50)?;
+    machine.attach_disk(Disk::open(disk, false, Some(DISK_BYTES))?)?;
+    let summary = machine.run()?;
+    let log = machine.into_events().into_sink().into_inner()?;
+    Ok((log, summary, console.text()))
+}
+
+fn replay(disk: &Path, log: &[u8]) -> Result<(RunSummary, String), VmmError> {
+    replay_then(disk, log, || {})
+}
+
+/// Replays `log` on `disk`, calling `after_attach` once the disk passed the
+/// identity check and before the guest runs.
+fn replay_then(
+    disk: &Path,
+    log: &[u8],
+    after_attach: impl FnOnce(),
+) -> Result<(RunSummary, String), VmmError> {
+    let reader = LogReader::new(log)?;
+    let meta = reader.meta().clone();
+    let image = guest_images::image("disk").expect("embedded guest");
+    let config = VmConfig::with_flags(meta.mem_size, meta.vm_flags);
+    let console = Console::default();
+    let mut machine = Machine::new(
+        &config,
+        image,
+        meta.guest_arg,
+        Replay::new(reader),
+        Box::new(console.clone()),
+        meta.digest_interval,
+    )?;
+    machine.attach_disk(Disk::open(disk, false, None)?)?;
+    after_attach();
+    let summary = machine.run()?;
+    Ok((summary, console.text()))
+}
+
+fn blk_entries(log: &[u8]) -> usize {
+    let mut reader = LogReader::new(log).expect("log");
+    let mut count = 0;
+    while let Some(entry) = reader.next_entry().expect("entry") {
+        if entry.kind == EntryKind::BlkDone {
+            count += 1;
+        }
+    }
+    count
+}
+
+#[test]
+fn a_recorded_run_with_a_disk_replays_exactly_on_a_copy_of_its_disk() {
+    let scratch = Scratch::new("replay");
+    let primary = scratch.path("primary.img");
+    let (log, summary, console) = record(&primary, 40).expect("record");
+    assert_eq!(summary.exit_code, 0, "{console}");
+    assert!(
+        console.contains("disk: boot 1 id lockstep-disk"),
+        "{console}"
+    );
+    assert!(console.contains("mismatches 0"), "{console}");
+    // 1 boot read + write + flush, 40 × (write + 2 reads), 1 flush.
+    assert!(
+        blk_entries(&log) >= 124,
+        "{} blk-done entries",
+        blk_entries(&log)
+    );
+
+    // The backup's disk as the primary's was before the run: fresh.
+    let backup = scratch.path("backup.img");
+    std::fs::File::create(&backup)
+        .and_then(|file| file.set_len(DISK_BYTES))
+        .expect("backup image");
+    let (replayed, replay_console) = replay(&backup, &log).expect("replay");
+    assert_eq!(replayed.exits, summary.exits);
+    assert_eq!(replayed.final_digest, summary.final_digest);
+    assert_eq!(replay_console, console);
+    // Both replicas applied the same writes to their own images.
+    let a = std::fs::read(&primary).expect("primary image");
+    let b = std::fs::read(&backup).expect("backup image");
+    assert!(a == b, "the two images differ after the run");
+}
+
+#[test]
+fn a_disk_that_differs_at_the_start_is_refused_before_the_guest_runs() {
+    let scratch = Scratch::new("identity");
+    let primary = scratch.path("primary.img");
+    let (log, summary, console) = record(&primary, 2).expect("record");
+    assert_eq!(summary.exit_code, 0, "{console}");
+    // Another size.
+    let small = scratch.path("small.img");
+    std::fs::write(&small, vec![0u8; (DISK_BYTES / 2) as usize]).expect("small image");
+    let text = replay(&small, &log).expect_err("size").to_string();
+    assert!(
+        text.contains("the disks differ") && text.contains(&format!("{} bytes", DISK_BYTES / 2)),
+        "{text}"
+    );
+    // Same size, one byte different.
+    let other = scratch.path("other.img");
+    let mut bytes = vec![0u8; DISK_BYTES as usize];
+    bytes[DISK_BYTES as usize - 1] = 1;
+    std::fs::write(&other, &bytes).expect("other image");
+    let text = replay(&other, &log).expect_err("content").to_string();
+    assert!(text.contains("the disks differ"), "{text}");
+    // No disk at all on the replaying side: the guest's first disk access
+    // is refused (the log's first entry is the disk identity).
+    let reader = LogReader::new(&log[..]).expect("log");
+    let meta = reader.meta().clone();
+    let image = guest_images::image("disk").expect("embedded guest");
+    let mut machine = Machine::new(
+        &VmConfig::with_flags(meta.mem_size, meta.vm_flags),
+        image,
+        meta.guest_arg,
+        Replay::new(reader),
+        Box::new(Console::default()),
+        meta.digest_interval,
+    )
+    .expect("machine");
+    assert!(
+        machine.run().is_err(),
+        "a replay without the disk must fail"
+    );
+}
+
+#[test]
+fn a_disk_that_changes_under_a_replica_is_caught_at_its_first_read() {
+    let scratch = Scratch::new("differ");
+    let primary = scratch.path("primary.img");
+    let (log, summary, console) = record(&primary, 8).expect("record");
+    assert_eq!(summary.exit_code, 0, "{console}");
+    // The backup's image starts identical (fresh), then, after the identity
+    // check, its boot record changes behind the VMM's back: the guest's
+    // first read (sector 0) returns other data than the primary's did.
+    let backup = scratch.path("backup.img");
+    std::fs::write(&backup, vec![0u8; DISK_BYTES as usize]).expect("backup image");
+    let error = replay_then(&backup, &log, || {
+        let mut bytes = vec![0u8; DISK_BYTES as usize];
+        bytes[..8].copy_from_slice(b"LKSTDISK");
+        bytes[8] = 41;
+        std::fs::write(&backup, &bytes).expect("tamper");
+    })
+    .expect_err("must diverge");
+    let text = error.to_string();
+    assert!(
+        matches!(error, VmmError::Diverged { .. }) && text.contains("disk images differ"),
+        "{text}"
+    );
+}
+
+#[test]
+fn writes_persist_across_runs_on_the_same_image() {
+    let scratch = Scratch::new("persist");
+    let image = scratch.path("disk.img");
+    let (_, first, console) = record(&image, 4).expect("first run");
+    assert_eq!(first.exit_code, 0, "{console}");
+    assert!(console.contains("disk: boot 1 "), "{console}");
+    let (_, second, console) = record(&image, 4).expect("second run");
+    assert_eq!(second.exit_code, 0, "{console}");
+    assert!(console.contains("disk: boot 2 "), "{console}");
+}
+
+#[test]
+fn a_guest_without_a_disk_finds_no_device_there() {
+    let image = guest_images::image("disk").expect("embedded guest");
+    let events = Live::new(Box::new(std::io::empty()), vmm::events::Discard);
+    let mut machine = Machine::new(
+        &VmConfig::default(),
+        image,
+        1,
+        events,
+        Box::new(Console::default()),
+        0,
+    )
+    .expect("machine");
+    // The probe (MagicValue) reads 0: the guest sees no device and ends.
+    let summary = machine.run().expect("no disk is not an error");
+    assert_eq!(summary.exit_code, 2, "the disk guest's 'no disk' code");
+}
