@@ -94,6 +94,6 @@ fn one_mib_entropy_and_input_entries_replicate_over_tcp_and_shm() {
     let socket = dir.path().join("link.sock");
     let (primary, backup) = bulk_pair("shm", socket.to_str().expect("utf-8"), dir.path());
     check("shm", &primary, &backup);
-    let (primary, backup) = bulk_pair("tcp", "127.0.0.1:17811", dir.path());
+    let (primary, backup) = bulk_pair("tcp", &common::free_addr(), dir.path());
     check("tcp", &primary, &backup);
 }

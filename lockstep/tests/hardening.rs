@@ -187,8 +187,8 @@ impl Setup {
 #[test]
 fn a_second_or_restarted_primary_with_the_same_id_cannot_take_the_vm() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let setup = Setup::new(17461);
-    let link = "127.0.0.1:17462";
+    let setup = Setup::new(common::free_port());
+    let link = &common::free_addr();
     let backup = setup.backup(link);
     backup.wait_for("listening on", Duration::from_secs(10));
     let mut primary = setup.primary(link, "60000", &[]);
@@ -196,8 +196,9 @@ fn a_second_or_restarted_primary_with_the_same_id_cannot_take_the_vm() {
     backup.wait_for("replaying guest exits", Duration::from_secs(10));
 
     // A second primary, same id, while the pair runs.
+    let elsewhere = common::free_addr();
     let (code, text) = setup
-        .primary("127.0.0.1:17463", "60000", &[])
+        .primary(&elsewhere, "60000", &[])
         .finish(Duration::from_secs(30));
     assert_ne!(code, Some(0), "the second primary must not start: {text}");
     assert!(text.contains("refusing to start VM 1 as primary"), "{text}");
@@ -210,7 +211,7 @@ fn a_second_or_restarted_primary_with_the_same_id_cannot_take_the_vm() {
     assert_eq!(record.generation, 1, "the record is untouched: {record:?}");
     // Naming another generation than the current one is refused as well.
     let (code, text) = setup
-        .primary("127.0.0.1:17463", "60000", &["--supersede-generation", "7"])
+        .primary(&elsewhere, "60000", &["--supersede-generation", "7"])
         .finish(Duration::from_secs(30));
     assert_ne!(code, Some(0), "{text}");
     assert!(text.contains("is not VM 1's current generation"), "{text}");
@@ -250,8 +251,8 @@ fn a_second_or_restarted_primary_with_the_same_id_cannot_take_the_vm() {
 #[test]
 fn stray_connections_do_not_kill_a_waiting_backup_or_learn_its_hello() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let setup = Setup::new(17464);
-    let link = "127.0.0.1:17465";
+    let setup = Setup::new(common::free_port());
+    let link = &common::free_addr();
     let key = arbiter::Key::from_file(&setup.key).expect("key");
     let client = arbiter::EmbeddedArbiter::connect(
         setup.arbiter_address.as_str(),
@@ -339,8 +340,9 @@ impl Watched {
 #[test]
 fn replicas_need_a_real_key_and_keygen_makes_one() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let listen = common::free_addr();
     let output = lockstep()
-        .args(["backup", "--listen", "127.0.0.1:17466", "--quiet"])
+        .args(["backup", "--listen", &listen, "--quiet"])
         .output()
         .expect("run");
     let text = String::from_utf8_lossy(&output.stderr);
@@ -351,13 +353,7 @@ fn replicas_need_a_real_key_and_keygen_makes_one() {
     let short = dir.path().join("short");
     std::fs::write(&short, "31 bytes is one byte too short.").expect("write");
     let output = lockstep()
-        .args([
-            "backup",
-            "--listen",
-            "127.0.0.1:17466",
-            "--quiet",
-            "--link-key",
-        ])
+        .args(["backup", "--listen", &listen, "--quiet", "--link-key"])
         .arg(&short)
         .output()
         .expect("run");
@@ -367,7 +363,7 @@ fn replicas_need_a_real_key_and_keygen_makes_one() {
     assert!(text.contains(short.to_str().expect("utf-8")), "{text}");
 
     let output = lockstep()
-        .args(["arbiter", "--listen", "127.0.0.1:17467", "--state"])
+        .args(["arbiter", "--listen", &listen, "--state"])
         .arg(dir.path().join("state"))
         .arg("--key-file")
         .arg(&short)
@@ -401,9 +397,10 @@ fn replicas_need_a_real_key_and_keygen_makes_one() {
 #[test]
 fn slow_peers_on_the_join_port_do_not_block_re_protection() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let setup = Setup::new(17468);
-    let link = "127.0.0.1:17469";
-    let join = "127.0.0.1:17470";
+    let setup = Setup::new(common::free_port());
+    let link = &common::free_addr();
+    let join = common::free_addr();
+    let join = join.as_str();
     let mut backup = setup.backup(link);
     backup.wait_for("listening on", Duration::from_secs(10));
     let primary = setup.primary(link, "100000", &["--join-listen", join]);
@@ -423,8 +420,9 @@ fn slow_peers_on_the_join_port_do_not_block_re_protection() {
     let mut slow = Vec::new();
     for _ in 0..8 {
         let stop = Arc::clone(&stop);
+        let join = join.to_owned();
         slow.push(thread::spawn(move || {
-            let Ok(mut s) = TcpStream::connect(join) else {
+            let Ok(mut s) = TcpStream::connect(&join) else {
                 return;
             };
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {

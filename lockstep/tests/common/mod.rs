@@ -205,3 +205,20 @@ pub fn keygen(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
     assert!(status.success(), "lockstep keygen {}", path.display());
     path
 }
+
+/// A loopback port no socket holds right now, from the kernel's ephemeral
+/// range (bind to port 0, read it, close): tests that run at the same time
+/// never share a fixed port. The kernel does not hand the same port out
+/// again at once, so the short window before the child binds it is safe
+/// in practice.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("an ephemeral loopback port")
+        .port()
+}
+
+/// `127.0.0.1:PORT` on a [`free_port`].
+pub fn free_addr() -> String {
+    format!("127.0.0.1:{}", free_port())
+}
