@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use testbed::{Link, Ns, Testbed};
 
+pub mod cli;
 pub mod deploy;
 pub mod linearize;
 
@@ -52,6 +53,12 @@ pub enum ChaosError {
     Key(#[from] lockstep_config::keys::KeyError),
     #[error("{0}")]
     Usage(String),
+    /// The replicas' heartbeat settings do not fit together.
+    #[error(transparent)]
+    Liveness(#[from] replica::pair::LivenessError),
+    /// The campaign judged the pair wrong (split brain, lost writes, …).
+    #[error("{0}")]
+    Verdict(String),
 }
 
 const TAP: &str = testbed::TAP;

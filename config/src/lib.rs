@@ -57,7 +57,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
-pub mod keys;
+pub use replica::keys;
 
 /// Errors of a config file.
 #[derive(Debug, thiserror::Error)]

@@ -3,19 +3,26 @@
 //! (clap tells which values came from the command line; defaults do not
 //! override). The file's format and checks are `lockstep_config`'s.
 
-use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use clap::ArgMatches;
 use clap::parser::ValueSource;
-use lockstep_config::Loaded;
+use lockstep_config::{self as config, Loaded};
+use replica::command::CommandError;
+use replica::pair::{BackupArgs, FtArgs, PrimaryArgs};
 use toml::Spanned;
 
-use crate::RunArgs;
-use crate::ft::FtArgs;
+use crate::{CliError, OpsArgs};
 
 /// Whether the command line itself gave argument `id` (not a default).
 fn given(matches: &ArgMatches, id: &str) -> bool {
     matches!(matches.value_source(id), Some(ValueSource::CommandLine))
+}
+
+/// The value of a key the file may give.
+fn value<T: Clone>(key: &Option<Spanned<T>>) -> Option<T> {
+    key.as_ref().map(|v| v.get_ref().clone())
 }
 
 /// Sets `$target` from the file unless the flag `$id` was given.
@@ -73,129 +80,127 @@ pub(crate) fn apply_replica(loaded: &Loaded, matches: &ArgMatches, ft: &mut FtAr
     );
 }
 
-/// Fills a primary's flags from the file where the command line left
-/// them unset.
-pub(crate) fn apply_primary(loaded: &Loaded, matches: &ArgMatches, primary: &mut PrimaryFlags<'_>) {
-    let g = &loaded.file.guest;
-    let run = &mut *primary.run;
-    take!(
-        matches,
-        "guest",
-        run.guest,
-        g.name.as_ref().map(|v| v.get_ref().clone())
-    );
-    take!(
-        matches,
-        "mem_mib",
-        run.mem_mib,
-        g.mem_mib.as_ref().map(|v| *v.get_ref())
-    );
-    take!(
-        matches,
-        "arg",
-        run.arg,
-        g.arg.as_ref().map(|v| *v.get_ref())
-    );
-    take!(
-        matches,
-        "input",
-        run.input,
-        g.input.as_ref().map(|v| Some(v.get_ref().clone()))
-    );
-    take!(
-        matches,
-        "allow_rdtsc",
-        run.allow_rdtsc,
-        g.allow_rdtsc.as_ref().map(|v| *v.get_ref())
-    );
-    take!(matches, "quiet", run.quiet, g.quiet);
-    take!(matches, "tap", run.tap, g.tap.clone().map(Some));
-    take!(
-        matches,
-        "digest_interval",
-        *primary.digest_interval,
-        g.digest_interval.as_ref().map(|v| *v.get_ref())
-    );
-    if let Some(p) = loaded.file.primary.as_ref().map(Spanned::get_ref) {
-        take!(matches, "backup", *primary.backup, p.backup.clone());
-        take!(
-            matches,
-            "backup_id",
-            *primary.backup_id,
-            p.backup_id.clone()
-        );
-        take!(
-            matches,
-            "join_listen",
-            *primary.join_listen,
-            p.join_listen.clone().map(Some)
-        );
-        take!(matches, "stats", *primary.stats, p.stats.clone().map(Some));
+/// A replica command whose flags a config file can fill: `lockstep
+/// primary` or `lockstep backup`. Both go through [`run`], which loads the
+/// file, fills `[replica]` ([`apply_replica`]) and the role's own section
+/// ([`Role::fill`]) and `metrics`, serves the metrics and runs the role.
+pub(crate) trait Role {
+    /// The role a config file must be written for.
+    const ROLE: config::Role;
+    /// Its name in the metrics.
+    const NAME: &'static str;
+    /// The arbiter, link and name flags.
+    fn ft(&mut self) -> &mut FtArgs;
+    /// Fills this role's own flags from `loaded`.
+    fn fill(&mut self, loaded: &Loaded, matches: &ArgMatches);
+    /// Runs the role.
+    fn run(&self, stop: Arc<AtomicBool>) -> Result<(), CommandError>;
+}
+
+/// Runs a replica role: its config file over the flags, its metrics, the role.
+pub(crate) fn run<R: Role>(
+    mut args: R,
+    ops: OpsArgs,
+    matches: &ArgMatches,
+) -> Result<(), CliError> {
+    let mut metrics = ops.metrics;
+    if let Some(path) = &ops.config {
+        let loaded = config::load(path)?;
+        loaded.check_role(R::ROLE)?;
+        apply(&loaded, matches, &mut args, &mut metrics);
     }
+    if let Some(address) = &metrics {
+        let board = args.ft().board.clone();
+        board.update(|f| f.role = R::NAME);
+        replica::metrics::serve(address, board)?;
+    }
+    Ok(args.run(crate::stop::flag())?)
+}
+
+/// Fills `args` (and `metrics`) from the file where the command line left
+/// them unset.
+pub(crate) fn apply<R: Role>(
+    loaded: &Loaded,
+    matches: &ArgMatches,
+    args: &mut R,
+    metrics: &mut Option<String>,
+) {
+    apply_replica(loaded, matches, args.ft());
+    args.fill(loaded, matches);
     take!(
         matches,
         "metrics",
-        *primary.metrics,
-        loaded
-            .file
-            .metrics
-            .as_ref()
-            .map(|m| Some(m.get_ref().clone()))
+        *metrics,
+        value(&loaded.file.metrics).map(Some)
     );
 }
 
-/// Fills a backup's flags from the file where the command line left
-/// them unset.
-pub(crate) fn apply_backup(loaded: &Loaded, matches: &ArgMatches, backup: &mut BackupFlags<'_>) {
-    let g = &loaded.file.guest;
-    take!(matches, "tap", *backup.tap, g.tap.clone().map(Some));
-    take!(matches, "quiet", *backup.quiet, g.quiet);
-    if let Some(b) = loaded.file.backup.as_ref().map(Spanned::get_ref) {
-        take!(matches, "listen", *backup.listen, b.listen.clone());
-        take!(matches, "join", *backup.join, b.join.clone().map(Some));
+impl Role for PrimaryArgs {
+    const ROLE: config::Role = config::Role::Primary;
+    const NAME: &'static str = "primary";
+
+    fn ft(&mut self) -> &mut FtArgs {
+        &mut self.ft
+    }
+
+    fn fill(&mut self, loaded: &Loaded, matches: &ArgMatches) {
+        let (g, run) = (&loaded.file.guest, &mut self.run);
+        take!(matches, "guest", run.guest, value(&g.name));
+        take!(matches, "mem_mib", run.mem_mib, value(&g.mem_mib));
+        take!(matches, "arg", run.arg, value(&g.arg));
+        take!(matches, "input", run.input, value(&g.input).map(Some));
         take!(
             matches,
-            "join_listen",
-            *backup.join_listen,
-            b.join_listen.clone().map(Some)
+            "allow_rdtsc",
+            run.allow_rdtsc,
+            value(&g.allow_rdtsc)
         );
+        take!(matches, "quiet", run.quiet, g.quiet);
+        take!(matches, "tap", run.tap, g.tap.clone().map(Some));
+        let digests = value(&g.digest_interval);
+        take!(matches, "digest_interval", self.digest_interval, digests);
+        if let Some(p) = loaded.file.primary.as_ref().map(Spanned::get_ref) {
+            take!(matches, "backup", self.backup, p.backup.clone());
+            take!(matches, "backup_id", self.backup_id, p.backup_id.clone());
+            let join_listen = p.join_listen.clone().map(Some);
+            take!(matches, "join_listen", self.join_listen, join_listen);
+            take!(matches, "stats", self.stats, p.stats.clone().map(Some));
+        }
     }
-    take!(
-        matches,
-        "metrics",
-        *backup.metrics,
-        loaded
-            .file
-            .metrics
-            .as_ref()
-            .map(|m| Some(m.get_ref().clone()))
-    );
+
+    fn run(&self, stop: Arc<AtomicBool>) -> Result<(), CommandError> {
+        replica::pair::run_primary(self, stop)
+    }
 }
 
-/// The primary's own flags, borrowed from the parsed command.
-pub(crate) struct PrimaryFlags<'a> {
-    pub run: &'a mut RunArgs,
-    pub backup: &'a mut String,
-    pub backup_id: &'a mut String,
-    pub join_listen: &'a mut Option<String>,
-    pub stats: &'a mut Option<PathBuf>,
-    pub digest_interval: &'a mut u64,
-    pub metrics: &'a mut Option<String>,
-}
+impl Role for BackupArgs {
+    const ROLE: config::Role = config::Role::Backup;
+    const NAME: &'static str = "backup";
 
-/// The backup's own flags, borrowed from the parsed command.
-pub(crate) struct BackupFlags<'a> {
-    pub listen: &'a mut String,
-    pub tap: &'a mut Option<String>,
-    pub join: &'a mut Option<String>,
-    pub join_listen: &'a mut Option<String>,
-    pub quiet: &'a mut bool,
-    pub metrics: &'a mut Option<String>,
+    fn ft(&mut self) -> &mut FtArgs {
+        &mut self.ft
+    }
+
+    fn fill(&mut self, loaded: &Loaded, matches: &ArgMatches) {
+        let g = &loaded.file.guest;
+        take!(matches, "tap", self.tap, g.tap.clone().map(Some));
+        take!(matches, "quiet", self.quiet, g.quiet);
+        if let Some(b) = loaded.file.backup.as_ref().map(Spanned::get_ref) {
+            take!(matches, "listen", self.listen, b.listen.clone());
+            take!(matches, "join", self.join, b.join.clone().map(Some));
+            let join_listen = b.join_listen.clone().map(Some);
+            take!(matches, "join_listen", self.join_listen, join_listen);
+        }
+    }
+
+    fn run(&self, stop: Arc<AtomicBool>) -> Result<(), CommandError> {
+        replica::pair::run_backup(self, stop)
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
+    use std::path::{Path, PathBuf};
 
     use super::*;
 
@@ -211,34 +216,20 @@ mod tests {
             .expect("parses");
         let cli = crate::Cli::from_arg_matches(&matches).expect("command");
         let sub = matches.subcommand_matches("primary").expect("primary");
-        let crate::Command::Primary {
-            mut backup,
-            mut backup_id,
-            mut run,
-            mut ft,
-            mut stats,
-            mut digest_interval,
-            mut join_listen,
-            mut ops,
-            ..
-        } = cli.command
-        else {
+        let crate::Command::Primary { mut primary, ops } = cli.command else {
             panic!("not primary");
         };
-        apply_replica(&loaded, sub, &mut ft);
-        apply_primary(
-            &loaded,
-            sub,
-            &mut PrimaryFlags {
-                run: &mut run,
-                backup: &mut backup,
-                backup_id: &mut backup_id,
-                join_listen: &mut join_listen,
-                stats: &mut stats,
-                digest_interval: &mut digest_interval,
-                metrics: &mut ops.metrics,
-            },
-        );
+        let mut metrics = ops.metrics;
+        apply(&loaded, sub, &mut primary, &mut metrics);
+        let PrimaryArgs {
+            run,
+            ft,
+            digest_interval,
+            backup,
+            backup_id,
+            join_listen,
+            ..
+        } = primary;
         assert_eq!(run.mem_mib, 64, "the flag wins");
         assert_eq!(ft.vm_id, 9, "the flag wins");
         assert_eq!(run.guest, "net", "the file fills a default");
@@ -253,6 +244,6 @@ mod tests {
         assert_eq!(ft.liveness.peer_timeout_ms, 800);
         assert_eq!(ft.transport, replica::link::TransportKind::Shm);
         assert_eq!(ft.status_dir, PathBuf::from("/run/x"));
-        assert_eq!(ops.metrics.as_deref(), Some("127.0.0.1:9400"));
+        assert_eq!(metrics.as_deref(), Some("127.0.0.1:9400"));
     }
 }

@@ -11,6 +11,7 @@
 //! | `latency` | what the Output Rule costs a request/response service: stock `redis-benchmark` FT off vs FT on, held output, against thread/process/spin ping-pongs |
 //! | `table2` | the paper's Table 2: guest network bandwidth with FT off and on, logging bandwidth, held-output latency |
 
+pub mod cli;
 pub mod exits;
 pub mod latency;
 pub mod table2;
@@ -52,6 +53,20 @@ pub enum BenchError {
     /// Something else the benchmark needs is missing.
     #[error("{0}")]
     Setup(String),
+    /// A file could not be read or written.
+    #[error("{what} {}", path.display())]
+    File {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `--check`: a ratio fell below the baseline by more than its tolerance.
+    #[error("performance regression: {0}")]
+    Regression(String),
 }
 
 /// A finished benchmark: a human-readable table and the same figures as JSON.

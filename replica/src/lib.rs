@@ -36,12 +36,16 @@
 //! timeout counts the other as lost (see [`failover`]).
 
 pub mod backup;
+pub mod command;
 pub mod disk;
 pub mod failover;
 pub mod join;
+pub mod keys;
 pub mod link;
+pub mod local;
 pub mod metrics;
 pub mod network;
+pub mod pair;
 pub mod primary;
 pub mod promotion;
 pub mod ratelimit;

@@ -1,25 +1,37 @@
 //! `lockstep primary`, `lockstep backup`, `lockstep arbiter`: the fault-tolerant
-//! pair and its arbiter, wired from the library crates.
+//! pair and its arbiter, wired from this crate's pieces.
+//!
+//! ```text
+//!  run_primary(PrimaryArgs)                    run_backup(BackupArgs)
+//!   arbiter: read, register (g, me, backup)     arbiter: read g at each connection
+//!   PrimaryLink::connect ─── handshake(g) ───▶  LinkListener::accept_primary
+//!   FailoverSink (Output Rule, liveness)        BackupSource (Replay, promotion)
+//!   JoinService on --join-listen                --join: state transfer, then follow
+//!   machine.run(); figures; --stats JSON        follow(): replay until end or halt
+//! ```
+//!
+//! Every function returns [`CommandError`]; a fail-stop is
+//! `VmmError::Halted` ([`CommandError::is_halted`], exit 4).
 
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use arbiter::{Arbiter, EmbeddedArbiter, Key, Outcome, ReplicaId, error_chain};
+use crate::backup::LinkListener;
+use crate::failover::{BackupSource, CutoverOutput, FailoverSink, Membership, Promote};
+use crate::link::{LinkSettings, TransportKind};
+use crate::primary::PrimaryLink;
+use arbiter::{Arbiter, EmbeddedArbiter, Key, Outcome, ReplicaId};
 use clap::Args;
 use nic::gate::OutputGate;
-use replica::backup::LinkListener;
-use replica::failover::{BackupSource, CutoverOutput, FailoverSink, Membership, Promote};
-use replica::link::{LinkSettings, TransportKind};
-use replica::primary::PrimaryLink;
 use vmm::events::{Live, Replay};
 use vmm::{Machine, VmConfig, VmmError};
 
-use replica::network::Network;
-
-use crate::{CliError, RunArgs, console, ending, log_meta, open_input, vm_config};
+use crate::command::{CommandError, RunArgs, console, ending, open_input};
+use crate::local::log_meta;
+use crate::network::Network;
 use guest_images::choice::GuestImage;
 
 /// How a replica finds the arbiter and names itself.
@@ -44,7 +56,7 @@ pub struct FtArgs {
     #[command(flatten)]
     pub liveness: LivenessArgs,
     /// Where this replica publishes its status for `lockstep status`.
-    #[arg(long, default_value = replica::status::DEFAULT_DIR)]
+    #[arg(long, default_value = crate::status::DEFAULT_DIR)]
     pub status_dir: PathBuf,
     /// The logging channel's transport: `tcp` (io_uring; the backup's
     /// address is HOST:PORT), `shm` (shared memory, both replicas on this
@@ -65,10 +77,10 @@ pub struct FtArgs {
     /// `local`: each replica applies every write to its own image (shared
     /// is not built yet).
     #[arg(long, default_value = "local")]
-    pub disk_mode: replica::disk::DiskMode,
+    pub disk_mode: crate::disk::DiskMode,
     /// Where this replica's figures go for `--metrics` (not a flag).
     #[arg(skip)]
-    pub board: replica::status::Board,
+    pub board: crate::status::Board,
 }
 
 /// How fast a replica notices that its peer is gone.
@@ -99,6 +111,24 @@ pub struct LivenessArgs {
     pub peer_timeout_ms: u64,
 }
 
+/// Liveness settings under which a late heartbeat would look like a death.
+#[derive(Debug, thiserror::Error)]
+pub enum LivenessError {
+    /// `--heartbeat-ms 0`.
+    #[error("--heartbeat-ms must be at least 1")]
+    ZeroHeartbeat,
+    /// A timeout shorter than three heartbeats.
+    #[error(
+        "--peer-timeout-ms {peer_timeout_ms} is shorter than three heartbeats (--heartbeat-ms {heartbeat_ms}): a late heartbeat would look like a dead peer"
+    )]
+    ShortTimeout {
+        /// The timeout given.
+        peer_timeout_ms: u64,
+        /// The heartbeat given.
+        heartbeat_ms: u64,
+    },
+}
+
 impl LivenessArgs {
     /// The peer timeout.
     pub fn peer_timeout(&self) -> Duration {
@@ -111,15 +141,15 @@ impl LivenessArgs {
     }
 
     /// Refuses settings under which a late heartbeat looks like a death.
-    pub fn check(&self) -> Result<(), CliError> {
+    pub fn check(&self) -> Result<(), LivenessError> {
         if self.heartbeat_ms == 0 {
-            return Err(CliError::Usage("--heartbeat-ms must be at least 1".into()));
+            return Err(LivenessError::ZeroHeartbeat);
         }
         if self.peer_timeout_ms < 3 * self.heartbeat_ms {
-            return Err(CliError::Usage(format!(
-                "--peer-timeout-ms {} is shorter than three heartbeats (--heartbeat-ms {}): a late heartbeat would look like a dead peer",
-                self.peer_timeout_ms, self.heartbeat_ms
-            )));
+            return Err(LivenessError::ShortTimeout {
+                peer_timeout_ms: self.peer_timeout_ms,
+                heartbeat_ms: self.heartbeat_ms,
+            });
         }
         Ok(())
     }
@@ -137,11 +167,11 @@ impl LivenessArgs {
 }
 
 impl FtArgs {
-    fn disk(&self) -> Option<replica::disk::DiskOptions> {
+    fn disk(&self) -> Option<crate::disk::DiskOptions> {
         let path = self.disk.as_ref()?;
-        Some(replica::disk::DiskOptions {
+        Some(crate::disk::DiskOptions {
             mode: self.disk_mode,
-            ..replica::disk::DiskOptions::local(path)
+            ..crate::disk::DiskOptions::local(path)
         })
     }
 
@@ -149,39 +179,37 @@ impl FtArgs {
         self.liveness.peer_timeout()
     }
 
-    fn arbiter(&self) -> Result<Option<Arc<dyn Arbiter>>, CliError> {
+    fn arbiter(&self) -> Result<Option<Arc<dyn Arbiter>>, CommandError> {
         let Some(address) = &self.arbiter else {
             return Ok(None);
         };
         if let Some(endpoints) = address.strip_prefix("etcd://") {
             let endpoints: Vec<&str> = endpoints.split(',').collect();
-            let etcd = arbiter::EtcdArbiter::new(&endpoints, Duration::from_secs(2))
-                .map_err(|e| CliError::Usage(error_chain(&e)))?;
+            let etcd = arbiter::EtcdArbiter::new(&endpoints, Duration::from_secs(2))?;
             return Ok(Some(Arc::new(etcd)));
         }
         let key_path = self
             .arbiter_key
             .as_ref()
-            .ok_or_else(|| CliError::Usage("--arbiter needs --arbiter-key FILE".into()))?;
-        let key = Key::from_file(key_path).map_err(|e| CliError::Usage(error_chain(&e)))?;
-        let client = EmbeddedArbiter::connect(address.as_str(), key, Duration::from_secs(2))
-            .map_err(|e| CliError::Usage(error_chain(&e)))?;
+            .ok_or_else(|| CommandError::Usage("--arbiter needs --arbiter-key FILE".into()))?;
+        let key = Key::from_file(key_path)?;
+        let client = EmbeddedArbiter::connect(address.as_str(), key, Duration::from_secs(2))?;
         Ok(Some(Arc::new(client)))
     }
 
     /// The channel settings: transport, key, VM id, and the two-core
     /// profile with this heartbeat interval and peer timeout.
-    pub fn link_settings(&self) -> Result<LinkSettings, CliError> {
+    pub fn link_settings(&self) -> Result<LinkSettings, CommandError> {
         self.liveness.check()?;
         let key = match self.link_key.as_ref().or(self.arbiter_key.as_ref()) {
-            Some(path) => lockstep_config::keys::read(path, "link key")?,
+            Some(path) => crate::keys::read(path, "link key")?,
             None => {
-                return Err(CliError::Usage(
+                return Err(CommandError::Usage(
                     "no link key: both replicas must prove a pre-shared key; make one with `lockstep keygen FILE` and pass --link-key FILE (or --arbiter-key FILE) to both".into(),
                 ));
             }
         };
-        let mut profile = replica::link::Profile::two_core();
+        let mut profile = crate::link::Profile::two_core();
         profile.liveness.peer_timeout = self.peer_timeout();
         profile.liveness.heartbeat = self.liveness.heartbeat();
         Ok(LinkSettings {
@@ -193,77 +221,144 @@ impl FtArgs {
         .usable())
     }
 
-    fn me(&self, default: &str) -> Result<ReplicaId, CliError> {
+    fn me(&self, default: &str) -> Result<ReplicaId, CommandError> {
         let name = self.id.clone().unwrap_or_else(|| default.to_string());
-        ReplicaId::new(name).map_err(|e| CliError::Usage(e.to_string()))
+        Ok(ReplicaId::new(name)?)
     }
 }
 
-fn arbiter_error(error: arbiter::ArbiterError) -> CliError {
-    CliError::Usage(error_chain(&error))
+/// `lockstep arbiter`'s flags.
+#[derive(Args, Clone, Debug)]
+pub struct ArbiterArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    pub listen: String,
+    /// State file (fsync'ed before every grant).
+    #[arg(long)]
+    pub state: PathBuf,
+    /// File holding the pre-shared key.
+    #[arg(long)]
+    pub key_file: PathBuf,
 }
 
 /// `lockstep arbiter`: the embedded arbiter server.
-pub fn serve_arbiter(listen: &str, state: &Path, key_file: &Path) -> Result<(), CliError> {
-    let key = Key::from_file(key_file).map_err(|e| CliError::Usage(error_chain(&e)))?;
-    let listener = TcpListener::bind(listen).map_err(|source| CliError::File {
-        what: "cannot listen on",
-        path: PathBuf::from(listen),
-        source,
-    })?;
+pub fn serve_arbiter(args: &ArbiterArgs) -> Result<(), CommandError> {
+    let (listen, state) = (args.listen.as_str(), args.state.as_path());
+    let key = Key::from_file(&args.key_file)?;
+    let listener =
+        TcpListener::bind(listen).map_err(CommandError::file("cannot listen on", listen))?;
     tracing::info!(
         "lockstep arbiter: listening on {listen}, state in {}",
         state.display()
     );
-    arbiter::server::serve(listener, state, key).map_err(|e| CliError::Usage(error_chain(&e)))
+    Ok(arbiter::server::serve(listener, state, key)?)
 }
 
-/// `lockstep primary`.
-/// Where a primary's backup is, and where new backups may join it.
-pub struct Peers<'a> {
-    /// The backup's address.
-    pub backup: &'a str,
+/// `lockstep primary`'s flags.
+#[derive(Args, Clone)]
+pub struct PrimaryArgs {
+    /// The backup's address (`lockstep backup --listen`).
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    pub backup: String,
     /// The backup's name at the arbiter.
-    pub backup_id: &'a str,
-    /// Where `lockstep backup --join` may connect while this primary runs alone.
-    pub join_listen: Option<&'a str>,
-    /// The generation the operator says to supersede (`--supersede-generation`).
+    #[arg(long, default_value = "backup")]
+    pub backup_id: String,
+    /// The guest.
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// The arbiter, the link and this replica's name.
+    #[command(flatten)]
+    pub ft: FtArgs,
+    /// Write the primary's figures (log bytes, acks, hold times) as JSON here at exit.
+    #[arg(long)]
+    pub stats: Option<PathBuf>,
+    /// Take a state digest every this many exits (0: only at the end).
+    #[arg(long, default_value_t = 1000)]
+    pub digest_interval: u64,
+    /// Accept new backups here (`lockstep backup --join`) whenever this
+    /// primary runs alone: re-protection by state transfer.
+    #[arg(long)]
+    pub join_listen: Option<String>,
+    /// Start a new pair even though the arbiter records generation G
+    /// for this VM (with this replica as its primary): the operator's
+    /// word that the pair of generation G is gone for good. Without it,
+    /// a primary starts only a VM the arbiter has never seen, and
+    /// refuses to supersede a running (or failing-over) pair.
+    #[arg(long, value_name = "G")]
     pub supersede_generation: Option<u64>,
 }
 
-pub fn primary(
-    args: &RunArgs,
-    peers: &Peers<'_>,
-    ft: &FtArgs,
-    digest_interval: u64,
-    stop: Arc<AtomicBool>,
-    stats_file: Option<&Path>,
-) -> Result<(), CliError> {
-    let (backup, backup_id, join_listen) = (peers.backup, peers.backup_id, peers.join_listen);
+/// `lockstep backup`'s flags.
+#[derive(Args, Clone)]
+pub struct BackupArgs {
+    /// Address to listen on for the primary.
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    pub listen: String,
+    /// The TAP interface to serve on if this backup goes live.
+    #[arg(long)]
+    pub tap: Option<String>,
+    /// Join a running primary that lost its backup (its `--join-listen`
+    /// address): clone it by state transfer, then follow it.
+    #[arg(long)]
+    pub join: Option<String>,
+    /// Once this backup has gone live, accept a new backup of its own
+    /// here (`lockstep backup --join`).
+    #[arg(long)]
+    pub join_listen: Option<String>,
+    /// The arbiter, the link and this replica's name.
+    #[command(flatten)]
+    pub ft: FtArgs,
+    /// Do not print the guest's console output.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// `lockstep backup`: waits for a primary (or, with `--join`, clones a
+/// running one) and follows it.
+pub fn run_backup(options: &BackupArgs, stop: Arc<AtomicBool>) -> Result<(), CommandError> {
+    let (tap, join_listen) = (options.tap.as_deref(), options.join_listen.as_deref());
+    match &options.join {
+        Some(primary) => join(primary, tap, join_listen, &options.ft, options.quiet, stop),
+        None => backup(
+            &options.listen,
+            tap,
+            join_listen,
+            &options.ft,
+            options.quiet,
+            stop,
+        ),
+    }
+}
+
+/// `lockstep primary`: registers the pair at the arbiter, runs the guest
+/// and streams its log to the backup, every output held until the backup
+/// has what produced it.
+pub fn run_primary(options: &PrimaryArgs, stop: Arc<AtomicBool>) -> Result<(), CommandError> {
+    let (args, ft, digest_interval) = (&options.run, &options.ft, options.digest_interval);
+    let stats_file = options.stats.as_deref();
+    let (backup, backup_id) = (options.backup.as_str(), options.backup_id.as_str());
+    let join_listen = options.join_listen.as_deref();
     let guest = GuestImage::resolve(&args.guest)?;
-    let config = vm_config(args);
+    let config = args.vm_config();
     let meta = log_meta(&guest, &config, args.arg, digest_interval);
     let me = ft.me("primary")?;
     let arbiter = ft.arbiter()?;
     let generation = match &arbiter {
         None => 0,
         Some(arbiter) => {
-            let peer = ReplicaId::new(backup_id).map_err(|e| CliError::Usage(e.to_string()))?;
-            let record = arbiter.read(ft.vm_id).map_err(arbiter_error)?;
-            let expected = replica::primary::generation_to_supersede(
+            let peer = ReplicaId::new(backup_id)?;
+            let record = arbiter.read(ft.vm_id)?;
+            let expected = crate::primary::generation_to_supersede(
                 ft.vm_id,
                 &me,
                 record.as_ref(),
-                peers.supersede_generation,
+                options.supersede_generation,
             )
             .map_err(|error| match error {
-                replica::primary::SupersedeError::Refused(why) => VmmError::Halted(why).into(),
-                usage => CliError::Usage(usage.to_string()),
+                crate::primary::SupersedeError::Refused(why) => VmmError::Halted(why).into(),
+                usage => CommandError::from(usage),
             })?;
-            match arbiter
-                .register(ft.vm_id, expected, &me, &peer)
-                .map_err(arbiter_error)?
-            {
+            match arbiter.register(ft.vm_id, expected, &me, &peer)? {
                 Outcome::Won(record) => record.generation,
                 Outcome::Lost { reason, current } => {
                     return Err(VmmError::Halted(format!(
@@ -299,11 +394,11 @@ pub fn primary(
         "lockstep primary: {me}, generation {generation}, streaming to the backup at {backup} over {}",
         link.transport()
     );
-    let join_port = Arc::new(replica::join::JoinPort::default());
+    let join_port = Arc::new(crate::join::JoinPort::default());
     let join_arbiter = membership.as_ref().map(|m| Arc::clone(&m.arbiter));
     let mut sink = FailoverSink::new(link, Arc::clone(&gate), membership, ft.peer_timeout())
         .with_status(
-            replica::status::StatusFile::new(&ft.status_dir, me.as_str())
+            crate::status::StatusFile::new(&ft.status_dir, me.as_str())
                 .with_board(ft.board.clone()),
         );
     if let Some(guard) = network.as_ref().and_then(|n| n.guard.clone()) {
@@ -313,16 +408,18 @@ pub fn primary(
         None => None,
         Some(address) => {
             if join_arbiter.is_none() {
-                return Err(CliError::Usage(
+                return Err(CommandError::Usage(
                     "--join-listen needs --arbiter (each new pair is recorded there)".into(),
                 ));
             }
             sink = sink.with_joins(Arc::clone(&join_port));
-            Some(TcpListener::bind(address).map_err(|source| CliError::File {
-                what: "cannot listen for joining backups on",
-                path: PathBuf::from(address),
-                source,
-            })?)
+            Some(
+                TcpListener::bind(address).map_err(|source| CommandError::File {
+                    what: "cannot listen for joining backups on",
+                    path: PathBuf::from(address),
+                    source,
+                })?,
+            )
         }
     };
     let events = Network::live(&network, Live::new(open_input(args.input.as_ref())?, sink))
@@ -341,7 +438,7 @@ pub fn primary(
         disk.attach(&mut machine)?;
     }
     if let (Some(listener), Some(arbiter)) = (join_listener, join_arbiter) {
-        let service = replica::join::JoinService {
+        let service = crate::join::JoinService {
             port: join_port,
             transfer: machine.transfer_handle(),
             gate: Arc::clone(&gate),
@@ -353,8 +450,8 @@ pub fn primary(
         };
         std::thread::Builder::new()
             .name("join-service".into())
-            .spawn(move || replica::join::serve(listener, service))
-            .map_err(|source| CliError::File {
+            .spawn(move || crate::join::serve(listener, service))
+            .map_err(|source| CommandError::File {
                 what: "cannot start the join service",
                 path: PathBuf::from("join-service"),
                 source,
@@ -461,7 +558,7 @@ pub fn primary(
             sink.transport(),
             sink.unprotected().is_some()
         );
-        std::fs::write(path, json).map_err(|source| CliError::File {
+        std::fs::write(path, json).map_err(|source| CommandError::File {
             what: "cannot write the statistics to",
             path: path.to_path_buf(),
             source,
@@ -470,15 +567,15 @@ pub fn primary(
     Ok(())
 }
 
-/// `lockstep backup`.
-pub fn backup(
+/// `lockstep backup` without `--join`.
+fn backup(
     listen: &str,
     tap: Option<&str>,
     join_listen: Option<&str>,
     ft: &FtArgs,
     quiet: bool,
     stop: Arc<AtomicBool>,
-) -> Result<(), CliError> {
+) -> Result<(), CommandError> {
     let me = ft.me("backup")?;
     let arbiter = ft.arbiter()?;
     let settings = ft.link_settings()?;
@@ -493,7 +590,7 @@ pub fn backup(
     // generation, and tells it why. A connection that fails (a stray
     // request, a wrong key, nobody registered yet) is refused and the
     // backup keeps listening; only a peer that passes the handshake counts.
-    let admit: Arc<dyn Fn() -> replica::backup::Admission + Send + Sync> = match &arbiter {
+    let admit: Arc<dyn Fn() -> crate::backup::Admission + Send + Sync> = match &arbiter {
         None => Arc::new(|| Ok(0)),
         Some(arbiter) => {
             let (arbiter, vm) = (Arc::clone(arbiter), ft.vm_id);
@@ -502,7 +599,7 @@ pub fn backup(
                 Ok(None) => Err(format!("the arbiter knows no pair for VM {vm} yet")),
                 Err(error) => Err(format!(
                     "the arbiter cannot say which generation to expect: {}",
-                    error_chain(&error)
+                    arbiter::error_chain(&error)
                 )),
             })
         }
@@ -511,19 +608,19 @@ pub fn backup(
     let generation = accepted.generation;
     let record = match &arbiter {
         None => None,
-        Some(arbiter) => arbiter.read(ft.vm_id).map_err(arbiter_error)?,
+        Some(arbiter) => arbiter.read(ft.vm_id)?,
     };
     if let Some(record) = record
         && (record.backup.as_ref() != Some(&me) || record.generation != generation)
     {
-        return Err(replica::ReplicaError::Channel(format!(
+        return Err(crate::ReplicaError::Channel(format!(
             "refused the primary at {}: generation {generation} is not a pair with {me} as backup (arbiter: {record:?})",
             accepted.peer
         ))
         .into());
     }
     if accepted.base != 0 {
-        return Err(replica::ReplicaError::Channel(format!(
+        return Err(crate::ReplicaError::Channel(format!(
             "the primary at {} streams from log entry {}: only a joining backup (--join) starts mid-log",
             accepted.peer,
             accepted.base + 1
@@ -568,7 +665,7 @@ pub fn backup(
         ft,
         stop,
     )?;
-    let status = replica::status::StatusFile::new(&ft.status_dir, me_name.as_str())
+    let status = crate::status::StatusFile::new(&ft.status_dir, me_name.as_str())
         .with_board(ft.board.clone());
     let source = BackupSource::new(Replay::new(accepted.source), membership, side.promote()?)
         .with_status(status);
@@ -592,7 +689,7 @@ fn follow(
     mut machine: Machine<BackupSource>,
     side: BackupSide,
     guest_name: &str,
-) -> Result<(), CliError> {
+) -> Result<(), CommandError> {
     if side.has_nic {
         machine.set_net_output(Arc::clone(&side.gate))?;
     }
@@ -676,34 +773,33 @@ fn follow(
 }
 
 /// `lockstep backup --join PRIMARY`: a new backup for a primary that runs
-/// alone, cloned from it by state transfer (see `replica::join`).
-pub fn join(
+/// alone, cloned from it by state transfer (see `crate::join`).
+fn join(
     primary: &str,
     tap: Option<&str>,
     join_listen: Option<&str>,
     ft: &FtArgs,
     quiet: bool,
     stop: Arc<AtomicBool>,
-) -> Result<(), CliError> {
+) -> Result<(), CommandError> {
     use std::io::Write as _;
     if ft.disk.is_some() {
-        return Err(CliError::Usage(
+        return Err(CommandError::Usage(
             "--join with --disk: a state transfer does not carry a disk yet (issue 19)".into(),
         ));
     }
     let me = ft.me("backup")?;
     let arbiter = ft.arbiter()?.ok_or_else(|| {
-        CliError::Usage("--join needs --arbiter (the new pair is recorded there)".into())
+        CommandError::Usage("--join needs --arbiter (the new pair is recorded there)".into())
     })?;
     let settings = ft.link_settings()?;
     let record = arbiter
-        .read(ft.vm_id)
-        .map_err(arbiter_error)?
-        .ok_or_else(|| CliError::Usage(format!("the arbiter knows no VM {}", ft.vm_id)))?;
+        .read(ft.vm_id)?
+        .ok_or_else(|| CommandError::Usage(format!("the arbiter knows no VM {}", ft.vm_id)))?;
     let (stream, generation) =
-        replica::join::connect(primary, &settings, record.generation, me.as_str())?;
+        crate::join::connect(primary, &settings, record.generation, me.as_str())?;
     let link_error = |what: &'static str| {
-        move |source| replica::ReplicaError::Link {
+        move |source| crate::ReplicaError::Link {
             what: what.into(),
             source,
         }
@@ -737,7 +833,7 @@ pub fn join(
         (received, guest)
     };
     (&stream)
-        .write_all(&[replica::join::STATE_RECEIVED])
+        .write_all(&[crate::join::STATE_RECEIVED])
         .map_err(link_error("confirm the state"))?;
     stream
         .set_read_timeout(None)
@@ -752,10 +848,10 @@ pub fn join(
         received.state.exits,
         position.log_position
     );
-    let accepted = replica::backup::Incoming::from_tcp(stream, primary.to_string())
+    let accepted = crate::backup::Incoming::from_tcp(stream, primary.to_string())
         .establish(&settings, generation)?;
     if accepted.base != position.log_position {
-        return Err(replica::ReplicaError::Channel(format!(
+        return Err(crate::ReplicaError::Channel(format!(
             "the primary streams from log entry {} but the state ends at {}",
             accepted.base + 1,
             position.log_position
@@ -780,7 +876,7 @@ pub fn join(
         ft,
         stop,
     )?;
-    let status = replica::status::StatusFile::new(&ft.status_dir, me_name.as_str())
+    let status = crate::status::StatusFile::new(&ft.status_dir, me_name.as_str())
         .with_board(ft.board.clone());
     let source = BackupSource::new(
         Replay::resume(accepted.source, &position),
@@ -811,7 +907,7 @@ pub fn join(
 /// Where a live replica takes a joining backup on, before the machine exists.
 struct JoinSetup {
     listener: TcpListener,
-    port: Arc<replica::join::JoinPort>,
+    port: Arc<crate::join::JoinPort>,
     settings: LinkSettings,
     arbiter: Arc<dyn Arbiter>,
     me: ReplicaId,
@@ -827,20 +923,20 @@ impl JoinSetup {
         ft: &FtArgs,
         meta: &channel::log::LogMeta,
         header: vmm::StateHeader,
-    ) -> Result<Self, CliError> {
+    ) -> Result<Self, CommandError> {
         let membership = membership.ok_or_else(|| {
-            CliError::Usage(
+            CommandError::Usage(
                 "--join-listen needs --arbiter (each new pair is recorded there)".into(),
             )
         })?;
-        let listener = TcpListener::bind(address).map_err(|source| CliError::File {
+        let listener = TcpListener::bind(address).map_err(|source| CommandError::File {
             what: "cannot listen for joining backups on",
             path: PathBuf::from(address),
             source,
         })?;
         Ok(Self {
             listener,
-            port: Arc::new(replica::join::JoinPort::default()),
+            port: Arc::new(crate::join::JoinPort::default()),
             settings: ft.link_settings()?,
             arbiter: Arc::clone(&membership.arbiter),
             me: membership.me.clone(),
@@ -854,8 +950,8 @@ fn spawn_join_service(
     setup: JoinSetup,
     transfer: vmm::TransferHandle,
     gate: Arc<OutputGate>,
-) -> Result<(), CliError> {
-    let service = replica::join::JoinService {
+) -> Result<(), CommandError> {
+    let service = crate::join::JoinService {
         port: setup.port,
         transfer,
         gate,
@@ -868,9 +964,9 @@ fn spawn_join_service(
     let listener = setup.listener;
     std::thread::Builder::new()
         .name("join-service".into())
-        .spawn(move || replica::join::serve(listener, service))
+        .spawn(move || crate::join::serve(listener, service))
         .map(|_| ())
-        .map_err(|source| CliError::File {
+        .map_err(|source| CommandError::File {
             what: "cannot start the join service",
             path: PathBuf::from("join-service"),
             source,
@@ -881,7 +977,7 @@ fn spawn_join_service(
 struct BackupSide {
     has_nic: bool,
     gate: Arc<OutputGate>,
-    promotion: Option<replica::promotion::Promotion>,
+    promotion: Option<crate::promotion::Promotion>,
     joins: Option<JoinSetup>,
 }
 
@@ -896,7 +992,7 @@ impl BackupSide {
         join_listen: Option<&str>,
         ft: &FtArgs,
         stop: Arc<AtomicBool>,
-    ) -> Result<Self, CliError> {
+    ) -> Result<Self, CommandError> {
         let output = CutoverOutput::new(CutoverOutput::window_for(ft.peer_timeout()));
         let gate = Arc::new(OutputGate::open(Box::new(output.clone())));
         let joins = match join_listen {
@@ -909,7 +1005,7 @@ impl BackupSide {
             )?),
             None => None,
         };
-        let promotion = replica::promotion::Promotion {
+        let promotion = crate::promotion::Promotion {
             tap: tap.map(str::to_string),
             mac: config.mac,
             guest_arg: meta.guest_arg,
@@ -930,10 +1026,10 @@ impl BackupSide {
     }
 
     /// The promotion closure (it can be taken once).
-    fn promote(&mut self) -> Result<Promote, CliError> {
+    fn promote(&mut self) -> Result<Promote, CommandError> {
         self.promotion
             .take()
-            .map(replica::promotion::promotion)
-            .ok_or_else(|| CliError::Usage("the promotion was already taken".into()))
+            .map(crate::promotion::promotion)
+            .ok_or_else(|| CommandError::Usage("the promotion was already taken".into()))
     }
 }

@@ -95,6 +95,7 @@
 //! `bed.command(Ns::A, …)`); the unshaped variant is `Rate::Unshaped` on
 //! every link.
 
+pub mod cli;
 mod netns;
 pub mod plan;
 
@@ -173,6 +174,10 @@ pub enum TestbedError {
     /// No such run.
     #[error("no testbed {0} on this host (see `lockstep testbed status`)")]
     NotFound(String),
+    /// Which testbed or what to do is unclear (none or several running,
+    /// conflicting arguments).
+    #[error("{0}")]
+    Choice(String),
 }
 
 /// How to build a testbed.
