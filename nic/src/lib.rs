@@ -25,9 +25,15 @@ pub enum NicError {
     /// The guest accessed a register in a way the device does not allow.
     #[error("virtio-net register access refused: {0}")]
     Register(String),
-    /// A virtqueue could not be used.
-    #[error("virtio-net queue: {0}")]
-    Queue(String),
+    /// A virtqueue could not be made, restored or used.
+    #[error("virtio-net queue: cannot {what}")]
+    Queue {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        #[source]
+        source: virtio_queue::Error,
+    },
     /// Saved device state could not be restored.
     #[error("virtio-net state: {0}")]
     State(String),
@@ -42,4 +48,12 @@ pub enum NicError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl NicError {
+    /// A virtqueue error, saying what was being done.
+    pub fn queue(what: impl Into<String>) -> impl FnOnce(virtio_queue::Error) -> Self {
+        let what = what.into();
+        move |source| NicError::Queue { what, source }
+    }
 }

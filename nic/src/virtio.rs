@@ -292,9 +292,7 @@ pub struct VirtioNet {
 impl VirtioNet {
     /// A device with MAC address `mac`.
     pub fn new(mac: [u8; 6]) -> Result<Self, NicError> {
-        let queue = || {
-            Queue::new(QUEUE_SIZE).map_err(|e| NicError::Queue(format!("create a queue: {e:?}")))
-        };
+        let queue = || Queue::new(QUEUE_SIZE).map_err(NicError::queue("create a queue"));
         Ok(Self {
             mac,
             status: 0,
@@ -357,7 +355,7 @@ impl VirtioNet {
                 avail_ring: saved.avail_ring,
                 used_ring: saved.used_ring,
             })
-            .map_err(|e| NicError::State(format!("queue {index}: {e:?}")))
+            .map_err(NicError::queue(format!("restore queue {index}")))
         };
         Ok(Self {
             mac: state.mac,
@@ -557,7 +555,7 @@ impl VirtioNet {
         let queue = &self.queues[RX_QUEUE];
         let avail = queue
             .avail_idx(memory, std::sync::atomic::Ordering::Acquire)
-            .map_err(|e| NicError::Queue(format!("read the RX avail index: {e:?}")))?;
+            .map_err(NicError::queue("read the RX avail index"))?;
         Ok(usize::from(
             (avail - std::num::Wrapping(queue.next_avail())).0,
         ))
@@ -582,7 +580,7 @@ impl VirtioNet {
                 self.stats.malformed_chains += 1;
                 self.queues[RX_QUEUE]
                     .add_used(memory, head, 0)
-                    .map_err(|e| NicError::Queue(format!("return RX buffer {head}: {e:?}")))?;
+                    .map_err(NicError::queue(format!("return RX buffer {head}")))?;
                 self.stats.rx_dropped += 1;
                 continue;
             }
@@ -615,7 +613,7 @@ impl VirtioNet {
             }
             self.queues[RX_QUEUE]
                 .add_used(memory, head, len as u32)
-                .map_err(|e| NicError::Queue(format!("return RX buffer {head}: {e:?}")))?;
+                .map_err(NicError::queue(format!("return RX buffer {head}")))?;
         }
         Ok(delivered)
     }
@@ -656,7 +654,7 @@ impl VirtioNet {
             }
             self.queues[TX_QUEUE]
                 .add_used(memory, head, 0)
-                .map_err(|e| NicError::Queue(format!("return TX buffer {head}: {e:?}")))?;
+                .map_err(NicError::queue(format!("return TX buffer {head}")))?;
         }
         Ok(())
     }

@@ -128,12 +128,9 @@ impl LinkListener {
                 }),
             TransportKind::Shm => ShmListener::bind(&LinkSettings::shm_path(address))
                 .map(Self::Shm)
-                .map_err(|e| {
-                    ReplicaError::Channel(format!(
-                        "cannot listen on {address}: {}",
-                        arbiter::error_chain(&e)
-                    ))
-                }),
+                .map_err(ReplicaError::transport(format!(
+                    "cannot listen on {address}"
+                ))),
         }
     }
 
@@ -160,7 +157,10 @@ impl LinkListener {
                         what: "accept the primary's connection".into(),
                         source,
                     },
-                    other => ReplicaError::Channel(arbiter::error_chain(&other)),
+                    source => ReplicaError::Transport {
+                        what: "accept the primary's connection".into(),
+                        source,
+                    },
                 })?;
                 Ok(Incoming {
                     stream: IncomingStream::Shm(stream),
@@ -328,11 +328,9 @@ impl Incoming {
     ) -> Result<Accepted, ReplicaError> {
         let session = settings.session(Role::Backup, generation);
         let peer = self.peer;
-        let refused = |error: TransportError| {
-            ReplicaError::Channel(format!(
-                "refused the primary at {peer}: {}",
-                arbiter::error_chain(&error)
-            ))
+        let refused = |source: TransportError| ReplicaError::Transport {
+            what: format!("refused the primary at {peer}"),
+            source,
         };
         let (meta, base, source, transport) = match self.stream {
             IncomingStream::Tcp(stream) => {
@@ -505,7 +503,7 @@ fn start_receiver<T: Transport + 'static>(
 ) -> Result<(LogMeta, u64, StreamSource), ReplicaError> {
     let profile = settings.profile.clone();
     let receiver = LogReceiver::new(t, generation, 1, profile.ack, profile.liveness)
-        .map_err(|e| ReplicaError::Channel(arbiter::error_chain(&e)))?;
+        .map_err(ReplicaError::stopped("start the log receiver"))?;
     let (queue, entries) = sync_channel(QUEUE_ENTRIES);
     let newest_exit = Arc::new(AtomicU64::new(0));
     let state = Receiving {
@@ -552,7 +550,7 @@ fn start_receiver<T: Transport + 'static>(
     let lag = Lag {
         max_exits: 0,
         queue_us: Histogram::new_with_bounds(1, 3_600_000_000, 3)
-            .map_err(|e| ReplicaError::Setup(format!("lag histogram: {e}")))?,
+            .map_err(ReplicaError::Histogram)?,
     };
     Ok((
         meta,
@@ -578,12 +576,7 @@ fn wait_for_header<T: Transport>(
     loop {
         let delivered = receiver
             .poll(|seq, bytes| state.deliver(seq, bytes))
-            .map_err(|e| {
-                ReplicaError::Channel(format!(
-                    "before the log header: {}",
-                    arbiter::error_chain(&e)
-                ))
-            })?;
+            .map_err(ReplicaError::stopped("before the log header"))?;
         if let Some(error) = state.refused.take() {
             return Err(ReplicaError::Vmm(error));
         }
@@ -593,12 +586,7 @@ fn wait_for_header<T: Transport>(
         if delivered == 0 {
             waiter
                 .idle_with(|timeout| receiver.wait(timeout))
-                .map_err(|e| {
-                    ReplicaError::Channel(format!(
-                        "before the log header: {}",
-                        arbiter::error_chain(&e)
-                    ))
-                })?;
+                .map_err(ReplicaError::stopped("before the log header"))?;
         }
     }
 }

@@ -357,7 +357,7 @@ fn serve_one(
             PROTOCOL_VERSION,
             Side::Accepting,
         )
-        .map_err(|e| ReplicaError::Channel(arbiter::error_chain(&e)))?;
+        .map_err(ReplicaError::handshake("authenticate the joiner"))?;
         let name = read_name(&mut timed)?;
         Ok((generation, name))
     })();
@@ -388,10 +388,10 @@ fn serve_one(
         }
         Err(error) => {
             let _ = send_generation(&mut stream, 0);
-            return Err(ReplicaError::Setup(format!(
-                "the arbiter cannot record the new pair: {}",
-                arbiter::error_chain(&error)
-            )));
+            return Err(ReplicaError::Arbiter {
+                what: "the arbiter cannot record the new pair".into(),
+                source: error,
+            });
         }
     };
     let new_generation = record.generation;
@@ -535,7 +535,9 @@ pub fn connect(
         channel::protocol::PROTOCOL_VERSION,
         channel::protocol::Side::Connecting,
     )
-    .map_err(|e| ReplicaError::Channel(arbiter::error_chain(&e)))?;
+    .map_err(ReplicaError::handshake(
+        "authenticate at the primary's join port",
+    ))?;
     send_name(&mut stream, me)?;
     let generation = read_generation(&mut stream)?;
     Ok((stream, generation))

@@ -52,7 +52,9 @@ pub mod ratelimit;
 pub mod relay;
 pub mod status;
 
-/// Errors of the replication link.
+/// Errors of the replication link. Every variant that stands for another
+/// error keeps it as its `source`; the chain is rendered once, by the
+/// `lockstep` binary.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
     /// Connecting, accepting or socket I/O failed.
@@ -64,10 +66,63 @@ pub enum ReplicaError {
         #[source]
         source: std::io::Error,
     },
-    /// The channel failed or refused the peer (handshake, frames, liveness).
+    /// The channel's transport failed: connect, listen, handshake, I/O.
+    #[error("replication link: {what}")]
+    Transport {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        #[source]
+        source: channel::transport::TransportError,
+    },
+    /// The channel stopped (a frame refused, the peer lost or closed).
+    #[error("replication link: {what}")]
+    Stopped {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        #[source]
+        source: channel::endpoint::ChannelError,
+    },
+    /// The sender pipeline could not start.
+    #[error("replication link: {what}")]
+    Pipeline {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        #[source]
+        source: channel::pipeline::PipelineError,
+    },
+    /// The authenticated handshake of a join connection failed.
+    #[error("replication link: {what}")]
+    Handshake {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        #[source]
+        source: channel::protocol::HandshakeError,
+    },
+    /// The arbiter could not be asked, or failed.
+    #[error("{what}")]
+    Arbiter {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        #[source]
+        source: arbiter::ArbiterError,
+    },
+    /// The host's cores could not be read (to pin the channel's threads).
+    #[error("replication link set-up: cannot read the host's cores")]
+    Cores(#[source] tuning::TuningError),
+    /// A latency histogram could not be made.
+    #[error("replication link set-up: a latency histogram")]
+    Histogram(#[source] hdrhistogram::CreationError),
+    /// The peer broke the protocol or refused us (a wrong pair, a bad
+    /// request): what it did, in words.
     #[error("replication link: {0}")]
     Channel(String),
-    /// Setting up this end failed.
+    /// This end cannot take the peer on now (a join while a backup is
+    /// attached, a lost race): why, in words.
     #[error("replication link set-up: {0}")]
     Setup(String),
     /// The VM failed.
@@ -76,4 +131,36 @@ pub enum ReplicaError {
     /// The log stream was refused.
     #[error(transparent)]
     Log(#[from] channel::log::LogError),
+}
+
+impl ReplicaError {
+    /// A transport error, saying what was being done.
+    pub fn transport(
+        what: impl Into<String>,
+    ) -> impl FnOnce(channel::transport::TransportError) -> Self {
+        let what = what.into();
+        move |source| ReplicaError::Transport { what, source }
+    }
+
+    /// A channel error, saying what was being done.
+    pub fn stopped(
+        what: impl Into<String>,
+    ) -> impl FnOnce(channel::endpoint::ChannelError) -> Self {
+        let what = what.into();
+        move |source| ReplicaError::Stopped { what, source }
+    }
+
+    /// An arbiter error, saying what was being done.
+    pub fn arbiter(what: impl Into<String>) -> impl FnOnce(arbiter::ArbiterError) -> Self {
+        let what = what.into();
+        move |source| ReplicaError::Arbiter { what, source }
+    }
+
+    /// A handshake error, saying what was being done.
+    pub fn handshake(
+        what: impl Into<String>,
+    ) -> impl FnOnce(channel::protocol::HandshakeError) -> Self {
+        let what = what.into();
+        move |source| ReplicaError::Handshake { what, source }
+    }
 }

@@ -81,11 +81,13 @@ impl PrimaryLink {
                     std::thread::sleep(Duration::from_millis(50));
                 }
                 Err(error) => {
-                    return Err(ReplicaError::Channel(format!(
-                        "cannot connect to the backup at {address} over {}: {}",
-                        settings.kind.name(),
-                        arbiter::error_chain(&error)
-                    )));
+                    return Err(ReplicaError::Transport {
+                        what: format!(
+                            "cannot connect to the backup at {address} over {}",
+                            settings.kind.name()
+                        ),
+                        source: error,
+                    });
                 }
             }
         };
@@ -103,8 +105,7 @@ impl PrimaryLink {
         gate: Arc<OutputGate>,
         base: u64,
     ) -> Result<Self, ReplicaError> {
-        let cores = HostCores::detect()
-            .map_err(|e| ReplicaError::Setup(format!("cannot read the host's cores: {e}")))?;
+        let cores = HostCores::detect().map_err(ReplicaError::Cores)?;
         let (ring, consumer) = RingBuffer::new::<Vec<u8>>(settings.profile.ring_slots as usize);
         let (recycle, recycled) = RingBuffer::new::<Vec<u8>>(settings.profile.ring_slots as usize);
         let counters = Arc::new(AckCounters::default());
@@ -167,7 +168,10 @@ impl PrimaryLink {
                 "rdma",
             ),
         };
-        let sender = sender.map_err(|e| ReplicaError::Channel(arbiter::error_chain(&e)))?;
+        let sender = sender.map_err(|source| ReplicaError::Pipeline {
+            what: "cannot start the log sender".into(),
+            source,
+        })?;
         let mut link = Self {
             ring,
             recycled,
@@ -202,7 +206,7 @@ impl PrimaryLink {
     ) -> Result<Self, ReplicaError> {
         let session = settings.session(Role::Primary, generation);
         let t = UringTcp::establish_accepted(stream, &session, MAX_FRAME)
-            .map_err(|e| ReplicaError::Channel(arbiter::error_chain(&e)))?;
+            .map_err(ReplicaError::transport("authenticate the joined backup"))?;
         Self::start(
             Connected::Tcp(Box::new(t)),
             settings,

@@ -82,15 +82,15 @@ pub fn promotion(promotion: Promotion) -> Promote {
         // The old primary may still hold the TAP until it learns it lost the
         // arbiter and halts: wait for it to let go.
         let device = TapDevice::open_when_free(name, Duration::from_secs(60))
-            .map_err(|error| VmmError::Config(error.to_string()))?;
+            .map_err(VmmError::nic("take the TAP over from the old primary"))?;
         let queue = Arc::new(RxQueue::default());
         // The reader thread serves the live guest until the process ends.
         let _reader = device
             .spawn_reader(Arc::clone(&queue), Arc::new(AtomicBool::new(false)))
-            .map_err(|e| VmmError::Config(e.to_string()))?;
+            .map_err(VmmError::nic("start the TAP's reader"))?;
         let mut writer = device
             .writer()
-            .map_err(|e| VmmError::Config(e.to_string()))?;
+            .map_err(VmmError::nic("open the TAP's writer"))?;
         // Frames written before the kernel processed the TAP's carrier are
         // dropped by the bridge: wait for it (a few ms), so the resent
         // frames below reach the client.

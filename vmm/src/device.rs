@@ -235,7 +235,7 @@ fn read_register<E: EventSource>(
             context
                 .memory
                 .read_slice(&mut raw, GuestAddress(MAILBOX_GPA + 16))
-                .map_err(|e| VmmError::Memory(format!("read the mailbox at exit {exit}: {e}")))?;
+                .map_err(VmmError::memory(format!("read the mailbox at exit {exit}")))?;
             let wait = Duration::from_nanos(u64::from_le_bytes(raw).min(1_000_000_000));
             let buffers = match context.net.as_deref() {
                 Some(net) => {
@@ -278,7 +278,7 @@ fn mailbox(memory: &GuestRam, exit: u64) -> Result<(u64, usize), VmmError> {
     let mut raw = [0u8; size_of::<Mailbox>()];
     memory
         .read_slice(&mut raw, GuestAddress(MAILBOX_GPA))
-        .map_err(|e| VmmError::Memory(format!("read the mailbox at exit {exit}: {e}")))?;
+        .map_err(VmmError::memory(format!("read the mailbox at exit {exit}")))?;
     let buf = u64::from_le_bytes(raw[..8].try_into().unwrap_or_default());
     let len = u64::from_le_bytes(raw[8..16].try_into().unwrap_or_default());
     if len > MAILBOX_MAX_LEN {
@@ -305,14 +305,18 @@ fn mailbox_read(memory: &GuestRam, exit: u64) -> Result<Vec<u8>, VmmError> {
     let mut bytes = vec![0u8; len];
     memory
         .read_slice(&mut bytes, GuestAddress(buf))
-        .map_err(|e| VmmError::Memory(format!("read guest buffer at exit {exit}: {e}")))?;
+        .map_err(VmmError::memory(format!(
+            "read guest buffer at exit {exit}"
+        )))?;
     Ok(bytes)
 }
 
 fn write_guest(memory: &GuestRam, addr: u64, bytes: &[u8], exit: u64) -> Result<(), VmmError> {
     memory
         .write_slice(bytes, GuestAddress(addr))
-        .map_err(|e| VmmError::Memory(format!("write guest buffer at exit {exit}: {e}")))
+        .map_err(VmmError::memory(format!(
+            "write guest buffer at exit {exit}"
+        )))
 }
 
 fn memory_end(memory: &GuestRam) -> u64 {

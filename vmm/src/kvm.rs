@@ -327,10 +327,10 @@ impl Vm {
         let mem_size = usize::try_from(config.mem_size)
             .map_err(|_| VmmError::Config("guest memory does not fit the address space".into()))?;
         let memory = GuestRam::from_ranges(&[(GuestAddress(0), mem_size)])
-            .map_err(|e| VmmError::Memory(format!("allocate {mem_size} bytes: {e}")))?;
+            .map_err(VmmError::memory(format!("allocate {mem_size} bytes")))?;
         let host = memory
             .get_host_address(GuestAddress(0))
-            .map_err(|e| VmmError::Memory(format!("host address of guest memory: {e}")))?;
+            .map_err(VmmError::memory("host address of guest memory"))?;
         let region = kvm_userspace_memory_region {
             slot: 0,
             flags: 0,
@@ -699,7 +699,7 @@ impl Vm {
     pub fn for_each_memory_slice(&self, mut visit: impl FnMut(&[u8])) -> Result<(), VmmError> {
         for region in self.memory.iter() {
             let slice = vm_memory::GuestMemoryRegion::as_volatile_slice(region)
-                .map_err(|e| VmmError::Memory(format!("map guest memory: {e}")))?;
+                .map_err(VmmError::memory("map guest memory"))?;
             // SAFETY: the slice covers a live mapping owned by `self.memory`.
             // The vCPU is stopped (we are between exits and `&self` forbids a
             // concurrent `run`), so no one writes it while it is read; bytes
@@ -732,7 +732,7 @@ fn check_kvm_device() -> Result<(), VmmError> {
 fn load_image(memory: &GuestRam, image: &[u8]) -> Result<u64, VmmError> {
     let mut cursor = Cursor::new(image);
     let loaded = Elf::load(memory, None, &mut cursor, Some(GuestAddress(IMAGE_BASE)))
-        .map_err(|e| VmmError::Image(format!("{e}")))?;
+        .map_err(VmmError::Elf)?;
     if loaded.kernel_end > memory.last_addr().0 {
         return Err(VmmError::Image(format!(
             "the image ends at {:#x}, past the end of guest memory",
@@ -746,7 +746,9 @@ fn write_u64s(memory: &GuestRam, base: u64, values: &[u64]) -> Result<(), VmmErr
     let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
     memory
         .write_slice(&bytes, GuestAddress(base))
-        .map_err(|e| VmmError::Memory(format!("write boot structures at {base:#x}: {e}")))
+        .map_err(VmmError::memory(format!(
+            "write boot structures at {base:#x}"
+        )))
 }
 
 /// Identity-maps the first 4 GiB with 2 MiB pages, user-accessible at every

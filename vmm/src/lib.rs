@@ -102,12 +102,34 @@ pub enum VmmError {
     /// The VM configuration is invalid.
     #[error("invalid VM configuration: {0}")]
     Config(String),
-    /// Guest memory could not be set up or accessed.
+    /// Guest memory could not be set up or accessed (a message only:
+    /// prefer [`VmmError::GuestMemory`], which keeps the cause).
     #[error("guest memory: {0}")]
     Memory(String),
-    /// The guest image could not be loaded.
+    /// Guest memory could not be set up or accessed.
+    #[error("guest memory: {what}")]
+    GuestMemory {
+        /// What was being done, and where.
+        what: String,
+        /// The cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The guest image does not fit this VM.
     #[error("cannot load the guest image: {0}")]
     Image(String),
+    /// The guest image is not a loadable ELF file.
+    #[error("cannot load the guest image")]
+    Elf(#[source] linux_loader::loader::Error),
+    /// The NIC could not be set up, restored or attached.
+    #[error("the NIC: cannot {what}")]
+    Nic {
+        /// What was being done.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: nic::NicError,
+    },
     /// The guest broke the paravirtual ABI (a bad register, a bad buffer).
     #[error("guest error at exit {exit}: {detail}")]
     Guest {
@@ -156,6 +178,24 @@ pub enum VmmError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl VmmError {
+    /// A guest-memory error, saying what was being done and where.
+    pub fn memory<E: std::error::Error + Send + Sync + 'static>(
+        what: impl Into<String>,
+    ) -> impl FnOnce(E) -> Self {
+        let what = what.into();
+        move |source| VmmError::GuestMemory {
+            what,
+            source: Box::new(source),
+        }
+    }
+
+    /// A NIC error, saying what was being done.
+    pub fn nic(what: &'static str) -> impl FnOnce(nic::NicError) -> Self {
+        move |source| VmmError::Nic { what, source }
+    }
 }
 
 impl From<state::StateError> for VmmError {

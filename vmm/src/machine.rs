@@ -72,7 +72,8 @@ impl<E: EventSource> Machine<E> {
         let memory = vm.memory().clone();
         let net = match config.mac {
             Some(mac) => Some(NetState {
-                device: VirtioNet::new(mac).map_err(|e| VmmError::Config(e.to_string()))?,
+                device: VirtioNet::new(mac)
+                    .map_err(VmmError::nic("set up the virtio-net device"))?,
                 output: None,
                 suppressed: 0,
             }),
@@ -112,7 +113,7 @@ impl<E: EventSource> Machine<E> {
         let net = match (config.mac, state.net) {
             (Some(_), Some(saved)) => Some(NetState {
                 device: VirtioNet::restore(&saved.device)
-                    .map_err(|e| VmmError::Config(e.to_string()))?,
+                    .map_err(VmmError::nic("restore the virtio-net device"))?,
                 output: None,
                 suppressed: saved.suppressed,
             }),

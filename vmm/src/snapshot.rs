@@ -339,9 +339,9 @@ impl Precopy {
             Ok::<(), StateError>(())
         };
         let read = |addr: u64, page: &mut [u8]| {
-            memory.read_slice(page, GuestAddress(addr)).map_err(|e| {
-                StateError::from(VmmError::Memory(format!("read page {addr:#x}: {e}")))
-            })
+            memory
+                .read_slice(page, GuestAddress(addr))
+                .map_err(|e| StateError::from(VmmError::memory(format!("read page {addr:#x}"))(e)))
         };
         if round == 0 {
             // Read 1 MiB at a time; send only non-zero pages.
@@ -535,7 +535,10 @@ pub(crate) fn copy_pages(
     let read = |index: u64, page: &mut [u8]| {
         memory
             .read_slice(page, GuestAddress(index * PAGE_SIZE))
-            .map_err(|e| VmmError::Memory(format!("read page {:#x}: {e}", index * PAGE_SIZE)))
+            .map_err(VmmError::memory(format!(
+                "read page {:#x}",
+                index * PAGE_SIZE
+            )))
     };
     match what {
         CaptureMemory::All => {
