@@ -182,46 +182,10 @@ fn start_pair_with(net: &Net, arbiter: &Arbiter, primary_extra: &[&str]) -> Pair
 /// host a serving the guest; both take `replica_args` (the arbiter and
 /// liveness flags), the primary `primary_extra` too.
 fn start_pair_on(net: &Net, replica_args: Vec<String>, primary_extra: &[&str]) -> Pair {
-    let link = net.log_address(Ns::B, 7700);
-    let mut backup_args: Vec<String> = vec![
-        "backup".into(),
-        "--listen".into(),
-        link.clone(),
-        "--tap".into(),
-        net.tap().into(),
-        "--id".into(),
-        "backup".into(),
-        "--quiet".into(),
-    ];
-    backup_args.extend(replica_args.iter().cloned());
-    let backup = net
-        .lockstep(Ns::B)
-        .args(&backup_args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the backup");
-    let arg = net.guest_arg();
-    let mut primary_args: Vec<String> = [
-        "primary",
-        "--backup",
-        &link,
-        "--guest",
-        "net",
-        "--tap",
-        net.tap(),
-        "--arg",
-        &arg,
-        "--id",
-        "primary",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    primary_args.extend(replica_args);
-    primary_args.extend(primary_extra.iter().map(|s| s.to_string()));
-    let primary_refs: Vec<&str> = primary_args.iter().map(String::as_str).collect();
-    let primary = net.start(Ns::A, &primary_refs);
+    let both: Vec<&str> = replica_args.iter().map(String::as_str).collect();
+    let backup = ["--tap", net.tap(), "--id", "backup", "--quiet"];
+    let primary = [&["--id", "primary"], primary_extra].concat();
+    let (primary, backup) = net.start_pair(&both, &backup, &primary);
     Pair { primary, backup }
 }
 
@@ -1150,6 +1114,16 @@ fn a_frozen_backup_is_given_up_on_the_primary_serves_alone_and_the_resumed_backu
         at_3000 > at_1500,
         "no INCR completed between 1.5 s and 3 s after the backup froze: the primary stalled behind it:\n{primary_stderr}"
     );
+    the_resumed_backup_lost(status, &backup_stderr, &primary_stderr);
+    assert_eq!(
+        leaked, 0,
+        "the resumed backup sent {leaked} guest frames from host b:\n{backup_stderr}"
+    );
+}
+
+/// A backup frozen and resumed lost: the primary gave up on it and won
+/// generation 2, and the backup halted with the fail-stop code.
+fn the_resumed_backup_lost(status: Option<ExitStatus>, backup_stderr: &str, primary_stderr: &str) {
     assert!(
         primary_stderr.contains("won generation 2 at the arbiter: running unprotected"),
         "{primary_stderr}"
@@ -1157,15 +1131,11 @@ fn a_frozen_backup_is_given_up_on_the_primary_serves_alone_and_the_resumed_backu
     assert_eq!(
         status.and_then(|s| s.code()),
         Some(4),
-        "the resumed backup did not halt as the loser:\n{backup_stderr}"
+        "the resumed backup did not halt as the loser:\n{backup_stderr}\n{primary_stderr}"
     );
     assert!(
         backup_stderr.contains("lost generation 2"),
         "{backup_stderr}"
-    );
-    assert_eq!(
-        leaked, 0,
-        "the resumed backup sent {leaked} guest frames from host b:\n{backup_stderr}"
     );
 }
 
@@ -1193,14 +1163,6 @@ fn a_backup_frozen_while_the_guest_idles_is_given_up_on_and_halts_when_resumed()
     drop(stream);
     kill(&pair.primary, "-TERM");
     let primary_stderr = stderr_of(pair.primary);
-    assert_eq!(
-        status.and_then(|s| s.code()),
-        Some(4),
-        "the resumed backup did not halt as the loser:\n{backup_stderr}\n{primary_stderr}"
-    );
-    assert!(
-        primary_stderr.contains("won generation 2 at the arbiter: running unprotected"),
-        "{primary_stderr}"
-    );
+    the_resumed_backup_lost(status, &backup_stderr, &primary_stderr);
     assert_eq!(served, 40, "acknowledged INCRs lost");
 }

@@ -18,51 +18,11 @@ fn start_pair(net: &Net, status_dir: &str) -> (Child, Child) {
     std::fs::create_dir_all(status_dir).expect("status dir");
     let key = common::keygen(std::path::Path::new(status_dir), "link.key");
     let key = key.to_str().expect("utf-8 path").to_string();
-    let link = net.log_address(Ns::B, 7700);
-    let backup = net
-        .lockstep(Ns::B)
-        .args([
-            "backup",
-            "--listen",
-            &link,
-            "--quiet",
-            "--peer-timeout-ms",
-            "20000",
-            "--status-dir",
-            status_dir,
-            "--link-key",
-            &key,
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the backup");
-    let arg = net.guest_arg();
-    let primary = net.start(
-        Ns::A,
-        &[
-            "primary",
-            "--backup",
-            &link,
-            "--guest",
-            "net",
-            "--tap",
-            net.tap(),
-            "--arg",
-            &arg,
-            "--digest-interval",
-            "300",
-            // No arbiter here: a peer declared lost would stop the pair, so
-            // give a loaded CI host (and the SIGSTOP below) plenty of time.
-            "--peer-timeout-ms",
-            "20000",
-            "--status-dir",
-            status_dir,
-            "--link-key",
-            &key,
-        ],
-    );
-    (primary, backup)
+    // No arbiter here: a peer declared lost would stop the pair, so give
+    // a loaded CI host (and the SIGSTOP below) plenty of time.
+    let both = ["--peer-timeout-ms", "20000", "--status-dir", status_dir];
+    let both = [&both[..], &["--link-key", &key]].concat();
+    net.start_pair(&both, &["--quiet"], &["--digest-interval", "300"])
 }
 
 /// A status directory of the test's own.

@@ -265,54 +265,15 @@ fn one_test_at_a_time_and_bad_clients_get_iperf3_errors() {
 #[test]
 fn stock_iperf3_against_an_ft_pair_and_the_backup_matches() {
     let net = Net::new();
-    let arg = net.guest_arg();
     // The log crosses the testbed's logging link, host a to host b.
-    let link = net.log_address(Ns::B, 7700);
     let status_dir = tempfile::tempdir().expect("tempdir");
     let status = status_dir.path().join("status");
     let status = status.to_str().expect("utf-8");
     let key = common::keygen(status_dir.path(), "link.key");
     let key = key.to_str().expect("utf-8");
-    let backup = net
-        .lockstep(Ns::B)
-        .args([
-            "backup",
-            "--listen",
-            &link,
-            "--quiet",
-            "--peer-timeout-ms",
-            "20000",
-            "--status-dir",
-            status,
-            "--link-key",
-            key,
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the backup");
-    let primary = net.start(
-        Ns::A,
-        &[
-            "primary",
-            "--backup",
-            &link,
-            "--guest",
-            "net",
-            "--tap",
-            net.tap(),
-            "--arg",
-            &arg,
-            "--digest-interval",
-            "300",
-            "--peer-timeout-ms",
-            "20000",
-            "--status-dir",
-            status,
-            "--link-key",
-            key,
-        ],
-    );
+    let both = ["--peer-timeout-ms", "20000", "--status-dir", status];
+    let both = [&both[..], &["--link-key", key]].concat();
+    let (primary, backup) = net.start_pair(&both, &["--quiet"], &["--digest-interval", "300"]);
 
     let (sent, received) = iperf3(&net, &["-t", "2"]);
     eprintln!(

@@ -74,6 +74,29 @@ impl Net {
         child
     }
 
+    /// A fault-tolerant pair of the `net` guest: a backup in host b
+    /// listening on host b's end of the logging link (port 7700; stdout and
+    /// stderr piped), then a primary in host a serving the guest through
+    /// the TAP, its banner read. `both` goes to both replicas, `backup` and
+    /// `primary` to one each. Returns (primary, backup).
+    pub fn start_pair(&self, both: &[&str], backup: &[&str], primary: &[&str]) -> (Child, Child) {
+        let link = self.log_address(Ns::B, 7700);
+        let backup = self
+            .lockstep(Ns::B)
+            .args(["backup", "--listen", &link])
+            .args(both)
+            .args(backup)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the backup");
+        let arg = self.guest_arg();
+        let mut args = vec!["primary", "--backup", &link, "--guest", "net"];
+        args.extend(["--tap", self.tap(), "--arg", &arg]);
+        args.extend(both.iter().chain(primary));
+        (self.start(Ns::A, &args), backup)
+    }
+
     /// A RESP connection from the client namespace to the guest's `port`.
     pub fn connect(&self, port: u16) -> TcpStream {
         let address: SocketAddr = format!("{}:{port}", self.host()).parse().expect("address");
