@@ -376,6 +376,17 @@ pub fn run_primary(options: &PrimaryArgs, stop: Arc<AtomicBool>) -> Result<(), C
         me: me.clone(),
         generation,
     });
+    // Joining backups are taken on by the same service as a live backup's.
+    let joins = match join_listen {
+        Some(address) => Some(JoinSetup::new(
+            address,
+            membership.as_ref(),
+            ft,
+            &meta,
+            vmm::StateHeader::new(&config, guest.bytes(), args.arg),
+        )?),
+        None => None,
+    };
     let network = Network::open_with(args.tap.as_deref(), true)?;
     let gate = match &network {
         Some(network) => Arc::clone(&network.gate),
@@ -394,8 +405,6 @@ pub fn run_primary(options: &PrimaryArgs, stop: Arc<AtomicBool>) -> Result<(), C
         "lockstep primary: {me}, generation {generation}, streaming to the backup at {backup} over {}",
         link.transport()
     );
-    let join_port = Arc::new(crate::join::JoinPort::default());
-    let join_arbiter = membership.as_ref().map(|m| Arc::clone(&m.arbiter));
     let mut sink = FailoverSink::new(link, Arc::clone(&gate), membership, ft.peer_timeout())
         .with_status(
             crate::status::StatusFile::new(&ft.status_dir, me.as_str())
@@ -404,24 +413,9 @@ pub fn run_primary(options: &PrimaryArgs, stop: Arc<AtomicBool>) -> Result<(), C
     if let Some(guard) = network.as_ref().and_then(|n| n.guard.clone()) {
         sink = sink.with_guard(guard);
     }
-    let join_listener = match join_listen {
-        None => None,
-        Some(address) => {
-            if join_arbiter.is_none() {
-                return Err(CommandError::Usage(
-                    "--join-listen needs --arbiter (each new pair is recorded there)".into(),
-                ));
-            }
-            sink = sink.with_joins(Arc::clone(&join_port));
-            Some(
-                TcpListener::bind(address).map_err(|source| CommandError::File {
-                    what: "cannot listen for joining backups on",
-                    path: PathBuf::from(address),
-                    source,
-                })?,
-            )
-        }
-    };
+    if let Some(setup) = &joins {
+        sink = sink.with_joins(Arc::clone(&setup.port));
+    }
     let events = Network::live(&network, Live::new(open_input(args.input.as_ref())?, sink))
         .streaming()
         .with_stop(stop);
@@ -437,25 +431,8 @@ pub fn run_primary(options: &PrimaryArgs, stop: Arc<AtomicBool>) -> Result<(), C
     if let Some(disk) = ft.disk() {
         disk.attach(&mut machine)?;
     }
-    if let (Some(listener), Some(arbiter)) = (join_listener, join_arbiter) {
-        let service = crate::join::JoinService {
-            port: join_port,
-            transfer: machine.transfer_handle(),
-            gate: Arc::clone(&gate),
-            settings: ft.link_settings()?,
-            arbiter,
-            me: me.clone(),
-            meta: meta.clone(),
-            header: vmm::StateHeader::new(&config, guest.bytes(), args.arg),
-        };
-        std::thread::Builder::new()
-            .name("join-service".into())
-            .spawn(move || crate::join::serve(listener, service))
-            .map_err(|source| CommandError::File {
-                what: "cannot start the join service",
-                path: PathBuf::from("join-service"),
-                source,
-            })?;
+    if let Some(setup) = joins {
+        spawn_join_service(setup, machine.transfer_handle(), Arc::clone(&gate))?;
     }
     let summary = machine.run()?;
     let mut sink = machine.into_events().into_sink();
