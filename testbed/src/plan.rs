@@ -100,6 +100,15 @@ pub fn parse_namespace_name(name: &str) -> Option<(String, Ns)> {
     Some((run.to_string(), ns))
 }
 
+/// How many extra hosts (e.g. etcd members) a run may add to its
+/// management network ([`crate::Testbed::add_host`]).
+pub const MAX_EXTRA_HOSTS: u8 = 8;
+
+/// The namespace name of extra host `i` of run `run`: `lst-<run>-x<i>`.
+pub fn extra_host_name(run: &str, i: u8) -> String {
+    format!("{PREFIX}-{run}-x{i}")
+}
+
 /// The run id of slot `slot`.
 pub fn run_id(slot: u16) -> String {
     slot.to_string()
@@ -328,6 +337,12 @@ impl Addresses {
             Ns::B => Some(self.mgmt_b),
             _ => None,
         }
+    }
+
+    /// Extra host `i`'s address on the management network (`.21 + i`).
+    pub fn extra_host(&self, i: u8) -> Ipv4Addr {
+        let [a, b, c, _] = self.arbiter.octets();
+        Ipv4Addr::new(a, b, c, 21 + i.min(MAX_EXTRA_HOSTS))
     }
 
     /// Host `ns`'s own address on the client segment (a or b).
