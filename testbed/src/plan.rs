@@ -481,6 +481,21 @@ mod tests {
     }
 
     #[test]
+    fn extra_hosts_sit_on_the_management_subnet_apart_from_the_others() {
+        let a = Addresses::for_slot(4095);
+        let fixed = [a.arbiter, a.mgmt_a, a.mgmt_b];
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..MAX_EXTRA_HOSTS {
+            let x = a.extra_host(i);
+            assert_eq!(x.octets()[..3], a.arbiter.octets()[..3], "{x}");
+            assert!(!fixed.contains(&x) && seen.insert(x), "{x}");
+            let name = extra_host_name("4095", i);
+            assert!(name.len() < 32, "{name}");
+            assert_eq!(parse_namespace_name(&name), None, "{name}");
+        }
+    }
+
+    #[test]
     fn slots_never_share_a_subnet() {
         let mut seen = std::collections::HashSet::new();
         for slot in 0..MAX_SLOTS {
