@@ -923,10 +923,10 @@ fn from_ureq(error: ureq::Error) -> io::Error {
     match error {
         ureq::Error::Io(error) => error,
         ureq::Error::Timeout(_) => io::Error::new(io::ErrorKind::TimedOut, "etcd call timed out"),
-        ureq::Error::BodyExceedsLimit(_) => io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("response larger than {MAX_RESPONSE} bytes"),
-        ),
+        // Not InvalidData: over HTTPS that kind names a TLS failure.
+        ureq::Error::BodyExceedsLimit(_) => {
+            io::Error::other(format!("response larger than {MAX_RESPONSE} bytes"))
+        }
         ureq::Error::ConnectionFailed => {
             io::Error::new(io::ErrorKind::ConnectionRefused, "connection failed")
         }
