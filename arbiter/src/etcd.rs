@@ -44,16 +44,48 @@
 //! the failure branch, which loses unless the change was irrelevant.
 //! Exactly one transaction per `(vm, generation)` can succeed.
 //!
+//! # TLS and authentication
+//!
+//! `etcds://HOST:PORT[,…]` ([`EtcdArbiter::from_url`]) speaks HTTPS
+//! (rustls through ureq, no OpenSSL) and checks each member's certificate
+//! against the CA in [`EtcdSecurity::ca`] only (not the host's roots); the
+//! member's certificate must name the endpoint's host (an IP address
+//! endpoint needs an IP SAN). With [`EtcdSecurity::cert`] and
+//! [`EtcdSecurity::key`] the client proves itself with a certificate (etcd's
+//! `--client-cert-auth`). With [`EtcdSecurity::user`] and
+//! [`EtcdSecurity::password_file`] it logs in as an etcd user (etcd v3
+//! auth) before its first call on each member:
+//!
+//! ```text
+//! client                                   etcd member
+//!   │ POST /v3/auth/authenticate              │
+//!   │   {"name": user, "password": …} ───────▶│
+//!   │◀─────────────────── {"token": T} ───────│  (wrong password: HTTP 4xx,
+//!   │ POST /v3/kv/range                       │   EtcdError::Auth, not retried)
+//!   │   Authorization: T, {…} ───────────────▶│
+//!   │◀──────────── 401 "invalid auth token" ──│  (T expired: etcd's
+//!   │ POST /v3/auth/authenticate … (again)    │   --auth-token-ttl)
+//!   │ POST /v3/kv/range, Authorization: T' ──▶│  one retry with the new token
+//! ```
+//!
+//! Tokens are kept per member (etcd's simple tokens are), and every step,
+//! the log-in included, ends by the call's deadline. The password is read
+//! from a file, once, when the arbiter is made; the file must not be
+//! readable by group or others (never on a command line, where `ps` shows
+//! it). A TLS failure (unknown CA, a refused client certificate) is
+//! [`EtcdError::Tls`], naming the endpoint; like every error it is never a
+//! win.
+//!
 //! # Not covered
 //!
-//! Plain HTTP only: no TLS (`etcds://`), no etcd user authentication yet
-//! (ureq is built without its TLS features for now). Run etcd on a network
-//! only the replicas reach.
 //! Deleting the key by hand resets the VM's generations: never do it while
 //! any replica of the VM runs.
 
 use std::fmt::Write as _;
 use std::io;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -117,6 +149,38 @@ pub enum EtcdError {
         /// What was wrong.
         reason: String,
     },
+    /// A TLS handshake with a member failed (its certificate is not signed
+    /// by the CA given, or it refused our client certificate).
+    #[error("TLS with etcd at {endpoint} failed (check the CA, client certificate and key)")]
+    Tls {
+        /// The endpoint.
+        endpoint: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// etcd refused the user name or password.
+    #[error("etcd at {endpoint} refused user {user:?}: HTTP {status}: {body}")]
+    Auth {
+        /// The endpoint.
+        endpoint: String,
+        /// The etcd user.
+        user: String,
+        /// The HTTP status.
+        status: u16,
+        /// etcd's message.
+        body: String,
+    },
+    /// A TLS or password file cannot be used.
+    #[error("etcd {what} {}: {reason}", path.display())]
+    File {
+        /// Which setting (`CA`, `client certificate`, …).
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// The stored value is not a record this crate wrote.
     #[error("the etcd key {key} does not hold an arbiter record: {reason}")]
     BadValue {
@@ -134,24 +198,200 @@ impl EtcdError {
     }
 }
 
+/// How a client proves itself to etcd and checks etcd's members: TLS
+/// files (PEM) and an etcd user. All optional; see the module docs.
+#[derive(Clone, Debug, Default)]
+pub struct EtcdSecurity {
+    /// The CA that signed the members' certificates (required for
+    /// `etcds://`).
+    pub ca: Option<PathBuf>,
+    /// This client's certificate (chain), for `--client-cert-auth`.
+    pub cert: Option<PathBuf>,
+    /// The private key of [`EtcdSecurity::cert`].
+    pub key: Option<PathBuf>,
+    /// The etcd user to log in as.
+    pub user: Option<String>,
+    /// A file holding that user's password (its first line), mode 0600 or
+    /// stricter.
+    pub password_file: Option<PathBuf>,
+}
+
+impl EtcdSecurity {
+    /// Whether any setting is given.
+    pub fn is_empty(&self) -> bool {
+        self.ca.is_none()
+            && self.cert.is_none()
+            && self.key.is_none()
+            && self.user.is_none()
+            && self.password_file.is_none()
+    }
+}
+
+/// An etcd user and password, and the tokens issued to it by each member.
+#[derive(Clone)]
+struct Login {
+    user: String,
+    password: String,
+    /// One slot per endpoint.
+    tokens: Arc<Mutex<Vec<Option<String>>>>,
+}
+
+impl std::fmt::Debug for Login {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Login")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
 /// An [`Arbiter`] whose records live in an etcd cluster.
 #[derive(Debug, Clone)]
 pub struct EtcdArbiter {
     agent: ureq::Agent,
+    /// `http` or `https`.
+    scheme: &'static str,
     endpoints: Vec<String>,
+    login: Option<Login>,
     prefix: String,
     timeout: Duration,
+}
+
+fn file_error(what: &'static str, path: &Path, reason: impl std::fmt::Display) -> ArbiterError {
+    ArbiterError::Etcd {
+        endpoints: String::new(),
+        source: EtcdError::File {
+            what,
+            path: path.to_path_buf(),
+            reason: reason.to_string(),
+        },
+    }
+}
+
+fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, ArbiterError> {
+    std::fs::read(path).map_err(|e| file_error(what, path, e))
+}
+
+/// The TLS settings of the agent: only `ca` as roots, and the client
+/// certificate if given.
+fn tls_config(security: &EtcdSecurity) -> Result<ureq::tls::TlsConfig, ArbiterError> {
+    use ureq::tls::{Certificate, ClientCert, PemItem, PrivateKey, RootCerts, TlsConfig};
+    let ca_path = security.ca.as_deref().ok_or_else(|| ArbiterError::Etcd {
+        endpoints: String::new(),
+        source: EtcdError::Endpoint {
+            endpoint: "etcds://".into(),
+            reason: "etcds:// needs the CA that signed the members' certificates (--etcd-ca FILE, or `ca` in [arbiter])",
+        },
+    })?;
+    let certs =
+        |what: &'static str, path: &Path| -> Result<Vec<Certificate<'static>>, ArbiterError> {
+            let pem = read_file(what, path)?;
+            let mut out = Vec::new();
+            for item in ureq::tls::parse_pem(&pem) {
+                match item.map_err(|e| file_error(what, path, e))? {
+                    PemItem::Certificate(c) => out.push(c),
+                    _ => continue,
+                }
+            }
+            if out.is_empty() {
+                return Err(file_error(what, path, "holds no PEM certificate"));
+            }
+            Ok(out)
+        };
+    let roots = certs("CA", ca_path)?;
+    let mut builder = TlsConfig::builder().root_certs(RootCerts::new_with_certs(&roots));
+    match (&security.cert, &security.key) {
+        (Some(cert), Some(key)) => {
+            let chain = certs("client certificate", cert)?;
+            let pem = read_file("client key", key)?;
+            let key = PrivateKey::from_pem(&pem).map_err(|e| file_error("client key", key, e))?;
+            builder = builder.client_cert(Some(ClientCert::new_with_certs(&chain, key)));
+        }
+        (None, None) => {}
+        (Some(path), None) | (None, Some(path)) => {
+            return Err(file_error(
+                "client certificate or key",
+                path,
+                "a client certificate needs its key and a key its certificate (give both)",
+            ));
+        }
+    }
+    Ok(builder.build())
+}
+
+/// The password in `path` (its first line), refused when group or others
+/// may read the file.
+fn read_password(path: &Path) -> Result<String, ArbiterError> {
+    let meta = std::fs::metadata(path).map_err(|e| file_error("password file", path, e))?;
+    let mode = meta.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(file_error(
+            "password file",
+            path,
+            format!(
+                "can be read by other users (mode {:o}); chmod 600 it",
+                mode & 0o777
+            ),
+        ));
+    }
+    let bytes = read_file("password file", path)?;
+    let text =
+        String::from_utf8(bytes).map_err(|_| file_error("password file", path, "not UTF-8"))?;
+    let password = text.lines().next().unwrap_or_default().to_string();
+    if password.is_empty() {
+        return Err(file_error("password file", path, "is empty"));
+    }
+    Ok(password)
 }
 
 impl EtcdArbiter {
     /// An arbiter on the etcd cluster whose client URLs are `endpoints`
     /// (`host:port` or `http://host:port`; tried in order within one call's
-    /// timeout, so list every member). Contacts nobody yet.
+    /// timeout, so list every member), in plain HTTP without a login.
+    /// Contacts nobody yet.
     pub fn new<S: AsRef<str>>(endpoints: &[S], timeout: Duration) -> Result<Self, ArbiterError> {
+        Self::build("http", endpoints, &EtcdSecurity::default(), timeout)
+    }
+
+    /// An arbiter from an `--arbiter` URL: `etcd://HOST:PORT[,HOST:PORT…]`
+    /// (HTTP) or `etcds://HOST:PORT[,…]` (HTTPS, [`EtcdSecurity::ca`]
+    /// required), with `security`'s client certificate and login. Reads
+    /// the files now (an unusable one is an error naming it); contacts
+    /// nobody yet.
+    pub fn from_url(
+        url: &str,
+        security: &EtcdSecurity,
+        timeout: Duration,
+    ) -> Result<Self, ArbiterError> {
+        let (scheme, list) = if let Some(list) = url.strip_prefix("etcds://") {
+            ("https", list)
+        } else if let Some(list) = url.strip_prefix("etcd://") {
+            ("http", list)
+        } else {
+            return Err(ArbiterError::Etcd {
+                endpoints: url.to_string(),
+                source: EtcdError::Endpoint {
+                    endpoint: url.to_string(),
+                    reason: "expected etcd://HOST:PORT[,…] or etcds://HOST:PORT[,…]",
+                },
+            });
+        };
+        let endpoints: Vec<&str> = list.split(',').collect();
+        Self::build(scheme, &endpoints, security, timeout)
+    }
+
+    fn build<S: AsRef<str>>(
+        scheme: &'static str,
+        endpoints: &[S],
+        security: &EtcdSecurity,
+        timeout: Duration,
+    ) -> Result<Self, ArbiterError> {
         let mut list = Vec::new();
         for e in endpoints {
             let e = e.as_ref().trim();
-            let host = e.strip_prefix("http://").unwrap_or(e).trim_end_matches('/');
+            let host = e
+                .strip_prefix(&format!("{scheme}://"))
+                .unwrap_or(e)
+                .trim_end_matches('/');
             let bad = |reason| ArbiterError::Etcd {
                 endpoints: e.to_string(),
                 source: EtcdError::Endpoint {
@@ -159,8 +399,10 @@ impl EtcdArbiter {
                     reason,
                 },
             };
-            if e.starts_with("https://") {
-                return Err(bad("TLS is not supported; use an http:// client URL"));
+            if host.contains("://") {
+                return Err(bad(
+                    "a client URL of the other scheme (say etcd:// for http, etcds:// for https)",
+                ));
             }
             if host.is_empty() || host.contains('/') {
                 return Err(bad("expected host:port or http://host:port"));
@@ -176,14 +418,49 @@ impl EtcdArbiter {
                 },
             });
         }
-        let agent = ureq::Agent::config_builder()
+        let mut config = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .max_redirects(0)
-            .build()
-            .new_agent();
+            .max_redirects(0);
+        if scheme == "https" {
+            config = config.tls_config(tls_config(security)?);
+        } else if security.ca.is_some() || security.cert.is_some() || security.key.is_some() {
+            return Err(ArbiterError::Etcd {
+                endpoints: list.join(","),
+                source: EtcdError::Endpoint {
+                    endpoint: list.join(","),
+                    reason: "TLS files given for a plain etcd:// arbiter (say etcds://)",
+                },
+            });
+        }
+        let login = match (&security.user, &security.password_file) {
+            (Some(user), Some(path)) => Some(Login {
+                user: user.clone(),
+                password: read_password(path)?,
+                tokens: Arc::new(Mutex::new(vec![None; list.len()])),
+            }),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ArbiterError::Etcd {
+                    endpoints: list.join(","),
+                    source: EtcdError::Endpoint {
+                        endpoint: list.join(","),
+                        reason: "an etcd user needs its password file (--etcd-password-file FILE, or `password_file` in [arbiter])",
+                    },
+                });
+            }
+            (None, Some(path)) => {
+                return Err(file_error(
+                    "password file",
+                    path,
+                    "a password without a user (--etcd-user NAME, or `user` in [arbiter])",
+                ));
+            }
+        };
         Ok(Self {
-            agent,
+            agent: config.build().new_agent(),
+            scheme,
             endpoints: list,
+            login,
             prefix: DEFAULT_PREFIX.to_string(),
             timeout,
         })
@@ -208,6 +485,136 @@ impl EtcdArbiter {
         }
     }
 
+    /// The cached token of endpoint `i`, or a new one from a log-in.
+    fn token(&self, login: &Login, i: usize, until: Instant) -> Result<String, EtcdError> {
+        let cached = login
+            .tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(i)
+            .cloned()
+            .flatten();
+        if let Some(token) = cached {
+            return Ok(token);
+        }
+        let endpoint = &self.endpoints[i];
+        let body = json!({"name": login.user, "password": login.password}).to_string();
+        let (status, response) = http_post(
+            &self.agent,
+            self.scheme,
+            endpoint,
+            "/v3/auth/authenticate",
+            &body,
+            None,
+            until,
+        )
+        .map_err(|e| self.io_error(endpoint, e))?;
+        if status != 200 {
+            let text = snippet(&response);
+            // A member without quorum fails the log-in too: that is not a
+            // refusal of the password, so the next member is tried.
+            if text.contains("authentication failed") || text.contains("invalid user") {
+                return Err(EtcdError::Auth {
+                    endpoint: endpoint.clone(),
+                    user: login.user.clone(),
+                    status,
+                    body: text,
+                });
+            }
+            return Err(EtcdError::Http {
+                endpoint: endpoint.clone(),
+                status,
+                body: text,
+            });
+        }
+        let token = serde_json::from_slice::<Value>(&response)
+            .ok()
+            .and_then(|v| v.get("token").and_then(Value::as_str).map(str::to_string))
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| EtcdError::BadResponse {
+                endpoint: endpoint.clone(),
+                reason: "an authenticate answer without a token".into(),
+            })?;
+        if let Some(slot) = login
+            .tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(i)
+        {
+            *slot = Some(token.clone());
+        }
+        Ok(token)
+    }
+
+    fn forget_token(&self, login: &Login, i: usize) {
+        if let Some(slot) = login
+            .tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(i)
+        {
+            *slot = None;
+        }
+    }
+
+    /// An I/O error of a call to `endpoint`, classified: a timeout, a TLS
+    /// failure (an HTTPS call's `InvalidData`), or unreachable.
+    fn io_error(&self, endpoint: &str, source: io::Error) -> EtcdError {
+        match source.kind() {
+            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => EtcdError::Timeout {
+                timeout: self.timeout,
+            },
+            io::ErrorKind::InvalidData if self.scheme == "https" => EtcdError::Tls {
+                endpoint: endpoint.to_string(),
+                source,
+            },
+            _ => EtcdError::Io {
+                endpoint: endpoint.to_string(),
+                source,
+            },
+        }
+    }
+
+    /// One POST to endpoint `i`, logged in if a user is set: a token etcd
+    /// refuses (expired) is replaced by a new log-in, once.
+    fn post_one(
+        &self,
+        i: usize,
+        path: &str,
+        body: &str,
+        until: Instant,
+    ) -> Result<(u16, Vec<u8>), EtcdError> {
+        let endpoint = &self.endpoints[i];
+        let Some(login) = &self.login else {
+            return http_post(&self.agent, self.scheme, endpoint, path, body, None, until)
+                .map_err(|e| self.io_error(endpoint, e));
+        };
+        for attempt in 0..2 {
+            let token = self.token(login, i, until)?;
+            let (status, response) = http_post(
+                &self.agent,
+                self.scheme,
+                endpoint,
+                path,
+                body,
+                Some(&token),
+                until,
+            )
+            .map_err(|e| self.io_error(endpoint, e))?;
+            if attempt == 0 && token_refused(status, &response) {
+                self.forget_token(login, i);
+                continue;
+            }
+            return Ok((status, response));
+        }
+        Err(EtcdError::Auth {
+            endpoint: endpoint.clone(),
+            user: login.user.clone(),
+            status: 401,
+            body: "a fresh token was refused too".into(),
+        })
+    }
+
     /// POSTs `body` to `path` on the first endpoint that answers.
     fn post(&self, path: &str, body: &Value, deadline: Instant) -> Result<Value, EtcdError> {
         let body = body.to_string();
@@ -222,7 +629,7 @@ impl EtcdArbiter {
             }
             let share = left / u32::try_from(self.endpoints.len() - i).unwrap_or(1);
             let until = Instant::now() + share;
-            match http_post(&self.agent, endpoint, path, &body, until) {
+            match self.post_one(i, path, &body, until) {
                 Ok((200, response)) => {
                     return serde_json::from_slice(&response).map_err(|e| EtcdError::BadResponse {
                         endpoint: endpoint.clone(),
@@ -230,30 +637,15 @@ impl EtcdArbiter {
                     });
                 }
                 Ok((status, response)) => {
-                    let text =
-                        String::from_utf8_lossy(&response[..response.len().min(300)]).into_owned();
                     last = EtcdError::Http {
                         endpoint: endpoint.clone(),
                         status,
-                        body: text,
+                        body: snippet(&response),
                     };
                 }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
-                    ) =>
-                {
-                    last = EtcdError::Timeout {
-                        timeout: self.timeout,
-                    };
-                }
-                Err(source) => {
-                    last = EtcdError::Io {
-                        endpoint: endpoint.clone(),
-                        source,
-                    };
-                }
+                // A refused password is refused by every member.
+                Err(error @ EtcdError::Auth { .. }) => return Err(error),
+                Err(error) => last = error,
             }
         }
         Err(last)
@@ -478,14 +870,19 @@ pub fn parse_value(key: &str, value: &[u8]) -> Result<VmRecord, EtcdError> {
 /// included, ends by `deadline`.
 fn http_post(
     agent: &ureq::Agent,
+    scheme: &str,
     endpoint: &str,
     path: &str,
     body: &str,
+    token: Option<&str>,
     deadline: Instant,
 ) -> io::Result<(u16, Vec<u8>)> {
-    let url = format!("http://{endpoint}{path}");
-    let mut response = agent
-        .post(&url)
+    let url = format!("{scheme}://{endpoint}{path}");
+    let mut request = agent.post(&url);
+    if let Some(token) = token {
+        request = request.header("Authorization", token);
+    }
+    let mut response = request
         .config()
         .timeout_global(Some(remaining(deadline)?))
         .http_status_as_error(false)
@@ -507,22 +904,38 @@ fn http_post(
     Ok((status, body))
 }
 
+/// The start of a body, as text (etcd's error message).
+fn snippet(response: &[u8]) -> String {
+    String::from_utf8_lossy(&response[..response.len().min(300)]).into_owned()
+}
+
+/// Whether etcd refused the token of a logged-in call (expired, or issued
+/// before a restart): the gateway answers 401 for gRPC's Unauthenticated.
+fn token_refused(status: u16, response: &[u8]) -> bool {
+    let text = snippet(response);
+    status == 401
+        || (status != 200 && (text.contains("auth token") || text.contains("user name is empty")))
+}
+
 /// ureq's error as the I/O error the callers classify (a timeout is
 /// `TimedOut`; an oversized or malformed answer is `InvalidData`).
 fn from_ureq(error: ureq::Error) -> io::Error {
     match error {
         ureq::Error::Io(error) => error,
         ureq::Error::Timeout(_) => io::Error::new(io::ErrorKind::TimedOut, "etcd call timed out"),
-        ureq::Error::BodyExceedsLimit(_) => io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("response larger than {MAX_RESPONSE} bytes"),
-        ),
+        // Not InvalidData: over HTTPS that kind names a TLS failure.
+        ureq::Error::BodyExceedsLimit(_) => {
+            io::Error::other(format!("response larger than {MAX_RESPONSE} bytes"))
+        }
         ureq::Error::ConnectionFailed => {
             io::Error::new(io::ErrorKind::ConnectionRefused, "connection failed")
         }
         ureq::Error::HostNotFound => {
             io::Error::new(io::ErrorKind::NotFound, "the endpoint resolves to nothing")
         }
+        // TLS failures (a certificate not signed by the CA, a refused
+        // client certificate) are InvalidData too: an HTTPS caller names
+        // them as TLS errors.
         other => io::Error::new(io::ErrorKind::InvalidData, other.to_string()),
     }
 }

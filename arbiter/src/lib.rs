@@ -94,7 +94,7 @@ pub mod state;
 use std::time::Duration;
 
 pub use client::EmbeddedArbiter;
-pub use etcd::EtcdArbiter;
+pub use etcd::{EtcdArbiter, EtcdSecurity};
 pub use model::{Loss, MemoryArbiter, Outcome, ReplicaId, RequestError, VmId, VmRecord};
 pub use protocol::Key;
 

@@ -17,6 +17,13 @@
 //! peer_timeout_ms = 500            # --peer-timeout-ms (>= 3 heartbeats)
 //! status_dir = "/run/lockstep"
 //!
+//! [arbiter]                        # an etcds:// arbiter's TLS and login (--etcd-*)
+//! ca = "/etc/lockstep/etcd-ca.crt"        # --etcd-ca: the CA of the members' certificates
+//! cert = "/etc/lockstep/etcd-client.crt"  # --etcd-cert (etcd's --client-cert-auth)
+//! key = "/etc/lockstep/etcd-client.key"   # --etcd-key
+//! user = "lockstep"                       # --etcd-user (etcd v3 auth)
+//! password_file = "/etc/lockstep/etcd.password"  # --etcd-password-file, mode 0600
+//!
 //! [guest]                          # tap and quiet: both roles; the rest: primary only
 //! name = "net"                     # --guest (the backup learns it from the primary)
 //! mem_mib = 32
@@ -120,6 +127,8 @@ pub struct ConfigFile {
     #[serde(default)]
     pub replica: ReplicaSection,
     #[serde(default)]
+    pub arbiter: ArbiterSection,
+    #[serde(default)]
     pub guest: GuestSection,
     pub primary: Option<Spanned<PrimarySection>>,
     pub backup: Option<Spanned<BackupSection>>,
@@ -138,6 +147,42 @@ pub struct ReplicaSection {
     pub heartbeat_ms: Option<PositiveMs>,
     pub peer_timeout_ms: Option<PositiveMs>,
     pub status_dir: Option<PathBuf>,
+}
+
+/// `[arbiter]`: how a replica reaches an etcd arbiter over TLS and logs
+/// in (both roles; the flags `--etcd-*`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArbiterSection {
+    pub ca: Option<Spanned<PathBuf>>,
+    pub cert: Option<Spanned<PathBuf>>,
+    pub key: Option<Spanned<PathBuf>>,
+    pub user: Option<Spanned<String>>,
+    pub password_file: Option<Spanned<PathBuf>>,
+}
+
+impl ArbiterSection {
+    /// The etcd client's settings.
+    pub fn security(&self) -> arbiter::EtcdSecurity {
+        let path = |p: &Option<Spanned<PathBuf>>| p.as_ref().map(|p| p.get_ref().clone());
+        arbiter::EtcdSecurity {
+            ca: path(&self.ca),
+            cert: path(&self.cert),
+            key: path(&self.key),
+            user: self.user.as_ref().map(|u| u.get_ref().clone()),
+            password_file: path(&self.password_file),
+        }
+    }
+
+    /// The span of the first key set, for errors about the section.
+    fn first_span(&self) -> Option<std::ops::Range<usize>> {
+        [&self.ca, &self.cert, &self.key, &self.password_file]
+            .into_iter()
+            .flatten()
+            .map(Spanned::span)
+            .chain(self.user.as_ref().map(Spanned::span))
+            .min_by_key(|span| span.start)
+    }
 }
 
 /// `[guest]`.
@@ -222,7 +267,10 @@ fn host_port(address: &str) -> bool {
 }
 
 fn check_arbiter(text: &str) -> Result<(), String> {
-    if let Some(endpoints) = text.strip_prefix("etcd://") {
+    if let Some(endpoints) = text
+        .strip_prefix("etcd://")
+        .or_else(|| text.strip_prefix("etcds://"))
+    {
         for endpoint in endpoints.split(',') {
             if !host_port(endpoint) {
                 return Err(format!(
@@ -234,7 +282,7 @@ fn check_arbiter(text: &str) -> Result<(), String> {
     }
     if text.contains("://") {
         return Err(format!(
-            "`{text}`: unknown scheme (say HOST:PORT for `lockstep arbiter`, or etcd://HOST:PORT[,…])"
+            "`{text}`: unknown scheme (say HOST:PORT for `lockstep arbiter`, or etcd://HOST:PORT[,…], or etcds://HOST:PORT[,…] for TLS)"
         ));
     }
     if !host_port(text) {
@@ -442,8 +490,38 @@ impl Loaded {
                 message: "[replica] names no key: set link_key (or arbiter_key) to a file made by `lockstep keygen FILE`".into(),
             });
         }
+        let etcd = replica.arbiter.as_ref().is_some_and(|a| {
+            a.get_ref().0.starts_with("etcd://") || a.get_ref().0.starts_with("etcds://")
+        });
+        let security = self.file.arbiter.security();
+        if let Some(span) = self.file.arbiter.first_span()
+            && !etcd
+        {
+            return Err(self.invalid(
+                "arbiter",
+                span,
+                "[arbiter] sets an etcd client's TLS and login, but replica.arbiter is no etcd:// or etcds:// URL".into(),
+            ));
+        }
+        if etcd && let Some(arbiter) = &replica.arbiter {
+            // Reads the CA, certificate, key and password files as a
+            // replica would (and checks the password file's mode).
+            arbiter::EtcdArbiter::from_url(
+                &arbiter.get_ref().0,
+                &security,
+                std::time::Duration::from_secs(1),
+            )
+            .map_err(|e| {
+                let span = self
+                    .file
+                    .arbiter
+                    .first_span()
+                    .unwrap_or_else(|| arbiter.span());
+                self.invalid("arbiter", span, arbiter::error_chain(&e))
+            })?;
+        }
         if let Some(arbiter) = &replica.arbiter
-            && !arbiter.get_ref().0.starts_with("etcd://")
+            && !etcd
             && replica.arbiter_key.is_none()
         {
             return Err(self.invalid(
@@ -595,6 +673,8 @@ mod tests {
             ),
             ("[replica]\narbiter = \"etcd://a:1,b\"\n", "line 2", "`b`"),
             ("[replica]\narbiter = \"nohost\"\n", "line 2", "HOST:PORT"),
+            ("[replica]\narbiter = \"etcds://a:1,b\"\n", "line 2", "`b`"),
+            ("[arbiter]\ncafile = \"x\"\n", "line 2", "cafile"),
             ("role = \"witness\"\n", "line 1", "witness"),
             ("[guest]\nquiet = yes\n", "line 2", ""),
         ];
@@ -664,5 +744,59 @@ mod tests {
             .validate()
             .expect_err("no key");
         assert!(error.to_string().contains("keygen"), "{error}");
+    }
+
+    #[test]
+    fn validate_checks_the_arbiter_section_files() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("link.key");
+        crate::keys::generate(&key).expect("keygen");
+        let password = dir.path().join("etcd.password");
+        std::fs::write(&password, "pw\n").expect("write");
+        std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let file = |arbiter: &str, section: &str| {
+            format!(
+                "role = \"backup\"\n[replica]\nlink_key = \"{}\"\narbiter = \"{arbiter}\"\n[arbiter]\n{section}",
+                key.display()
+            )
+        };
+        let cases = [
+            (
+                file(
+                    "etcd://a:1",
+                    &format!("user = \"u\"\npassword_file = \"{}\"\n", password.display()),
+                ),
+                vec!["line 6", "`arbiter`", "chmod 600"],
+            ),
+            (
+                file("etcds://a:1", "ca = \"/nonexistent/ca.crt\"\n"),
+                vec!["line 6", "/nonexistent/ca.crt"],
+            ),
+            (file("etcds://a:1", ""), vec!["CA"]),
+            (
+                file("10.0.0.1:7000", "user = \"u\"\n"),
+                vec!["line 6", "no etcd:// or etcds://"],
+            ),
+        ];
+        for (text, expected) in cases {
+            let error = parsed(&text)
+                .expect("parses")
+                .validate()
+                .expect_err("refused")
+                .to_string();
+            for what in expected {
+                assert!(error.contains(what), "{text}: no {what:?} in {error}");
+            }
+        }
+        std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let good = file(
+            "etcd://a:1",
+            &format!("user = \"u\"\npassword_file = \"{}\"\n", password.display()),
+        );
+        assert_eq!(
+            parsed(&good).expect("parses").validate().expect("valid"),
+            Role::Backup
+        );
     }
 }

@@ -78,6 +78,23 @@ pub(crate) fn apply_replica(loaded: &Loaded, matches: &ArgMatches, ft: &mut FtAr
         ft.link_key,
         r.link_key.as_ref().map(|p| Some(p.get_ref().clone()))
     );
+    let a = &loaded.file.arbiter;
+    let path = |p: &Option<Spanned<PathBuf>>| p.as_ref().map(|p| Some(p.get_ref().clone()));
+    take!(matches, "etcd_ca", ft.etcd.etcd_ca, path(&a.ca));
+    take!(matches, "etcd_cert", ft.etcd.etcd_cert, path(&a.cert));
+    take!(matches, "etcd_key", ft.etcd.etcd_key, path(&a.key));
+    take!(
+        matches,
+        "etcd_user",
+        ft.etcd.etcd_user,
+        a.user.as_ref().map(|u| Some(u.get_ref().clone()))
+    );
+    take!(
+        matches,
+        "etcd_password_file",
+        ft.etcd.etcd_password_file,
+        path(&a.password_file)
+    );
 }
 
 /// A replica command whose flags a config file can fill: `lockstep

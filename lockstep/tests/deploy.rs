@@ -239,73 +239,242 @@ fn text_of(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// A three-member etcd cluster (Debian's etcd-server) in the testbed's
-/// arbiter namespace: member `i` serves clients on the management network
-/// at port 2379 + 100 i and its peers on the namespace's loopback. Returns
-/// the members and the client endpoints, once the cluster answers from
-/// host a.
-fn etcd_cluster(net: &common::Net, dir: &Path) -> (Vec<std::process::Child>, Vec<String>) {
-    use common::Ns;
-    let arbiter = net.bed.addresses().arbiter;
-    let peer = |i: u16| format!("http://127.0.0.1:{}", 2380 + 100 * i);
-    let cluster = (0..3)
-        .map(|i| format!("m{i}={}", peer(i)))
-        .collect::<Vec<_>>()
-        .join(",");
-    let endpoints: Vec<String> = (0..3)
-        .map(|i| format!("{arbiter}:{}", 2379 + 100 * i))
-        .collect();
-    let members = (0..3u16)
-        .map(|i| {
-            let client = format!("http://{}", endpoints[usize::from(i)]);
-            net.bed
-                .command(Ns::Arbiter, "etcd")
-                .expect("arbiter namespace")
-                .arg(format!("--name=m{i}"))
-                .arg(format!(
-                    "--data-dir={}",
-                    dir.join(format!("etcd-{i}")).display()
-                ))
-                .arg(format!("--listen-client-urls={client}"))
-                .arg(format!("--advertise-client-urls={client}"))
-                .arg(format!("--listen-peer-urls={}", peer(i)))
-                .arg(format!("--initial-advertise-peer-urls={}", peer(i)))
-                .arg(format!("--initial-cluster={cluster}"))
-                .arg("--initial-cluster-state=new")
-                .arg(format!("--initial-cluster-token={}", net.bed.run_id()))
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("start etcd (Debian's etcd-server)")
-        })
-        .collect();
-    // Every member answers, asked from host a as the replicas will.
-    for endpoint in &endpoints {
-        let etcd =
-            arbiter::EtcdArbiter::new(&[endpoint.as_str()], std::time::Duration::from_secs(2))
-                .expect("endpoint");
+/// The authority of a two-host test: a three-member etcd cluster, one
+/// member per extra testbed host (`testbed::etcd`), optionally over TLS
+/// with client certificates and an etcd login.
+struct Authority {
+    cluster: testbed::etcd::Cluster,
+    /// What the replicas' `[arbiter]` section holds.
+    security: arbiter::EtcdSecurity,
+}
+
+impl Authority {
+    /// Starts the members and waits until each answers from host a (as the
+    /// replicas will ask). With `tls`: certificates made here (`openssl`),
+    /// HTTPS with `--client-cert-auth`, and auth on with a user `lockstep`
+    /// (password in a 0600 file) allowed under `/lockstep` only.
+    fn start(net: &common::Net, dir: &Path, tls: bool) -> Authority {
+        let members: Vec<std::net::IpAddr> = (0..3)
+            .map(|i| net.bed.addresses().extra_host(i).into())
+            .collect();
+        let pki = tls.then(|| {
+            let pki_dir = dir.join("pki");
+            std::fs::create_dir_all(&pki_dir).expect("pki dir");
+            testbed::etcd::Pki::make(&pki_dir, &members).expect("certificates (openssl)")
+        });
+        let cluster = testbed::etcd::Cluster::start(&net.bed, dir, 3, pki.as_ref())
+            .expect("etcd members (Debian's etcd-server)");
+        let mut security = arbiter::EtcdSecurity {
+            ca: pki.as_ref().map(|p| p.ca.clone()),
+            cert: pki.as_ref().map(|p| p.client_cert.clone()),
+            key: pki.as_ref().map(|p| p.client_key.clone()),
+            ..arbiter::EtcdSecurity::default()
+        };
+        let mut authority = Authority {
+            cluster,
+            security: security.clone(),
+        };
+        for i in 0..3 {
+            authority.wait_member(net, i, std::time::Duration::from_secs(60));
+        }
+        if tls {
+            let etcdctl = |args: &[&str]| {
+                let output = authority
+                    .cluster
+                    .etcdctl(&net.bed)
+                    .expect("arbiter namespace")
+                    .args(args)
+                    .output()
+                    .expect("etcdctl (Debian's etcd-client)");
+                assert!(
+                    output.status.success(),
+                    "etcdctl {args:?}: {}",
+                    text_of(&output.stderr)
+                );
+            };
+            etcdctl(&["user", "add", "root", "--new-user-password=root-pw"]);
+            etcdctl(&["user", "grant-role", "root", "root"]);
+            etcdctl(&["user", "add", "lockstep", "--new-user-password=pair-pw"]);
+            etcdctl(&["role", "add", "lockstep-rw"]);
+            etcdctl(&[
+                "role",
+                "grant-permission",
+                "lockstep-rw",
+                "--prefix=true",
+                "readwrite",
+                "/lockstep",
+            ]);
+            etcdctl(&["user", "grant-role", "lockstep", "lockstep-rw"]);
+            etcdctl(&["--user=root:root-pw", "auth", "enable"]);
+            let password = dir.join("etcd.password");
+            std::fs::write(&password, "pair-pw\n").expect("password file");
+            std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o600))
+                .expect("chmod");
+            security.user = Some("lockstep".into());
+            security.password_file = Some(password);
+            authority.security = security;
+        }
+        authority
+    }
+
+    /// A client of member `i` alone, with the replicas' settings.
+    fn member(&self, i: usize) -> arbiter::EtcdArbiter {
+        let scheme = if self.security.ca.is_some() {
+            "etcds"
+        } else {
+            "etcd"
+        };
+        arbiter::EtcdArbiter::from_url(
+            &format!("{scheme}://{}", self.cluster.endpoints()[i]),
+            &self.security,
+            std::time::Duration::from_secs(2),
+        )
+        .expect("etcd client")
+    }
+
+    /// Waits until member `i` answers a read from host a.
+    fn wait_member(&self, net: &common::Net, i: usize, within: std::time::Duration) {
+        let etcd = self.member(i);
+        let endpoint = &self.cluster.endpoints()[i];
         net.bed
-            .run_in(Ns::A, || {
-                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-                while arbiter::Arbiter::read(&etcd, 999).is_err() {
+            .run_in(common::Ns::A, || {
+                let deadline = std::time::Instant::now() + within;
+                while let Err(error) = arbiter::Arbiter::read(&etcd, 999) {
                     assert!(
                         std::time::Instant::now() < deadline,
-                        "etcd member {endpoint} did not become ready"
+                        "etcd member {endpoint} did not answer in {within:?}: {}",
+                        arbiter::error_chain(&error)
                     );
                     std::thread::sleep(std::time::Duration::from_millis(100));
                 }
             })
             .expect("host a");
     }
-    (members, endpoints)
+
+    /// The VM's record as the whole cluster has it, asked from host a.
+    fn record(
+        &self,
+        net: &common::Net,
+        vm: u64,
+    ) -> Result<Option<arbiter::VmRecord>, arbiter::ArbiterError> {
+        let etcd = arbiter::EtcdArbiter::from_url(
+            &self.cluster.url(),
+            &self.security,
+            std::time::Duration::from_secs(2),
+        )
+        .expect("etcd client");
+        net.bed
+            .run_in(common::Ns::A, || arbiter::Arbiter::read(&etcd, vm))
+            .expect("host a")
+    }
+
+    /// The `[arbiter]` section of the replicas' config files.
+    fn section(&self) -> String {
+        let s = &self.security;
+        let mut out = String::from("[arbiter]\n");
+        for (key, path) in [("ca", &s.ca), ("cert", &s.cert), ("key", &s.key)] {
+            if let Some(path) = path {
+                out.push_str(&format!("{key} = \"{}\"\n", path.display()));
+            }
+        }
+        if let (Some(user), Some(path)) = (&s.user, &s.password_file) {
+            out.push_str(&format!(
+                "user = \"{user}\"\npassword_file = \"{}\"\n",
+                path.display()
+            ));
+        }
+        out
+    }
+}
+
+/// The two config files of a pair (host a's primary, host b's backup),
+/// with the metrics and status settings the tests read.
+struct PairFiles {
+    primary: std::path::PathBuf,
+    backup: std::path::PathBuf,
+    metrics_a: String,
+    metrics_b: String,
+    status: std::path::PathBuf,
+}
+
+fn pair_files(net: &common::Net, dir: &Path, key: &Path, authority: &Authority) -> PairFiles {
+    use common::Ns;
+    let arbiter_address = authority.cluster.url();
+    let link = net.log_address(Ns::B, 7700);
+    let metrics_a = net.log_address(Ns::A, 9400);
+    let metrics_b = net.log_address(Ns::B, 9400);
+    let status = dir.join("status");
+    let replica_section = |id: &str| {
+        format!(
+            "[replica]\nid = \"{id}\"\nvm_id = 1\narbiter = \"{arbiter_address}\"\nlink_key = \"{}\"\npeer_timeout_ms = 1500\nstatus_dir = \"{}\"\n\n{}",
+            key.display(),
+            status.display(),
+            authority.section()
+        )
+    };
+    let backup = dir.join("backup.toml");
+    std::fs::write(
+        &backup,
+        format!(
+            "role = \"backup\"\nmetrics = \"{metrics_b}\"\n\n{}\n[guest]\ntap = \"{}\"\nquiet = true\n\n[backup]\nlisten = \"{link}\"\n",
+            replica_section("host-b"),
+            net.tap()
+        ),
+    )
+    .expect("write");
+    let primary = dir.join("primary.toml");
+    std::fs::write(
+        &primary,
+        format!(
+            "role = \"primary\"\nmetrics = \"{metrics_a}\"\n\n{}\n[guest]\nname = \"net\"\narg = {}\ntap = \"{}\"\nmem_mib = 32\n\n[primary]\nbackup = \"{link}\"\nbackup_id = \"host-b\"\n",
+            replica_section("host-a"),
+            net.guest_arg(),
+            net.tap()
+        ),
+    )
+    .expect("write");
+    for file in [&backup, &primary] {
+        let check = lockstep(&["config", "check", path_str(file)]);
+        assert!(check.status.success(), "{}", text_of(&check.stderr));
+    }
+    PairFiles {
+        primary,
+        backup,
+        metrics_a,
+        metrics_b,
+        status,
+    }
+}
+
+/// Starts the backup (host b) and then the primary (host a) from their
+/// files; returns them once the backup's endpoint says `backup` and the
+/// primary printed its banner.
+fn start_pair(net: &common::Net, files: &PairFiles) -> (std::process::Child, std::process::Child) {
+    use common::Ns;
+    let backup = net
+        .lockstep(Ns::B)
+        .arg("backup")
+        .arg("--config")
+        .arg(&files.backup)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the backup");
+    scrape_until(net, Ns::B, &files.metrics_b, "the backup's endpoint", |t| {
+        t.contains("lockstep_role{role=\"backup\"} 1")
+    });
+    let primary = net.start(Ns::A, &["primary", "--config", path_str(&files.primary)]);
+    (backup, primary)
 }
 
 /// Two hosts started as an operator would, from one config file each
 /// (`lockstep backup --config` in host b, `lockstep primary --config` in
 /// host a, not through `up`), with a three-member etcd cluster as the
-/// authority: both metrics endpoints are scraped in their namespaces, the
-/// primary's passes `promtool check metrics`, `lockstep status --json`
-/// reports the same figures; then one etcd member (the first endpoint
+/// authority, one member per testbed host, over TLS with client
+/// certificates and an etcd login (`etcds://`, `[arbiter]`): both metrics
+/// endpoints are scraped in their namespaces, both pass `promtool check
+/// metrics`, `lockstep status --json` reports the same figures (lag in
+/// exits and entries included); then one etcd member (the first endpoint
 /// both replicas name) is killed and the primary SIGKILLed: the survivor
 /// wins the next generation from the remaining quorum, and its metrics
 /// report the new role and generation.
@@ -315,64 +484,61 @@ fn two_hosts_from_config_files_report_metrics_and_the_failover() {
     let net = common::Net::new();
     let dir = tempfile::tempdir().expect("tempdir");
     let key = common::keygen(dir.path(), "pair.key");
-    let (mut members, endpoints) = etcd_cluster(&net, dir.path());
-    let arbiter_address = format!("etcd://{}", endpoints.join(","));
-    let link = net.log_address(Ns::B, 7700);
-    let metrics_a = net.log_address(Ns::A, 9400);
-    let metrics_b = net.log_address(Ns::B, 9400);
-    let status = dir.path().join("status");
-    let replica_section = |id: &str| {
-        format!(
-            "[replica]\nid = \"{id}\"\nvm_id = 1\narbiter = \"{arbiter_address}\"\nlink_key = \"{}\"\npeer_timeout_ms = 1500\nstatus_dir = \"{}\"\n",
-            key.display(),
-            status.display()
-        )
-    };
-    let backup_file = dir.path().join("backup.toml");
-    std::fs::write(
-        &backup_file,
-        format!(
-            "role = \"backup\"\nmetrics = \"{metrics_b}\"\n\n{}\n[guest]\ntap = \"{}\"\nquiet = true\n\n[backup]\nlisten = \"{link}\"\n",
-            replica_section("host-b"),
-            net.tap()
-        ),
-    )
-    .expect("write");
-    let primary_file = dir.path().join("primary.toml");
-    std::fs::write(
-        &primary_file,
-        format!(
-            "role = \"primary\"\nmetrics = \"{metrics_a}\"\n\n{}\n[guest]\nname = \"net\"\narg = {}\ntap = \"{}\"\nmem_mib = 32\n\n[primary]\nbackup = \"{link}\"\nbackup_id = \"host-b\"\n",
-            replica_section("host-a"),
-            net.guest_arg(),
-            net.tap()
-        ),
-    )
-    .expect("write");
-    for file in [&backup_file, &primary_file] {
-        let check = lockstep(&["config", "check", path_str(file)]);
-        assert!(check.status.success(), "{}", text_of(&check.stderr));
+    let mut authority = Authority::start(&net, dir.path(), true);
+    let files = pair_files(&net, dir.path(), &key, &authority);
+    let (metrics_a, metrics_b, status) = (&files.metrics_a, &files.metrics_b, &files.status);
+
+    // A wrong password or a wrong CA: the primary refuses to start, saying
+    // which etcd and why, at once (no panic, no hang).
+    let wrong = dir.path().join("wrong.password");
+    std::fs::write(&wrong, "not-the-password\n").expect("write");
+    std::fs::set_permissions(&wrong, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let other_ca = dir.path().join("pki/other-ca.crt");
+    for (flag, value, expected) in [
+        ("--etcd-password-file", &wrong, "refused user \"lockstep\""),
+        ("--etcd-ca", &other_ca, "TLS with etcd at"),
+    ] {
+        let mut child = net
+            .lockstep(Ns::A)
+            .args(["primary", "--config", path_str(&files.primary), flag])
+            .arg(value)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start lockstep");
+        let code = exit_within(&mut child, std::time::Duration::from_secs(20));
+        let mut stderr = String::new();
+        if code.is_some() {
+            use std::io::Read;
+            let _ = child
+                .stderr
+                .take()
+                .expect("stderr")
+                .read_to_string(&mut stderr);
+        } else {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        assert!(
+            matches!(code, Some(c) if c != 0),
+            "{flag}: exit {code:?} (None: still running after 20 s): {stderr}"
+        );
+        assert!(
+            stderr.contains(expected)
+                && stderr.contains(&authority.cluster.endpoints()[0])
+                && !stderr.contains("panicked"),
+            "{flag}: {stderr}"
+        );
     }
-    let mut backup = net
-        .lockstep(Ns::B)
-        .arg("backup")
-        .arg("--config")
-        .arg(&backup_file)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start the backup");
-    scrape_until(&net, Ns::B, &metrics_b, "the backup's endpoint", |t| {
-        t.contains("lockstep_role{role=\"backup\"} 1")
-    });
-    let mut primary = net.start(Ns::A, &["primary", "--config", path_str(&primary_file)]);
+
+    let (mut backup, mut primary) = start_pair(&net, &files);
 
     // The pair runs: the guest answers, the primary's figures move.
     let mut client = net.connect(6379);
     for _ in 0..20 {
         assert!(common::command(&mut client, &["incr", "counter"]).starts_with(':'));
     }
-    let primary_text = scrape_until(&net, Ns::A, &metrics_a, "a protected primary", |t| {
+    let primary_text = scrape_until(&net, Ns::A, metrics_a, "a protected primary", |t| {
         t.contains("lockstep_role{role=\"primary\"} 1")
             && sample(t, "lockstep_protected") == Some(1.0)
             && sample(t, "lockstep_acked_position").is_some_and(|v| v > 0.0)
@@ -380,20 +546,20 @@ fn two_hosts_from_config_files_report_metrics_and_the_failover() {
     });
     let generation = sample(&primary_text, "lockstep_generation").expect("generation");
     assert!(generation >= 1.0, "{primary_text}");
-    match promtool_check(&primary_text) {
-        Some(Ok(())) => {}
-        Some(Err(complaint)) => {
-            panic!(
-                "promtool check metrics refused the primary's metrics:\n{complaint}\n{primary_text}"
-            )
-        }
-        None => eprintln!(
-            "SKIPPED: promtool check metrics (promtool not installed: Debian package prometheus)"
-        ),
-    }
-    let backup_text = scrape_until(&net, Ns::B, &metrics_b, "a following backup", |t| {
+    let backup_text = scrape_until(&net, Ns::B, metrics_b, "a following backup", |t| {
         sample(t, "lockstep_log_position").is_some_and(|v| v > 0.0)
     });
+    for (who, text) in [("primary", &primary_text), ("backup", &backup_text)] {
+        match promtool_check(text) {
+            Some(Ok(())) => {}
+            Some(Err(complaint)) => {
+                panic!("promtool check metrics refused the {who}'s metrics:\n{complaint}\n{text}")
+            }
+            None => eprintln!(
+                "SKIPPED: promtool check metrics (promtool not installed: Debian package prometheus)"
+            ),
+        }
+    }
     assert!(
         backup_text.contains("lockstep_role{role=\"backup\"} 1"),
         "{backup_text}"
@@ -402,7 +568,23 @@ fn two_hosts_from_config_files_report_metrics_and_the_failover() {
         sample(&backup_text, "lockstep_generation"),
         Some(generation)
     );
-    let json = lockstep(&["status", "--json", "--dir", path_str(&status)]);
+    for family in [
+        "lockstep_backup_lag_exits",
+        "lockstep_backup_lag_entries",
+        "lockstep_backup_max_lag_entries",
+    ] {
+        assert!(
+            sample(&backup_text, family).is_some(),
+            "no {family} in {backup_text}"
+        );
+    }
+    // The largest lag is never below the current one.
+    assert!(
+        sample(&backup_text, "lockstep_backup_max_lag_entries")
+            >= sample(&backup_text, "lockstep_backup_lag_entries"),
+        "{backup_text}"
+    );
+    let json = lockstep(&["status", "--json", "--dir", path_str(status)]);
     assert!(json.status.success(), "{}", text_of(&json.stderr));
     let json: serde_json::Value = serde_json::from_slice(&json.stdout).expect("status --json");
     let replicas = json.as_array().expect("a list");
@@ -420,15 +602,21 @@ fn two_hosts_from_config_files_report_metrics_and_the_failover() {
         "{json}"
     );
     assert_eq!(of("host-b")["role"], "backup", "{json}");
+    for field in [
+        "backup_lag_exits",
+        "backup_lag_entries",
+        "backup_max_lag_entries",
+    ] {
+        assert!(of("host-b")[field].is_u64(), "no {field} in {json}");
+    }
 
     // One etcd member gone (the first endpoint in both files): the other
     // two are a quorum. Then SIGKILL the primary: the backup wins
     // generation g+1 and says so.
-    members[0].kill().expect("kill etcd member 0");
-    let _ = members[0].wait();
+    authority.cluster.kill(0);
     primary.kill().expect("kill the primary");
     let _ = primary.wait();
-    let live = scrape_until(&net, Ns::B, &metrics_b, "the survivor live", |t| {
+    let live = scrape_until(&net, Ns::B, metrics_b, "the survivor live", |t| {
         t.contains("lockstep_role{role=\"live\"} 1")
     });
     assert_eq!(
@@ -452,10 +640,178 @@ fn two_hosts_from_config_files_report_metrics_and_the_failover() {
     assert_eq!(after, ":21", "the survivor lost acknowledged INCRs");
     let _ = backup.kill();
     let _ = backup.wait();
-    for member in &mut members {
-        let _ = member.kill();
-        let _ = member.wait();
+}
+
+/// Sends one RESP command without waiting for its reply.
+fn send(stream: &mut std::net::TcpStream, words: &[&str]) {
+    use std::io::Write;
+    let mut request = format!("*{}\r\n", words.len());
+    for word in words {
+        request.push_str(&format!("${}\r\n{word}\r\n", word.len()));
     }
+    stream.write_all(request.as_bytes()).expect("send");
+}
+
+/// Reads one RESP line (`:21`) within `within`; `None` if nothing came.
+fn reply_within(stream: &mut std::net::TcpStream, within: std::time::Duration) -> Option<String> {
+    use std::io::Read;
+    let deadline = std::time::Instant::now() + within;
+    let mut reply = Vec::new();
+    let mut byte = [0u8; 1];
+    while !reply.ends_with(b"\r\n") {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        stream.set_read_timeout(Some(left)).expect("timeout");
+        match stream.read(&mut byte) {
+            Ok(1) => reply.push(byte[0]),
+            Ok(_) => panic!("the guest closed the connection after {reply:?}"),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                if reply.is_empty() {
+                    return None;
+                }
+                panic!("half a reply: {reply:?}");
+            }
+            Err(e) => panic!("reading the reply: {e}"),
+        }
+    }
+    Some(String::from_utf8_lossy(&reply[..reply.len() - 2]).into_owned())
+}
+
+/// Waits (at most `within`) for `child` to exit; its exit code.
+fn exit_within(child: &mut std::process::Child, within: std::time::Duration) -> Option<i32> {
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status.code().unwrap_or(-1));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    None
+}
+
+/// Two of the three etcd members killed, then the pair partitioned (the
+/// logging link cut): both replicas lose their peer and ask the arbiter,
+/// which has no quorum. Nobody goes live: the client's INCR gets no reply
+/// (the primary holds it: it was never replicated), the backup stays a
+/// backup, both stay in generation g. When the two members come back,
+/// quorum returns and exactly one replica wins generation g+1 (the other
+/// halts with EXIT_HALTED); the held INCR is answered `:21` (by the
+/// primary releasing it, or by the backup after the client retransmits),
+/// and the counter goes on. Every wait has a deadline.
+#[test]
+fn two_etcd_members_killed_nobody_goes_live_and_quorum_back_the_pair_carries_on() {
+    use common::Ns;
+    use std::time::Duration;
+    let net = common::Net::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = common::keygen(dir.path(), "pair.key");
+    let mut authority = Authority::start(&net, dir.path(), false);
+    let files = pair_files(&net, dir.path(), &key, &authority);
+    let (mut backup, mut primary) = start_pair(&net, &files);
+    let mut client = net.connect(6379);
+    for n in 1..=20 {
+        assert_eq!(
+            common::command(&mut client, &["incr", "counter"]),
+            format!(":{n}")
+        );
+    }
+    let text = scrape_until(&net, Ns::A, &files.metrics_a, "a protected primary", |t| {
+        sample(t, "lockstep_protected") == Some(1.0)
+    });
+    let generation = sample(&text, "lockstep_generation").expect("generation");
+
+    // No quorum, then a partition.
+    authority.cluster.kill(0);
+    authority.cluster.kill(1);
+    net.bed
+        .cut(common::Link::Log)
+        .expect("cut the logging link");
+    send(&mut client, &["incr", "counter"]);
+    // Three peer timeouts and several arbiter attempts: nobody decides.
+    assert_eq!(
+        reply_within(&mut client, Duration::from_secs(8)),
+        None,
+        "a reply left that was never replicated, with no arbiter quorum"
+    );
+    for (ns, metrics, role) in [
+        (Ns::A, &files.metrics_a, "primary"),
+        (Ns::B, &files.metrics_b, "backup"),
+    ] {
+        let text = scrape(&net, ns, metrics).unwrap_or_else(|e| panic!("{ns}: {e}"));
+        assert!(
+            text.contains(&format!("lockstep_role{{role=\"{role}\"}} 1")),
+            "{ns} is no longer {role} without a quorum:\n{text}"
+        );
+        assert_eq!(
+            sample(&text, "lockstep_generation"),
+            Some(generation),
+            "{text}"
+        );
+        assert_eq!(
+            sample(&text, "lockstep_failovers_total"),
+            Some(0.0),
+            "{text}"
+        );
+    }
+    assert!(
+        authority.record(&net, 1).is_err(),
+        "one member alone answered"
+    );
+    assert!(
+        primary.try_wait().expect("primary").is_none(),
+        "the primary gave up"
+    );
+    assert!(
+        backup.try_wait().expect("backup").is_none(),
+        "the backup gave up"
+    );
+
+    // Quorum returns: exactly one replica wins g + 1.
+    authority
+        .cluster
+        .restart(&net.bed, 0, dir.path())
+        .expect("restart member 0");
+    authority
+        .cluster
+        .restart(&net.bed, 1, dir.path())
+        .expect("restart member 1");
+    let reply = reply_within(&mut client, Duration::from_secs(90));
+    assert_eq!(
+        reply.as_deref(),
+        Some(":21"),
+        "the held INCR after quorum came back"
+    );
+    assert_eq!(common::command(&mut client, &["incr", "counter"]), ":22");
+    let record = authority
+        .record(&net, 1)
+        .expect("the cluster answers again")
+        .expect("a record");
+    assert_eq!(record.generation as f64, generation + 1.0, "{record:?}");
+    // The loser halts for good (it lost generation g + 1).
+    let (loser, winner) = if record.primary.as_str() == "host-a" {
+        (&mut backup, &mut primary)
+    } else {
+        assert_eq!(record.primary.as_str(), "host-b", "{record:?}");
+        (&mut primary, &mut backup)
+    };
+    assert_eq!(
+        exit_within(loser, Duration::from_secs(30)),
+        Some(i32::from(replica::failover::EXIT_HALTED)),
+        "the replica that lost generation g+1 did not halt"
+    );
+    assert!(
+        winner.try_wait().expect("winner").is_none(),
+        "the winner stopped"
+    );
+    let _ = winner.kill();
+    let _ = winner.wait();
 }
 
 #[test]

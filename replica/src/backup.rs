@@ -47,6 +47,8 @@ type Received = Result<(Entry, Instant), VmmError>;
 pub struct Lag {
     /// Most exits between the newest entry received and the one replayed.
     pub max_exits: u64,
+    /// Most log entries received but not yet replayed.
+    pub max_entries: u64,
     /// Time from receipt to replay of each entry, in µs.
     pub queue_us: Histogram<u64>,
 }
@@ -56,6 +58,10 @@ pub struct Lag {
 pub struct StreamSource {
     entries: Receiver<Received>,
     newest_exit: Arc<AtomicU64>,
+    /// Log position of the newest entry received (the receiver's).
+    newest_seq: Arc<AtomicU64>,
+    /// Log position of the newest entry handed to the replay.
+    replayed_seq: u64,
     lag: Lag,
     /// Detached: the receiver ends when the primary closes the link or
     /// falls silent, or when this source (the queue) is dropped.
@@ -89,6 +95,13 @@ impl StreamSource {
     pub fn newest_exit(&self) -> u64 {
         self.newest_exit.load(Ordering::Acquire)
     }
+
+    /// Log entries received but not yet handed to the replay.
+    pub fn lag_entries(&self) -> u64 {
+        self.newest_seq
+            .load(Ordering::Acquire)
+            .saturating_sub(self.replayed_seq)
+    }
 }
 
 impl EntrySource for StreamSource {
@@ -97,6 +110,13 @@ impl EntrySource for StreamSource {
             Ok(Ok((entry, received))) => {
                 let newest = self.newest_exit.load(Ordering::Acquire);
                 self.lag.max_exits = self.lag.max_exits.max(newest.saturating_sub(entry.exit));
+                // Behind the entry it hands over, before the handing.
+                let behind = self
+                    .newest_seq
+                    .load(Ordering::Acquire)
+                    .saturating_sub(self.replayed_seq);
+                self.lag.max_entries = self.lag.max_entries.max(behind);
+                self.replayed_seq = self.replayed_seq.max(entry.seq);
                 let waited = u64::try_from(received.elapsed().as_micros()).unwrap_or(u64::MAX);
                 let _ = self.lag.queue_us.record(waited.max(1));
                 Ok(Some(entry))
@@ -378,6 +398,7 @@ impl Incoming {
 struct Receiving {
     queue: SyncSender<Received>,
     newest_exit: Arc<AtomicU64>,
+    newest_seq: Arc<AtomicU64>,
     meta: Option<LogMeta>,
     /// A refused entry (fail-stop), to hand to the replay.
     refused: Option<VmmError>,
@@ -442,6 +463,7 @@ impl Receiving {
             }
         };
         self.newest_exit.fetch_max(entry.exit, Ordering::Release);
+        self.newest_seq.fetch_max(entry.seq, Ordering::Release);
         if entry.kind == channel::log::EntryKind::End {
             self.ended = true;
         }
@@ -506,9 +528,11 @@ fn start_receiver<T: Transport + 'static>(
         .map_err(ReplicaError::stopped("start the log receiver"))?;
     let (queue, entries) = sync_channel(QUEUE_ENTRIES);
     let newest_exit = Arc::new(AtomicU64::new(0));
+    let newest_seq = Arc::new(AtomicU64::new(0));
     let state = Receiving {
         queue,
         newest_exit: Arc::clone(&newest_exit),
+        newest_seq: Arc::clone(&newest_seq),
         meta: None,
         refused: None,
         ended: false,
@@ -549,6 +573,7 @@ fn start_receiver<T: Transport + 'static>(
     })??;
     let lag = Lag {
         max_exits: 0,
+        max_entries: 0,
         queue_us: Histogram::new_with_bounds(1, 3_600_000_000, 3)
             .map_err(ReplicaError::Histogram)?,
     };
@@ -558,6 +583,8 @@ fn start_receiver<T: Transport + 'static>(
         StreamSource {
             entries,
             newest_exit,
+            newest_seq,
+            replayed_seq: base,
             lag,
             _receiver: handle,
             lost,

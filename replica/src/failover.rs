@@ -340,17 +340,20 @@ impl BackupSource {
             figures.log_position = stats.entries;
             figures.lag_exits = source.newest_exit().saturating_sub(exit);
             figures.max_lag_exits = lag.max_exits;
+            figures.lag_entries = source.lag_entries();
+            figures.max_lag_entries = lag.max_entries;
             figures.entry_wait_us = Some(lag.queue_us.clone());
             let role = match promoted {
                 Some((at, generation)) => format!("live (backup promoted at exit {at}, generation {generation})"),
                 None => "backup (following the primary)".to_string(),
             };
             format!(
-                "role: {role}\npid: {}\ngeneration: {}\nexit: {exit}\nnewest exit received: {}\nlag (exits): {}\nentries replayed: {}\nevents replayed: {}\ndigests matched: {}\nmost exits behind: {}\nentry wait p50/p99 us: {}/{}\n",
+                "role: {role}\npid: {}\ngeneration: {}\nexit: {exit}\nnewest exit received: {}\nlag (exits): {}\nlag (entries): {}\nentries replayed: {}\nevents replayed: {}\ndigests matched: {}\nmost exits behind: {}\nentry wait p50/p99 us: {}/{}\n",
                 std::process::id(),
                 promoted.map_or(generation, |(_, g)| g),
                 source.newest_exit(),
                 source.newest_exit().saturating_sub(exit),
+                source.lag_entries(),
                 stats.entries,
                 stats.events,
                 stats.digests_matched,

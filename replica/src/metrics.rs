@@ -20,7 +20,8 @@
 //!
 //! Families (all prefixed `lockstep_`): `role{role}` (1 for the current
 //! one), `protected`, `generation`, `log_position`, `acked_position`,
-//! `backup_lag_exits`, `backup_max_lag_exits`, `held_frames`,
+//! `backup_lag_exits`, `backup_max_lag_exits`, `backup_lag_entries`,
+//! `backup_max_lag_entries`, `held_frames`,
 //! `held_output_seconds` (histogram), `ack_rtt_seconds` (histogram),
 //! `entry_wait_seconds` (histogram, backup), and the counters
 //! `log_bytes`, `acks`, `frames_released`, `batches`, `ring_stalls`,
@@ -183,6 +184,18 @@ impl Collector for ReplicaCollector {
             "backup_max_lag_exits",
             "Backup: the most exits the replay ever trailed",
             f.max_lag_exits,
+        )?;
+        gauge(
+            e,
+            "backup_lag_entries",
+            "Backup: log entries received but not yet replayed",
+            f.lag_entries,
+        )?;
+        gauge(
+            e,
+            "backup_max_lag_entries",
+            "Backup: the most log entries the replay ever trailed",
+            f.max_lag_entries,
         )?;
         gauge(
             e,

@@ -39,10 +39,14 @@ use guest_images::choice::GuestImage;
 pub struct FtArgs {
     /// The arbiter: `HOST:PORT` of `lockstep arbiter`, or
     /// `etcd://HOST:PORT[,HOST:PORT…]` for an etcd cluster (production: the
-    /// authority itself replicated). Without one, a replica that loses its
-    /// peer stops (fail-stop) instead of going live alone.
+    /// authority itself replicated; `etcds://` for HTTPS, see --etcd-ca).
+    /// Without one, a replica that loses its peer stops (fail-stop)
+    /// instead of going live alone.
     #[arg(long)]
     pub arbiter: Option<String>,
+    /// TLS and login for an etcd arbiter.
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
     /// File holding the embedded arbiter's pre-shared key.
     #[arg(long)]
     pub arbiter_key: Option<PathBuf>,
@@ -81,6 +85,43 @@ pub struct FtArgs {
     /// Where this replica's figures go for `--metrics` (not a flag).
     #[arg(skip)]
     pub board: crate::status::Board,
+}
+
+/// How a replica reaches a TLS etcd and logs in (`[arbiter]` in a config
+/// file).
+#[derive(Args, Clone, Default)]
+pub struct EtcdArgs {
+    /// etcds:// only: the CA (PEM) that signed the etcd members'
+    /// certificates; the only root trusted.
+    #[arg(long)]
+    pub etcd_ca: Option<PathBuf>,
+    /// This replica's client certificate (PEM) for etcd's
+    /// --client-cert-auth (with --etcd-key).
+    #[arg(long)]
+    pub etcd_cert: Option<PathBuf>,
+    /// The private key (PEM) of --etcd-cert.
+    #[arg(long)]
+    pub etcd_key: Option<PathBuf>,
+    /// The etcd user to log in as (etcd v3 auth; with --etcd-password-file).
+    #[arg(long)]
+    pub etcd_user: Option<String>,
+    /// A file (mode 0600) whose first line is the etcd user's password
+    /// (never on the command line).
+    #[arg(long)]
+    pub etcd_password_file: Option<PathBuf>,
+}
+
+impl EtcdArgs {
+    /// The settings for the etcd client.
+    pub fn security(&self) -> arbiter::EtcdSecurity {
+        arbiter::EtcdSecurity {
+            ca: self.etcd_ca.clone(),
+            cert: self.etcd_cert.clone(),
+            key: self.etcd_key.clone(),
+            user: self.etcd_user.clone(),
+            password_file: self.etcd_password_file.clone(),
+        }
+    }
 }
 
 /// How fast a replica notices that its peer is gone.
@@ -183,10 +224,15 @@ impl FtArgs {
         let Some(address) = &self.arbiter else {
             return Ok(None);
         };
-        if let Some(endpoints) = address.strip_prefix("etcd://") {
-            let endpoints: Vec<&str> = endpoints.split(',').collect();
-            let etcd = arbiter::EtcdArbiter::new(&endpoints, Duration::from_secs(2))?;
+        if address.starts_with("etcd://") || address.starts_with("etcds://") {
+            let security = self.etcd.security();
+            let etcd = arbiter::EtcdArbiter::from_url(address, &security, Duration::from_secs(2))?;
             return Ok(Some(Arc::new(etcd)));
+        }
+        if !self.etcd.security().is_empty() {
+            return Err(CommandError::Usage(
+                "--etcd-ca, --etcd-cert, --etcd-key, --etcd-user and --etcd-password-file are for an etcd:// or etcds:// --arbiter".into(),
+            ));
         }
         let key_path = self
             .arbiter_key

@@ -43,6 +43,10 @@ pub struct Figures {
     pub lag_exits: u64,
     /// Backup: the most exits it ever trailed.
     pub max_lag_exits: u64,
+    /// Backup: log entries received but not yet replayed.
+    pub lag_entries: u64,
+    /// Backup: the most entries it ever trailed.
+    pub max_lag_entries: u64,
     /// Output frames held now (primary).
     pub held_frames: u64,
     /// Output frames released.
@@ -99,6 +103,8 @@ impl Figures {
             "acks": self.acks,
             "backup_lag_exits": self.lag_exits,
             "backup_max_lag_exits": self.max_lag_exits,
+            "backup_lag_entries": self.lag_entries,
+            "backup_max_lag_entries": self.max_lag_entries,
             "held_frames": self.held_frames,
             "frames_released": self.frames_released,
             "held_output_ns": quantiles(self.hold_ns.as_ref()),

@@ -96,6 +96,7 @@
 //! every link.
 
 pub mod cli;
+pub mod etcd;
 mod netns;
 pub mod plan;
 
@@ -108,7 +109,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-pub use plan::{Addresses, GUEST_MAC, Link, MAX_SLOTS, Ns, PREFIX, Rate, Record, TAP, Tbf};
+pub use plan::{
+    Addresses, GUEST_MAC, Link, MAX_EXTRA_HOSTS, MAX_SLOTS, Ns, PREFIX, Rate, Record, TAP, Tbf,
+};
 
 /// Where the runs' state files (and the lock that orders their creation
 /// and clean-up) live.
@@ -302,8 +305,11 @@ fn tc_in(netns: &str, args: &[&str]) -> Result<String, TestbedError> {
 /// Removes run `run`'s namespaces (SIGKILLing what runs inside) and its
 /// state file. Missing pieces are fine: this is also the stale clean-up.
 fn remove_run(run: &str) {
-    for ns in Ns::ALL {
-        let name = plan::namespace_name(run, ns);
+    let names = Ns::ALL
+        .into_iter()
+        .map(|ns| plan::namespace_name(run, ns))
+        .chain((0..plan::MAX_EXTRA_HOSTS).map(|i| plan::extra_host_name(run, i)));
+    for name in names {
         if netns::path(&name).exists() {
             netns::kill_all_in(&name);
             let _ = run_tool("ip", &["netns", "del", &name]);
@@ -617,6 +623,79 @@ impl Testbed {
         f: F,
     ) -> Result<T, TestbedError> {
         netns::run_in(&self.netns(ns), f)
+    }
+
+    /// Adds extra host `i` (below [`MAX_EXTRA_HOSTS`]): a namespace
+    /// `lst-<run>-x<i>` on the management network, its `mg0` at
+    /// [`Addresses::extra_host`] joined by a veth to the arbiter's bridge
+    /// (port `x<i>` there), so hosts a and b and the arbiter reach it and
+    /// nothing else does. One etcd member per extra host makes the members
+    /// separate machines: killing one, or cutting it off
+    /// ([`Testbed::cut_extra_host`]), leaves the others alone. Removed with
+    /// the run. Returns its namespace name.
+    pub fn add_host(&self, i: u8) -> Result<String, TestbedError> {
+        if i >= MAX_EXTRA_HOSTS {
+            return Err(TestbedError::BadState {
+                path: state_path(&self.record.run),
+                reason: format!("extra host {i}: at most {MAX_EXTRA_HOSTS} per run"),
+            });
+        }
+        let name = plan::extra_host_name(&self.record.run, i);
+        let arb = self.netns(Ns::Arbiter);
+        let port = format!("x{i}");
+        let cidr = format!("{}/{}", self.addresses.extra_host(i), self.addresses.prefix);
+        run_tool("ip", &["netns", "add", &name])?;
+        netns::run_in(&name, || {
+            for knob in ["all", "default"] {
+                let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{knob}/disable_ipv6"), "1");
+            }
+        })?;
+        ip_in(&name, &["link", "set", "lo", "up"])?;
+        ip_in(
+            &name,
+            &[
+                "link", "add", "mg0", "type", "veth", "peer", "name", &port, "netns", &arb,
+            ],
+        )?;
+        ip_in(&name, &["addr", "add", &cidr, "dev", "mg0"])?;
+        ip_in(&name, &["link", "set", "mg0", "up"])?;
+        ip_in(&arb, &["link", "set", &port, "master", "mg0", "up"])?;
+        Ok(name)
+    }
+
+    /// A command that runs `program` inside extra host `i`.
+    pub fn extra_host_command(
+        &self,
+        i: u8,
+        program: impl AsRef<OsStr>,
+    ) -> Result<Command, TestbedError> {
+        netns::command(
+            &plan::extra_host_name(&self.record.run, i),
+            program.as_ref(),
+        )
+    }
+
+    /// Takes extra host `i`'s link down at both ends (a partition: its
+    /// processes run on, nothing crosses).
+    pub fn cut_extra_host(&self, i: u8) -> Result<(), TestbedError> {
+        let name = plan::extra_host_name(&self.record.run, i);
+        ip_in(&name, &["link", "set", "mg0", "down"])?;
+        ip_in(
+            &self.netns(Ns::Arbiter),
+            &["link", "set", &format!("x{i}"), "down"],
+        )?;
+        Ok(())
+    }
+
+    /// Brings extra host `i`'s link back.
+    pub fn restore_extra_host(&self, i: u8) -> Result<(), TestbedError> {
+        let name = plan::extra_host_name(&self.record.run, i);
+        ip_in(&name, &["link", "set", "mg0", "up"])?;
+        ip_in(
+            &self.netns(Ns::Arbiter),
+            &["link", "set", &format!("x{i}"), "up"],
+        )?;
+        Ok(())
     }
 
     /// A TCP connection made from inside namespace `ns`.

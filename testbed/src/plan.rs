@@ -100,6 +100,15 @@ pub fn parse_namespace_name(name: &str) -> Option<(String, Ns)> {
     Some((run.to_string(), ns))
 }
 
+/// How many extra hosts (e.g. etcd members) a run may add to its
+/// management network ([`crate::Testbed::add_host`]).
+pub const MAX_EXTRA_HOSTS: u8 = 8;
+
+/// The namespace name of extra host `i` of run `run`: `lst-<run>-x<i>`.
+pub fn extra_host_name(run: &str, i: u8) -> String {
+    format!("{PREFIX}-{run}-x{i}")
+}
+
 /// The run id of slot `slot`.
 pub fn run_id(slot: u16) -> String {
     slot.to_string()
@@ -330,6 +339,12 @@ impl Addresses {
         }
     }
 
+    /// Extra host `i`'s address on the management network (`.21 + i`).
+    pub fn extra_host(&self, i: u8) -> Ipv4Addr {
+        let [a, b, c, _] = self.arbiter.octets();
+        Ipv4Addr::new(a, b, c, 21 + i.min(MAX_EXTRA_HOSTS))
+    }
+
     /// Host `ns`'s own address on the client segment (a or b).
     pub fn lan(&self, ns: Ns) -> Option<Ipv4Addr> {
         match ns {
@@ -463,6 +478,21 @@ mod tests {
             assert_eq!(Link::from_name(link.name()), Some(link));
         }
         assert!(TAP.len() < 16);
+    }
+
+    #[test]
+    fn extra_hosts_sit_on_the_management_subnet_apart_from_the_others() {
+        let a = Addresses::for_slot(4095);
+        let fixed = [a.arbiter, a.mgmt_a, a.mgmt_b];
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..MAX_EXTRA_HOSTS {
+            let x = a.extra_host(i);
+            assert_eq!(x.octets()[..3], a.arbiter.octets()[..3], "{x}");
+            assert!(!fixed.contains(&x) && seen.insert(x), "{x}");
+            let name = extra_host_name("4095", i);
+            assert!(name.len() < 32, "{name}");
+            assert_eq!(parse_namespace_name(&name), None, "{name}");
+        }
     }
 
     #[test]
