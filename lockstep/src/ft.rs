@@ -686,11 +686,6 @@ pub fn join(
     stop: Arc<AtomicBool>,
 ) -> Result<(), CliError> {
     use std::io::Write as _;
-    if ft.disk.is_some() {
-        return Err(CliError::Usage(
-            "--join with --disk: a state transfer does not carry a disk yet (issue 19)".into(),
-        ));
-    }
     let me = ft.me("backup")?;
     let arbiter = ft.arbiter()?.ok_or_else(|| {
         CliError::Usage("--join needs --arbiter (the new pair is recorded there)".into())
@@ -733,7 +728,9 @@ pub fn join(
                     "the primary runs guest image {image_id:016x}, which this build does not embed"
                 ))
             })?;
-        let received = vmm::receive_from(reader, guest.bytes(), None).map_err(VmmError::from)?;
+        let disk = ft.disk().map(|disk| disk.path);
+        let received = vmm::receive_with_disk(reader, guest.bytes(), None, disk.as_deref())
+            .map_err(VmmError::from)?;
         (received, guest)
     };
     (&stream)
