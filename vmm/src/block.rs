@@ -1378,10 +1378,7 @@ impl VirtioBlk {
     /// the dirty tracking, and copies what is still dirty (`(offset,
     /// bytes)` runs) and the device's state (with the image's content hash
     /// if `content_hash`: a read of the whole image during the pause).
-    pub fn capture(
-        &mut self,
-        content_hash: bool,
-    ) -> Result<(BlkState, Vec<DiskRun>), VmmError> {
+    pub fn capture(&mut self, content_hash: bool) -> Result<(BlkState, Vec<DiskRun>), VmmError> {
         self.disk.drain()?;
         self.disk.dirty.logging.store(false, Ordering::Release);
         let mut blocks = Vec::new();
