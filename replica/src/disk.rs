@@ -13,8 +13,10 @@
 //! images are: a missing image is created zero-filled with
 //! [`DiskOptions::create_bytes`]).
 //!
-//! Not built yet (issue 19): shared-disk mode, and state transfer (joining
-//! a backup, re-protection) of a VM with a disk, which is refused.
+//! A joining backup's image is replaced by the primary's through the state
+//! transfer (`vmm::snapshot`: dirty blocks beside dirty pages; the whole
+//! image's hash checked at the hand-over). Not built yet (issue 19):
+//! shared-disk mode.
 
 use std::path::PathBuf;
 use std::str::FromStr;
