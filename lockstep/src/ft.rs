@@ -240,6 +240,7 @@ pub fn primary(
     stats_file: Option<&Path>,
 ) -> Result<(), CliError> {
     let (backup, backup_id, join_listen) = (peers.backup, peers.backup_id, peers.join_listen);
+    let disk = ft.disk().map(|disk| disk.open()).transpose()?;
     let guest = GuestImage::resolve(&args.guest)?;
     let config = vm_config(args);
     let meta = log_meta(&guest, &config, args.arg, digest_interval);
@@ -337,9 +338,7 @@ pub fn primary(
         digest_interval,
     )?;
     Network::attach(&network, &mut machine)?;
-    if let Some(disk) = ft.disk() {
-        disk.attach(&mut machine)?;
-    }
+    replica::disk::DiskOptions::attach(disk, &mut machine)?;
     if let (Some(listener), Some(arbiter)) = (join_listener, join_arbiter) {
         let service = replica::join::JoinService {
             port: join_port,
@@ -480,6 +479,7 @@ pub fn backup(
     stop: Arc<AtomicBool>,
 ) -> Result<(), CliError> {
     let me = ft.me("backup")?;
+    let disk = ft.disk().map(|disk| disk.open()).transpose()?;
     let arbiter = ft.arbiter()?;
     let settings = ft.link_settings()?;
     let listener = LinkListener::bind(settings.kind, listen)?;
@@ -580,9 +580,7 @@ pub fn backup(
         console(quiet),
         meta.digest_interval,
     )?;
-    if let Some(disk) = ft.disk() {
-        disk.attach(&mut machine)?;
-    }
+    replica::disk::DiskOptions::attach(disk, &mut machine)?;
     follow(machine, side, guest.name())
 }
 

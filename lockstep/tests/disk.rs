@@ -66,6 +66,7 @@ fn text(output: &Output) -> String {
 
 #[test]
 fn a_pair_with_local_disks_keeps_both_images_identical_across_runs() {
+    let _serial = UP_SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().expect("tempdir");
     let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
     for boot in 1..=2 {
@@ -92,6 +93,7 @@ fn a_pair_with_local_disks_keeps_both_images_identical_across_runs() {
 
 #[test]
 fn a_backup_whose_image_differs_refuses_the_pair() {
+    let _serial = UP_SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().expect("tempdir");
     let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
     std::fs::write(&a, vec![0u8; 1 << 20]).expect("a");
@@ -109,6 +111,12 @@ fn a_backup_whose_image_differs_refuses_the_pair() {
     // an arbiter); this guest is short enough to finish first.
     let _ = primary;
 }
+
+/// Serialises this binary's tests: each runs a pair of spinning replicas,
+/// and two at once on two cores starve `up`'s channel threads past its
+/// 50 ms peer timeout (seen: "backup silent: no acknowledgement for 51 ms",
+/// "peer silent … last sequence number 0").
+static UP_SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// `lockstep up --disk FILE` until `until` says done; returns its stderr.
 mod up {
@@ -262,6 +270,9 @@ mod up {
 
 #[test]
 fn the_store_persists_through_a_restart_of_up_on_the_same_disk() {
+    // One deployment at a time: two `up`s in parallel on two cores starve
+    // each other's channel threads past the 50 ms peer timeout.
+    let _serial = UP_SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().expect("tempdir");
     let disk = dir.path().join("store.img");
     let mut backup_disk = disk.clone().into_os_string();
@@ -337,6 +348,9 @@ fn write_until(run: &str, guest: &str, stop: &std::sync::atomic::AtomicBool) -> 
 
 #[test]
 fn a_vm_with_a_disk_is_re_protected_and_a_failover_to_the_joined_backup_loses_nothing() {
+    // One deployment at a time: two `up`s in parallel on two cores starve
+    // each other's channel threads past the 50 ms peer timeout.
+    let _serial = UP_SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().expect("tempdir");
     let disk = dir.path().join("store.img");
     let mut backup_disk = disk.clone().into_os_string();

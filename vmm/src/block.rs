@@ -180,6 +180,8 @@ pub struct Disk {
     finished: VecDeque<Completion>,
     /// Host errors seen (each also reported on stderr).
     pub host_errors: u64,
+    /// The content hash, once [`Self::identify`] computed it.
+    identity: Option<u64>,
 }
 
 fn io_error(what: String, source: std::io::Error) -> VmmError {
@@ -230,6 +232,7 @@ impl Disk {
             in_flight: 0,
             finished: VecDeque::new(),
             host_errors: 0,
+            identity: None,
         })
     }
 
@@ -241,6 +244,23 @@ impl Disk {
     /// The image's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Hashes the whole image now (a CPU-heavy read of all of it) and
+    /// keeps the hash as the disk's identity for [`crate::Machine::attach_disk`]:
+    /// done before the replication link is up, so the burst cannot starve
+    /// the channel's threads past the peer timeout.
+    pub fn identify(mut self) -> Result<Self, VmmError> {
+        self.identity = Some(self.content_hash()?);
+        Ok(self)
+    }
+
+    /// The identity hash: the one [`Self::identify`] kept, else computed.
+    pub fn identity(&self) -> Result<u64, VmmError> {
+        match self.identity {
+            Some(hash) => Ok(hash),
+            None => self.content_hash(),
+        }
     }
 
     /// xxh3-64 of the whole image (its identity for a handshake or digest).

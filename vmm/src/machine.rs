@@ -271,7 +271,7 @@ impl<E: EventSource> Machine<E> {
             ));
         }
         self.events
-            .disk_identity(disk.capacity(), disk.content_hash()?)?;
+            .disk_identity(disk.capacity(), disk.identity()?)?;
         self.blk = Some(VirtioBlk::new(disk)?);
         Ok(())
     }
