@@ -161,6 +161,16 @@ pub fn up(binary: &Path, options: &UpOptions, stop: Arc<AtomicBool>) -> Result<(
         backup_args.extend(["--disk".into(), backup_disk.to_string_lossy().into_owned()]);
     }
     let backup = spawn(Ns::B, &backup_args, "cannot start the backup")?;
+    // Each host keeps its own image: host a the given FILE, host b
+    // FILE.backup (a joining backup overwrites its host's copy).
+    let disk_of = |host: Ns| -> Option<String> {
+        let disk = disk.as_ref()?;
+        let mut image = disk.clone().into_os_string();
+        if host != Ns::A {
+            image.push(".backup");
+        }
+        Some(image.to_string_lossy().into_owned())
+    };
     let guest_arg = at.guest_arg().to_string();
     let mut primary_args = owned(&[
         "primary",
@@ -277,6 +287,10 @@ pub fn up(binary: &Path, options: &UpOptions, stop: Arc<AtomicBool>) -> Result<(
                 &join_address(host),
             ]);
             args.extend(ft_flags.iter().cloned());
+            if let Some(image) = disk_of(host) {
+                // Its image is emptied and filled with the live one's.
+                args.extend(["--disk".into(), image]);
+            }
             match spawn(host, &args, "cannot start a joining backup") {
                 Ok(child) => standby = Some((host, child)),
                 Err(error) => tracing::info!("lockstep up: {error}"),

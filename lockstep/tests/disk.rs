@@ -66,6 +66,7 @@ fn text(output: &Output) -> String {
 
 #[test]
 fn a_pair_with_local_disks_keeps_both_images_identical_across_runs() {
+    let _serial = UP_SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().expect("tempdir");
     let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
     for boot in 1..=2 {
@@ -92,6 +93,7 @@ fn a_pair_with_local_disks_keeps_both_images_identical_across_runs() {
 
 #[test]
 fn a_backup_whose_image_differs_refuses_the_pair() {
+    let _serial = UP_SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().expect("tempdir");
     let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
     std::fs::write(&a, vec![0u8; 1 << 20]).expect("a");
@@ -110,6 +112,12 @@ fn a_backup_whose_image_differs_refuses_the_pair() {
     let _ = primary;
 }
 
+/// Serialises this binary's tests: each runs a pair of spinning replicas,
+/// and two at once on two cores starve `up`'s channel threads past its
+/// 50 ms peer timeout (seen: "backup silent: no acknowledgement for 51 ms",
+/// "peer silent … last sequence number 0").
+static UP_SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// `lockstep up --disk FILE` until `until` says done; returns its stderr.
 mod up {
     use std::io::{BufRead, BufReader, Write};
@@ -124,6 +132,9 @@ mod up {
         pub seen: Vec<String>,
         pub run: String,
         pub guest: String,
+        /// The first primary's and backup's pids, from the banner.
+        pub primary: i32,
+        pub backup: i32,
     }
 
     impl Up {
@@ -151,8 +162,21 @@ mod up {
                 seen: Vec::new(),
                 run: String::new(),
                 guest: String::new(),
+                primary: 0,
+                backup: 0,
             };
             let banner = up.line_with("lockstep up: testbed ");
+            let pid_after = |what: &str| -> i32 {
+                let at = banner.find(what).expect("pid in the banner") + what.len();
+                let at = at + banner[at..].find("(pid ").expect("(pid") + 5;
+                banner[at..]
+                    .split(|c: char| !c.is_ascii_digit())
+                    .find(|part| !part.is_empty())
+                    .and_then(|pid| pid.parse().ok())
+                    .expect("pid")
+            };
+            up.primary = pid_after("primary in ");
+            up.backup = pid_after("backup in ");
             up.run = banner
                 .split_whitespace()
                 .nth(3)
@@ -164,7 +188,8 @@ mod up {
             up
         }
 
-        fn line_with(&mut self, what: &str) -> String {
+        /// Waits (up to a minute) for a line of up's output with `what`.
+        pub fn line_with(&mut self, what: &str) -> String {
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
                 let left = deadline.saturating_duration_since(Instant::now());
@@ -217,6 +242,13 @@ mod up {
             }
         }
 
+        /// SIGKILL to one of the deployment's replicas.
+        pub fn kill(&self, pid: i32) {
+            assert!(pid > 1, "not a replica's pid: {pid}");
+            // SAFETY: kill(2) on a pid `up` just reported as its child.
+            unsafe { libc_kill(pid, 9) };
+        }
+
         /// Ctrl-C, and wait for the whole deployment to stop.
         pub fn stop(mut self) -> Vec<String> {
             // SAFETY: kill(2) on our own child's pid.
@@ -238,6 +270,9 @@ mod up {
 
 #[test]
 fn the_store_persists_through_a_restart_of_up_on_the_same_disk() {
+    // One deployment at a time: two `up`s in parallel on two cores starve
+    // each other's channel threads past the 50 ms peer timeout.
+    let _serial = UP_SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().expect("tempdir");
     let disk = dir.path().join("store.img");
     let mut backup_disk = disk.clone().into_os_string();
@@ -263,4 +298,132 @@ fn the_store_persists_through_a_restart_of_up_on_the_same_disk() {
     assert_eq!(second.redis(&["get", "key:0"], ""), "value-0");
     assert_eq!(second.redis(&["get", "key:999"], ""), "value-999");
     second.stop();
+}
+
+/// SETs batches of 40 keys through stock redis-cli until `stop`; returns
+/// every key whose OK came back (a batch cut by a failover counts its
+/// replies up to the first that is not OK).
+fn write_until(run: &str, guest: &str, stop: &std::sync::atomic::AtomicBool) -> Vec<String> {
+    let mut acked = Vec::new();
+    let mut batch = 0u32;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let keys: Vec<String> = (0..40).map(|i| format!("w:{batch}:{i}")).collect();
+        let input: String = keys.iter().map(|k| format!("SET {k} v-{k}\n")).collect();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_lockstep"))
+            .args([
+                "client",
+                "--run",
+                run,
+                "--",
+                "timeout",
+                "20",
+                "redis-cli",
+                "-h",
+                guest,
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-cli");
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().expect("stdin");
+            let _ = stdin.write_all(input.as_bytes());
+        }
+        let output = child.wait_with_output().expect("redis-cli");
+        let replies = String::from_utf8_lossy(&output.stdout);
+        let ok = replies
+            .lines()
+            .take_while(|line| line.trim() == "OK")
+            .count();
+        acked.extend(keys.into_iter().take(ok));
+        batch += 1;
+        if ok < 40 {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    acked
+}
+
+#[test]
+fn a_vm_with_a_disk_is_re_protected_and_a_failover_to_the_joined_backup_loses_nothing() {
+    // One deployment at a time: two `up`s in parallel on two cores starve
+    // each other's channel threads past the 50 ms peer timeout.
+    let _serial = UP_SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = dir.path().join("store.img");
+    let mut backup_disk = disk.clone().into_os_string();
+    backup_disk.push(".backup");
+    let mut up = up::Up::start(&disk);
+    let sets: String = (0..300)
+        .map(|i| format!("SET key:{i} value-{i}\n"))
+        .collect();
+    up.redis(&[], &sets);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (run, guest) = (up.run.clone(), up.guest.clone());
+    let acked = std::thread::scope(|scope| {
+        // A failed wait below must not leave the writer running.
+        struct Stop<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let _stop = Stop(&stop);
+        let writer = scope.spawn(|| write_until(&run, &guest, &stop));
+        std::thread::sleep(Duration::from_millis(500));
+        eprintln!("killing the backup (pid {})", up.backup);
+        // The backup dies under writes; a new one joins the primary by
+        // state transfer, the disk with it.
+        up.kill(up.backup);
+        let joined = up.line_with("protected again");
+        eprintln!("{joined}");
+        std::thread::sleep(Duration::from_millis(500));
+        // Now the primary dies: the joined backup must have everything.
+        eprintln!("killing the primary (pid {})", up.primary);
+        up.kill(up.primary);
+        up.line_with("takes over");
+        eprintln!("taken over");
+        // Writes continue on the promoted replica; then a third backup
+        // joins it (on host a, whose image it overwrites).
+        up.line_with("protected again");
+        std::thread::sleep(Duration::from_millis(500));
+        eprintln!("re-protected again");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.join().expect("writer")
+    });
+    eprintln!("{} keys acknowledged under the faults", acked.len());
+    assert!(
+        acked.len() >= 40,
+        "{} keys acknowledged under the faults",
+        acked.len()
+    );
+    assert_eq!(up.redis(&["get", "key:0"], ""), "value-0");
+    assert_eq!(up.redis(&["get", "key:299"], ""), "value-299");
+    // Every acknowledged key, in one redis-cli run.
+    let gets: String = acked.iter().map(|k| format!("GET {k}\n")).collect();
+    let values = up.redis(&[], &gets);
+    let lost: Vec<&String> = acked
+        .iter()
+        .zip(values.lines().chain(std::iter::repeat("")))
+        .filter(|(key, value)| value.trim() != format!("v-{key}"))
+        .map(|(key, _)| key)
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged keys lost, first {:?}",
+        lost.len(),
+        acked.len(),
+        lost.first()
+    );
+    let said = up.stop().join("\n");
+    let (a, b) = (
+        std::fs::read(&disk).expect("host a's image"),
+        std::fs::read(&backup_disk).expect("host b's image"),
+    );
+    assert!(
+        a == b,
+        "the replicas' images differ after two re-protections:\n{said}"
+    );
 }

@@ -13,8 +13,10 @@
 //! images are: a missing image is created zero-filled with
 //! [`DiskOptions::create_bytes`]).
 //!
-//! Not built yet (issue 19): shared-disk mode, and state transfer (joining
-//! a backup, re-protection) of a VM with a disk, which is refused.
+//! A joining backup's image is replaced by the primary's through the state
+//! transfer (`vmm::snapshot`: dirty blocks beside dirty pages; the whole
+//! image's hash checked at the hand-over). Not built yet (issue 19):
+//! shared-disk mode.
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -71,11 +73,24 @@ impl DiskOptions {
         }
     }
 
-    /// Opens (or creates) the image and gives it to `machine`, which logs
-    /// or checks its identity.
-    pub fn attach<E: EventSource>(&self, machine: &mut Machine<E>) -> Result<(), VmmError> {
-        let disk = Disk::open(&self.path, false, Some(self.create_bytes))?;
-        machine.attach_disk(disk)
+    /// Opens (or creates) the image and hashes it (its identity): call
+    /// before the replication link is up (a 64 MiB hash is tens of ms of
+    /// CPU; under load on two cores it starved the channel's threads past
+    /// the 50 ms peer timeout), then give it to [`Self::attach`].
+    pub fn open(&self) -> Result<Disk, VmmError> {
+        Disk::open(&self.path, false, Some(self.create_bytes))?.identify()
+    }
+
+    /// Gives the disk (from [`Self::open`]) to `machine`, which logs or
+    /// checks its identity.
+    pub fn attach<E: EventSource>(
+        disk: Option<Disk>,
+        machine: &mut Machine<E>,
+    ) -> Result<(), VmmError> {
+        match disk {
+            Some(disk) => machine.attach_disk(disk),
+            None => Ok(()),
+        }
     }
 }
 

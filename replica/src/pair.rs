@@ -384,6 +384,7 @@ pub fn run_primary(options: &PrimaryArgs, stop: Arc<AtomicBool>) -> Result<(), C
     let stats_file = options.stats.as_deref();
     let (backup, backup_id) = (options.backup.as_str(), options.backup_id.as_str());
     let join_listen = options.join_listen.as_deref();
+    let disk = ft.disk().map(|disk| disk.open()).transpose()?;
     let guest = GuestImage::resolve(&args.guest)?;
     let config = args.vm_config();
     let meta = log_meta(&guest, &config, args.arg, digest_interval);
@@ -474,9 +475,7 @@ pub fn run_primary(options: &PrimaryArgs, stop: Arc<AtomicBool>) -> Result<(), C
         digest_interval,
     )?;
     Network::attach(&network, &mut machine)?;
-    if let Some(disk) = ft.disk() {
-        disk.attach(&mut machine)?;
-    }
+    crate::disk::DiskOptions::attach(disk, &mut machine)?;
     if let Some(setup) = joins {
         spawn_join_service(setup, machine.transfer_handle(), Arc::clone(&gate))?;
     }
@@ -600,6 +599,7 @@ fn backup(
     stop: Arc<AtomicBool>,
 ) -> Result<(), CommandError> {
     let me = ft.me("backup")?;
+    let disk = ft.disk().map(|disk| disk.open()).transpose()?;
     let arbiter = ft.arbiter()?;
     let settings = ft.link_settings()?;
     let listener = LinkListener::bind(settings.kind, listen)?;
@@ -700,9 +700,7 @@ fn backup(
         console(quiet),
         meta.digest_interval,
     )?;
-    if let Some(disk) = ft.disk() {
-        disk.attach(&mut machine)?;
-    }
+    crate::disk::DiskOptions::attach(disk, &mut machine)?;
     follow(machine, side, guest.name())
 }
 
@@ -806,11 +804,6 @@ fn join(
     stop: Arc<AtomicBool>,
 ) -> Result<(), CommandError> {
     use std::io::Write as _;
-    if ft.disk.is_some() {
-        return Err(CommandError::Usage(
-            "--join with --disk: a state transfer does not carry a disk yet (issue 19)".into(),
-        ));
-    }
     let me = ft.me("backup")?;
     let arbiter = ft.arbiter()?.ok_or_else(|| {
         CommandError::Usage("--join needs --arbiter (the new pair is recorded there)".into())
@@ -852,7 +845,9 @@ fn join(
                     "the primary runs guest image {image_id:016x}, which this build does not embed"
                 ))
             })?;
-        let received = vmm::receive_from(reader, guest.bytes(), None).map_err(VmmError::from)?;
+        let disk = ft.disk().map(|disk| disk.path);
+        let received = vmm::receive_with_disk(reader, guest.bytes(), None, disk.as_deref())
+            .map_err(VmmError::from)?;
         (received, guest)
     };
     (&stream)

@@ -52,10 +52,12 @@
 //! (the disk's 20-byte serial). Any other shape fails with IOERR (or
 //! UNSUPP for an unknown type), is counted, and the host says why.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use io_uring::{IoUring, opcode, types};
 use virtio_queue::{Queue, QueueT};
@@ -164,17 +166,22 @@ pub trait DiskCompleter {
 /// An image file and the io_uring that serves it.
 pub struct Disk {
     path: PathBuf,
-    file: File,
+    file: Arc<File>,
     ring: IoUring,
     capacity: u64,
     read_only: bool,
     serial: [u8; ID_LEN],
-    /// Host buffers of requests in flight or finished but not delivered.
-    buffers: HashMap<u64, (u32, Vec<u8>)>,
+    /// Host buffers of requests in flight or finished but not delivered:
+    /// kind, byte offset, data.
+    buffers: HashMap<u64, (u32, u64, Vec<u8>)>,
+    /// Blocks written since a state transfer's last look (pre-copy).
+    dirty: Arc<DirtyBlocks>,
     in_flight: usize,
     finished: VecDeque<Completion>,
     /// Host errors seen (each also reported on stderr).
     pub host_errors: u64,
+    /// The content hash, once [`Self::identify`] computed it.
+    identity: Option<u64>,
 }
 
 fn io_error(what: String, source: std::io::Error) -> VmmError {
@@ -215,15 +222,17 @@ impl Disk {
         serial[..id.len()].copy_from_slice(id);
         Ok(Self {
             path: path.to_path_buf(),
-            file,
+            file: Arc::new(file),
             ring,
             capacity,
             read_only,
             serial,
             buffers: HashMap::new(),
+            dirty: Arc::new(DirtyBlocks::new(capacity)),
             in_flight: 0,
             finished: VecDeque::new(),
             host_errors: 0,
+            identity: None,
         })
     }
 
@@ -235,6 +244,23 @@ impl Disk {
     /// The image's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Hashes the whole image now (a CPU-heavy read of all of it) and
+    /// keeps the hash as the disk's identity for [`crate::Machine::attach_disk`]:
+    /// done before the replication link is up, so the burst cannot starve
+    /// the channel's threads past the peer timeout.
+    pub fn identify(mut self) -> Result<Self, VmmError> {
+        self.identity = Some(self.content_hash()?);
+        Ok(self)
+    }
+
+    /// The identity hash: the one [`Self::identify`] kept, else computed.
+    pub fn identity(&self) -> Result<u64, VmmError> {
+        match self.identity {
+            Some(hash) => Ok(hash),
+            None => self.content_hash(),
+        }
     }
 
     /// xxh3-64 of the whole image (its identity for a handshake or digest).
@@ -263,8 +289,8 @@ impl Disk {
         buffer: Vec<u8>,
     ) -> Result<(), VmmError> {
         let fd = types::Fd(self.file.as_raw_fd());
-        self.buffers.insert(tag, (kind, buffer));
-        let (_, buffer) = self
+        self.buffers.insert(tag, (kind, offset, buffer));
+        let (_, _, buffer) = self
             .buffers
             .get_mut(&tag)
             .ok_or_else(|| VmmError::Config(format!("disk request {tag}: its buffer vanished")))?;
@@ -293,10 +319,57 @@ impl Disk {
             })?;
         }
         self.in_flight += 1;
-        self.ring
-            .submit()
-            .map_err(|e| io_error(format!("submit disk request {tag} to io_uring"), e))?;
+        loop {
+            match self.ring.submit() {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(io_error(
+                        format!("submit disk request {tag} to io_uring"),
+                        e,
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Waits until the host has finished every request in flight (their
+    /// completions stay queued for the guest's next poll).
+    pub fn drain(&mut self) -> Result<(), VmmError> {
+        while self.in_flight > 0 {
+            self.reap(true)?;
+        }
         Ok(())
+    }
+
+    /// What a state transfer's thread needs to copy this disk while the
+    /// guest runs: a second descriptor of the image and the dirty blocks.
+    pub fn copier(&self) -> DiskCopier {
+        DiskCopier {
+            file: Arc::clone(&self.file),
+            path: self.path.clone(),
+            capacity: self.capacity,
+            dirty: Arc::clone(&self.dirty),
+        }
+    }
+
+    /// Reads `len` bytes at `offset` of the image (the caller has drained
+    /// the requests in flight, or copies blocks a later round re-sends).
+    fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, VmmError> {
+        read_image(&self.file, &self.path, offset, len)
+    }
+
+    /// Puts the requests a state transfer carried back: each finished on
+    /// the primary's host before the capture, and its completion reaches
+    /// the guest at the exit the log names.
+    fn restore_requests(&mut self, pending: &[PendingState]) {
+        for request in pending {
+            self.buffers.insert(
+                request.tag,
+                (request.kind, request.offset, request.data.clone()),
+            );
+            self.finished.push_back(request.done);
+        }
     }
 
     /// Moves io_uring completions into `finished`; waits for one first if
@@ -318,9 +391,13 @@ impl Disk {
             .collect();
         for (tag, result) in entries {
             self.in_flight = self.in_flight.saturating_sub(1);
-            let Some((kind, buffer)) = self.buffers.get(&tag) else {
+            let Some((kind, offset, buffer)) = self.buffers.get(&tag) else {
                 continue;
             };
+            if *kind == T_OUT {
+                // Landed (or failed part-way): a transfer must copy it.
+                self.dirty.mark(*offset, buffer.len() as u64);
+            }
             let expected = buffer.len();
             let ok = usize::try_from(result).is_ok_and(|done| done == expected);
             let status = if ok { S_OK } else { S_IOERR };
@@ -354,7 +431,7 @@ impl Disk {
     fn take_buffer(&mut self, tag: u64) -> Vec<u8> {
         self.buffers
             .remove(&tag)
-            .map(|(_, buffer)| buffer)
+            .map(|(_, _, buffer)| buffer)
             .unwrap_or_default()
     }
 }
@@ -429,6 +506,10 @@ pub struct VirtioBlk {
     next_tag: u64,
     pending: HashMap<u64, Pending>,
     stats: BlkStats,
+    /// Blocks written since the last digest (see [`Self::settle_digest`]).
+    written: BTreeSet<u64>,
+    /// Running hash of the disk's written blocks, as of the last digest.
+    disk_digest: u64,
 }
 
 struct Refusal {
@@ -452,6 +533,8 @@ impl VirtioBlk {
             next_tag: 1,
             pending: HashMap::new(),
             stats: BlkStats::default(),
+            written: BTreeSet::new(),
+            disk_digest: 0,
         })
     }
 
@@ -680,6 +763,10 @@ impl VirtioBlk {
                                 },
                             );
                             self.stats.submitted += 1;
+                            if kind == T_OUT && !buffer.is_empty() {
+                                let last = (offset + buffer.len() as u64 - 1) / DISK_BLOCK;
+                                self.written.extend(offset / DISK_BLOCK..=last);
+                            }
                             self.disk.submit(tag, kind, offset, buffer)?;
                         }
                     }
@@ -861,13 +948,594 @@ impl VirtioBlk {
                 len += at as u32;
                 self.stats.bytes_read += at as u64;
             } else if pending.kind == T_OUT && completion.status == S_OK {
-                self.stats.bytes_written += buffer.len() as u64;
+                self.stats.bytes_written += pending
+                    .targets
+                    .iter()
+                    .map(|(_, len)| u64::from(*len))
+                    .sum::<u64>();
             }
             write_guest(memory, pending.status_addr, &[completion.status])?;
             self.used(memory, pending.head, len)?;
             delivered += 1;
         }
         Ok(u32::from(delivered > 0))
+    }
+}
+
+/// A run of disk bytes `(offset, bytes)`.
+pub type DiskRun = (u64, Vec<u8>);
+
+/// Granularity of the disk's dirty tracking (pre-copy and digests).
+pub const DISK_BLOCK: u64 = 64 << 10;
+
+fn read_image(file: &File, path: &Path, offset: u64, len: usize) -> Result<Vec<u8>, VmmError> {
+    use std::os::unix::fs::FileExt;
+    let mut data = vec![0u8; len];
+    file.read_exact_at(&mut data, offset).map_err(|e| {
+        io_error(
+            format!(
+                "read {len} bytes at offset {offset} of disk image {}",
+                path.display()
+            ),
+            e,
+        )
+    })?;
+    Ok(data)
+}
+
+/// The blocks written since a transfer's last look, one bit per
+/// [`DISK_BLOCK`]; marked as each write completes on the host (so a block
+/// read after its bit was cleared holds that write, or is sent again).
+pub struct DirtyBlocks {
+    logging: AtomicBool,
+    words: Vec<AtomicU64>,
+    blocks: u64,
+}
+
+impl DirtyBlocks {
+    fn new(capacity: u64) -> Self {
+        let blocks = capacity.div_ceil(DISK_BLOCK);
+        Self {
+            logging: AtomicBool::new(false),
+            words: (0..blocks.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            blocks,
+        }
+    }
+
+    fn mark(&self, offset: u64, len: u64) {
+        if len == 0 || !self.logging.load(Ordering::Acquire) {
+            return;
+        }
+        let last = ((offset + len - 1) / DISK_BLOCK).min(self.blocks.saturating_sub(1));
+        for block in offset / DISK_BLOCK..=last {
+            if let Some(word) = self.words.get((block / 64) as usize) {
+                word.fetch_or(1 << (block % 64), Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// The marked blocks, in order; clears them.
+    fn take(&self) -> Vec<u64> {
+        let mut blocks = Vec::new();
+        for (index, word) in self.words.iter().enumerate() {
+            let mut bits = word.swap(0, Ordering::AcqRel);
+            while bits != 0 {
+                blocks.push(index as u64 * 64 + u64::from(bits.trailing_zeros()));
+                bits &= bits - 1;
+            }
+        }
+        blocks
+    }
+}
+
+/// A state transfer's access to the disk while the guest runs (from
+/// [`Disk::copier`]): read blocks through the image's descriptor, learn
+/// which were written since the last look.
+#[derive(Clone)]
+pub struct DiskCopier {
+    file: Arc<File>,
+    path: PathBuf,
+    capacity: u64,
+    dirty: Arc<DirtyBlocks>,
+}
+
+impl DiskCopier {
+    /// Size of the disk in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Turns dirty tracking on and forgets older marks: a first round
+    /// that reads every block after this call misses no write.
+    pub fn start(&self) {
+        self.dirty.logging.store(true, Ordering::Release);
+        self.dirty.take();
+    }
+
+    /// Turns dirty tracking off (the transfer ended or was abandoned).
+    pub fn stop(&self) {
+        self.dirty.logging.store(false, Ordering::Release);
+    }
+
+    /// The blocks written since the last call (or [`Self::start`]).
+    pub fn take_dirty(&self) -> Vec<u64> {
+        self.dirty.take()
+    }
+
+    /// Block `index`'s bytes (the last block may be short).
+    pub fn read_block(&self, index: u64) -> Result<Vec<u8>, VmmError> {
+        let offset = index * DISK_BLOCK;
+        let len = DISK_BLOCK.min(self.capacity.saturating_sub(offset)) as usize;
+        read_image(&self.file, &self.path, offset, len)
+    }
+
+    /// Number of blocks.
+    pub fn blocks(&self) -> u64 {
+        self.dirty.blocks
+    }
+}
+
+/// A request issued to the host before a state transfer's capture and not
+/// yet delivered to the guest: the capture waited for its host completion,
+/// which travels with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingState {
+    /// Its tag.
+    pub tag: u64,
+    /// Head descriptor index.
+    pub head: u16,
+    /// Request type.
+    pub kind: u32,
+    /// Byte offset on the disk.
+    pub offset: u64,
+    /// Guest address of the status byte.
+    pub status_addr: u64,
+    /// Guest buffers a read fills (or a write's sources), in order.
+    pub targets: Vec<(u64, u32)>,
+    /// The host's completion.
+    pub done: Completion,
+    /// The data a read returned (empty for other requests); travels in
+    /// its own `disk-read` chunk, not in [`BlkState::to_bytes`].
+    pub data: Vec<u8>,
+}
+
+/// The virtio-blk device's complete state, for a state transfer (the
+/// image's blocks travel beside it).
+///
+/// ```text
+/// offset  size  field
+/// 0       8     capacity in bytes
+/// 8       8     content hash of the image at the capture (xxh3-64)
+/// 16      1     content hash present (0/1), 7 zero
+/// 24      16    status, DeviceFeaturesSel, DriverFeaturesSel, QueueSel (u32 each)
+/// 40      8     driver features
+/// 48      40    the queue: max size, size, next avail, next used (u16 each),
+///               ready, event idx (u8 each), 6 zero, desc, avail, used (u64 each)
+/// 88      64    next tag, submitted, completed, refused, bytes read,
+///               bytes written, host errors, disk digest (u64 each)
+/// 152     8     written blocks count n (u32), pending count m (u32)
+/// 160     8n    written blocks since the last digest (u64 each)
+///         …     m pending requests: tag u64, head u16, 2 zero, kind u32,
+///               offset u64, status addr u64, len u32, status u8, 3 zero,
+///               hash u64, target count t u32, 4 zero (56 bytes), then
+///               t targets: address u64, length u32, 4 zero
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlkState {
+    /// Size of the disk.
+    pub capacity: u64,
+    /// xxh3-64 of the whole image at the capture, if taken: the receiver
+    /// checks its copy against it (the disk's part of the hand-over digest).
+    pub content_hash: Option<u64>,
+    /// Status register.
+    pub status: u32,
+    /// DeviceFeaturesSel.
+    pub device_features_sel: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_sel: u32,
+    /// QueueSel.
+    pub queue_sel: u32,
+    /// Features the driver accepted.
+    pub driver_features: u64,
+    /// The request queue.
+    pub queue: nic::virtio::QueueSnapshot,
+    /// The next request's tag.
+    pub next_tag: u64,
+    /// Counters.
+    pub stats: BlkStats,
+    /// Host errors seen.
+    pub host_errors: u64,
+    /// The running digest of written blocks.
+    pub disk_digest: u64,
+    /// Blocks written since the last digest.
+    pub written: Vec<u64>,
+    /// Requests not yet delivered.
+    pub pending: Vec<PendingState>,
+}
+
+const BLK_STATE_FIXED: usize = 160;
+const PENDING_FIXED: usize = 56;
+
+impl BlkState {
+    /// The state's bytes (see the type's docs); read data excluded.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(BLK_STATE_FIXED + 8 * self.written.len());
+        let u64s = |out: &mut Vec<u8>, words: &[u64]| {
+            for word in words {
+                out.extend_from_slice(&word.to_le_bytes());
+            }
+        };
+        u64s(&mut out, &[self.capacity, self.content_hash.unwrap_or(0)]);
+        out.push(u8::from(self.content_hash.is_some()));
+        out.extend_from_slice(&[0; 7]);
+        for word in [
+            self.status,
+            self.device_features_sel,
+            self.driver_features_sel,
+            self.queue_sel,
+        ] {
+            out.extend_from_slice(&word.to_le_bytes());
+        }
+        u64s(&mut out, &[self.driver_features]);
+        let q = &self.queue;
+        for half in [q.max_size, q.size, q.next_avail, q.next_used] {
+            out.extend_from_slice(&half.to_le_bytes());
+        }
+        out.extend_from_slice(&[u8::from(q.ready), u8::from(q.event_idx), 0, 0, 0, 0, 0, 0]);
+        u64s(&mut out, &[q.desc_table, q.avail_ring, q.used_ring]);
+        let st = &self.stats;
+        u64s(
+            &mut out,
+            &[
+                self.next_tag,
+                st.submitted,
+                st.completed,
+                st.refused,
+                st.bytes_read,
+                st.bytes_written,
+                self.host_errors,
+                self.disk_digest,
+            ],
+        );
+        out.extend_from_slice(&(self.written.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(self.pending.len() as u32).to_le_bytes());
+        u64s(&mut out, &self.written);
+        for p in &self.pending {
+            out.extend_from_slice(&p.tag.to_le_bytes());
+            out.extend_from_slice(&p.head.to_le_bytes());
+            out.extend_from_slice(&[0, 0]);
+            out.extend_from_slice(&p.kind.to_le_bytes());
+            u64s(&mut out, &[p.offset, p.status_addr]);
+            out.extend_from_slice(&p.done.len.to_le_bytes());
+            out.extend_from_slice(&[p.done.status, 0, 0, 0]);
+            u64s(&mut out, &[p.done.hash]);
+            out.extend_from_slice(&(p.targets.len() as u32).to_le_bytes());
+            out.extend_from_slice(&[0; 4]);
+            for (addr, len) in &p.targets {
+                out.extend_from_slice(&addr.to_le_bytes());
+                out.extend_from_slice(&len.to_le_bytes());
+                out.extend_from_slice(&[0; 4]);
+            }
+        }
+        out
+    }
+
+    /// Parses [`Self::to_bytes`]; says what is wrong, and where.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
+        let mut at = 0usize;
+        let mut take = |len: usize, what: &str| -> Result<&[u8], String> {
+            let part = bytes.get(at..at + len).ok_or_else(|| {
+                format!(
+                    "virtio-blk state ends at byte {} inside {what} ({len} bytes from byte {at})",
+                    bytes.len()
+                )
+            })?;
+            at += len;
+            Ok(part)
+        };
+        let u64_of = |raw: &[u8]| {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(&raw[..8]);
+            u64::from_le_bytes(word)
+        };
+        let u32_of = |raw: &[u8]| u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
+        let u16_of = |raw: &[u8]| u16::from_le_bytes([raw[0], raw[1]]);
+        let flag = |value: u8, what: &str| match value {
+            0 => Ok(false),
+            1 => Ok(true),
+            other => Err(format!("virtio-blk state: {what} is {other}, not 0 or 1")),
+        };
+        let fixed = take(BLK_STATE_FIXED, "the fixed part")?;
+        let capacity = u64_of(&fixed[0..]);
+        let content_hash = flag(fixed[16], "the content-hash flag")?.then(|| u64_of(&fixed[8..]));
+        if fixed[17..24] != [0; 7] || fixed[58..64] != [0; 6] {
+            return Err("virtio-blk state: non-zero padding".into());
+        }
+        if capacity == 0 || !capacity.is_multiple_of(SECTOR) {
+            return Err(format!(
+                "virtio-blk state: a disk of {capacity} bytes is not a whole number of sectors"
+            ));
+        }
+        let queue = nic::virtio::QueueSnapshot {
+            max_size: u16_of(&fixed[48..]),
+            size: u16_of(&fixed[50..]),
+            next_avail: u16_of(&fixed[52..]),
+            next_used: u16_of(&fixed[54..]),
+            ready: flag(fixed[56], "queue ready")?,
+            event_idx: flag(fixed[57], "queue event idx")?,
+            desc_table: u64_of(&fixed[64..]),
+            avail_ring: u64_of(&fixed[72..]),
+            used_ring: u64_of(&fixed[80..]),
+        };
+        let word = |i: usize| u64_of(&fixed[88 + 8 * i..]);
+        let written_count = u32_of(&fixed[152..]) as u64;
+        let pending_count = u32_of(&fixed[156..]);
+        let blocks = capacity.div_ceil(DISK_BLOCK);
+        if written_count > blocks {
+            return Err(format!(
+                "virtio-blk state: {written_count} written blocks, the disk has {blocks}"
+            ));
+        }
+        if pending_count > u32::from(QUEUE_SIZE) {
+            return Err(format!(
+                "virtio-blk state: {pending_count} pending requests, the queue holds {QUEUE_SIZE}"
+            ));
+        }
+        let mut written = Vec::with_capacity(written_count as usize);
+        for _ in 0..written_count {
+            let block = u64_of(take(8, "a written block")?);
+            if block >= blocks {
+                return Err(format!(
+                    "virtio-blk state: written block {block} is beyond the disk's {blocks}"
+                ));
+            }
+            written.push(block);
+        }
+        let mut pending = Vec::with_capacity(pending_count as usize);
+        for index in 0..pending_count {
+            let raw = take(PENDING_FIXED, "a pending request")?;
+            let done = Completion {
+                tag: u64_of(&raw[0..]),
+                len: u32_of(&raw[32..]),
+                status: raw[36],
+                hash: u64_of(&raw[40..]),
+            };
+            if done.status > S_UNSUPP {
+                return Err(format!(
+                    "virtio-blk state: pending request {index} has status {}",
+                    done.status
+                ));
+            }
+            let targets_count = u32_of(&raw[48..]);
+            if targets_count > u32::from(QUEUE_SIZE) {
+                return Err(format!(
+                    "virtio-blk state: pending request {index} has {targets_count} buffers"
+                ));
+            }
+            let mut request = PendingState {
+                tag: done.tag,
+                head: u16_of(&raw[8..]),
+                kind: u32_of(&raw[12..]),
+                offset: u64_of(&raw[16..]),
+                status_addr: u64_of(&raw[24..]),
+                targets: Vec::with_capacity(targets_count as usize),
+                done,
+                data: Vec::new(),
+            };
+            for _ in 0..targets_count {
+                let target = take(16, "a request buffer")?;
+                request
+                    .targets
+                    .push((u64_of(&target[0..]), u32_of(&target[8..])));
+            }
+            pending.push(request);
+        }
+        if at != bytes.len() {
+            return Err(format!(
+                "virtio-blk state has {} bytes after its end at byte {at}",
+                bytes.len() - at
+            ));
+        }
+        Ok(Self {
+            capacity,
+            content_hash,
+            status: u32_of(&fixed[24..]),
+            device_features_sel: u32_of(&fixed[28..]),
+            driver_features_sel: u32_of(&fixed[32..]),
+            queue_sel: u32_of(&fixed[36..]),
+            driver_features: u64_of(&fixed[40..]),
+            queue,
+            next_tag: word(0),
+            stats: BlkStats {
+                submitted: word(1),
+                completed: word(2),
+                refused: word(3),
+                bytes_read: word(4),
+                bytes_written: word(5),
+            },
+            host_errors: word(6),
+            disk_digest: word(7),
+            written,
+            pending,
+        })
+    }
+}
+
+impl VirtioBlk {
+    /// The running digest of the disk as of the last [`Self::settle_digest`].
+    pub fn disk_digest(&self) -> u64 {
+        self.disk_digest
+    }
+
+    /// At a digest exit (the same on every replica): waits for the
+    /// requests in flight, then folds every block written since the last
+    /// digest, read back from this replica's own image, into the running
+    /// digest, in block order: `d = xxh3(d ‖ block ‖ xxh3(block bytes))`.
+    /// So images that differ in a written block make the digests differ
+    /// without the guest reading it; the cost is one read per written
+    /// block per digest.
+    pub fn settle_digest(&mut self) -> Result<u64, VmmError> {
+        if self.written.is_empty() {
+            return Ok(self.disk_digest);
+        }
+        self.disk.drain()?;
+        for block in std::mem::take(&mut self.written) {
+            let offset = block * DISK_BLOCK;
+            let len = DISK_BLOCK.min(self.disk.capacity.saturating_sub(offset)) as usize;
+            let data = self.disk.read_at(offset, len)?;
+            let mut record = [0u8; 24];
+            record[..8].copy_from_slice(&self.disk_digest.to_le_bytes());
+            record[8..16].copy_from_slice(&block.to_le_bytes());
+            record[16..].copy_from_slice(&xxhash_rust::xxh3::xxh3_64(&data).to_le_bytes());
+            self.disk_digest = xxhash_rust::xxh3::xxh3_64(&record);
+        }
+        Ok(self.disk_digest)
+    }
+
+    /// A state transfer's pause: waits for the requests in flight, stops
+    /// the dirty tracking, and copies what is still dirty (`(offset,
+    /// bytes)` runs) and the device's state (with the image's content hash
+    /// if `content_hash`: a read of the whole image during the pause).
+    pub fn capture(&mut self, content_hash: bool) -> Result<(BlkState, Vec<DiskRun>), VmmError> {
+        self.disk.drain()?;
+        self.disk.dirty.logging.store(false, Ordering::Release);
+        let mut blocks = Vec::new();
+        for block in self.disk.dirty.take() {
+            let offset = block * DISK_BLOCK;
+            let len = DISK_BLOCK.min(self.disk.capacity.saturating_sub(offset)) as usize;
+            blocks.push((offset, self.disk.read_at(offset, len)?));
+        }
+        let mut pending = Vec::with_capacity(self.pending.len());
+        let mut tags: Vec<u64> = self.pending.keys().copied().collect();
+        tags.sort_unstable();
+        for tag in tags {
+            let Some(request) = self.pending.get(&tag) else {
+                continue;
+            };
+            let done = self
+                .disk
+                .finished
+                .iter()
+                .find(|done| done.tag == tag)
+                .copied()
+                .ok_or_else(|| {
+                    VmmError::Config(format!(
+                        "disk request {tag} is outstanding but has no host completion after the drain"
+                    ))
+                })?;
+            let (offset, data) = match self.disk.buffers.get(&tag) {
+                Some((T_IN, offset, data)) => (*offset, data.clone()),
+                Some((_, offset, _)) => (*offset, Vec::new()),
+                None => (0, Vec::new()),
+            };
+            pending.push(PendingState {
+                tag,
+                head: request.head,
+                kind: request.kind,
+                offset,
+                status_addr: request.status_addr,
+                targets: request.targets.clone(),
+                done,
+                data,
+            });
+        }
+        let state = self.queue.state();
+        let saved = BlkState {
+            capacity: self.disk.capacity,
+            content_hash: if content_hash {
+                Some(self.disk.content_hash()?)
+            } else {
+                None
+            },
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            driver_features: self.driver_features,
+            queue: nic::virtio::QueueSnapshot {
+                max_size: state.max_size,
+                size: state.size,
+                next_avail: state.next_avail,
+                next_used: state.next_used,
+                ready: state.ready,
+                event_idx: state.event_idx_enabled,
+                desc_table: state.desc_table,
+                avail_ring: state.avail_ring,
+                used_ring: state.used_ring,
+            },
+            next_tag: self.next_tag,
+            stats: self.stats,
+            host_errors: self.disk.host_errors,
+            disk_digest: self.disk_digest,
+            written: self.written.iter().copied().collect(),
+            pending,
+        };
+        Ok((saved, blocks))
+    }
+
+    /// Rebuilds the device of a state transfer over `disk` (the receiver's
+    /// copy of the image, already written).
+    pub fn restore(mut disk: Disk, state: &BlkState) -> Result<Self, VmmError> {
+        if disk.capacity != state.capacity {
+            return Err(VmmError::Config(format!(
+                "disk image {} has {} bytes, the transferred disk {}",
+                disk.path.display(),
+                disk.capacity,
+                state.capacity
+            )));
+        }
+        let q = state.queue;
+        if q.max_size != QUEUE_SIZE {
+            return Err(VmmError::Config(format!(
+                "the transferred virtio-blk queue has maximum size {}, this device offers {QUEUE_SIZE}",
+                q.max_size
+            )));
+        }
+        let queue = Queue::try_from(virtio_queue::QueueState {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        })
+        .map_err(|e| VmmError::Config(format!("the transferred virtio-blk queue: {e:?}")))?;
+        disk.host_errors = state.host_errors;
+        disk.restore_requests(&state.pending);
+        let pending = state
+            .pending
+            .iter()
+            .map(|p| {
+                (
+                    p.tag,
+                    Pending {
+                        head: p.head,
+                        kind: p.kind,
+                        targets: p.targets.clone(),
+                        status_addr: p.status_addr,
+                    },
+                )
+            })
+            .collect();
+        Ok(Self {
+            disk,
+            status: state.status,
+            device_features_sel: state.device_features_sel,
+            driver_features_sel: state.driver_features_sel,
+            driver_features: state.driver_features,
+            queue_sel: state.queue_sel,
+            queue,
+            next_tag: state.next_tag,
+            pending,
+            stats: state.stats,
+            written: state.written.iter().copied().collect(),
+            disk_digest: state.disk_digest,
+        })
     }
 }
 

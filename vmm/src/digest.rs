@@ -62,6 +62,18 @@ impl Digest {
         })
     }
 
+    /// Folds a disk's running digest ([`crate::block::VirtioBlk::settle_digest`])
+    /// into the memory word, so the log's digest record (registers, memory,
+    /// rip) also covers the disk: for a VM with a disk, "memory differs"
+    /// means guest memory or the written disk blocks.
+    pub fn with_disk(mut self, disk: u64) -> Self {
+        let mut words = [0u8; 16];
+        words[..8].copy_from_slice(&self.memory.to_le_bytes());
+        words[8..].copy_from_slice(&disk.to_le_bytes());
+        self.memory = xxh3_64(&words);
+        self
+    }
+
     /// The digest as a log payload.
     pub fn record(&self) -> DigestRecord {
         DigestRecord {

@@ -87,7 +87,7 @@ pub use snapshot::{
 };
 pub use state::{
     EventPosition, MachineState, Received, StateError, StateHeader, StateReader, StateWriter,
-    receive, receive_from,
+    receive, receive_from, receive_with_disk,
 };
 
 /// Everything that can stop the VMM. Messages say what and where.

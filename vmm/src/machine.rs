@@ -107,8 +107,24 @@ impl<E: EventSource> Machine<E> {
         digest_interval: u64,
     ) -> Result<Self, VmmError> {
         let Received {
-            vm, config, state, ..
+            vm,
+            config,
+            state,
+            disk,
+            ..
         } = received;
+        let blk = match (state.blk.as_ref(), disk) {
+            (Some(saved), Some(path)) => Some(VirtioBlk::restore(
+                crate::block::Disk::open(&path, false, None)?,
+                saved,
+            )?),
+            (None, None) => None,
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(VmmError::Config(
+                    "the state's disk does not match the received image".into(),
+                ));
+            }
+        };
         let memory = vm.memory().clone();
         let net = match (config.mac, state.net) {
             (Some(_), Some(saved)) => Some(NetState {
@@ -137,7 +153,7 @@ impl<E: EventSource> Machine<E> {
             events,
             console,
             net,
-            blk: None,
+            blk,
             digest_interval,
             exits: state.exits,
             digests: state.digests,
@@ -159,6 +175,7 @@ impl<E: EventSource> Machine<E> {
         TransferHandle {
             dirty: self.vm.dirty_log(),
             pause: self.pause_handle(),
+            disk: self.blk.as_ref().map(|blk| blk.disk().copier()),
         }
     }
 
@@ -168,19 +185,35 @@ impl<E: EventSource> Machine<E> {
         self.serve_capture(request)
     }
 
-    /// The digest of the current state.
+    /// The digest of the current state (for a VM with a disk, its
+    /// running digest as of the last digest exit folded in).
     pub fn digest(&self) -> Result<Digest, VmmError> {
-        Digest::of(&self.vm)
+        let digest = Digest::of(&self.vm)?;
+        Ok(match &self.blk {
+            Some(blk) => digest.with_disk(blk.disk_digest()),
+            None => digest,
+        })
+    }
+
+    /// The digest at a digest exit: the disk's written blocks are folded
+    /// into its running digest first (the same exits on every replica).
+    fn settled_digest(&mut self) -> Result<Digest, VmmError> {
+        if let Some(blk) = self.blk.as_mut() {
+            blk.settle_digest()?;
+        }
+        self.digest()
     }
 
     fn serve_capture(&mut self, request: CaptureRequest) -> Result<Captured, VmmError> {
         let started = Instant::now();
-        if self.blk.is_some() {
-            return Err(VmmError::Config(
-                "a state transfer of a VM with a disk is not supported yet (issue 19: the disk must travel too)".into(),
-            ));
-        }
         self.vm.complete_pending_io()?;
+        let (blk, disk_blocks) = match self.blk.as_mut() {
+            Some(blk) => {
+                let (state, blocks) = blk.capture(request.digest)?;
+                (Some(state), blocks)
+            }
+            None => (None, Vec::new()),
+        };
         let dirty = self.vm.dirty_log();
         let pages = copy_pages(&dirty, request.memory)?;
         if request.memory == CaptureMemory::Dirty {
@@ -188,7 +221,7 @@ impl<E: EventSource> Machine<E> {
         }
         let vcpu = self.vm.vcpu_state()?;
         let digest = if request.digest {
-            Some(Digest::of(&self.vm)?)
+            Some(self.digest()?)
         } else {
             None
         };
@@ -207,11 +240,13 @@ impl<E: EventSource> Machine<E> {
                 device: net.device.save(),
                 suppressed: net.suppressed,
             }),
+            blk,
             digest,
         };
         Ok(Captured {
             state,
             pages,
+            disk_blocks,
             pause: started.elapsed(),
         })
     }
@@ -237,7 +272,7 @@ impl<E: EventSource> Machine<E> {
             ));
         }
         self.events
-            .disk_identity(disk.capacity(), disk.content_hash()?)?;
+            .disk_identity(disk.capacity(), disk.identity()?)?;
         self.blk = Some(VirtioBlk::new(disk)?);
         Ok(())
     }
@@ -301,7 +336,7 @@ impl<E: EventSource> Machine<E> {
                     let digest_due =
                         self.digest_interval != 0 && number.is_multiple_of(self.digest_interval);
                     if self.events.stop_requested(number)? {
-                        let final_digest = Digest::of(&self.vm)?;
+                        let final_digest = self.settled_digest()?;
                         self.digests += 1;
                         self.events.stopped(number, &final_digest)?;
                         return self.finish(number, 0, true, final_digest, started);
@@ -349,7 +384,7 @@ impl<E: EventSource> Machine<E> {
     }
 
     fn take_digest(&mut self, exit: u64) -> Result<Digest, VmmError> {
-        let digest = Digest::of(&self.vm)?;
+        let digest = self.settled_digest()?;
         self.events.digest(exit, &digest)?;
         self.digests += 1;
         Ok(digest)

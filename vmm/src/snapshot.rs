@@ -72,6 +72,9 @@ pub struct Captured {
     pub state: MachineState,
     /// Runs of guest pages `(address, bytes)` copied during the pause.
     pub pages: Vec<(u64, Vec<u8>)>,
+    /// Disk blocks `(offset, bytes)` still dirty at the pause, copied
+    /// during it (a VM with a disk).
+    pub disk_blocks: Vec<(u64, Vec<u8>)>,
     /// How long the guest was paused.
     pub pause: Duration,
 }
@@ -93,6 +96,11 @@ impl Captured {
     ) -> Result<(), StateError> {
         for (addr, bytes) in &self.pages {
             out.memory(round, *addr, bytes)?;
+        }
+        if let Some(blk) = &self.state.blk {
+            for (offset, bytes) in &self.disk_blocks {
+                out.disk(round, blk.capacity, *offset, bytes)?;
+            }
         }
         out.round_end(round, self.page_count())?;
         out.machine(&self.state)
@@ -235,6 +243,8 @@ pub struct TransferHandle {
     pub dirty: DirtyLog,
     /// The pause handle.
     pub pause: PauseHandle,
+    /// The disk, if the VM has one: its blocks travel as pages do.
+    pub disk: Option<crate::block::DiskCopier>,
 }
 
 /// What one pre-copy round did.
@@ -246,6 +256,8 @@ pub struct RoundReport {
     pub pages: u64,
     /// Pages the dirty logs named (round 0: all pages scanned).
     pub dirty: u64,
+    /// Disk blocks ([`crate::block::DISK_BLOCK`] bytes each) sent.
+    pub disk_blocks: u64,
     /// Time the round took (the guest ran meanwhile).
     pub elapsed: Duration,
 }
@@ -306,6 +318,9 @@ impl Precopy {
     pub fn start(handle: &TransferHandle) -> Result<Self, VmmError> {
         handle.dirty.set_logging(true)?;
         handle.dirty.take_host_dirty();
+        if let Some(disk) = &handle.disk {
+            disk.start();
+        }
         Ok(Self {
             handle: handle.clone(),
             round: 0,
@@ -386,12 +401,17 @@ impl Precopy {
             }
         }
         flush(out, &mut run, run_start)?;
+        let disk_blocks = match &self.handle.disk {
+            Some(disk) => copy_disk_round(disk, round, out)?,
+            None => 0,
+        };
         out.round_end(round, sent)?;
         self.round += 1;
         Ok(RoundReport {
             round,
             pages: sent,
             dirty,
+            disk_blocks,
             elapsed: started.elapsed(),
         })
     }
@@ -440,6 +460,9 @@ impl Drop for Precopy {
             // failure here only costs performance, so it is not reported.
             let _ = self.handle.dirty.set_logging(false);
         }
+        if let Some(disk) = &self.handle.disk {
+            disk.stop();
+        }
     }
 }
 
@@ -457,7 +480,9 @@ pub fn send_state<W: std::io::Write>(
     while precopy.rounds() <= policy.max_rounds {
         let report = precopy.round(&mut out)?;
         rounds.push(report);
-        if report.pages <= policy.converged_pages {
+        // A disk block is 16 pages' worth of bytes.
+        let blocks_as_pages = report.disk_blocks * (crate::block::DISK_BLOCK / PAGE_SIZE);
+        if report.pages + blocks_as_pages <= policy.converged_pages {
             break;
         }
     }
@@ -474,6 +499,36 @@ pub fn send_state<W: std::io::Write>(
         total: started.elapsed(),
     };
     Ok((writer, report, captured))
+}
+
+/// One pre-copy round of the disk: round 0 every non-zero block (the
+/// receiver's image starts zeroed), later rounds the blocks written since
+/// the previous round. Returns the blocks sent.
+fn copy_disk_round<W: std::io::Write>(
+    disk: &crate::block::DiskCopier,
+    round: u32,
+    out: &mut StateWriter<W>,
+) -> Result<u64, StateError> {
+    let blocks: Vec<u64> = if round == 0 {
+        (0..disk.blocks()).collect()
+    } else {
+        disk.take_dirty()
+    };
+    let mut sent = 0u64;
+    for block in blocks {
+        let data = disk.read_block(block)?;
+        if round == 0 && is_zero(&data) {
+            continue;
+        }
+        out.disk(
+            round,
+            disk.capacity(),
+            block * crate::block::DISK_BLOCK,
+            &data,
+        )?;
+        sent += 1;
+    }
+    Ok(sent)
 }
 
 /// True if every byte of `page` is zero (branch-free over 8-byte words, so

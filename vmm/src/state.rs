@@ -86,6 +86,8 @@ pub const CHUNK_HEADER_LEN: usize = 16;
 pub const PAGE_SIZE: u64 = 4096;
 /// Largest memory run in one chunk.
 pub const MAX_MEMORY_RUN: usize = 1 << 20;
+/// Largest run of disk bytes in one chunk.
+pub const MAX_DISK_RUN: usize = 512 << 10;
 /// Largest payload of any chunk (a memory run and its address).
 pub const MAX_CHUNK_PAYLOAD: usize = MAX_MEMORY_RUN + 8;
 
@@ -196,6 +198,12 @@ pub enum ChunkKind {
     VirtioNet = 5,
     /// Counters and event position.
     Machine = 6,
+    /// Disk image bytes.
+    Disk = 7,
+    /// virtio-blk device state.
+    VirtioBlk = 8,
+    /// The data of a read finished on the host, not yet delivered.
+    DiskRead = 9,
     /// The end of the stream.
     End = 0x7fff,
 }
@@ -209,6 +217,9 @@ impl ChunkKind {
             4 => Self::PvDevice,
             5 => Self::VirtioNet,
             6 => Self::Machine,
+            7 => Self::Disk,
+            8 => Self::VirtioBlk,
+            9 => Self::DiskRead,
             0x7fff => Self::End,
             _ => return None,
         })
@@ -222,6 +233,9 @@ impl ChunkKind {
             Some(Self::PvDevice) => "pv-device".into(),
             Some(Self::VirtioNet) => "virtio-net".into(),
             Some(Self::Machine) => "machine".into(),
+            Some(Self::Disk) => "disk".into(),
+            Some(Self::VirtioBlk) => "virtio-blk".into(),
+            Some(Self::DiskRead) => "disk-read".into(),
             Some(Self::End) => "end".into(),
             None => format!("unknown kind {raw:#x}"),
         }
@@ -277,6 +291,9 @@ pub struct MachineState {
     pub device: PvDeviceState,
     /// The virtio-net device, if the VM has one.
     pub net: Option<NetDeviceState>,
+    /// The virtio-blk device, if the VM has a disk (its image travels in
+    /// `disk` chunks).
+    pub blk: Option<crate::block::BlkState>,
     /// The digest of the whole state (registers and memory) at this point,
     /// if the capture took one: the restored machine must match it.
     pub digest: Option<Digest>,
@@ -437,6 +454,27 @@ impl<W: Write> StateWriter<W> {
         Ok(())
     }
 
+    /// Writes disk image bytes at `offset` of a disk of `capacity` bytes
+    /// (whole sectors), split into chunks of at most [`MAX_DISK_RUN`].
+    pub fn disk(
+        &mut self,
+        round: u32,
+        capacity: u64,
+        offset: u64,
+        bytes: &[u8],
+    ) -> Result<(), StateError> {
+        let flags = u16::try_from(round).unwrap_or(u16::MAX);
+        for (i, run) in bytes.chunks(MAX_DISK_RUN).enumerate() {
+            let at = offset + (i * MAX_DISK_RUN) as u64;
+            self.chunk(
+                ChunkKind::Disk,
+                flags,
+                &[&capacity.to_le_bytes(), &at.to_le_bytes(), run],
+            )?;
+        }
+        Ok(())
+    }
+
     /// Marks the end of pre-copy round `round`, which sent `pages` pages.
     pub fn round_end(&mut self, round: u32, pages: u64) -> Result<(), StateError> {
         let mut payload = [0u8; 16];
@@ -460,6 +498,16 @@ impl<W: Write> StateWriter<W> {
             let mut payload = net.device.to_bytes();
             payload.extend_from_slice(&net.suppressed.to_le_bytes());
             self.chunk(ChunkKind::VirtioNet, 0, &[&payload])?;
+        }
+        if let Some(blk) = &state.blk {
+            for request in blk.pending.iter().filter(|p| !p.data.is_empty()) {
+                self.chunk(
+                    ChunkKind::DiskRead,
+                    0,
+                    &[&request.tag.to_le_bytes(), &request.data],
+                )?;
+            }
+            self.chunk(ChunkKind::VirtioBlk, 0, &[&blk.to_bytes()])?;
         }
         let mut machine = Vec::with_capacity(64);
         for word in [
@@ -849,6 +897,24 @@ pub enum ChunkRecord<'a> {
         /// The digest at the capture, if one was taken.
         digest: Option<Digest>,
     },
+    /// Disk image bytes at `offset` of a disk of `capacity` bytes.
+    Disk {
+        /// Size of the disk.
+        capacity: u64,
+        /// Byte offset.
+        offset: u64,
+        /// The bytes (whole sectors).
+        bytes: &'a [u8],
+    },
+    /// The virtio-blk device.
+    VirtioBlk(Box<crate::block::BlkState>),
+    /// A finished read's data.
+    DiskRead {
+        /// The request's tag.
+        tag: u64,
+        /// The data.
+        bytes: &'a [u8],
+    },
     /// The end of the stream (its chunk count checked).
     End,
 }
@@ -977,6 +1043,51 @@ pub fn parse_chunk<'a>(
             };
             parse(&mut c).map_err(malformed)?
         }
+        ChunkKind::Disk => {
+            let capacity = c.u64("disk capacity").map_err(malformed)?;
+            let offset = c.u64("disk offset").map_err(malformed)?;
+            let bytes = &chunk.payload[16..];
+            if bytes.is_empty()
+                || bytes.len() > MAX_DISK_RUN
+                || !offset.is_multiple_of(crate::block::SECTOR)
+                || !(bytes.len() as u64).is_multiple_of(crate::block::SECTOR)
+                || capacity == 0
+                || !capacity.is_multiple_of(crate::block::SECTOR)
+            {
+                return Err(malformed(format!(
+                    "{} bytes at offset {offset} of a {capacity}-byte disk: the disk travels in whole 512-byte sectors, at most {MAX_DISK_RUN} bytes a chunk",
+                    bytes.len()
+                )));
+            }
+            if offset
+                .checked_add(bytes.len() as u64)
+                .is_none_or(|end| end > capacity)
+            {
+                return Err(malformed(format!(
+                    "{} bytes at offset {offset} lie beyond the end of the {capacity}-byte disk",
+                    bytes.len()
+                )));
+            }
+            ChunkRecord::Disk {
+                capacity,
+                offset,
+                bytes,
+            }
+        }
+        ChunkKind::VirtioBlk => ChunkRecord::VirtioBlk(Box::new(
+            crate::block::BlkState::from_bytes(&chunk.payload).map_err(malformed)?,
+        )),
+        ChunkKind::DiskRead => {
+            let tag = c.u64("read tag").map_err(malformed)?;
+            let bytes = &chunk.payload[8..];
+            if bytes.len() as u64 > crate::block::MAX_REQUEST_BYTES {
+                return Err(malformed(format!(
+                    "{} bytes of read data, more than a request carries",
+                    bytes.len()
+                )));
+            }
+            ChunkRecord::DiskRead { tag, bytes }
+        }
         ChunkKind::End => {
             c.take(16, "end record").map_err(malformed)?;
             c.done("end record").map_err(malformed)?;
@@ -1014,6 +1125,8 @@ pub struct ReceiveStats {
     pub bytes: u64,
     /// Pre-copy rounds announced.
     pub rounds: u64,
+    /// Disk chunks received (a block sent twice counts twice).
+    pub disk_chunks: u64,
 }
 
 /// A complete, checked state, loaded into a new VM that has not run yet:
@@ -1028,6 +1141,8 @@ pub struct Received {
     pub state: MachineState,
     /// Counters.
     pub stats: ReceiveStats,
+    /// The image the transferred disk was written to (a VM with a disk).
+    pub disk: Option<std::path::PathBuf>,
 }
 
 /// Reads a whole state stream for `image` and builds the VM it describes.
@@ -1046,10 +1161,72 @@ pub fn receive<R: Read>(
 /// [`receive`] from a reader whose header the caller has already looked at
 /// (to find the guest image it names).
 pub fn receive_from<R: Read>(
-    mut reader: StateReader<R>,
+    reader: StateReader<R>,
     image: &[u8],
     expected: Option<&VmConfig>,
 ) -> Result<Received, StateError> {
+    receive_with_disk(reader, image, expected, None)
+}
+
+/// The receiving end of a transferred disk: the local image, emptied and
+/// written block by block as `disk` chunks arrive.
+struct DiskSink {
+    path: std::path::PathBuf,
+    file: Option<(std::fs::File, u64)>,
+    blocks: u64,
+}
+
+impl DiskSink {
+    fn io(&self, what: &str, source: std::io::Error) -> StateError {
+        StateError::Io {
+            what: format!("{what} disk image {}", self.path.display()),
+            source,
+        }
+    }
+
+    /// The image, emptied to `capacity` zero bytes on first use.
+    fn file(&mut self, capacity: u64) -> Result<&std::fs::File, StateError> {
+        if self.file.is_none() {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&self.path)
+                .map_err(|e| self.io("open (to receive it)", e))?;
+            file.set_len(capacity)
+                .map_err(|e| self.io(&format!("size to {capacity} bytes"), e))?;
+            self.file = Some((file, capacity));
+        }
+        match &self.file {
+            Some((file, size)) if *size == capacity => Ok(file),
+            Some((_, size)) => Err(StateError::ConfigMismatch(format!(
+                "the stream's disk chunks name a {capacity}-byte disk after a {size}-byte one"
+            ))),
+            None => Err(StateError::Incomplete("the disk image is not open".into())),
+        }
+    }
+}
+
+/// [`receive_from`] for a VM that may have a disk: its blocks are written
+/// to the image at `disk` (emptied first: the stream carries every
+/// non-zero block), which is then flushed and, if the capture hashed the
+/// primary's image, checked against that hash (the disk's part of the
+/// hand-over digest). A stream with a disk needs `disk`, and `disk` needs
+/// a stream with one.
+pub fn receive_with_disk<R: Read>(
+    mut reader: StateReader<R>,
+    image: &[u8],
+    expected: Option<&VmConfig>,
+    disk: Option<&std::path::Path>,
+) -> Result<Received, StateError> {
+    let mut sink = disk.map(|path| DiskSink {
+        path: path.to_path_buf(),
+        file: None,
+        blocks: 0,
+    });
+    let mut blk: Option<crate::block::BlkState> = None;
+    let mut reads: std::collections::HashMap<u64, Vec<u8>> = std::collections::HashMap::new();
     let header = *reader.header();
     let local = image_id(image);
     if header.image_id != local {
@@ -1122,12 +1299,98 @@ pub fn receive_from<R: Read>(
                 }
                 machine = Some((exits, digests, events, digest));
             }
+            ChunkRecord::Disk {
+                capacity,
+                offset,
+                bytes,
+            } => {
+                let Some(sink) = sink.as_mut() else {
+                    return Err(StateError::ConfigMismatch(
+                        "the primary's VM has a disk, this replica has none: give it --disk FILE (its contents are replaced by the primary's)".into(),
+                    ));
+                };
+                use std::os::unix::fs::FileExt;
+                let file = sink.file(capacity)?;
+                file.write_all_at(bytes, offset).map_err(|e| {
+                    malformed(format!(
+                        "write {} bytes at offset {offset} of the disk image: {e}",
+                        bytes.len()
+                    ))
+                })?;
+                sink.blocks += 1;
+            }
+            ChunkRecord::DiskRead { tag, bytes } => {
+                if reads.insert(tag, bytes.to_vec()).is_some() {
+                    return Err(malformed(format!(
+                        "a second read data chunk for request {tag}"
+                    )));
+                }
+            }
+            ChunkRecord::VirtioBlk(state) => {
+                if blk.is_some() {
+                    return Err(malformed("a second virtio-blk state".into()));
+                }
+                blk = Some(*state);
+            }
             ChunkRecord::End => {
                 stats.bytes = reader.bytes_read();
                 break;
             }
         }
     }
+    let disk = match (&mut sink, &mut blk) {
+        (None, None) => None,
+        (None, Some(_)) => {
+            return Err(StateError::ConfigMismatch(
+                "the primary's VM has a disk, this replica has none: give it --disk FILE (its contents are replaced by the primary's)".into(),
+            ));
+        }
+        (Some(sink), None) => {
+            return Err(StateError::ConfigMismatch(format!(
+                "this replica has a disk ({}), the primary's VM has none",
+                sink.path.display()
+            )));
+        }
+        (Some(sink), Some(blk)) => {
+            for request in &mut blk.pending {
+                if let Some(data) = reads.remove(&request.tag) {
+                    request.data = data;
+                }
+                if request.kind == crate::block::T_IN
+                    && request.done.status == crate::block::S_OK
+                    && request.data.len() as u64 + 1 != u64::from(request.done.len)
+                {
+                    return Err(StateError::Incomplete(format!(
+                        "disk read {} finished with {} bytes, the stream carries {} of its data",
+                        request.tag,
+                        request.done.len.saturating_sub(1),
+                        request.data.len()
+                    )));
+                }
+            }
+            if let Some(tag) = reads.keys().next() {
+                return Err(StateError::ConfigMismatch(format!(
+                    "the stream carries read data for disk request {tag}, which is not outstanding"
+                )));
+            }
+            let file = sink.file(blk.capacity)?;
+            file.sync_data().map_err(|e| StateError::Io {
+                what: "flush the received disk image".into(),
+                source: e,
+            })?;
+            if let Some(expected) = blk.content_hash {
+                let copied = crate::block::Disk::open(&sink.path, true, None)?.content_hash()?;
+                if copied != expected {
+                    return Err(StateError::ConfigMismatch(format!(
+                        "the copied disk image {} hashes to {copied:016x}, the primary's was {expected:016x} at the hand-over",
+                        sink.path.display()
+                    )));
+                }
+            }
+            stats.disk_chunks = sink.blocks;
+            Some(sink.path.clone())
+        }
+    };
     let missing = |what: &str| StateError::Incomplete(format!("the stream has no {what} state"));
     let vcpu = vcpu.ok_or_else(|| missing("vCPU"))?;
     let device = device.ok_or_else(|| missing("paravirtual device"))?;
@@ -1154,9 +1417,11 @@ pub fn receive_from<R: Read>(
             vcpu,
             device,
             net,
+            blk,
             digest,
         },
         stats,
+        disk,
     })
 }
 
