@@ -255,6 +255,16 @@ impl<T: Transport> LogSender<T> {
         })
     }
 
+    /// This sender with crc32c framing in place of the frame tags (and
+    /// expecting the same from its peer): the benchmark's same-run
+    /// baseline only, crate-private so that no replica runs without
+    /// authentication.
+    pub(crate) fn crc32c_baseline(mut self) -> Self {
+        self.sealer = self.sealer.crc32c_baseline();
+        self.opener = self.opener.crc32c_baseline();
+        self
+    }
+
     /// Calls `hook(seq)` on this end's thread the moment an ack advances the
     /// watermark to `seq` (the output gate releases its frames from there:
     /// no timer, no hand-off to another thread).
@@ -551,6 +561,13 @@ impl<T: Transport> LogReceiver<T> {
             last_heard: now,
             metrics: Metrics::new()?,
         })
+    }
+
+    /// The receiver matching [`LogSender::crc32c_baseline`] (bench only).
+    pub(crate) fn crc32c_baseline(mut self) -> Self {
+        self.sealer = self.sealer.crc32c_baseline();
+        self.opener = self.opener.crc32c_baseline();
+        self
     }
 
     /// The transport's name.

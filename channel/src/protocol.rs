@@ -351,7 +351,7 @@ impl FrameKeys {
     /// The sealer for frames `role` sends.
     pub fn sealer(&self, role: Role) -> FrameSealer {
         FrameSealer {
-            key: TagKey::new(&self.key_of(role)),
+            key: FrameMac::Gcm(TagKey::new(&self.key_of(role))),
             next: 1,
         }
     }
@@ -380,7 +380,7 @@ impl FrameKeys {
             Role::Backup => Role::Primary,
         };
         FrameOpener {
-            key: TagKey::new(&self.key_of(peer)),
+            key: FrameMac::Gcm(TagKey::new(&self.key_of(peer))),
             last: 0,
         }
     }
@@ -397,7 +397,7 @@ impl FrameKeys {
 /// Seals the frames one end sends: its direction's key and frame counter.
 #[derive(Clone)]
 pub struct FrameSealer {
-    key: TagKey,
+    key: FrameMac,
     next: u64,
 }
 
@@ -405,8 +405,57 @@ pub struct FrameSealer {
 /// last counter accepted.
 #[derive(Clone)]
 pub struct FrameOpener {
-    key: TagKey,
+    key: FrameMac,
     last: u64,
+}
+
+impl FrameSealer {
+    /// This sealer with unauthenticated crc32c framing instead of the tag:
+    /// only for the same-run baseline of [`crate::bench`] (crate-private,
+    /// so no replica can be built without authentication).
+    pub(crate) fn crc32c_baseline(self) -> Self {
+        Self {
+            key: FrameMac::Crc32cBaseline,
+            ..self
+        }
+    }
+}
+
+impl FrameOpener {
+    /// The opener matching [`FrameSealer::crc32c_baseline`] (bench only).
+    pub(crate) fn crc32c_baseline(self) -> Self {
+        Self {
+            key: FrameMac::Crc32cBaseline,
+            ..self
+        }
+    }
+}
+
+/// What a frame's 16 tag bytes hold.
+// One per channel end, on the hot path: not boxed (no pointer chase).
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone)]
+enum FrameMac {
+    /// The AES-256-GCM tag (every connection a replica makes).
+    Gcm(TagKey),
+    /// crc32c of the tagged header and the payload in the first 4 bytes,
+    /// zeros after: the pre-authentication framing, reachable only from the
+    /// crate's benchmark (its same-run baseline).
+    Crc32cBaseline,
+}
+
+impl FrameMac {
+    fn tag(&self, counter: u64, tagged_header: &[u8], payload: &[u8]) -> [u8; TAG_LEN] {
+        match self {
+            FrameMac::Gcm(k) => k.tag(counter, tagged_header, payload),
+            FrameMac::Crc32cBaseline => {
+                let crc = crc32c::crc32c_append(crc32c::crc32c(tagged_header), payload);
+                let mut tag = [0u8; TAG_LEN];
+                tag[..4].copy_from_slice(&crc.to_le_bytes());
+                tag
+            }
+        }
+    }
 }
 
 /// One direction's tag key: AES-256 under the direction's frame key, and
@@ -1397,6 +1446,28 @@ mod tests {
         buf
     }
 
+    /// The bench-only crc32c framing round-trips with its own opener, and
+    /// a frame it sealed is refused by every real (authenticating) opener:
+    /// it cannot stand in for a tag.
+    #[test]
+    fn crc32c_baseline_frames_are_refused_by_authenticating_ends() {
+        let mut crc = sealer().crc32c_baseline();
+        let frame = batch_with(&mut crc, 1, 1, &[b"unauthenticated"]);
+        let f = decode_frame(&frame, 1, 1, &mut opener().crc32c_baseline()).unwrap();
+        assert_eq!(f.count, 1);
+        assert!(matches!(
+            decode_frame(&frame, 1, 1, &mut opener()),
+            Err(FrameError::Corrupt { .. })
+        ));
+        // And the crc still catches damage in the baseline.
+        let mut bad = frame.clone();
+        bad[FRAME_HEADER_LEN + 9] ^= 1;
+        assert!(matches!(
+            decode_frame(&bad, 1, 1, &mut opener().crc32c_baseline()),
+            Err(FrameError::Corrupt { .. })
+        ));
+    }
+
     /// A frame sealed with another connection's keys (an attacker who saw
     /// the handshake but lacks the pre-shared key), or replayed, or sent
     /// in the wrong direction, is refused.
@@ -1462,7 +1533,7 @@ mod tests {
         let keys = FrameKeys::for_tests();
         let gcm = aes_gcm::Aes256Gcm::new((&keys.primary_to_backup).into());
         let mut s = sealer();
-        for payload_len in [0usize, 1, 15, 16, 17, 40, 1500, 65536] {
+        for payload_len in [0usize, 1, 15, 16, 17, 40, 255, 256, 257, 1500, 4000, 65536] {
             let mut buf = vec![0u8; FRAME_HEADER_LEN + payload_len];
             for (i, b) in buf[FRAME_HEADER_LEN..].iter_mut().enumerate() {
                 *b = (i as u8).wrapping_mul(31);
