@@ -32,7 +32,7 @@ use tuning::{AckPolicy, BatchPolicy, Liveness};
 
 use crate::protocol::{
     FRAME_HEADER_LEN, FrameError, FrameKind, FrameOpener, FrameSealer, Role, batch_entries,
-    decode_frame, encode_control, entry_space, put_entry, seal,
+    decode_frame, decode_frame_prehashed, encode_control, entry_space, put_entry, seal,
 };
 use crate::transport::{Transport, TransportError};
 
@@ -629,8 +629,16 @@ impl<T: Transport> LogReceiver<T> {
         let mut delivered = 0usize;
         for _ in 0..MAX_FRAMES_PER_POLL {
             let (kind, seq, count) = {
-                let Some(bytes) = self.t.recv()? else { break };
-                let f = decode_frame(bytes, self.generation, self.expected, &mut self.opener)?;
+                let Some((bytes, pre)) = self.t.recv_prehashed(&self.opener)? else {
+                    break;
+                };
+                let f = decode_frame_prehashed(
+                    bytes,
+                    self.generation,
+                    self.expected,
+                    &mut self.opener,
+                    pre,
+                )?;
                 if f.kind == FrameKind::Batch {
                     if f.seq < self.expected {
                         return Err(FrameError::Duplicate {

@@ -380,7 +380,9 @@ fn update_wide(y: &[u8; 16], w: &WidePowers, data: &[u8]) -> [u8; 16] {
         let mut lo = _mm256_setzero_si256();
         let mut hi = _mm256_setzero_si256();
         let mut mid = _mm256_setzero_si256();
-        for j in 0..8 {
+        // The first pair last: only it depends on the previous group's
+        // reduction, so the other seven products overlap that reduction.
+        for j in (0..8).rev() {
             let Some(pair) = group.get(j * 32..j * 32 + 32) else {
                 break;
             };

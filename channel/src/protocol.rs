@@ -422,6 +422,29 @@ impl FrameSealer {
 }
 
 impl FrameOpener {
+    /// Starts the tag of a frame whose header (the transport's private
+    /// copy) is `header`, for a transport that hashes the payload as it
+    /// copies it (see [`PreHashed`]). `None` under the bench's crc32c
+    /// framing or for a header too short.
+    pub(crate) fn start_hashing(&self, header: &[u8]) -> Option<FrameHasher<'_>> {
+        let FrameMac::Gcm(key) = &self.key else {
+            return None;
+        };
+        let (h, _) = FrameHeader::ref_from_prefix(header).ok()?;
+        let mut tagged = [0u8; TAGGED_HEADER_LEN];
+        tagged.copy_from_slice(&h.as_bytes()[..TAGGED_HEADER_LEN]);
+        let mut g = key.ghash.start();
+        g.update_padded(&tagged);
+        Some(FrameHasher {
+            key,
+            g,
+            header: tagged,
+            counter: h.counter.get(),
+            payload_len: h.len.get() as usize,
+            hashed: 0,
+        })
+    }
+
     /// The opener matching [`FrameSealer::crc32c_baseline`] (bench only).
     pub(crate) fn crc32c_baseline(self) -> Self {
         Self {
@@ -493,15 +516,26 @@ impl TagKey {
     }
 
     fn tag(&self, counter: u64, tagged_header: &[u8], payload: &[u8]) -> [u8; TAG_LEN] {
-        use aes::cipher::BlockEncrypt;
         let mut g = self.ghash.start();
         g.update_padded(tagged_header);
         g.update_padded(payload);
+        self.finish(counter, g, tagged_header.len(), payload.len())
+    }
+
+    /// The tag from the GHASH state `g` after the header and the payload.
+    fn finish(
+        &self,
+        counter: u64,
+        mut g: crate::ghash::GHashState<'_>,
+        header_len: usize,
+        payload_len: usize,
+    ) -> [u8; TAG_LEN] {
+        use aes::cipher::BlockEncrypt;
         // Lengths in bits; a payload is at most 4 GiB (its length is a
         // u32 on the wire), so neither product overflows.
         let mut lengths = [0u8; 16];
-        lengths[..8].copy_from_slice(&(tagged_header.len() as u64 * 8).to_be_bytes());
-        lengths[8..].copy_from_slice(&(payload.len() as u64 * 8).to_be_bytes());
+        lengths[..8].copy_from_slice(&(header_len as u64 * 8).to_be_bytes());
+        lengths[8..].copy_from_slice(&(payload_len as u64 * 8).to_be_bytes());
         g.update_padded(&lengths);
         let s = g.finalize();
         let mut j0 = aes::Block::default();
@@ -519,6 +553,58 @@ impl TagKey {
 /// Constant-time equality of two tags.
 fn tags_equal(a: &[u8; TAG_LEN], b: &[u8; TAG_LEN]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A frame's tag computed by the transport while it copied the frame out
+/// of memory the peer can write (the shared-memory ring), chunk by chunk
+/// from its private copy as each chunk landed, so the payload is read
+/// once while it is in cache instead of copied, then read again by
+/// [`decode_frame`]. Only this crate's transports can make one
+/// ([`FrameOpener::start_hashing`]); it is bound to the 40 tagged header
+/// bytes it was computed with, and [`decode_frame_prehashed`] uses it only
+/// for a frame with exactly those bytes (else it computes the tag itself).
+/// The transport's contract: the payload it hashed is the payload of the
+/// frame it returns (the same private copy).
+#[derive(Clone, Copy, Debug)]
+pub struct PreHashed {
+    header: [u8; TAGGED_HEADER_LEN],
+    tag: [u8; TAG_LEN],
+}
+
+/// A frame tag being computed over a payload copied in chunks (see
+/// [`PreHashed`]).
+pub(crate) struct FrameHasher<'k> {
+    key: &'k TagKey,
+    g: crate::ghash::GHashState<'k>,
+    header: [u8; TAGGED_HEADER_LEN],
+    counter: u64,
+    payload_len: usize,
+    hashed: usize,
+}
+
+impl FrameHasher<'_> {
+    /// Payload bytes the header announces.
+    pub(crate) fn payload_len(&self) -> usize {
+        self.payload_len
+    }
+
+    /// Folds in the next payload bytes; every chunk but the last must be
+    /// a multiple of 16 bytes long (GHASH pads each call's input).
+    pub(crate) fn update(&mut self, chunk: &[u8]) {
+        debug_assert!(self.hashed.is_multiple_of(16));
+        self.g.update_padded(chunk);
+        self.hashed = self.hashed.saturating_add(chunk.len());
+    }
+
+    /// The tag, if exactly the announced payload was hashed.
+    pub(crate) fn finish(self) -> Option<PreHashed> {
+        (self.hashed == self.payload_len).then(|| PreHashed {
+            header: self.header,
+            tag: self
+                .key
+                .finish(self.counter, self.g, TAGGED_HEADER_LEN, self.payload_len),
+        })
+    }
 }
 
 /// Handshake failures. Each says which check failed and with which values.
@@ -1215,6 +1301,18 @@ pub fn decode_frame<'a>(
     expected_seq: u64,
     opener: &mut FrameOpener,
 ) -> Result<Frame<'a>, FrameError> {
+    decode_frame_prehashed(bytes, generation, expected_seq, opener, None)
+}
+
+/// [`decode_frame`] with the tag the transport computed as it copied the
+/// frame ([`PreHashed`]; used only if its header bytes are this frame's).
+pub fn decode_frame_prehashed<'a>(
+    bytes: &'a [u8],
+    generation: u64,
+    expected_seq: u64,
+    opener: &mut FrameOpener,
+    pre: Option<PreHashed>,
+) -> Result<Frame<'a>, FrameError> {
     let (h, rest) = FrameHeader::ref_from_prefix(bytes).map_err(|_| FrameError::Truncated {
         got: bytes.len(),
         want: FRAME_HEADER_LEN,
@@ -1227,9 +1325,11 @@ pub fn decode_frame<'a>(
         });
     }
     let payload = &rest[..len];
-    let computed = opener
-        .key
-        .tag(h.counter.get(), &h.as_bytes()[..TAGGED_HEADER_LEN], payload);
+    let tagged = &h.as_bytes()[..TAGGED_HEADER_LEN];
+    let computed = match pre {
+        Some(p) if matches!(opener.key, FrameMac::Gcm(_)) && p.header[..] == *tagged => p.tag,
+        _ => opener.key.tag(h.counter.get(), tagged, payload),
+    };
     if !tags_equal(&computed, &h.tag) {
         return Err(FrameError::Corrupt {
             seq: h.seq.get(),
@@ -1427,7 +1527,17 @@ mod tests {
     }
 
     fn batch_with(sealer: &mut FrameSealer, gen_: u64, seq: u64, entries: &[&[u8]]) -> Vec<u8> {
-        let mut buf = vec![0u8; 4096];
+        batch_with_cap(sealer, gen_, seq, entries, 4096)
+    }
+
+    fn batch_with_cap(
+        sealer: &mut FrameSealer,
+        gen_: u64,
+        seq: u64,
+        entries: &[&[u8]],
+        cap: usize,
+    ) -> Vec<u8> {
+        let mut buf = vec![0u8; cap.max(4096)];
         let mut at = FRAME_HEADER_LEN;
         for e in entries {
             at = put_entry(&mut buf, at, e);
@@ -1444,6 +1554,60 @@ mod tests {
         .unwrap();
         buf.truncate(n);
         buf
+    }
+
+    /// A tag computed chunk by chunk as a transport copies the payload
+    /// ([`FrameOpener::start_hashing`]) equals the sealed one, for payloads
+    /// around the GHASH strides; a damaged payload hashed that way is
+    /// refused; a pre-hashed tag is ignored for a frame with other header
+    /// bytes, and a header announcing more than was hashed gets none.
+    #[test]
+    fn tags_hashed_while_copying_match_and_still_refuse() {
+        let mut s = sealer();
+        let mut o = opener();
+        let mut seq = 1;
+        for len in [0usize, 1, 16, 255, 256, 257, 2048, 2049, 5000, 65536] {
+            let entry = vec![0xa5u8; len];
+            let frame = batch_with_cap(&mut s, 1, seq, &[&entry], len + 64);
+            for chunk in [16, 256, 2048] {
+                let mut h = o.start_hashing(&frame).unwrap();
+                let end = FRAME_HEADER_LEN + h.payload_len();
+                for c in frame[FRAME_HEADER_LEN..end].chunks(chunk) {
+                    h.update(c);
+                }
+                let pre = h.finish().unwrap();
+                let want = FrameHeader::ref_from_prefix(&frame[..]).unwrap().0.tag;
+                assert_eq!(pre.tag, want, "len {len} chunk {chunk}");
+                let mut bad = frame.clone();
+                *bad.last_mut().unwrap() ^= 1;
+                let mut h = o.start_hashing(&bad).unwrap();
+                h.update(&bad[FRAME_HEADER_LEN..]);
+                let pre_bad = h.finish();
+                assert!(matches!(
+                    decode_frame_prehashed(&bad, 1, seq, &mut o.clone(), pre_bad),
+                    Err(FrameError::Corrupt { .. })
+                ));
+            }
+            let mut h = o.start_hashing(&frame).unwrap();
+            h.update(&frame[FRAME_HEADER_LEN..frame.len() - 8]);
+            assert!(h.finish().is_none(), "too few bytes hashed");
+            let mut h = o.start_hashing(&frame).unwrap();
+            h.update(&frame[FRAME_HEADER_LEN..]);
+            let pre = h.finish();
+            decode_frame_prehashed(&frame, 1, seq, &mut o, pre).unwrap();
+            seq += 1;
+        }
+        // A tag hashed for one frame is not used for another header: the
+        // next frame is checked on its own bytes (and passes).
+        let first = batch_with(&mut s, 1, seq, &[b"a"]);
+        let second = batch_with(&mut s, 1, seq + 1, &[b"b"]);
+        let mut h = o.start_hashing(&first).unwrap();
+        h.update(&first[FRAME_HEADER_LEN..]);
+        let pre_first = h.finish();
+        let mut o2 = o.clone();
+        decode_frame_prehashed(&second, 1, seq + 1, &mut o2, pre_first).unwrap();
+        // The crc32c baseline opener hashes nothing ahead.
+        assert!(opener().crc32c_baseline().start_hashing(&first).is_none());
     }
 
     /// The bench-only crc32c framing round-trips with its own opener, and

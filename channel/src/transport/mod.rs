@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::protocol::{FrameKeys, HandshakeError};
+use crate::protocol::{FrameKeys, FrameOpener, HandshakeError, PreHashed};
 
 /// Transport failures.
 #[derive(Debug, Error)]
@@ -105,6 +105,11 @@ impl TransportError {
     }
 }
 
+/// A received frame (valid until the transport's next `&mut self` call)
+/// and, if the transport computed it while copying, its tag
+/// ([`Transport::recv_prehashed`]).
+pub type Received<'a> = (&'a [u8], Option<PreHashed>);
+
 /// A non-blocking, frame-oriented, bidirectional transport.
 pub trait Transport: Send {
     /// Short name for reports ("uring-tcp", "shm", "rdma").
@@ -134,6 +139,18 @@ pub trait Transport: Send {
     /// The next complete received frame, if any. It stays valid until the
     /// next call of any `&mut self` method.
     fn recv(&mut self) -> Result<Option<&[u8]>, TransportError>;
+
+    /// [`Transport::recv`], and the frame's tag if the transport computed
+    /// it while copying the frame out of memory the peer can write (the
+    /// shared-memory ring does, with `opener`'s key: see
+    /// [`crate::protocol::PreHashed`]). The default computes nothing.
+    fn recv_prehashed(
+        &mut self,
+        opener: &FrameOpener,
+    ) -> Result<Option<Received<'_>>, TransportError> {
+        let _ = opener;
+        Ok(self.recv()?.map(|b| (b, None)))
+    }
 
     /// True once every committed frame has left this process (the open
     /// reservation, if any, does not count). The sender seals a batch when
