@@ -400,7 +400,10 @@ pub fn peer_main(args: &[String]) -> Result<String, Box<dyn Error>> {
     let corrupt_at = opt.get("corrupt_at").map(|v| v.parse()).transpose()?;
     let endpoint = get("endpoint", "127.0.0.1:7000");
     let listen = opt.contains_key("listen");
-    let profile = Profile::two_core();
+    let mut profile = Profile::two_core();
+    if let Some(ms) = opt.get("peer_timeout_ms") {
+        profile.liveness.peer_timeout = Duration::from_millis(ms.parse()?);
+    }
     let max_frame = profile.batch.max_bytes as usize + 4096;
     let g = session.generation;
     match get("transport", "uring").as_str() {
