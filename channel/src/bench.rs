@@ -96,7 +96,7 @@ impl BenchOpts {
             bytes_per_case: 4 << 20,
             max_entries: 20_000,
             rtt_samples: 200,
-            rounds: 1,
+            rounds: 3,
             ..Self::default()
         }
     }

@@ -27,7 +27,8 @@
 //!   Y' = reduce(lane0 ⊕ lane1 of (lo, hi, mid))
 //!   ```
 //!
-//! - PCLMULQDQ: 8 blocks per reduction (then 4, then 1) in 128-bit lanes;
+//! - PCLMULQDQ: 8 blocks per reduction (then 4, then the last 1-4) in
+//!   128-bit lanes;
 //!   also what the wide path uses for the tail under 256 bytes.
 //! - RustCrypto `ghash`, where the CPU has no PCLMULQDQ.
 //!
@@ -103,7 +104,9 @@ impl GHashState<'_> {
             #[cfg(target_arch = "x86_64")]
             GHashState::Clmul { powers, y } => {
                 let mut rest = data;
-                if let Some(w) = &powers.wide {
+                if let Some(w) = &powers.wide
+                    && data.len() >= 256
+                {
                     let whole = data.len() - data.len() % 256;
                     // SAFETY: `WidePowers` exist only where `Powers::new`
                     // found VPCLMULQDQ, AVX2, PCLMULQDQ and SSSE3 on this CPU.
@@ -353,9 +356,17 @@ fn update(y: &[u8; 16], p: &Powers, data: &[u8]) -> [u8; 16] {
         );
         y = reduce(w);
     }
+    // The last 1-4 blocks (the last one maybe partial) with one reduction
+    // too: X1·H^n ⊕ … ⊕ Xn·H.
     let rest = quads.remainder();
-    for i in 0..rest.len().div_ceil(16) {
-        y = reduce(product(_mm_xor_si128(y, block_of(rest, i)), h1));
+    let n = rest.len().div_ceil(16);
+    if n > 0 {
+        let hs = [h1, h2, h3, h4];
+        let mut w = product(_mm_xor_si128(y, block_of(rest, 0)), hs[n - 1]);
+        for i in 1..n {
+            w = add(w, product(block_of(rest, i), hs[n - 1 - i]));
+        }
+        y = reduce(w);
     }
     store(y)
 }
