@@ -32,7 +32,7 @@ use tuning::{AckPolicy, BatchPolicy, Liveness};
 
 use crate::protocol::{
     FRAME_HEADER_LEN, FrameError, FrameKind, FrameOpener, FrameSealer, Role, batch_entries,
-    decode_frame, decode_frame_prehashed, encode_control, entry_space, put_entry, seal,
+    decode_frame, decode_frame_prehashed, encode_control, entry_space, put_entry,
 };
 use crate::transport::{Transport, TransportError};
 
@@ -367,24 +367,24 @@ impl<T: Transport> LogSender<T> {
 
     fn seal(&mut self) -> Result<(), ChannelError> {
         let Some(o) = self.open else { return Ok(()) };
-        let Some(buf) = self.t.reserve(FRAME_HEADER_LEN + o.reserved)? else {
+        if self.t.reserve(FRAME_HEADER_LEN + o.reserved)?.is_none() {
             // An open batch always has its reservation.
             return Err(TransportError::BadCommit {
                 len: o.len,
                 reserved: 0,
             }
             .into());
-        };
-        let n = seal(
-            buf,
+        }
+        // Sealed as the transport sends it (the shm ring hashes each chunk
+        // as it copies it in).
+        let frame = self.sealer.begin(
             FrameKind::Batch,
             self.generation,
             o.first_seq,
             o.count,
             o.len,
-            &mut self.sealer,
         )?;
-        self.t.commit(n)?;
+        self.t.commit_sealed(FRAME_HEADER_LEN + o.reserved, frame)?;
         self.open = None;
         let now = Instant::now();
         self.metrics

@@ -1391,31 +1391,112 @@ pub fn seal(
     payload_len: usize,
     sealer: &mut FrameSealer,
 ) -> Result<usize, FrameError> {
-    let counter = sealer.next;
-    sealer.next = counter.checked_add(1).ok_or(FrameError::CounterExhausted)?;
-    let mut h = FrameHeader {
-        kind: (kind as u16).into(),
-        flags: 0.into(),
-        len: u32::try_from(payload_len)
-            .map_err(|_| FrameError::Malformed {
-                seq,
-                reason: "payload longer than 4 GiB",
-            })?
-            .into(),
-        generation: generation.into(),
-        seq: seq.into(),
-        count: count.into(),
-        reserved: 0.into(),
-        counter: counter.into(),
-        tag: [0; TAG_LEN],
-    };
-    h.tag = sealer.key.tag(
-        counter,
-        &h.as_bytes()[..TAGGED_HEADER_LEN],
-        &buf[FRAME_HEADER_LEN..FRAME_HEADER_LEN + payload_len],
-    );
-    buf[..FRAME_HEADER_LEN].copy_from_slice(h.as_bytes());
+    let mut h = sealer.begin(kind, generation, seq, count, payload_len)?;
+    h.update(&buf[FRAME_HEADER_LEN..FRAME_HEADER_LEN + payload_len]);
+    buf[..FRAME_HEADER_LEN].copy_from_slice(&h.finish());
     Ok(FRAME_HEADER_LEN + payload_len)
+}
+
+/// A frame being sealed: its header (counter taken) and its tag, computed
+/// over the payload chunk by chunk as the transport copies it
+/// ([`crate::transport::Transport::commit_sealed`]: the shared-memory ring
+/// hashes each chunk as it writes it, so the payload is read once). Made
+/// only by this crate ([`seal`] and the sender).
+pub struct SealHasher<'k> {
+    header: FrameHeader,
+    mac: Running<'k>,
+    hashed: usize,
+}
+
+/// A tag under way.
+enum Running<'k> {
+    Gcm(&'k TagKey, crate::ghash::GHashState<'k>),
+    Crc32c(u32),
+}
+
+impl FrameSealer {
+    /// Takes the next counter and starts the frame (see [`SealHasher`]).
+    pub(crate) fn begin(
+        &mut self,
+        kind: FrameKind,
+        generation: u64,
+        seq: u64,
+        count: u32,
+        payload_len: usize,
+    ) -> Result<SealHasher<'_>, FrameError> {
+        let counter = self.next;
+        self.next = counter.checked_add(1).ok_or(FrameError::CounterExhausted)?;
+        let header = FrameHeader {
+            kind: (kind as u16).into(),
+            flags: 0.into(),
+            len: u32::try_from(payload_len)
+                .map_err(|_| FrameError::Malformed {
+                    seq,
+                    reason: "payload longer than 4 GiB",
+                })?
+                .into(),
+            generation: generation.into(),
+            seq: seq.into(),
+            count: count.into(),
+            reserved: 0.into(),
+            counter: counter.into(),
+            tag: [0; TAG_LEN],
+        };
+        let tagged = &header.as_bytes()[..TAGGED_HEADER_LEN];
+        let mac = match &self.key {
+            FrameMac::Gcm(key) => {
+                let mut g = key.ghash.start();
+                g.update_padded(tagged);
+                Running::Gcm(key, g)
+            }
+            FrameMac::Crc32cBaseline => Running::Crc32c(crc32c::crc32c(tagged)),
+        };
+        Ok(SealHasher {
+            header,
+            mac,
+            hashed: 0,
+        })
+    }
+}
+
+impl SealHasher<'_> {
+    /// The whole frame's length.
+    pub(crate) fn frame_len(&self) -> usize {
+        FRAME_HEADER_LEN + self.header.len.get() as usize
+    }
+
+    /// Folds in the next payload bytes; every chunk but the last must be
+    /// a multiple of 16 bytes long (GHASH pads each call's input).
+    pub(crate) fn update(&mut self, chunk: &[u8]) {
+        debug_assert!(self.hashed.is_multiple_of(16));
+        self.hashed = self.hashed.saturating_add(chunk.len());
+        match &mut self.mac {
+            Running::Gcm(_, g) => g.update_padded(chunk),
+            Running::Crc32c(c) => *c = crc32c::crc32c_append(*c, chunk),
+        }
+    }
+
+    /// The header with its tag, to be written before the payload.
+    pub(crate) fn finish(self) -> [u8; FRAME_HEADER_LEN] {
+        debug_assert_eq!(self.hashed, self.header.len.get() as usize);
+        let mut header = self.header;
+        header.tag = match self.mac {
+            Running::Gcm(key, g) => key.finish(
+                header.counter.get(),
+                g,
+                TAGGED_HEADER_LEN,
+                header.len.get() as usize,
+            ),
+            Running::Crc32c(c) => {
+                let mut tag = [0u8; TAG_LEN];
+                tag[..4].copy_from_slice(&c.to_le_bytes());
+                tag
+            }
+        };
+        let mut out = [0u8; FRAME_HEADER_LEN];
+        out.copy_from_slice(header.as_bytes());
+        out
+    }
 }
 
 /// Space an entry of `len` bytes takes in a batch payload.
@@ -1608,6 +1689,37 @@ mod tests {
         decode_frame_prehashed(&second, 1, seq + 1, &mut o2, pre_first).unwrap();
         // The crc32c baseline opener hashes nothing ahead.
         assert!(opener().crc32c_baseline().start_hashing(&first).is_none());
+    }
+
+    /// A frame sealed chunk by chunk (as the shm ring seals while it
+    /// copies) is the frame [`seal`] makes, in both framings.
+    #[test]
+    fn sealing_in_chunks_equals_sealing_whole() {
+        for crc in [false, true] {
+            for len in [0usize, 1, 255, 2048, 2049, 5000, 65536] {
+                let mut whole = sealer();
+                if crc {
+                    whole = whole.crc32c_baseline();
+                }
+                let mut chunked = whole.clone();
+                let mut buf = vec![0u8; FRAME_HEADER_LEN + len];
+                for (i, b) in buf[FRAME_HEADER_LEN..].iter_mut().enumerate() {
+                    *b = (i * 7) as u8;
+                }
+                let payload = buf[FRAME_HEADER_LEN..].to_vec();
+                seal(&mut buf, FrameKind::Batch, 2, 5, 1, len, &mut whole).unwrap();
+                let mut h = chunked.begin(FrameKind::Batch, 2, 5, 1, len).unwrap();
+                assert_eq!(h.frame_len(), buf.len());
+                for c in payload.chunks(2048) {
+                    h.update(c);
+                }
+                assert_eq!(
+                    h.finish()[..],
+                    buf[..FRAME_HEADER_LEN],
+                    "crc {crc} len {len}"
+                );
+            }
+        }
     }
 
     /// The bench-only crc32c framing round-trips with its own opener, and

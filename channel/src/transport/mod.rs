@@ -28,7 +28,9 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::protocol::{FrameKeys, FrameOpener, HandshakeError, PreHashed};
+use crate::protocol::{
+    FRAME_HEADER_LEN, FrameKeys, FrameOpener, HandshakeError, PreHashed, SealHasher,
+};
 
 /// Transport failures.
 #[derive(Debug, Error)]
@@ -132,6 +134,26 @@ pub trait Transport: Send {
 
     /// Sends the first `len` bytes of the open reservation as one frame.
     fn commit(&mut self, len: usize) -> Result<(), TransportError>;
+
+    /// Seals the frame whose payload sits in the open reservation (of
+    /// `reserved` bytes) with `frame` and sends it; returns its length.
+    /// The default hashes the payload, writes the header, then
+    /// [`Transport::commit`]s; the shared-memory ring hashes each chunk as
+    /// it copies it into the ring ([`SealHasher`]).
+    fn commit_sealed(
+        &mut self,
+        reserved: usize,
+        mut frame: SealHasher<'_>,
+    ) -> Result<usize, TransportError> {
+        let len = frame.frame_len();
+        let Some(buf) = self.reserve(reserved)?.filter(|b| b.len() >= len) else {
+            return Err(TransportError::BadCommit { len, reserved: 0 });
+        };
+        frame.update(&buf[FRAME_HEADER_LEN..len]);
+        buf[..FRAME_HEADER_LEN].copy_from_slice(&frame.finish());
+        self.commit(len)?;
+        Ok(len)
+    }
 
     /// Makes progress on I/O without blocking; true if anything moved.
     fn poll(&mut self) -> Result<bool, TransportError>;

@@ -80,7 +80,8 @@ use std::time::Duration;
 
 use super::{Received, Transport, TransportError};
 use crate::protocol::{
-    FRAME_HEADER_LEN, FrameKeys, FrameOpener, PROTOCOL_VERSION, Role, Session, handshake_timed,
+    FRAME_HEADER_LEN, FrameKeys, FrameOpener, PROTOCOL_VERSION, Role, SealHasher, Session,
+    handshake_timed,
 };
 
 const MAGIC: [u8; 8] = *b"LKSTPSHM";
@@ -318,6 +319,13 @@ impl RingEnd {
         let private = std::mem::take(&mut self.private);
         self.write_from(at + REC_PREFIX as u64, &private[..len]);
         self.private = private;
+        self.publish(at, len);
+        Ok(())
+    }
+
+    /// Writes the prefix of the record of `len` frame bytes at `at` and
+    /// publishes it.
+    fn publish(&mut self, at: u64, len: usize) {
         let mut prefix = [0u8; REC_PREFIX];
         prefix[..4].copy_from_slice(&(len as u32).to_le_bytes());
         self.write_from(at, &prefix);
@@ -325,7 +333,34 @@ impl RingEnd {
         // Release pairs with the consumer's Acquire of `tail`: the record
         // (and any wrap marker before it) is visible before the new tail.
         Self::store(self.tail, self.mine);
-        Ok(())
+    }
+
+    /// [`RingEnd::commit`] of a frame sealed on the way: each payload
+    /// chunk of the private buffer is hashed, then written to the ring
+    /// while it is in L1; the header with its tag goes in last.
+    fn commit_sealed(&mut self, mut frame: SealHasher<'_>) -> Result<usize, TransportError> {
+        let len = frame.frame_len();
+        let Some((at, reserved)) = self.open.take() else {
+            return Err(TransportError::BadCommit { len, reserved: 0 });
+        };
+        if len > reserved || len > self.private.len() {
+            self.open = Some((at, reserved));
+            return Err(TransportError::BadCommit { len, reserved });
+        }
+        let private = std::mem::take(&mut self.private);
+        let base = at + REC_PREFIX as u64;
+        let mut off = FRAME_HEADER_LEN;
+        while off < len {
+            let n = (len - off).min(HASH_CHUNK);
+            let chunk = &private[off..off + n];
+            frame.update(chunk);
+            self.write_from(base + off as u64, chunk);
+            off += n;
+        }
+        self.private = private;
+        self.write_from(base, &frame.finish());
+        self.publish(at, len);
+        Ok(len)
     }
 
     fn recv(&mut self) -> Result<Option<&[u8]>, TransportError> {
@@ -754,6 +789,16 @@ impl Transport for ShmTransport {
         self.tx.commit(len)?;
         self.ring_doorbell();
         Ok(())
+    }
+
+    fn commit_sealed(
+        &mut self,
+        _reserved: usize,
+        frame: SealHasher<'_>,
+    ) -> Result<usize, TransportError> {
+        let len = self.tx.commit_sealed(frame)?;
+        self.ring_doorbell();
+        Ok(len)
     }
 
     fn poll(&mut self) -> Result<bool, TransportError> {
