@@ -310,11 +310,16 @@ fn corrupted_batch_is_rejected_naming_the_sequence() {
                 "entries=100000".into(),
                 "corrupt_at=50000".into(),
                 format!("gen={GEN}"),
+                format!("peer_timeout_ms={}", MILLION_PEER_TIMEOUT.as_millis()),
             ],
         );
         let t = t.expect("handshake");
+        // Not a liveness test either: a descheduled end must not turn the
+        // corruption into a peer-silent error (seen once at load 7).
+        let mut profile = Profile::two_core();
+        profile.liveness.peer_timeout = MILLION_PEER_TIMEOUT;
         let e = t
-            .backup(100_000, 64, |_| {})
+            .backup_with(&profile, 100_000, 64, |_| {})
             .expect_err("corruption must be caught");
         let BackupError::Channel { received, source } = &e else {
             panic!("{kind:?}: {e:?}")
