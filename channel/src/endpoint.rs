@@ -32,7 +32,7 @@ use tuning::{AckPolicy, BatchPolicy, Liveness};
 
 use crate::protocol::{
     FRAME_HEADER_LEN, FrameError, FrameKind, FrameOpener, FrameSealer, Role, batch_entries,
-    decode_frame, encode_control, entry_space, put_entry, seal,
+    decode_frame, decode_frame_prehashed, encode_control, entry_space, put_entry,
 };
 use crate::transport::{Transport, TransportError};
 
@@ -255,6 +255,16 @@ impl<T: Transport> LogSender<T> {
         })
     }
 
+    /// This sender with crc32c framing in place of the frame tags (and
+    /// expecting the same from its peer): the benchmark's same-run
+    /// baseline only, crate-private so that no replica runs without
+    /// authentication.
+    pub(crate) fn crc32c_baseline(mut self) -> Self {
+        self.sealer = self.sealer.crc32c_baseline();
+        self.opener = self.opener.crc32c_baseline();
+        self
+    }
+
     /// Calls `hook(seq)` on this end's thread the moment an ack advances the
     /// watermark to `seq` (the output gate releases its frames from there:
     /// no timer, no hand-off to another thread).
@@ -357,24 +367,24 @@ impl<T: Transport> LogSender<T> {
 
     fn seal(&mut self) -> Result<(), ChannelError> {
         let Some(o) = self.open else { return Ok(()) };
-        let Some(buf) = self.t.reserve(FRAME_HEADER_LEN + o.reserved)? else {
+        if self.t.reserve(FRAME_HEADER_LEN + o.reserved)?.is_none() {
             // An open batch always has its reservation.
             return Err(TransportError::BadCommit {
                 len: o.len,
                 reserved: 0,
             }
             .into());
-        };
-        let n = seal(
-            buf,
+        }
+        // Sealed as the transport sends it (the shm ring hashes each chunk
+        // as it copies it in).
+        let frame = self.sealer.begin(
             FrameKind::Batch,
             self.generation,
             o.first_seq,
             o.count,
             o.len,
-            &mut self.sealer,
         )?;
-        self.t.commit(n)?;
+        self.t.commit_sealed(FRAME_HEADER_LEN + o.reserved, frame)?;
         self.open = None;
         let now = Instant::now();
         self.metrics
@@ -553,6 +563,13 @@ impl<T: Transport> LogReceiver<T> {
         })
     }
 
+    /// The receiver matching [`LogSender::crc32c_baseline`] (bench only).
+    pub(crate) fn crc32c_baseline(mut self) -> Self {
+        self.sealer = self.sealer.crc32c_baseline();
+        self.opener = self.opener.crc32c_baseline();
+        self
+    }
+
     /// The transport's name.
     pub fn transport_name(&self) -> &'static str {
         self.t.name()
@@ -612,8 +629,16 @@ impl<T: Transport> LogReceiver<T> {
         let mut delivered = 0usize;
         for _ in 0..MAX_FRAMES_PER_POLL {
             let (kind, seq, count) = {
-                let Some(bytes) = self.t.recv()? else { break };
-                let f = decode_frame(bytes, self.generation, self.expected, &mut self.opener)?;
+                let Some((bytes, pre)) = self.t.recv_prehashed(&self.opener)? else {
+                    break;
+                };
+                let f = decode_frame_prehashed(
+                    bytes,
+                    self.generation,
+                    self.expected,
+                    &mut self.opener,
+                    pre,
+                )?;
                 if f.kind == FrameKind::Batch {
                     if f.seq < self.expected {
                         return Err(FrameError::Duplicate {

@@ -351,7 +351,7 @@ impl FrameKeys {
     /// The sealer for frames `role` sends.
     pub fn sealer(&self, role: Role) -> FrameSealer {
         FrameSealer {
-            key: TagKey::new(&self.key_of(role)),
+            key: FrameMac::Gcm(TagKey::new(&self.key_of(role))),
             next: 1,
         }
     }
@@ -380,7 +380,7 @@ impl FrameKeys {
             Role::Backup => Role::Primary,
         };
         FrameOpener {
-            key: TagKey::new(&self.key_of(peer)),
+            key: FrameMac::Gcm(TagKey::new(&self.key_of(peer))),
             last: 0,
         }
     }
@@ -397,7 +397,7 @@ impl FrameKeys {
 /// Seals the frames one end sends: its direction's key and frame counter.
 #[derive(Clone)]
 pub struct FrameSealer {
-    key: TagKey,
+    key: FrameMac,
     next: u64,
 }
 
@@ -405,8 +405,80 @@ pub struct FrameSealer {
 /// last counter accepted.
 #[derive(Clone)]
 pub struct FrameOpener {
-    key: TagKey,
+    key: FrameMac,
     last: u64,
+}
+
+impl FrameSealer {
+    /// This sealer with unauthenticated crc32c framing instead of the tag:
+    /// only for the same-run baseline of [`crate::bench`] (crate-private,
+    /// so no replica can be built without authentication).
+    pub(crate) fn crc32c_baseline(self) -> Self {
+        Self {
+            key: FrameMac::Crc32cBaseline,
+            ..self
+        }
+    }
+}
+
+impl FrameOpener {
+    /// Starts the tag of a frame whose header (the transport's private
+    /// copy) is `header`, for a transport that hashes the payload as it
+    /// copies it (see [`PreHashed`]). `None` under the bench's crc32c
+    /// framing or for a header too short.
+    pub(crate) fn start_hashing(&self, header: &[u8]) -> Option<FrameHasher<'_>> {
+        let FrameMac::Gcm(key) = &self.key else {
+            return None;
+        };
+        let (h, _) = FrameHeader::ref_from_prefix(header).ok()?;
+        let mut tagged = [0u8; TAGGED_HEADER_LEN];
+        tagged.copy_from_slice(&h.as_bytes()[..TAGGED_HEADER_LEN]);
+        let mut g = key.ghash.start();
+        g.update_padded(&tagged);
+        Some(FrameHasher {
+            key,
+            g,
+            header: tagged,
+            counter: h.counter.get(),
+            payload_len: h.len.get() as usize,
+            hashed: 0,
+        })
+    }
+
+    /// The opener matching [`FrameSealer::crc32c_baseline`] (bench only).
+    pub(crate) fn crc32c_baseline(self) -> Self {
+        Self {
+            key: FrameMac::Crc32cBaseline,
+            ..self
+        }
+    }
+}
+
+/// What a frame's 16 tag bytes hold.
+// One per channel end, on the hot path: not boxed (no pointer chase).
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone)]
+enum FrameMac {
+    /// The AES-256-GCM tag (every connection a replica makes).
+    Gcm(TagKey),
+    /// crc32c of the tagged header and the payload in the first 4 bytes,
+    /// zeros after: the pre-authentication framing, reachable only from the
+    /// crate's benchmark (its same-run baseline).
+    Crc32cBaseline,
+}
+
+impl FrameMac {
+    fn tag(&self, counter: u64, tagged_header: &[u8], payload: &[u8]) -> [u8; TAG_LEN] {
+        match self {
+            FrameMac::Gcm(k) => k.tag(counter, tagged_header, payload),
+            FrameMac::Crc32cBaseline => {
+                let crc = crc32c::crc32c_append(crc32c::crc32c(tagged_header), payload);
+                let mut tag = [0u8; TAG_LEN];
+                tag[..4].copy_from_slice(&crc.to_le_bytes());
+                tag
+            }
+        }
+    }
 }
 
 /// One direction's tag key: AES-256 under the direction's frame key, and
@@ -444,15 +516,26 @@ impl TagKey {
     }
 
     fn tag(&self, counter: u64, tagged_header: &[u8], payload: &[u8]) -> [u8; TAG_LEN] {
-        use aes::cipher::BlockEncrypt;
         let mut g = self.ghash.start();
         g.update_padded(tagged_header);
         g.update_padded(payload);
+        self.finish(counter, g, tagged_header.len(), payload.len())
+    }
+
+    /// The tag from the GHASH state `g` after the header and the payload.
+    fn finish(
+        &self,
+        counter: u64,
+        mut g: crate::ghash::GHashState<'_>,
+        header_len: usize,
+        payload_len: usize,
+    ) -> [u8; TAG_LEN] {
+        use aes::cipher::BlockEncrypt;
         // Lengths in bits; a payload is at most 4 GiB (its length is a
         // u32 on the wire), so neither product overflows.
         let mut lengths = [0u8; 16];
-        lengths[..8].copy_from_slice(&(tagged_header.len() as u64 * 8).to_be_bytes());
-        lengths[8..].copy_from_slice(&(payload.len() as u64 * 8).to_be_bytes());
+        lengths[..8].copy_from_slice(&(header_len as u64 * 8).to_be_bytes());
+        lengths[8..].copy_from_slice(&(payload_len as u64 * 8).to_be_bytes());
         g.update_padded(&lengths);
         let s = g.finalize();
         let mut j0 = aes::Block::default();
@@ -470,6 +553,58 @@ impl TagKey {
 /// Constant-time equality of two tags.
 fn tags_equal(a: &[u8; TAG_LEN], b: &[u8; TAG_LEN]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A frame's tag computed by the transport while it copied the frame out
+/// of memory the peer can write (the shared-memory ring), chunk by chunk
+/// from its private copy as each chunk landed, so the payload is read
+/// once while it is in cache instead of copied, then read again by
+/// [`decode_frame`]. Only this crate's transports can make one
+/// ([`FrameOpener::start_hashing`]); it is bound to the 40 tagged header
+/// bytes it was computed with, and [`decode_frame_prehashed`] uses it only
+/// for a frame with exactly those bytes (else it computes the tag itself).
+/// The transport's contract: the payload it hashed is the payload of the
+/// frame it returns (the same private copy).
+#[derive(Clone, Copy, Debug)]
+pub struct PreHashed {
+    header: [u8; TAGGED_HEADER_LEN],
+    tag: [u8; TAG_LEN],
+}
+
+/// A frame tag being computed over a payload copied in chunks (see
+/// [`PreHashed`]).
+pub(crate) struct FrameHasher<'k> {
+    key: &'k TagKey,
+    g: crate::ghash::GHashState<'k>,
+    header: [u8; TAGGED_HEADER_LEN],
+    counter: u64,
+    payload_len: usize,
+    hashed: usize,
+}
+
+impl FrameHasher<'_> {
+    /// Payload bytes the header announces.
+    pub(crate) fn payload_len(&self) -> usize {
+        self.payload_len
+    }
+
+    /// Folds in the next payload bytes; every chunk but the last must be
+    /// a multiple of 16 bytes long (GHASH pads each call's input).
+    pub(crate) fn update(&mut self, chunk: &[u8]) {
+        debug_assert!(self.hashed.is_multiple_of(16));
+        self.g.update_padded(chunk);
+        self.hashed = self.hashed.saturating_add(chunk.len());
+    }
+
+    /// The tag, if exactly the announced payload was hashed.
+    pub(crate) fn finish(self) -> Option<PreHashed> {
+        (self.hashed == self.payload_len).then(|| PreHashed {
+            header: self.header,
+            tag: self
+                .key
+                .finish(self.counter, self.g, TAGGED_HEADER_LEN, self.payload_len),
+        })
+    }
 }
 
 /// Handshake failures. Each says which check failed and with which values.
@@ -1166,6 +1301,18 @@ pub fn decode_frame<'a>(
     expected_seq: u64,
     opener: &mut FrameOpener,
 ) -> Result<Frame<'a>, FrameError> {
+    decode_frame_prehashed(bytes, generation, expected_seq, opener, None)
+}
+
+/// [`decode_frame`] with the tag the transport computed as it copied the
+/// frame ([`PreHashed`]; used only if its header bytes are this frame's).
+pub fn decode_frame_prehashed<'a>(
+    bytes: &'a [u8],
+    generation: u64,
+    expected_seq: u64,
+    opener: &mut FrameOpener,
+    pre: Option<PreHashed>,
+) -> Result<Frame<'a>, FrameError> {
     let (h, rest) = FrameHeader::ref_from_prefix(bytes).map_err(|_| FrameError::Truncated {
         got: bytes.len(),
         want: FRAME_HEADER_LEN,
@@ -1178,9 +1325,11 @@ pub fn decode_frame<'a>(
         });
     }
     let payload = &rest[..len];
-    let computed = opener
-        .key
-        .tag(h.counter.get(), &h.as_bytes()[..TAGGED_HEADER_LEN], payload);
+    let tagged = &h.as_bytes()[..TAGGED_HEADER_LEN];
+    let computed = match pre {
+        Some(p) if matches!(opener.key, FrameMac::Gcm(_)) && p.header[..] == *tagged => p.tag,
+        _ => opener.key.tag(h.counter.get(), tagged, payload),
+    };
     if !tags_equal(&computed, &h.tag) {
         return Err(FrameError::Corrupt {
             seq: h.seq.get(),
@@ -1242,31 +1391,112 @@ pub fn seal(
     payload_len: usize,
     sealer: &mut FrameSealer,
 ) -> Result<usize, FrameError> {
-    let counter = sealer.next;
-    sealer.next = counter.checked_add(1).ok_or(FrameError::CounterExhausted)?;
-    let mut h = FrameHeader {
-        kind: (kind as u16).into(),
-        flags: 0.into(),
-        len: u32::try_from(payload_len)
-            .map_err(|_| FrameError::Malformed {
-                seq,
-                reason: "payload longer than 4 GiB",
-            })?
-            .into(),
-        generation: generation.into(),
-        seq: seq.into(),
-        count: count.into(),
-        reserved: 0.into(),
-        counter: counter.into(),
-        tag: [0; TAG_LEN],
-    };
-    h.tag = sealer.key.tag(
-        counter,
-        &h.as_bytes()[..TAGGED_HEADER_LEN],
-        &buf[FRAME_HEADER_LEN..FRAME_HEADER_LEN + payload_len],
-    );
-    buf[..FRAME_HEADER_LEN].copy_from_slice(h.as_bytes());
+    let mut h = sealer.begin(kind, generation, seq, count, payload_len)?;
+    h.update(&buf[FRAME_HEADER_LEN..FRAME_HEADER_LEN + payload_len]);
+    buf[..FRAME_HEADER_LEN].copy_from_slice(&h.finish());
     Ok(FRAME_HEADER_LEN + payload_len)
+}
+
+/// A frame being sealed: its header (counter taken) and its tag, computed
+/// over the payload chunk by chunk as the transport copies it
+/// ([`crate::transport::Transport::commit_sealed`]: the shared-memory ring
+/// hashes each chunk as it writes it, so the payload is read once). Made
+/// only by this crate ([`seal`] and the sender).
+pub struct SealHasher<'k> {
+    header: FrameHeader,
+    mac: Running<'k>,
+    hashed: usize,
+}
+
+/// A tag under way.
+enum Running<'k> {
+    Gcm(&'k TagKey, crate::ghash::GHashState<'k>),
+    Crc32c(u32),
+}
+
+impl FrameSealer {
+    /// Takes the next counter and starts the frame (see [`SealHasher`]).
+    pub(crate) fn begin(
+        &mut self,
+        kind: FrameKind,
+        generation: u64,
+        seq: u64,
+        count: u32,
+        payload_len: usize,
+    ) -> Result<SealHasher<'_>, FrameError> {
+        let counter = self.next;
+        self.next = counter.checked_add(1).ok_or(FrameError::CounterExhausted)?;
+        let header = FrameHeader {
+            kind: (kind as u16).into(),
+            flags: 0.into(),
+            len: u32::try_from(payload_len)
+                .map_err(|_| FrameError::Malformed {
+                    seq,
+                    reason: "payload longer than 4 GiB",
+                })?
+                .into(),
+            generation: generation.into(),
+            seq: seq.into(),
+            count: count.into(),
+            reserved: 0.into(),
+            counter: counter.into(),
+            tag: [0; TAG_LEN],
+        };
+        let tagged = &header.as_bytes()[..TAGGED_HEADER_LEN];
+        let mac = match &self.key {
+            FrameMac::Gcm(key) => {
+                let mut g = key.ghash.start();
+                g.update_padded(tagged);
+                Running::Gcm(key, g)
+            }
+            FrameMac::Crc32cBaseline => Running::Crc32c(crc32c::crc32c(tagged)),
+        };
+        Ok(SealHasher {
+            header,
+            mac,
+            hashed: 0,
+        })
+    }
+}
+
+impl SealHasher<'_> {
+    /// The whole frame's length.
+    pub(crate) fn frame_len(&self) -> usize {
+        FRAME_HEADER_LEN + self.header.len.get() as usize
+    }
+
+    /// Folds in the next payload bytes; every chunk but the last must be
+    /// a multiple of 16 bytes long (GHASH pads each call's input).
+    pub(crate) fn update(&mut self, chunk: &[u8]) {
+        debug_assert!(self.hashed.is_multiple_of(16));
+        self.hashed = self.hashed.saturating_add(chunk.len());
+        match &mut self.mac {
+            Running::Gcm(_, g) => g.update_padded(chunk),
+            Running::Crc32c(c) => *c = crc32c::crc32c_append(*c, chunk),
+        }
+    }
+
+    /// The header with its tag, to be written before the payload.
+    pub(crate) fn finish(self) -> [u8; FRAME_HEADER_LEN] {
+        debug_assert_eq!(self.hashed, self.header.len.get() as usize);
+        let mut header = self.header;
+        header.tag = match self.mac {
+            Running::Gcm(key, g) => key.finish(
+                header.counter.get(),
+                g,
+                TAGGED_HEADER_LEN,
+                header.len.get() as usize,
+            ),
+            Running::Crc32c(c) => {
+                let mut tag = [0u8; TAG_LEN];
+                tag[..4].copy_from_slice(&c.to_le_bytes());
+                tag
+            }
+        };
+        let mut out = [0u8; FRAME_HEADER_LEN];
+        out.copy_from_slice(header.as_bytes());
+        out
+    }
 }
 
 /// Space an entry of `len` bytes takes in a batch payload.
@@ -1378,7 +1608,17 @@ mod tests {
     }
 
     fn batch_with(sealer: &mut FrameSealer, gen_: u64, seq: u64, entries: &[&[u8]]) -> Vec<u8> {
-        let mut buf = vec![0u8; 4096];
+        batch_with_cap(sealer, gen_, seq, entries, 4096)
+    }
+
+    fn batch_with_cap(
+        sealer: &mut FrameSealer,
+        gen_: u64,
+        seq: u64,
+        entries: &[&[u8]],
+        cap: usize,
+    ) -> Vec<u8> {
+        let mut buf = vec![0u8; cap.max(4096)];
         let mut at = FRAME_HEADER_LEN;
         for e in entries {
             at = put_entry(&mut buf, at, e);
@@ -1395,6 +1635,113 @@ mod tests {
         .unwrap();
         buf.truncate(n);
         buf
+    }
+
+    /// A tag computed chunk by chunk as a transport copies the payload
+    /// ([`FrameOpener::start_hashing`]) equals the sealed one, for payloads
+    /// around the GHASH strides; a damaged payload hashed that way is
+    /// refused; a pre-hashed tag is ignored for a frame with other header
+    /// bytes, and a header announcing more than was hashed gets none.
+    #[test]
+    fn tags_hashed_while_copying_match_and_still_refuse() {
+        let mut s = sealer();
+        let mut o = opener();
+        let mut seq = 1;
+        for len in [0usize, 1, 16, 255, 256, 257, 2048, 2049, 5000, 65536] {
+            let entry = vec![0xa5u8; len];
+            let frame = batch_with_cap(&mut s, 1, seq, &[&entry], len + 64);
+            for chunk in [16, 256, 2048] {
+                let mut h = o.start_hashing(&frame).unwrap();
+                let end = FRAME_HEADER_LEN + h.payload_len();
+                for c in frame[FRAME_HEADER_LEN..end].chunks(chunk) {
+                    h.update(c);
+                }
+                let pre = h.finish().unwrap();
+                let want = FrameHeader::ref_from_prefix(&frame[..]).unwrap().0.tag;
+                assert_eq!(pre.tag, want, "len {len} chunk {chunk}");
+                let mut bad = frame.clone();
+                *bad.last_mut().unwrap() ^= 1;
+                let mut h = o.start_hashing(&bad).unwrap();
+                h.update(&bad[FRAME_HEADER_LEN..]);
+                let pre_bad = h.finish();
+                assert!(matches!(
+                    decode_frame_prehashed(&bad, 1, seq, &mut o.clone(), pre_bad),
+                    Err(FrameError::Corrupt { .. })
+                ));
+            }
+            let mut h = o.start_hashing(&frame).unwrap();
+            h.update(&frame[FRAME_HEADER_LEN..frame.len() - 8]);
+            assert!(h.finish().is_none(), "too few bytes hashed");
+            let mut h = o.start_hashing(&frame).unwrap();
+            h.update(&frame[FRAME_HEADER_LEN..]);
+            let pre = h.finish();
+            decode_frame_prehashed(&frame, 1, seq, &mut o, pre).unwrap();
+            seq += 1;
+        }
+        // A tag hashed for one frame is not used for another header: the
+        // next frame is checked on its own bytes (and passes).
+        let first = batch_with(&mut s, 1, seq, &[b"a"]);
+        let second = batch_with(&mut s, 1, seq + 1, &[b"b"]);
+        let mut h = o.start_hashing(&first).unwrap();
+        h.update(&first[FRAME_HEADER_LEN..]);
+        let pre_first = h.finish();
+        let mut o2 = o.clone();
+        decode_frame_prehashed(&second, 1, seq + 1, &mut o2, pre_first).unwrap();
+        // The crc32c baseline opener hashes nothing ahead.
+        assert!(opener().crc32c_baseline().start_hashing(&first).is_none());
+    }
+
+    /// A frame sealed chunk by chunk (as the shm ring seals while it
+    /// copies) is the frame [`seal`] makes, in both framings.
+    #[test]
+    fn sealing_in_chunks_equals_sealing_whole() {
+        for crc in [false, true] {
+            for len in [0usize, 1, 255, 2048, 2049, 5000, 65536] {
+                let mut whole = sealer();
+                if crc {
+                    whole = whole.crc32c_baseline();
+                }
+                let mut chunked = whole.clone();
+                let mut buf = vec![0u8; FRAME_HEADER_LEN + len];
+                for (i, b) in buf[FRAME_HEADER_LEN..].iter_mut().enumerate() {
+                    *b = (i * 7) as u8;
+                }
+                let payload = buf[FRAME_HEADER_LEN..].to_vec();
+                seal(&mut buf, FrameKind::Batch, 2, 5, 1, len, &mut whole).unwrap();
+                let mut h = chunked.begin(FrameKind::Batch, 2, 5, 1, len).unwrap();
+                assert_eq!(h.frame_len(), buf.len());
+                for c in payload.chunks(2048) {
+                    h.update(c);
+                }
+                assert_eq!(
+                    h.finish()[..],
+                    buf[..FRAME_HEADER_LEN],
+                    "crc {crc} len {len}"
+                );
+            }
+        }
+    }
+
+    /// The bench-only crc32c framing round-trips with its own opener, and
+    /// a frame it sealed is refused by every real (authenticating) opener:
+    /// it cannot stand in for a tag.
+    #[test]
+    fn crc32c_baseline_frames_are_refused_by_authenticating_ends() {
+        let mut crc = sealer().crc32c_baseline();
+        let frame = batch_with(&mut crc, 1, 1, &[b"unauthenticated"]);
+        let f = decode_frame(&frame, 1, 1, &mut opener().crc32c_baseline()).unwrap();
+        assert_eq!(f.count, 1);
+        assert!(matches!(
+            decode_frame(&frame, 1, 1, &mut opener()),
+            Err(FrameError::Corrupt { .. })
+        ));
+        // And the crc still catches damage in the baseline.
+        let mut bad = frame.clone();
+        bad[FRAME_HEADER_LEN + 9] ^= 1;
+        assert!(matches!(
+            decode_frame(&bad, 1, 1, &mut opener().crc32c_baseline()),
+            Err(FrameError::Corrupt { .. })
+        ));
     }
 
     /// A frame sealed with another connection's keys (an attacker who saw
@@ -1462,7 +1809,7 @@ mod tests {
         let keys = FrameKeys::for_tests();
         let gcm = aes_gcm::Aes256Gcm::new((&keys.primary_to_backup).into());
         let mut s = sealer();
-        for payload_len in [0usize, 1, 15, 16, 17, 40, 1500, 65536] {
+        for payload_len in [0usize, 1, 15, 16, 17, 40, 255, 256, 257, 1500, 4000, 65536] {
             let mut buf = vec![0u8; FRAME_HEADER_LEN + payload_len];
             for (i, b) in buf[FRAME_HEADER_LEN..].iter_mut().enumerate() {
                 *b = (i as u8).wrapping_mul(31);

@@ -91,11 +91,47 @@ pub fn run_primary<T: Transport>(
     content: Content,
     corrupt_at: Option<u64>,
 ) -> Result<RunSummary, ChannelError> {
+    run_primary_framed(
+        t,
+        generation,
+        profile,
+        entries,
+        size,
+        content,
+        corrupt_at,
+        Framing::Authenticated,
+    )
+}
+
+/// How a benchmark's frames are protected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Framing {
+    /// The AES-256-GCM tag, as on every replica's connection.
+    Authenticated,
+    /// crc32c only: the benchmark's same-run baseline (crate-private).
+    Crc32cBaseline,
+}
+
+/// [`run_primary`] with the given framing.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_primary_framed<T: Transport>(
+    t: T,
+    generation: u64,
+    profile: &Profile,
+    entries: u64,
+    size: usize,
+    content: Content,
+    corrupt_at: Option<u64>,
+    framing: Framing,
+) -> Result<RunSummary, ChannelError> {
     let t = Corrupting {
         inner: t,
         at: corrupt_at,
     };
     let mut s = LogSender::new(t, generation, 1, profile.batch, profile.liveness)?;
+    if framing == Framing::Crc32cBaseline {
+        s = s.crc32c_baseline();
+    }
     let mut buf = vec![0u8; size];
     fill_entry(0, &mut buf);
     let mut waiter = Waiter::new(profile.poll);
@@ -230,11 +266,38 @@ pub fn run_backup<T: Transport>(
     entries: u64,
     size: usize,
     content: Content,
+    on_progress: impl FnMut(u64),
+) -> Result<RunSummary, BackupError> {
+    run_backup_framed(
+        t,
+        generation,
+        profile,
+        entries,
+        size,
+        content,
+        on_progress,
+        Framing::Authenticated,
+    )
+}
+
+/// [`run_backup`] with the given framing.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_backup_framed<T: Transport>(
+    t: T,
+    generation: u64,
+    profile: &Profile,
+    entries: u64,
+    size: usize,
+    content: Content,
     mut on_progress: impl FnMut(u64),
+    framing: Framing,
 ) -> Result<RunSummary, BackupError> {
     let chan = |received, source| BackupError::Channel { received, source };
     let mut r = LogReceiver::new(t, generation, 1, profile.ack, profile.liveness)
         .map_err(|e| chan(0, e))?;
+    if framing == Framing::Crc32cBaseline {
+        r = r.crc32c_baseline();
+    }
     let mut waiter = Waiter::new(profile.poll);
     let mut digest = 0u32;
     let mut bad = None;
@@ -337,7 +400,10 @@ pub fn peer_main(args: &[String]) -> Result<String, Box<dyn Error>> {
     let corrupt_at = opt.get("corrupt_at").map(|v| v.parse()).transpose()?;
     let endpoint = get("endpoint", "127.0.0.1:7000");
     let listen = opt.contains_key("listen");
-    let profile = Profile::two_core();
+    let mut profile = Profile::two_core();
+    if let Some(ms) = opt.get("peer_timeout_ms") {
+        profile.liveness.peer_timeout = Duration::from_millis(ms.parse()?);
+    }
     let max_frame = profile.batch.max_bytes as usize + 4096;
     let g = session.generation;
     match get("transport", "uring").as_str() {

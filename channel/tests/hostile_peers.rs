@@ -574,7 +574,9 @@ const SHM_RING: usize = 64 << 10;
 /// and never panics or reads outside the region.
 #[test]
 fn a_hostile_shm_primary_writing_the_ring_gets_clear_errors() {
-    use channel::protocol::{FRAME_HEADER_LEN, FrameError, FrameKind, decode_frame, seal};
+    use channel::protocol::{
+        FRAME_HEADER_LEN, FrameError, FrameKind, decode_frame, decode_frame_prehashed, seal,
+    };
     let path = socket_path("ring");
     let listener = ShmListener::bind(&path).expect("bind");
     // What the peer writes, and the error the backup must give.
@@ -646,7 +648,12 @@ fn a_hostile_shm_primary_writing_the_ring_gets_clear_errors() {
             "truncated frame",
         ),
     ];
-    for (what, write, expected) in cases {
+    // Each case twice: through `recv` and `decode_frame`, and through the
+    // path the receiver takes, where the ring end hashes the frame as it
+    // copies it (`recv_prehashed`, `decode_frame_prehashed`).
+    for ((what, write, expected), prehashed) in
+        cases.into_iter().flat_map(|c| [(c, false), (c, true)])
+    {
         let p = path.clone();
         let peer = std::thread::spawn(move || {
             let mut sock = UnixStream::connect(&p).expect("connect");
@@ -662,11 +669,20 @@ fn a_hostile_shm_primary_writing_the_ring_gets_clear_errors() {
         let region = Shared::map(&fd, 4096 + 2 * SHM_RING);
         write(&region, &keys);
         let mut opener = backup.frame_keys().opener(Role::Backup);
-        let error = match backup.recv() {
+        let received = if prehashed {
+            backup.recv_prehashed(&opener)
+        } else {
+            backup.recv().map(|f| f.map(|f| (f, None)))
+        };
+        let error = match received {
             Err(e) => channel::testkit::error_chain(&e),
-            Ok(Some(frame)) => {
-                let e = decode_frame(frame, 7, 1, &mut opener)
-                    .expect_err("a hostile frame was accepted");
+            Ok(Some((frame, pre))) => {
+                let e = if prehashed {
+                    decode_frame_prehashed(frame, 7, 1, &mut opener, pre)
+                } else {
+                    decode_frame(frame, 7, 1, &mut opener)
+                }
+                .expect_err("a hostile frame was accepted");
                 assert!(
                     matches!(e, FrameError::Corrupt { .. } | FrameError::Truncated { .. }),
                     "{what}: {e:?}"
@@ -675,8 +691,11 @@ fn a_hostile_shm_primary_writing_the_ring_gets_clear_errors() {
             }
             Ok(None) => panic!("{what}: nothing seen"),
         };
-        assert!(error.contains(expected), "{what}: {error}");
-        eprintln!("shm ring, {what}: {error}");
+        assert!(
+            error.contains(expected),
+            "{what} (prehashed {prehashed}): {error}"
+        );
+        eprintln!("shm ring, {what} (prehashed {prehashed}): {error}");
         drop((sock, region));
     }
     let _ = std::fs::remove_file(&path);

@@ -28,7 +28,9 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::protocol::{FrameKeys, HandshakeError};
+use crate::protocol::{
+    FRAME_HEADER_LEN, FrameKeys, FrameOpener, HandshakeError, PreHashed, SealHasher,
+};
 
 /// Transport failures.
 #[derive(Debug, Error)]
@@ -105,6 +107,11 @@ impl TransportError {
     }
 }
 
+/// A received frame (valid until the transport's next `&mut self` call)
+/// and, if the transport computed it while copying, its tag
+/// ([`Transport::recv_prehashed`]).
+pub type Received<'a> = (&'a [u8], Option<PreHashed>);
+
 /// A non-blocking, frame-oriented, bidirectional transport.
 pub trait Transport: Send {
     /// Short name for reports ("uring-tcp", "shm", "rdma").
@@ -128,12 +135,44 @@ pub trait Transport: Send {
     /// Sends the first `len` bytes of the open reservation as one frame.
     fn commit(&mut self, len: usize) -> Result<(), TransportError>;
 
+    /// Seals the frame whose payload sits in the open reservation (of
+    /// `reserved` bytes) with `frame` and sends it; returns its length.
+    /// The default hashes the payload, writes the header, then
+    /// [`Transport::commit`]s; the shared-memory ring hashes each chunk as
+    /// it copies it into the ring ([`SealHasher`]).
+    fn commit_sealed(
+        &mut self,
+        reserved: usize,
+        mut frame: SealHasher<'_>,
+    ) -> Result<usize, TransportError> {
+        let len = frame.frame_len();
+        let Some(buf) = self.reserve(reserved)?.filter(|b| b.len() >= len) else {
+            return Err(TransportError::BadCommit { len, reserved: 0 });
+        };
+        frame.update(&buf[FRAME_HEADER_LEN..len]);
+        buf[..FRAME_HEADER_LEN].copy_from_slice(&frame.finish());
+        self.commit(len)?;
+        Ok(len)
+    }
+
     /// Makes progress on I/O without blocking; true if anything moved.
     fn poll(&mut self) -> Result<bool, TransportError>;
 
     /// The next complete received frame, if any. It stays valid until the
     /// next call of any `&mut self` method.
     fn recv(&mut self) -> Result<Option<&[u8]>, TransportError>;
+
+    /// [`Transport::recv`], and the frame's tag if the transport computed
+    /// it while copying the frame out of memory the peer can write (the
+    /// shared-memory ring does, with `opener`'s key: see
+    /// [`crate::protocol::PreHashed`]). The default computes nothing.
+    fn recv_prehashed(
+        &mut self,
+        opener: &FrameOpener,
+    ) -> Result<Option<Received<'_>>, TransportError> {
+        let _ = opener;
+        Ok(self.recv()?.map(|b| (b, None)))
+    }
 
     /// True once every committed frame has left this process (the open
     /// reservation, if any, does not count). The sender seals a batch when

@@ -47,6 +47,11 @@
 //! checks and its decoding both run on that one copy (no check-then-use);
 //! a frame is built in a private buffer and copied into the ring with
 //! volatile writes on commit; the region header is read the same way.
+//! The receiver's [`Transport::recv_prehashed`] copies a frame's header,
+//! then its payload in 2 KiB chunks, and feeds each chunk of the private
+//! copy to the frame tag's GHASH right after it landed (still in L1), so
+//! the check is on that same copy and the payload is not read a second
+//! time from further away ([`crate::protocol::PreHashed`]).
 //!
 //! Head and tail are monotonic u64 byte counts; the producer stores `tail`
 //! with Release after writing a record and the consumer loads it with
@@ -73,13 +78,20 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use super::{Transport, TransportError};
-use crate::protocol::{FrameKeys, PROTOCOL_VERSION, Role, Session, handshake_timed};
+use super::{Received, Transport, TransportError};
+use crate::protocol::{
+    FRAME_HEADER_LEN, FrameKeys, FrameOpener, PROTOCOL_VERSION, Role, SealHasher, Session,
+    handshake_timed,
+};
 
 const MAGIC: [u8; 8] = *b"LKSTPSHM";
 const DATA_OFFSET: usize = 4096;
 const WRAP: u32 = u32::MAX;
 const REC_PREFIX: usize = 8;
+/// Payload bytes copied out of the ring, then hashed, at a time when the
+/// receiver hashes as it copies (a multiple of 16, and small enough that
+/// the chunk is still in L1 when it is hashed).
+const HASH_CHUNK: usize = 2048;
 /// The seals the region must carry (see the module docs).
 const REQUIRED_SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
 
@@ -307,6 +319,13 @@ impl RingEnd {
         let private = std::mem::take(&mut self.private);
         self.write_from(at + REC_PREFIX as u64, &private[..len]);
         self.private = private;
+        self.publish(at, len);
+        Ok(())
+    }
+
+    /// Writes the prefix of the record of `len` frame bytes at `at` and
+    /// publishes it.
+    fn publish(&mut self, at: u64, len: usize) {
         let mut prefix = [0u8; REC_PREFIX];
         prefix[..4].copy_from_slice(&(len as u32).to_le_bytes());
         self.write_from(at, &prefix);
@@ -314,10 +333,47 @@ impl RingEnd {
         // Release pairs with the consumer's Acquire of `tail`: the record
         // (and any wrap marker before it) is visible before the new tail.
         Self::store(self.tail, self.mine);
-        Ok(())
+    }
+
+    /// [`RingEnd::commit`] of a frame sealed on the way: each payload
+    /// chunk of the private buffer is hashed, then written to the ring
+    /// while it is in L1; the header with its tag goes in last.
+    fn commit_sealed(&mut self, mut frame: SealHasher<'_>) -> Result<usize, TransportError> {
+        let len = frame.frame_len();
+        let Some((at, reserved)) = self.open.take() else {
+            return Err(TransportError::BadCommit { len, reserved: 0 });
+        };
+        if len > reserved || len > self.private.len() {
+            self.open = Some((at, reserved));
+            return Err(TransportError::BadCommit { len, reserved });
+        }
+        let private = std::mem::take(&mut self.private);
+        let base = at + REC_PREFIX as u64;
+        let mut off = FRAME_HEADER_LEN;
+        while off < len {
+            let n = (len - off).min(HASH_CHUNK);
+            let chunk = &private[off..off + n];
+            frame.update(chunk);
+            self.write_from(base + off as u64, chunk);
+            off += n;
+        }
+        self.private = private;
+        self.write_from(base, &frame.finish());
+        self.publish(at, len);
+        Ok(len)
     }
 
     fn recv(&mut self) -> Result<Option<&[u8]>, TransportError> {
+        Ok(self.recv_hashing(None)?.map(|(frame, _)| frame))
+    }
+
+    /// [`RingEnd::recv`]; with `opener`, the frame's tag is computed on the
+    /// private copy chunk by chunk as each chunk is copied (each hashed
+    /// while still in cache; see [`crate::protocol::PreHashed`]).
+    fn recv_hashing(
+        &mut self,
+        opener: Option<&FrameOpener>,
+    ) -> Result<Option<Received<'_>>, TransportError> {
         self.release();
         loop {
             if self.theirs == self.mine {
@@ -351,10 +407,33 @@ impl RingEnd {
             if private.len() < len {
                 private.resize(len, 0);
             }
-            self.read_into(pos + REC_PREFIX as u64, &mut private[..len]);
+            let at = pos + REC_PREFIX as u64;
+            let mut pre = None;
+            let mut copied = 0;
+            if let Some(opener) = opener
+                && len >= FRAME_HEADER_LEN
+            {
+                self.read_into(at, &mut private[..FRAME_HEADER_LEN]);
+                copied = FRAME_HEADER_LEN;
+                if let Some(mut h) = opener.start_hashing(&private[..FRAME_HEADER_LEN]) {
+                    // A header announcing more than its record gets no
+                    // tag here (`finish` sees too few bytes hashed);
+                    // decode_frame then refuses it as truncated.
+                    let end = FRAME_HEADER_LEN.saturating_add(h.payload_len()).min(len);
+                    while copied < end {
+                        let n = (end - copied).min(HASH_CHUNK);
+                        let chunk = &mut private[copied..copied + n];
+                        self.read_into(at + copied as u64, chunk);
+                        h.update(chunk);
+                        copied += n;
+                    }
+                    pre = h.finish();
+                }
+            }
+            self.read_into(at + copied as u64, &mut private[copied..len]);
             self.private = private;
             self.lent = rec;
-            return Ok(Some(&self.private[..len]));
+            return Ok(Some((&self.private[..len], pre)));
         }
     }
 
@@ -673,6 +752,22 @@ impl ShmTransport {
     }
 }
 
+impl ShmTransport {
+    fn recv_prehashed_with(
+        &mut self,
+        opener: Option<&FrameOpener>,
+    ) -> Result<Option<Received<'_>>, TransportError> {
+        // Checked before reading: a peer gone by now wrote everything it
+        // ever will, so its frames are all delivered before `Closed`.
+        let gone = self.peer_gone();
+        match self.rx.recv_hashing(opener)? {
+            Some(frame) => Ok(Some(frame)),
+            None if gone => Err(TransportError::Closed),
+            None => Ok(None),
+        }
+    }
+}
+
 impl Transport for ShmTransport {
     fn name(&self) -> &'static str {
         "shm"
@@ -696,20 +791,30 @@ impl Transport for ShmTransport {
         Ok(())
     }
 
+    fn commit_sealed(
+        &mut self,
+        _reserved: usize,
+        frame: SealHasher<'_>,
+    ) -> Result<usize, TransportError> {
+        let len = self.tx.commit_sealed(frame)?;
+        self.ring_doorbell();
+        Ok(len)
+    }
+
     fn poll(&mut self) -> Result<bool, TransportError> {
         self.rx.release();
         Ok(false)
     }
 
     fn recv(&mut self) -> Result<Option<&[u8]>, TransportError> {
-        // Checked before reading: a peer gone by now wrote everything it
-        // ever will, so its frames are all delivered before `Closed`.
-        let gone = self.peer_gone();
-        match self.rx.recv()? {
-            Some(frame) => Ok(Some(frame)),
-            None if gone => Err(TransportError::Closed),
-            None => Ok(None),
-        }
+        Ok(self.recv_prehashed_with(None)?.map(|(frame, _)| frame))
+    }
+
+    fn recv_prehashed(
+        &mut self,
+        opener: &FrameOpener,
+    ) -> Result<Option<Received<'_>>, TransportError> {
+        self.recv_prehashed_with(Some(opener))
     }
 
     fn flushed(&self) -> bool {
