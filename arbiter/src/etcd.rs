@@ -259,11 +259,11 @@ pub struct EtcdArbiter {
 fn file_error(what: &'static str, path: &Path, reason: impl std::fmt::Display) -> ArbiterError {
     ArbiterError::Etcd {
         endpoints: String::new(),
-        source: EtcdError::File {
+        source: Box::new(EtcdError::File {
             what,
             path: path.to_path_buf(),
             reason: reason.to_string(),
-        },
+        }),
     }
 }
 
@@ -277,10 +277,10 @@ fn tls_config(security: &EtcdSecurity) -> Result<ureq::tls::TlsConfig, ArbiterEr
     use ureq::tls::{Certificate, ClientCert, PemItem, PrivateKey, RootCerts, TlsConfig};
     let ca_path = security.ca.as_deref().ok_or_else(|| ArbiterError::Etcd {
         endpoints: String::new(),
-        source: EtcdError::Endpoint {
+        source: Box::new(EtcdError::Endpoint {
             endpoint: "etcds://".into(),
             reason: "etcds:// needs the CA that signed the members' certificates (--etcd-ca FILE, or `ca` in [arbiter])",
-        },
+        }),
     })?;
     let certs =
         |what: &'static str, path: &Path| -> Result<Vec<Certificate<'static>>, ArbiterError> {
@@ -369,10 +369,10 @@ impl EtcdArbiter {
         } else {
             return Err(ArbiterError::Etcd {
                 endpoints: url.to_string(),
-                source: EtcdError::Endpoint {
+                source: Box::new(EtcdError::Endpoint {
                     endpoint: url.to_string(),
                     reason: "expected etcd://HOST:PORT[,…] or etcds://HOST:PORT[,…]",
-                },
+                }),
             });
         };
         let endpoints: Vec<&str> = list.split(',').collect();
@@ -394,10 +394,10 @@ impl EtcdArbiter {
                 .trim_end_matches('/');
             let bad = |reason| ArbiterError::Etcd {
                 endpoints: e.to_string(),
-                source: EtcdError::Endpoint {
+                source: Box::new(EtcdError::Endpoint {
                     endpoint: e.to_string(),
                     reason,
-                },
+                }),
             };
             if host.contains("://") {
                 return Err(bad(
@@ -412,10 +412,10 @@ impl EtcdArbiter {
         if list.is_empty() {
             return Err(ArbiterError::Etcd {
                 endpoints: String::new(),
-                source: EtcdError::Endpoint {
+                source: Box::new(EtcdError::Endpoint {
                     endpoint: String::new(),
                     reason: "no endpoint given",
-                },
+                }),
             });
         }
         let mut config = ureq::Agent::config_builder()
@@ -426,10 +426,10 @@ impl EtcdArbiter {
         } else if security.ca.is_some() || security.cert.is_some() || security.key.is_some() {
             return Err(ArbiterError::Etcd {
                 endpoints: list.join(","),
-                source: EtcdError::Endpoint {
+                source: Box::new(EtcdError::Endpoint {
                     endpoint: list.join(","),
                     reason: "TLS files given for a plain etcd:// arbiter (say etcds://)",
-                },
+                }),
             });
         }
         let login = match (&security.user, &security.password_file) {
@@ -442,10 +442,10 @@ impl EtcdArbiter {
             (Some(_), None) => {
                 return Err(ArbiterError::Etcd {
                     endpoints: list.join(","),
-                    source: EtcdError::Endpoint {
+                    source: Box::new(EtcdError::Endpoint {
                         endpoint: list.join(","),
                         reason: "an etcd user needs its password file (--etcd-password-file FILE, or `password_file` in [arbiter])",
-                    },
+                    }),
                 });
             }
             (None, Some(path)) => {
@@ -481,7 +481,7 @@ impl EtcdArbiter {
     fn wrap(&self, source: EtcdError) -> ArbiterError {
         ArbiterError::Etcd {
             endpoints: self.endpoints.join(","),
-            source,
+            source: Box::new(source),
         }
     }
 

@@ -213,7 +213,7 @@ pub enum ArbiterError {
         endpoints: String,
         /// Why.
         #[source]
-        source: etcd::EtcdError,
+        source: Box<etcd::EtcdError>,
     },
 }
 

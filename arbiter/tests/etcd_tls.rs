@@ -163,7 +163,7 @@ impl Drop for TlsEtcd {
 /// The etcd error under an arbiter error, and the whole chain as text.
 fn etcd_error(error: &ArbiterError) -> (&EtcdError, String) {
     match error {
-        ArbiterError::Etcd { source, .. } => (source, error_chain(error)),
+        ArbiterError::Etcd { source, .. } => (source.as_ref(), error_chain(error)),
         other => panic!("not an etcd error: {other:?}"),
     }
 }

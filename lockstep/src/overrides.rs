@@ -3,6 +3,7 @@
 //! (clap tells which values came from the command line; defaults do not
 //! override). The file's format and checks are `lockstep_config`'s.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
