@@ -1283,6 +1283,14 @@ impl BlkState {
                 "virtio-blk state: {pending_count} pending requests, the queue holds {QUEUE_SIZE}"
             ));
         }
+        // Each written block takes 8 bytes of the state, so a count the
+        // bytes cannot hold is refused before anything is allocated for it.
+        if written_count > (bytes.len() / 8) as u64 {
+            return Err(format!(
+                "virtio-blk state: {written_count} written blocks do not fit in its {} bytes",
+                bytes.len()
+            ));
+        }
         let mut written = Vec::with_capacity(written_count as usize);
         for _ in 0..written_count {
             let block = u64_of(take(8, "a written block")?);
@@ -1557,6 +1565,18 @@ mod tests {
     const HEADER: u64 = 0x20000;
     const DATA: u64 = 0x30000;
     const STATUS: u64 = 0x40000;
+
+    /// Found by the `state_stream` fuzz target: a state claiming a huge disk
+    /// and 2^32 - 1 written blocks made the parser allocate 32 GiB and abort.
+    /// The count must fit in the bytes that carry it.
+    #[test]
+    fn a_written_block_count_the_state_cannot_hold_is_refused_before_allocating() {
+        let mut bytes = vec![0u8; BLK_STATE_FIXED];
+        bytes[0..8].copy_from_slice(&(512u64 << 40).to_le_bytes());
+        bytes[152..156].copy_from_slice(&u32::MAX.to_le_bytes());
+        let error = BlkState::from_bytes(&bytes).err().expect("refused");
+        assert!(error.contains("do not fit"), "{error}");
+    }
 
     struct Fixture {
         _dir: tempdir::Dir,
