@@ -1574,7 +1574,9 @@ mod tests {
         let mut bytes = vec![0u8; BLK_STATE_FIXED];
         bytes[0..8].copy_from_slice(&(512u64 << 40).to_le_bytes());
         bytes[152..156].copy_from_slice(&u32::MAX.to_le_bytes());
-        let error = BlkState::from_bytes(&bytes).err().expect("refused");
+        let Err(error) = BlkState::from_bytes(&bytes) else {
+            panic!("a state with 2^32 - 1 written blocks in 160 bytes was accepted");
+        };
         assert!(error.contains("do not fit"), "{error}");
     }
 
