@@ -627,7 +627,11 @@ impl<T: Transport> LogReceiver<T> {
         self.t.poll()?;
         let mut now = Instant::now();
         let mut delivered = 0usize;
+        let acks_before = self.metrics.acks;
         for _ in 0..MAX_FRAMES_PER_POLL {
+            // Receipt, before decoding and delivering: the ack delay
+            // (`ack_lag`) counts from here.
+            let arrived = Instant::now();
             let (kind, seq, count) = {
                 let Some((bytes, pre)) = self.t.recv_prehashed(&self.opener)? else {
                     break;
@@ -677,7 +681,7 @@ impl<T: Transport> LogReceiver<T> {
                     delivered += count as usize;
                     self.metrics.entries += u64::from(count);
                     self.metrics.batches += 1;
-                    self.unacked.push_back((self.expected - 1, now));
+                    self.unacked.push_back((self.expected - 1, arrived));
                     if self.expected - 1 - self.acked_sent >= u64::from(self.ack.every_entries) {
                         self.send_ack(now)?;
                     }
@@ -692,8 +696,15 @@ impl<T: Transport> LogReceiver<T> {
             let late = now.saturating_duration_since(oldest)
                 >= Duration::from_micros(u64::from(self.ack.max_delay_us));
             if self.ack.on_drain || late {
+                now = Instant::now();
                 self.send_ack(now)?;
             }
+        }
+        // An ack leaves now, not at the next poll (an io_uring transport
+        // submits committed frames only when polled): the owner may hand
+        // the entries to a consumer next, whose wake-up can take this core.
+        if self.metrics.acks != acks_before && !self.t.flushed() {
+            self.t.poll()?;
         }
         self.heartbeat_if_due(now)?;
         silent(self.last_heard, now, &self.liveness, self.expected - 1)?;

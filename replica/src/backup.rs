@@ -3,8 +3,10 @@
 //! reproduce an output), and feed the replay in lockstep.
 //!
 //! ```text
-//!  transport ─▶ receiver thread: LogReceiver (crc, generation, seq) ─▶ queue ─▶ vCPU: Replay
-//!               └ ack(seq) by policy (on drain, every N, after T µs), heartbeats when idle
+//!  transport ─▶ receiver thread: LogReceiver (crc, generation, seq) ─▶ staged ─▶ queue ─▶ vCPU: Replay
+//!               └ ack(seq) by policy (on drain, every N, after T µs), sent
+//!                 before the staged entries are queued (which wakes the vCPU);
+//!                 heartbeats when idle
 //! ```
 
 use std::collections::VecDeque;
@@ -409,8 +411,9 @@ struct Receiving {
     base: u64,
     /// The replay is gone.
     closed: bool,
-    /// Entries received while the queue was full (at most one poll's
-    /// worth), in order, ahead of anything received later.
+    /// Entries received but not yet queued for the replay, in order: those
+    /// of the current poll (queued once it has sent its ack) and those that
+    /// found the queue full (at most one poll's worth more).
     pending: VecDeque<Received>,
 }
 
@@ -467,21 +470,9 @@ impl Receiving {
         if entry.kind == channel::log::EntryKind::End {
             self.ended = true;
         }
-        self.enqueue(Ok((entry, Instant::now())));
-    }
-
-    /// Queues `item` for the replay without blocking: behind the pending
-    /// entries, if any, or there if the queue is full.
-    fn enqueue(&mut self, item: Received) {
-        if !self.pending.is_empty() {
-            self.pending.push_back(item);
-            return;
-        }
-        match self.queue.try_send(item) {
-            Ok(()) => {}
-            Err(TrySendError::Full(item)) => self.pending.push_back(item),
-            Err(TrySendError::Disconnected(_)) => self.closed = true,
-        }
+        // Staged, not queued: the replay is handed (and woken for) the
+        // entries only after the poll acked them (see `receive`).
+        self.pending.push_back(Ok((entry, Instant::now())));
     }
 
     /// Moves pending entries into the queue while it has room; true when
@@ -632,7 +623,12 @@ fn receive<T: Transport>(
     let mut waiter = Waiter::new(poll);
     loop {
         let result = if state.flush_pending() {
-            receiver.poll(|seq, bytes| state.deliver(seq, bytes))
+            let result = receiver.poll(|seq, bytes| state.deliver(seq, bytes));
+            // The poll has sent its ack; only now wake the replay, whose
+            // vCPU thread may take this core the moment it is woken (on 2
+            // cores it did, and the ack waited for the guest to run).
+            state.flush_pending();
+            result
         } else {
             // The replay is behind and its queue is full: read nothing
             // more (the primary's transport fills and its ring stalls its
@@ -700,5 +696,78 @@ fn receive<T: Transport>(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use channel::log::{EntryKind, encode_entry};
+    use std::sync::mpsc::TryRecvError;
+
+    /// The receiver's state after the header, with a queue of `room`.
+    fn receiving(room: usize) -> (Receiving, Receiver<Received>) {
+        let (queue, entries) = sync_channel(room);
+        let state = Receiving {
+            queue,
+            newest_exit: Arc::new(AtomicU64::new(0)),
+            newest_seq: Arc::new(AtomicU64::new(0)),
+            meta: None,
+            refused: None,
+            ended: false,
+            base: 0,
+            closed: false,
+            pending: VecDeque::new(),
+        };
+        (state, entries)
+    }
+
+    fn clock_entry(seq: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_entry(
+            EntryKind::Clock,
+            0,
+            seq,
+            10 * seq,
+            &seq.to_le_bytes(),
+            &mut out,
+        );
+        out
+    }
+
+    /// Delivering stages an entry; the replay (whose wake-up may take the
+    /// receiver's core before it acks) sees it only once the receiver
+    /// flushes, which it does after the poll that acked.
+    #[test]
+    fn delivered_entries_reach_the_replay_only_when_flushed() {
+        let (mut state, entries) = receiving(4);
+        // Channel entry n + 1 carries log entry n.
+        state.deliver(2, &clock_entry(1));
+        state.deliver(3, &clock_entry(2));
+        assert!(state.refused.is_none());
+        assert_eq!(state.newest_seq.load(Ordering::Acquire), 2);
+        assert!(matches!(entries.try_recv(), Err(TryRecvError::Empty)));
+        assert!(state.flush_pending());
+        let seqs: Vec<u64> = entries
+            .try_iter()
+            .map(|r| r.map(|(entry, _)| entry.seq).unwrap())
+            .collect();
+        assert_eq!(seqs, vec![1, 2]);
+    }
+
+    /// A full queue keeps the rest staged, in order, for the next flush.
+    #[test]
+    fn a_full_queue_keeps_the_rest_staged_in_order() {
+        let (mut state, entries) = receiving(1);
+        for n in 1..=3 {
+            state.deliver(n + 1, &clock_entry(n));
+        }
+        assert!(!state.flush_pending());
+        assert_eq!(entries.try_recv().unwrap().unwrap().0.seq, 1);
+        assert!(!state.flush_pending());
+        assert_eq!(entries.try_recv().unwrap().unwrap().0.seq, 2);
+        assert!(state.flush_pending());
+        assert_eq!(entries.try_recv().unwrap().unwrap().0.seq, 3);
     }
 }
