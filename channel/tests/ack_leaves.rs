@@ -5,6 +5,8 @@
 //! a committed frame is only submitted when the ring is entered, so an ack
 //! merely committed would wait for the receiver's next poll.
 
+#![allow(clippy::unwrap_used)]
+
 use std::time::{Duration, Instant};
 
 use channel::endpoint::{LogReceiver, LogSender};
