@@ -117,6 +117,15 @@ pub struct Metrics {
     /// Sender: ns spent in the ack hook (the output gate's release, its
     /// TAP writes included) per ack that advanced the watermark.
     pub ack_hook_ns: Histogram<u64>,
+    /// Sender: [`Metrics::ack_rtt_ns`] of the batches during whose round
+    /// trip the sender slept in [`LogSender::wait`] (its wake-up is in it).
+    pub ack_rtt_slept_ns: Histogram<u64>,
+    /// Sender: [`Metrics::ack_rtt_ns`] of the batches whose ack found the
+    /// sender awake (it polled throughout).
+    pub ack_rtt_awake_ns: Histogram<u64>,
+    /// Receiver: batches that arrived after the receiver had slept in
+    /// [`LogReceiver::wait`] since the batch before (each paid a wake-up).
+    pub batches_after_sleep: u64,
 }
 
 impl Metrics {
@@ -140,6 +149,9 @@ impl Metrics {
             batch_fill_ns: h()?,
             wake_ns: h()?,
             ack_hook_ns: h()?,
+            ack_rtt_slept_ns: h()?,
+            ack_rtt_awake_ns: h()?,
+            batches_after_sleep: 0,
         })
     }
 
@@ -218,6 +230,8 @@ pub struct LogSender<T: Transport> {
     opener: FrameOpener,
     /// Called with the new watermark whenever an ack advances it.
     ack_hook: Option<Box<dyn FnMut(u64) + Send>>,
+    /// When [`LogSender::wait`] last slept (hop timing).
+    last_sleep: Option<Instant>,
 }
 
 impl<T: Transport> LogSender<T> {
@@ -252,6 +266,7 @@ impl<T: Transport> LogSender<T> {
             last_heard: now,
             metrics: Metrics::new()?,
             ack_hook: None,
+            last_sleep: None,
         })
     }
 
@@ -419,9 +434,13 @@ impl<T: Transport> LogSender<T> {
             if last > ack {
                 break;
             }
-            self.metrics
-                .ack_rtt_ns
-                .saturating_record(now.saturating_duration_since(at).as_nanos() as u64);
+            let rtt = now.saturating_duration_since(at).as_nanos() as u64;
+            self.metrics.ack_rtt_ns.saturating_record(rtt);
+            if self.last_sleep.is_some_and(|slept| slept >= at) {
+                self.metrics.ack_rtt_slept_ns.saturating_record(rtt);
+            } else {
+                self.metrics.ack_rtt_awake_ns.saturating_record(rtt);
+            }
             self.inflight.pop_front();
         }
         self.metrics.ack_lag.saturating_record(sent - ack);
@@ -494,6 +513,7 @@ impl<T: Transport> LogSender<T> {
             .liveness
             .heartbeat
             .saturating_sub(self.last_sent.elapsed());
+        self.last_sleep = Some(Instant::now());
         self.t.wait(wake, timeout.min(until_heartbeat))?;
         Ok(())
     }
@@ -534,6 +554,8 @@ pub struct LogReceiver<T: Transport> {
     /// Seals the frames we send; checks those we receive.
     sealer: FrameSealer,
     opener: FrameOpener,
+    /// [`LogReceiver::wait`] slept since the last batch (hop timing).
+    slept: bool,
 }
 
 impl<T: Transport> LogReceiver<T> {
@@ -560,6 +582,7 @@ impl<T: Transport> LogReceiver<T> {
             last_sent: now,
             last_heard: now,
             metrics: Metrics::new()?,
+            slept: false,
         })
     }
 
@@ -681,6 +704,9 @@ impl<T: Transport> LogReceiver<T> {
                     delivered += count as usize;
                     self.metrics.entries += u64::from(count);
                     self.metrics.batches += 1;
+                    if std::mem::take(&mut self.slept) {
+                        self.metrics.batches_after_sleep += 1;
+                    }
                     self.unacked.push_back((self.expected - 1, arrived));
                     if self.expected - 1 - self.acked_sent >= u64::from(self.ack.every_entries) {
                         self.send_ack(now)?;
@@ -802,6 +828,7 @@ impl<T: Transport> LogReceiver<T> {
             let delay = Duration::from_micros(u64::from(self.ack.max_delay_us));
             until = until.min(delay.saturating_sub(now.saturating_duration_since(oldest)));
         }
+        self.slept = true;
         self.t.wait(None, timeout.min(until))?;
         Ok(())
     }

@@ -230,7 +230,19 @@ pub const HOPS: &[(&str, &str)] = &[
         "ack_rtt",
         "batch sealed -> its ack read by the sender (wire both ways + backup)",
     ),
+    (
+        "ack_rtt_sender_slept",
+        "ack_rtt of batches during which the sender slept (its wake-up included)",
+    ),
+    (
+        "ack_rtt_sender_awake",
+        "ack_rtt of batches whose ack found the sender polling",
+    ),
     ("backup_ack_delay", "backup: batch received -> ack sent"),
+    (
+        "backup_slept_pct",
+        "backup: % of batches that arrived after its receiver slept (a %, not µs)",
+    ),
     (
         "ack_release",
         "ack read -> gate released what it covers (TAP writes incl.)",
@@ -247,6 +259,20 @@ pub const HOPS: &[(&str, &str)] = &[
 fn hops(stats: Option<&Value>, backup_output: &str) -> Vec<(String, f64, f64)> {
     let mut hops = Vec::new();
     for (name, _) in HOPS {
+        if *name == "backup_slept_pct" {
+            let after = "µs after receipt; ";
+            let slept = crate::table2::stats::number_after(backup_output, after);
+            let of = backup_output.find(after).and_then(|at| {
+                crate::table2::stats::number_after(&backup_output[at + after.len()..], " of ")
+            });
+            if let (Some(slept), Some(of)) = (slept, of)
+                && of > 0.0
+            {
+                let pct = 100.0 * slept / of;
+                hops.push((name.to_string(), pct, pct));
+            }
+            continue;
+        }
         if *name == "backup_ack_delay" {
             let p50 = crate::table2::stats::number_after(backup_output, "acks sent p50 ");
             let p99 = backup_output
@@ -885,13 +911,14 @@ mod tests {
             r#"{"hops_ns":{"ack_rtt":[190000,900000,10],"gate_hold":[800000,5000000,99]}}"#,
         )
         .expect("json");
-        let backup = "lockstep backup: lag: at most 3 exits behind; entries waited p50 9 µs, p99 40 µs, max 77 µs; acks sent p50 12 µs, p99 80 µs after receipt";
+        let backup = "lockstep backup: lag: at most 3 exits behind; entries waited p50 9 µs, p99 40 µs, max 77 µs; acks sent p50 12 µs, p99 80 µs after receipt; 30 of 120 batches arrived after the receiver slept";
         let hops = hops(Some(&stats), backup);
         assert_eq!(
             hops,
             vec![
                 ("ack_rtt".to_string(), 190.0, 900.0),
                 ("backup_ack_delay".to_string(), 12.0, 80.0),
+                ("backup_slept_pct".to_string(), 25.0, 25.0),
                 ("gate_hold".to_string(), 800.0, 5000.0),
             ]
         );

@@ -69,8 +69,9 @@ pub struct StreamSource {
     /// falls silent, or when this source (the queue) is dropped.
     _receiver: JoinHandle<()>,
     lost: Arc<Mutex<Option<String>>>,
-    /// The receiver's receipt-to-ack times (ns), once it has ended.
-    ack_delay: Arc<Mutex<Option<Histogram<u64>>>>,
+    /// The receiver's metrics (receipt-to-ack times, sleeps), once it has
+    /// ended.
+    ack_delay: Arc<Mutex<Option<channel::endpoint::Metrics>>>,
 }
 
 impl StreamSource {
@@ -82,6 +83,11 @@ impl StreamSource {
     /// ns from a batch's receipt to the ack covering it, as the receiver
     /// thread measured them; `None` until that thread has ended.
     pub fn ack_delay_ns(&self) -> Option<Histogram<u64>> {
+        self.receiver_metrics().map(|m| m.ack_lag)
+    }
+
+    /// The receiver thread's metrics; `None` until that thread has ended.
+    pub fn receiver_metrics(&self) -> Option<channel::endpoint::Metrics> {
         self.ack_delay
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -547,7 +553,7 @@ fn start_receiver<T: Transport + 'static>(
                         let _ = header_tx.send(Ok((meta, state.base)));
                         receive(&mut receiver, state, profile.poll, &lost);
                         *ack_delay.lock().unwrap_or_else(|p| p.into_inner()) =
-                            Some(receiver.metrics().ack_lag.clone());
+                            Some(receiver.metrics().clone());
                     }
                     Err(error) => {
                         let _ = header_tx.send(Err(error));

@@ -557,6 +557,14 @@ pub fn run_primary(options: &PrimaryArgs, stop: Arc<AtomicBool>) -> Result<(), C
             hops.push(format!("\"sender_wake\":{}", hop(&m.wake_ns)));
             hops.push(format!("\"sender_batch_fill\":{}", hop(&m.batch_fill_ns)));
             hops.push(format!("\"ack_rtt\":{}", hop(&m.ack_rtt_ns)));
+            hops.push(format!(
+                "\"ack_rtt_sender_slept\":{}",
+                hop(&m.ack_rtt_slept_ns)
+            ));
+            hops.push(format!(
+                "\"ack_rtt_sender_awake\":{}",
+                hop(&m.ack_rtt_awake_ns)
+            ));
             hops.push(format!("\"ack_release\":{}", hop(&m.ack_hook_ns)));
         }
         let channel = format!("{channel},\"hops_ns\":{{{}}}", hops.join(","));
@@ -725,12 +733,14 @@ fn follow(
     // the link): wait a little for its receipt-to-ack figures.
     let deadline = std::time::Instant::now() + Duration::from_millis(300);
     let ack_delay = loop {
-        match source.replay().source().ack_delay_ns() {
-            Some(h) => {
+        match source.replay().source().receiver_metrics() {
+            Some(m) => {
                 break format!(
-                    "; acks sent p50 {} µs, p99 {} µs after receipt",
-                    h.value_at_quantile(0.5) / 1000,
-                    h.value_at_quantile(0.99) / 1000
+                    "; acks sent p50 {} µs, p99 {} µs after receipt; {} of {} batches arrived after the receiver slept",
+                    m.ack_lag.value_at_quantile(0.5) / 1000,
+                    m.ack_lag.value_at_quantile(0.99) / 1000,
+                    m.batches_after_sleep,
+                    m.batches
                 );
             }
             None if std::time::Instant::now() < deadline => {
