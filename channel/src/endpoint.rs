@@ -118,13 +118,16 @@ pub struct Metrics {
     /// TAP writes included) per ack that advanced the watermark.
     pub ack_hook_ns: Histogram<u64>,
     /// Sender: [`Metrics::ack_rtt_ns`] of the batches during whose round
-    /// trip the sender slept in [`LogSender::wait`] (its wake-up is in it).
+    /// trip the sender entered [`LogSender::wait`] (to sleep; a wait that
+    /// found something readable returns at once and counts too).
     pub ack_rtt_slept_ns: Histogram<u64>,
     /// Sender: [`Metrics::ack_rtt_ns`] of the batches whose ack found the
     /// sender awake (it polled throughout).
     pub ack_rtt_awake_ns: Histogram<u64>,
-    /// Receiver: batches that arrived after the receiver had slept in
-    /// [`LogReceiver::wait`] since the batch before (each paid a wake-up).
+    /// Receiver: batches that arrived after the receiver had entered
+    /// [`LogReceiver::wait`] since the batch before (an upper bound on the
+    /// batches that paid a wake-up: a wait that found the socket or ring
+    /// readable returns at once and counts too).
     pub batches_after_sleep: u64,
 }
 
