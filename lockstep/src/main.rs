@@ -211,18 +211,9 @@ enum CliError {
     ThisProgram(#[source] std::io::Error),
 }
 
-/// `error` and its causes on one line, `a: b: c`: the one place where an
-/// error chain becomes text.
-fn render(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
-}
+/// `error` and its causes on one line, `a: b: c` (`channel::error_chain`,
+/// the workspace's one renderer).
+use channel::error_chain as render;
 
 fn main() -> ExitCode {
     // The matches too: they tell which flags the command line gave, which
