@@ -228,14 +228,6 @@ impl ArbiterError {
     }
 }
 
-/// Renders an error and its chain of causes on one line, `a: b: c`.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        source = e.source();
-    }
-    out
-}
+/// Renders an error and its chain of causes on one line, `a: b: c`
+/// (the workspace's one renderer, `channel::error_chain`).
+pub use channel::error_chain;

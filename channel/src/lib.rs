@@ -19,3 +19,17 @@ pub mod protocol;
 pub mod ring;
 pub mod testkit;
 pub mod transport;
+
+/// Renders an error and its chain of causes on one line, `a: b: c`: the
+/// one renderer of the workspace (`arbiter`, `testkit` and the binary use
+/// it).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
+}

@@ -353,17 +353,7 @@ pub(crate) fn run_backup_framed<T: Transport>(
 
 // ---- the peer program: one channel end in its own process ----
 
-/// `e` and its causes on one line.
-pub fn error_chain(e: &dyn Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use crate::error_chain;
 
 /// Runs one channel end as told by `key=value` arguments (see the module
 /// docs of `examples/channel_peer.rs`): connects or listens, runs the

@@ -137,21 +137,9 @@ pub struct Campaign {
     pub trial_json: Vec<String>,
 }
 
-/// A small deterministic generator (xorshift), seeded per campaign.
-struct Random(u64);
-
-impl Random {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, bound: u64) -> u64 {
-        self.next() % bound.max(1)
-    }
-}
+/// A small deterministic generator (`fastrand`'s wyrand), seeded per
+/// campaign: a seed replays its campaign's choices.
+type Random = fastrand::Rng;
 
 /// Starts this program in namespace `ns` of `bed`.
 fn spawn(
@@ -274,9 +262,8 @@ impl Workers {
                 let stop = std::sync::Arc::clone(&stop);
                 thread::spawn(move || {
                     let ns = |at: Instant| at.saturating_duration_since(start).as_nanos() as u64;
-                    let mut random = Random(
-                        (seed ^ ((u64::from(client) + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)))
-                            .max(1),
+                    let mut random = Random::with_seed(
+                        seed ^ ((u64::from(client) + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
                     );
                     let mut ops = Vec::new();
                     let mut stream: Option<TcpStream> = None;
@@ -285,9 +272,9 @@ impl Workers {
                             stream = connect(guest, Duration::from_secs(2));
                             continue;
                         };
-                        let key = KEYS[random.below(KEYS.len() as u64) as usize];
-                        let value = random.below(1000).to_string();
-                        let (key, call, words): (&str, Call, Vec<&str>) = match random.below(10) {
+                        let key = KEYS[random.usize(..KEYS.len())];
+                        let value = random.u64(..1000).to_string();
+                        let (key, call, words): (&str, Call, Vec<&str>) = match random.u64(..10) {
                             0..=2 => (key, Call::Set(value.clone()), vec!["SET", key, &value]),
                             3..=5 => (key, Call::Get, vec!["GET", key]),
                             6..=8 => (key, Call::Incr, vec!["INCR", key]),
@@ -417,9 +404,9 @@ fn trial(
     // all); then at random.
     let fault = match usize::try_from(number - 1) {
         Ok(i) if i < Fault::ALL.len() => Fault::ALL[i],
-        _ => Fault::ALL[random.below(Fault::ALL.len() as u64) as usize],
+        _ => Fault::ALL[random.usize(..Fault::ALL.len())],
     };
-    let fault_after = Duration::from_millis(200 + random.below(1200));
+    let fault_after = Duration::from_millis(200 + random.u64(..1200));
     // Ports inside the testbed's namespaces; a fresh one each trial.
     let port = 7600 + (number % 50) as u16;
     let arbiter_address = format!("{}:{}", at.arbiter, 7550 + (number % 50));
@@ -537,7 +524,7 @@ fn trial(
     }
     // Wait for the guest to serve before the fault clock starts.
     drop(connect(guest, Duration::from_secs(20)));
-    let workers = Workers::start(guest, CLIENTS, random.next());
+    let workers = Workers::start(guest, CLIENTS, random.u64(..));
     let mut cut: Option<Link> = None;
     let started = Instant::now();
     thread::sleep(fault_after);
@@ -654,7 +641,7 @@ fn trial(
             }
             if joined {
                 // Let it follow under load a while, then kill the survivor.
-                thread::sleep(Duration::from_millis(300 + random.below(1000)));
+                thread::sleep(Duration::from_millis(300 + random.u64(..1000)));
                 let _ = children[survivor].1.kill();
                 thread::sleep(Duration::from_secs(3));
             }
@@ -887,7 +874,7 @@ pub fn run(
         path: dir.clone(),
         source,
     })?;
-    let mut random = Random(seed.max(1));
+    let mut random = Random::with_seed(seed);
     let mut campaign = Campaign::default();
     // The client's thread lives in the client namespace: every connection
     // to the guest it makes starts there. Processes are started in their

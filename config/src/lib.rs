@@ -66,6 +66,8 @@ use toml::Spanned;
 
 pub use replica::keys;
 
+pub mod overrides;
+
 /// Errors of a config file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

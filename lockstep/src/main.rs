@@ -4,7 +4,7 @@
 //!
 //! ```text
 //!  run, record, replay, demo   → replica::local
-//!  primary, backup, arbiter    → replica::pair      (a config file first: overrides)
+//!  primary, backup, arbiter    → replica::pair      (a config file first: lockstep_config::overrides)
 //!  status, keygen              → replica::{status, keys}
 //!  chaos, up                   → chaos::cli
 //!  testbed, client             → testbed::cli
@@ -12,7 +12,6 @@
 //!  exit 0 ok · 1 error · 4 fail-stop (replica::failover::EXIT_HALTED)
 //! ```
 
-mod overrides;
 mod stop;
 
 use std::path::PathBuf;
@@ -167,7 +166,7 @@ enum Command {
 /// What an operator's deployment adds to a replica's flags: a config file
 /// (flags given on the command line override it) and the metrics endpoint.
 #[derive(Args, Default)]
-pub(crate) struct OpsArgs {
+struct OpsArgs {
     /// Read the settings from this TOML file (see `lockstep config check`);
     /// flags given on the command line override it.
     #[arg(long, value_name = "FILE")]
@@ -191,7 +190,7 @@ enum ConfigAction {
 
 /// Errors of the commands, from the library crates that run them.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum CliError {
+enum CliError {
     #[error(transparent)]
     Command(#[from] CommandError),
     #[error(transparent)]
@@ -212,18 +211,9 @@ pub(crate) enum CliError {
     ThisProgram(#[source] std::io::Error),
 }
 
-/// `error` and its causes on one line, `a: b: c`: the one place where an
-/// error chain becomes text.
-pub(crate) fn render(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
-}
+/// `error` and its causes on one line, `a: b: c` (`channel::error_chain`,
+/// the workspace's one renderer).
+use channel::error_chain as render;
 
 fn main() -> ExitCode {
     // The matches too: they tell which flags the command line gave, which
@@ -262,8 +252,8 @@ fn execute(command: Command, matches: &clap::ArgMatches) -> Result<(), CliError>
             );
         }
         Command::Demo { log } => println!("{}", local::demo(log, stop::flag())?),
-        Command::Primary { primary, ops } => overrides::run(primary, ops, matches)?,
-        Command::Backup { backup, ops } => overrides::run(backup, ops, matches)?,
+        Command::Primary { primary, ops } => run_role(primary, ops, matches)?,
+        Command::Backup { backup, ops } => run_role(backup, ops, matches)?,
         Command::Config {
             action: ConfigAction::Check { file },
         } => {
@@ -298,6 +288,26 @@ fn execute(command: Command, matches: &clap::ArgMatches) -> Result<(), CliError>
         Command::Bench(args) => perf::cli::bench(&args, &this_program()?)?,
     }
     Ok(())
+}
+
+/// Runs a replica role: its config file over the flags, its metrics, the role.
+fn run_role<R: config::overrides::Role>(
+    mut args: R,
+    ops: OpsArgs,
+    matches: &clap::ArgMatches,
+) -> Result<(), CliError> {
+    let mut metrics = ops.metrics;
+    if let Some(path) = &ops.config {
+        let loaded = config::load(path)?;
+        loaded.check_role(R::ROLE)?;
+        config::overrides::apply(&loaded, matches, &mut args, &mut metrics);
+    }
+    if let Some(address) = &metrics {
+        let board = args.ft().board.clone();
+        board.update(|f| f.role = R::NAME);
+        replica::metrics::serve(address, board)?;
+    }
+    Ok(args.run(stop::flag())?)
 }
 
 /// The path of this executable, which the deployments and benchmarks run.

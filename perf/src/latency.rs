@@ -34,6 +34,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use replica::stats::PrimaryStats;
 use serde_json::{Value, json};
 use testbed::Ns;
 
@@ -256,7 +257,7 @@ pub const HOPS: &[(&str, &str)] = &[
 
 /// Reads the hop figures from the primary's stats JSON and the backup's
 /// output.
-fn hops(stats: Option<&Value>, backup_output: &str) -> Vec<(String, f64, f64)> {
+fn hops(stats: Option<&PrimaryStats>, backup_output: &str) -> Vec<(String, f64, f64)> {
     let mut hops = Vec::new();
     for (name, _) in HOPS {
         if *name == "backup_slept_pct" {
@@ -283,13 +284,8 @@ fn hops(stats: Option<&Value>, backup_output: &str) -> Vec<(String, f64, f64)> {
             }
             continue;
         }
-        let figures = stats
-            .and_then(|s| s.get("hops_ns"))
-            .and_then(|h| h.get(*name))
-            .and_then(Value::as_array);
-        if let Some(f) = figures {
-            let at = |i: usize| f.get(i).and_then(Value::as_f64).unwrap_or(f64::NAN);
-            hops.push((name.to_string(), at(0) / 1e3, at(1) / 1e3));
+        if let Some([p50, p99, _]) = stats.and_then(|s| s.hops_ns.get(*name)) {
+            hops.push((name.to_string(), *p50 as f64 / 1e3, *p99 as f64 / 1e3));
         }
     }
     hops
@@ -357,7 +353,7 @@ fn measure(
     running.read_reports(&mut measured);
     let stats = std::fs::read_to_string(bench.dir.join("primary.json"))
         .ok()
-        .and_then(|text| serde_json::from_str::<Value>(&text).ok());
+        .and_then(|text| serde_json::from_str::<PrimaryStats>(&text).ok());
     let backup_output = running
         .procs
         .iter()
@@ -877,6 +873,7 @@ fn report(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     #[test]
     fn redis_benchmark_csv_is_parsed() {
@@ -907,10 +904,13 @@ mod tests {
 
     #[test]
     fn hop_figures_come_from_the_stats_and_the_backup_line() {
-        let stats: Value = serde_json::from_str(
-            r#"{"hops_ns":{"ack_rtt":[190000,900000,10],"gate_hold":[800000,5000000,99]}}"#,
-        )
-        .expect("json");
+        let stats = PrimaryStats {
+            hops_ns: BTreeMap::from([
+                ("ack_rtt".to_string(), [190_000, 900_000, 10]),
+                ("gate_hold".to_string(), [800_000, 5_000_000, 99]),
+            ]),
+            ..PrimaryStats::default()
+        };
         let backup = "lockstep backup: lag: at most 3 exits behind; entries waited p50 9 µs, p99 40 µs, max 77 µs; acks sent p50 12 µs, p99 80 µs after receipt; 30 of 120 batches arrived after the receiver slept";
         let hops = hops(Some(&stats), backup);
         assert_eq!(

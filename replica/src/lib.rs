@@ -50,6 +50,7 @@ pub mod primary;
 pub mod promotion;
 pub mod ratelimit;
 pub mod relay;
+pub mod stats;
 pub mod status;
 
 /// Errors of the replication link. Every variant that stands for another

@@ -525,69 +525,53 @@ pub fn run_primary(options: &PrimaryArgs, stop: Arc<AtomicBool>) -> Result<(), C
         stats.hold_ns.value_at_quantile(0.999) / 1000
     );
     if let Some(path) = stats_file {
-        let elapsed = summary.elapsed.as_secs_f64();
-        let channel = match sink.metrics() {
-            Some(m) => format!(
-                ",\"batches\":{},\"ring_full\":{},\"transport_stalls\":{},\"heartbeats_sent\":{},\"ack_rtt_p50_ns\":{},\"ack_rtt_p99_ns\":{},\"ack_rtt_p999_ns\":{}",
-                m.batches,
-                m.ring_full_stalls,
-                m.transport_stalls,
-                m.heartbeats_sent,
-                m.ack_rtt_ns.value_at_quantile(0.5),
-                m.ack_rtt_ns.value_at_quantile(0.99),
-                m.ack_rtt_ns.value_at_quantile(0.999)
-            ),
-            None => String::new(),
-        };
+        use crate::stats::{ChannelStats, HOLD_QUANTILES, Hop, PrimaryStats};
         // Per-hop timing (`lockstep bench latency`): [p50, p99, count] ns.
-        let hop = |h: &nic::gate::Histogram<u64>| {
-            format!(
-                "[{},{},{}]",
-                h.value_at_quantile(0.5),
-                h.value_at_quantile(0.99),
-                h.len()
-            )
+        let hop = |h: &nic::gate::Histogram<u64>| -> Hop {
+            [h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.len()]
         };
-        let mut hops = vec![
-            format!("\"gate_submit_wait\":{}", hop(&stats.submit_wait_ns)),
-            format!("\"gate_tap_write\":{}", hop(&stats.tap_write_ns)),
-            format!("\"gate_hold\":{}", hop(&stats.hold_ns)),
-        ];
+        let mut hops_ns = std::collections::BTreeMap::from([
+            ("gate_submit_wait".to_string(), hop(&stats.submit_wait_ns)),
+            ("gate_tap_write".to_string(), hop(&stats.tap_write_ns)),
+            ("gate_hold".to_string(), hop(&stats.hold_ns)),
+        ]);
         if let Some(m) = sink.metrics() {
-            hops.push(format!("\"sender_wake\":{}", hop(&m.wake_ns)));
-            hops.push(format!("\"sender_batch_fill\":{}", hop(&m.batch_fill_ns)));
-            hops.push(format!("\"ack_rtt\":{}", hop(&m.ack_rtt_ns)));
-            hops.push(format!(
-                "\"ack_rtt_sender_slept\":{}",
-                hop(&m.ack_rtt_slept_ns)
-            ));
-            hops.push(format!(
-                "\"ack_rtt_sender_awake\":{}",
-                hop(&m.ack_rtt_awake_ns)
-            ));
-            hops.push(format!("\"ack_release\":{}", hop(&m.ack_hook_ns)));
+            hops_ns.insert("sender_wake".into(), hop(&m.wake_ns));
+            hops_ns.insert("sender_batch_fill".into(), hop(&m.batch_fill_ns));
+            hops_ns.insert("ack_rtt".into(), hop(&m.ack_rtt_ns));
+            hops_ns.insert("ack_rtt_sender_slept".into(), hop(&m.ack_rtt_slept_ns));
+            hops_ns.insert("ack_rtt_sender_awake".into(), hop(&m.ack_rtt_awake_ns));
+            hops_ns.insert("ack_release".into(), hop(&m.ack_hook_ns));
         }
-        let channel = format!("{channel},\"hops_ns\":{{{}}}", hops.join(","));
-        let hold_quantiles = [
-            0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9999, 1.0,
-        ]
-        .iter()
-        .map(|q| format!("[{q},{}]", stats.hold_ns.value_at_quantile(*q)))
-        .collect::<Vec<_>>()
-        .join(",");
-        let json = format!(
-            "{{\"exits\":{},\"elapsed_s\":{elapsed:.3},\"entries\":{entries},\"log_bytes\":{},\"acks\":{},\"frames_released\":{},\"max_held\":{},\"hold_p50_ns\":{},\"hold_p99_ns\":{},\"hold_p999_ns\":{},\"hold_quantiles_ns\":[{hold_quantiles}],\"transport\":\"{}\",\"unprotected\":{}{channel}}}\n",
-            summary.exits,
-            sink.bytes(),
-            sink.acks(),
-            stats.released,
-            stats.max_held,
-            stats.hold_ns.value_at_quantile(0.5),
-            stats.hold_ns.value_at_quantile(0.99),
-            stats.hold_ns.value_at_quantile(0.999),
-            sink.transport(),
-            sink.unprotected().is_some()
-        );
+        let figures = PrimaryStats {
+            exits: summary.exits,
+            elapsed_s: (summary.elapsed.as_secs_f64() * 1e3).round() / 1e3,
+            entries,
+            log_bytes: sink.bytes(),
+            acks: sink.acks(),
+            frames_released: stats.released,
+            max_held: u64::try_from(stats.max_held).unwrap_or(u64::MAX),
+            hold_p50_ns: stats.hold_ns.value_at_quantile(0.5),
+            hold_p99_ns: stats.hold_ns.value_at_quantile(0.99),
+            hold_p999_ns: stats.hold_ns.value_at_quantile(0.999),
+            hold_quantiles_ns: HOLD_QUANTILES
+                .iter()
+                .map(|q| (*q, stats.hold_ns.value_at_quantile(*q)))
+                .collect(),
+            transport: sink.transport().to_string(),
+            unprotected: sink.unprotected().is_some(),
+            channel: sink.metrics().map(|m| ChannelStats {
+                batches: m.batches,
+                ring_full: m.ring_full_stalls,
+                transport_stalls: m.transport_stalls,
+                heartbeats_sent: m.heartbeats_sent,
+                ack_rtt_p50_ns: m.ack_rtt_ns.value_at_quantile(0.5),
+                ack_rtt_p99_ns: m.ack_rtt_ns.value_at_quantile(0.99),
+                ack_rtt_p999_ns: m.ack_rtt_ns.value_at_quantile(0.999),
+            }),
+            hops_ns,
+        };
+        let json = figures.to_json();
         std::fs::write(path, json).map_err(|source| CommandError::File {
             what: "cannot write the statistics to",
             path: path.to_path_buf(),

@@ -850,7 +850,7 @@ impl RdmaTransport {
                 // Tell the peer why, so both ends report the cause.
                 let mut b = [0u8; INFO_LEN];
                 b[..8].copy_from_slice(&REFUSE_MAGIC);
-                let msg = crate::testkit::error_chain(&e);
+                let msg = crate::error_chain(&e);
                 let mut n = msg.len().min(88);
                 while !msg.is_char_boundary(n) {
                     n -= 1;
@@ -1075,7 +1075,7 @@ impl RdmaTransport {
             let n = match self.conn.verbs.poll(&mut wcs) {
                 Ok(n) => n,
                 Err(e) => {
-                    let r = crate::testkit::error_chain(&e);
+                    let r = crate::error_chain(&e);
                     return Err(self.fail("polling the completion queue", r));
                 }
             };
@@ -1404,12 +1404,10 @@ impl Transport for RdmaTransport {
         self.conn.verbs.to_error()?;
         let mut wcs = wc_array::<32>();
         loop {
-            let n = self.conn.verbs.poll(&mut wcs).map_err(|e| {
-                self.fail(
-                    "draining the completion queue",
-                    crate::testkit::error_chain(&e),
-                )
-            })?;
+            let n =
+                self.conn.verbs.poll(&mut wcs).map_err(|e| {
+                    self.fail("draining the completion queue", crate::error_chain(&e))
+                })?;
             for wc in &wcs[..n] {
                 let (wr_id, status, _, byte_len, imm) = wc_fields(wc);
                 // Flushed requests (status != SUCCESS) carried nothing.
@@ -1454,7 +1452,7 @@ impl Transport for RdmaTransport {
 
     fn transport_ack(&mut self) -> Option<u64> {
         if let Err(e) = self.refresh_status() {
-            let r = crate::testkit::error_chain(&e);
+            let r = crate::error_chain(&e);
             self.fail("reading the peer's status block", r);
             return None;
         }

@@ -80,18 +80,12 @@ pub const SOURCE_PORT: u16 = 5002;
 /// The guest's iperf3 port.
 pub const IPERF3_PORT: u16 = 5201;
 
-/// 64 KiB of xorshift bytes: incompressible within a frame, so no encoding
-/// of received frames can look better than it is.
+/// 64 KiB of pseudo-random bytes (fixed seed): incompressible within a
+/// frame, so no encoding of received frames can look better than it is.
 fn incompressible() -> Vec<u8> {
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    (0..1 << 16)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 24) as u8
-        })
-        .collect()
+    let mut bytes = vec![0; 1 << 16];
+    fastrand::Rng::with_seed(0x9e37_79b9_7f4a_7c15).fill(&mut bytes);
+    bytes
 }
 
 impl Load for Builtin {

@@ -18,7 +18,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use testbed::Ns;
 
 use super::anatomy::Anatomy;
@@ -146,7 +145,7 @@ impl Running {
             .stats
             .as_ref()
             .and_then(|path| std::fs::read_to_string(path).ok())
-            .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+            .and_then(|text| serde_json::from_str::<replica::stats::PrimaryStats>(&text).ok())
         {
             stats::apply_stats(measured, &stats);
         }

@@ -5,17 +5,11 @@
 
 use std::collections::BTreeMap;
 
+use replica::stats::PrimaryStats;
 use serde_json::{Value, json};
 
 use super::scenario::{Config, Direction, Variant};
 use crate::median;
-
-/// Hold-time quantiles the primary reports in every version of its stats.
-const HOLD_QUANTILES: [(f64, &str); 3] = [
-    (0.5, "hold_p50_ns"),
-    (0.99, "hold_p99_ns"),
-    (0.999, "hold_p999_ns"),
-];
 
 /// Everything measured in one run of one configuration and direction.
 /// Figures that could not be obtained are NaN.
@@ -231,40 +225,36 @@ pub fn apply_backup_status(measured: &mut Measured, status: &str) {
         .and_then(|v| v.trim().parse().ok()));
 }
 
-/// Takes the primary's `--stats` figures. Optional fields the primary may
-/// add: `hold_quantiles_ns` ([[q, ns], ...], a finer latency curve),
-/// `ack_rtt_p50_ns` / `ack_rtt_p99_ns`, `batches`, `ring_full` (stalls).
-pub fn apply_stats(measured: &mut Measured, stats: &Value) {
-    let get = |key: &str| stats.get(key).and_then(Value::as_f64);
-    let or = |key: &str, old: f64| get(key).unwrap_or(old);
-    measured.exits = or("exits", measured.exits);
-    measured.entries = or("entries", measured.entries);
-    measured.log_bytes = or("log_bytes", measured.log_bytes);
-    measured.acks = or("acks", measured.acks);
-    measured.frames_released = or("frames_released", measured.frames_released);
-    measured.max_held = or("max_held", measured.max_held);
-    measured.batches = or("batches", measured.batches);
-    measured.ring_stalls = or("ring_full", measured.ring_stalls);
-    measured.ack_rtt_p50_us = get("ack_rtt_p50_ns").map_or(measured.ack_rtt_p50_us, |v| v / 1e3);
-    measured.ack_rtt_p99_us = get("ack_rtt_p99_ns").map_or(measured.ack_rtt_p99_us, |v| v / 1e3);
+/// Takes the primary's `--stats` figures (its channel's only when the
+/// link had a channel; the hold curve from `hold_quantiles_ns` and the
+/// p50/p99/p99.9 fields).
+pub fn apply_stats(measured: &mut Measured, stats: &PrimaryStats) {
+    // Counts far below 2^53: exact as f64.
+    let f = |v: u64| v as f64;
+    measured.exits = f(stats.exits);
+    measured.entries = f(stats.entries);
+    measured.log_bytes = f(stats.log_bytes);
+    measured.acks = f(stats.acks);
+    measured.frames_released = f(stats.frames_released);
+    measured.max_held = f(stats.max_held);
+    if let Some(c) = &stats.channel {
+        measured.batches = f(c.batches);
+        measured.ring_stalls = f(c.ring_full);
+        measured.ack_rtt_p50_us = f(c.ack_rtt_p50_ns) / 1e3;
+        measured.ack_rtt_p99_us = f(c.ack_rtt_p99_ns) / 1e3;
+    }
     let mut curve: Vec<(f64, f64)> = stats
-        .get("hold_quantiles_ns")
-        .and_then(Value::as_array)
-        .map(|points| {
-            points
-                .iter()
-                .filter_map(|point| {
-                    let pair = point.as_array()?;
-                    Some((pair.first()?.as_f64()?, pair.get(1)?.as_f64()? / 1e3))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    for (q, key) in HOLD_QUANTILES {
-        if let Some(ns) = get(key)
-            && !curve.iter().any(|(p, _)| (p - q).abs() < 1e-9)
-        {
-            curve.push((q, ns / 1e3));
+        .hold_quantiles_ns
+        .iter()
+        .map(|(q, ns)| (*q, f(*ns) / 1e3))
+        .collect();
+    for (q, ns) in [
+        (0.5, stats.hold_p50_ns),
+        (0.99, stats.hold_p99_ns),
+        (0.999, stats.hold_p999_ns),
+    ] {
+        if !curve.iter().any(|(p, _)| (p - q).abs() < 1e-9) {
+            curve.push((q, f(ns) / 1e3));
         }
     }
     curve.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -441,7 +431,7 @@ mod tests {
     #[test]
     fn stats_json_fills_the_figures_and_the_hold_curve() {
         let mut m = Measured::new(100.0, 1.0, BTreeMap::new());
-        let stats: Value = serde_json::from_str(
+        let stats: PrimaryStats = serde_json::from_str(
             r#"{"exits":77,"elapsed_s":2.027,"entries":47,"log_bytes":2064,"acks":44,"frames_released":3,
                 "max_held":1,"hold_p50_ns":471000,"hold_p99_ns":3839000,"hold_p999_ns":3839000,"unprotected":false,
                 "hold_quantiles_ns":[[0.9,1000000],[0.5,471000]]}"#,

@@ -1,7 +1,8 @@
 //! A config file over the command line: every value the file gives fills
 //! the flag it stands for unless the command line gave that flag itself
 //! (clap tells which values came from the command line; defaults do not
-//! override). The file's format and checks are `lockstep_config`'s.
+//! override). The file's format and checks are in the crate root; the
+//! binary loads the file, calls [`apply`] and runs the [`Role`].
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,12 +10,11 @@ use std::sync::atomic::AtomicBool;
 
 use clap::ArgMatches;
 use clap::parser::ValueSource;
-use lockstep_config::{self as config, Loaded};
 use replica::command::CommandError;
 use replica::pair::{BackupArgs, FtArgs, PrimaryArgs};
 use toml::Spanned;
 
-use crate::{CliError, OpsArgs};
+use crate::{self as config, Loaded};
 
 /// Whether the command line itself gave argument `id` (not a default).
 fn given(matches: &ArgMatches, id: &str) -> bool {
@@ -38,7 +38,7 @@ macro_rules! take {
 }
 
 /// Fills `ft` from `[replica]` where the command line left it unset.
-pub(crate) fn apply_replica(loaded: &Loaded, matches: &ArgMatches, ft: &mut FtArgs) {
+pub fn apply_replica(loaded: &Loaded, matches: &ArgMatches, ft: &mut FtArgs) {
     let r = &loaded.file.replica;
     take!(
         matches,
@@ -99,10 +99,11 @@ pub(crate) fn apply_replica(loaded: &Loaded, matches: &ArgMatches, ft: &mut FtAr
 }
 
 /// A replica command whose flags a config file can fill: `lockstep
-/// primary` or `lockstep backup`. Both go through [`run`], which loads the
-/// file, fills `[replica]` ([`apply_replica`]) and the role's own section
-/// ([`Role::fill`]) and `metrics`, serves the metrics and runs the role.
-pub(crate) trait Role {
+/// primary` or `lockstep backup`. The binary loads the file, checks its
+/// role ([`Role::ROLE`]), fills `[replica]` ([`apply_replica`]), the role's
+/// own section ([`Role::fill`]) and `metrics` ([`apply`]), serves the
+/// metrics and runs the role.
+pub trait Role {
     /// The role a config file must be written for.
     const ROLE: config::Role;
     /// Its name in the metrics.
@@ -115,29 +116,9 @@ pub(crate) trait Role {
     fn run(&self, stop: Arc<AtomicBool>) -> Result<(), CommandError>;
 }
 
-/// Runs a replica role: its config file over the flags, its metrics, the role.
-pub(crate) fn run<R: Role>(
-    mut args: R,
-    ops: OpsArgs,
-    matches: &ArgMatches,
-) -> Result<(), CliError> {
-    let mut metrics = ops.metrics;
-    if let Some(path) = &ops.config {
-        let loaded = config::load(path)?;
-        loaded.check_role(R::ROLE)?;
-        apply(&loaded, matches, &mut args, &mut metrics);
-    }
-    if let Some(address) = &metrics {
-        let board = args.ft().board.clone();
-        board.update(|f| f.role = R::NAME);
-        replica::metrics::serve(address, board)?;
-    }
-    Ok(args.run(crate::stop::flag())?)
-}
-
 /// Fills `args` (and `metrics`) from the file where the command line left
 /// them unset.
-pub(crate) fn apply<R: Role>(
+pub fn apply<R: Role>(
     loaded: &Loaded,
     matches: &ArgMatches,
     args: &mut R,
@@ -222,23 +203,30 @@ mod tests {
 
     use super::*;
 
-    use lockstep_config::EXAMPLE_PRIMARY as FULL;
+    use crate::EXAMPLE_PRIMARY as FULL;
+
+    /// `lockstep primary`'s flags: the role's and the binary's `--metrics`.
+    #[derive(clap::Parser)]
+    struct Primary {
+        #[command(flatten)]
+        primary: PrimaryArgs,
+        #[arg(long)]
+        metrics: Option<String>,
+    }
 
     #[test]
     fn flags_override_the_file_and_defaults_do_not() {
         use clap::{CommandFactory, FromArgMatches};
-        let loaded =
-            lockstep_config::parse(Path::new("test.toml"), FULL.to_string()).expect("parses");
-        let matches = crate::Cli::command()
-            .try_get_matches_from(["lockstep", "primary", "--mem-mib", "64", "--vm-id", "9"])
+        let loaded = crate::parse(Path::new("test.toml"), FULL.to_string()).expect("parses");
+        let matches = Primary::command()
+            .try_get_matches_from(["primary", "--mem-mib", "64", "--vm-id", "9"])
             .expect("parses");
-        let cli = crate::Cli::from_arg_matches(&matches).expect("command");
-        let sub = matches.subcommand_matches("primary").expect("primary");
-        let crate::Command::Primary { mut primary, ops } = cli.command else {
-            panic!("not primary");
-        };
-        let mut metrics = ops.metrics;
-        apply(&loaded, sub, &mut primary, &mut metrics);
+        let Primary {
+            mut primary,
+            mut metrics,
+        } = Primary::from_arg_matches(&matches).expect("command");
+        assert_eq!(metrics, None, "no --metrics given");
+        apply(&loaded, &matches, &mut primary, &mut metrics);
         let PrimaryArgs {
             run,
             ft,
