@@ -2078,7 +2078,7 @@ mod tests {
             let before = self.queue.used().idx().load();
             self.queue.build_desc_chain(chain).expect("chain");
             self.device.write(0x050, 4, 0).expect("notify");
-            self.device.notify(&self.memory).expect("notify handled");
+            self.device.notify(&self.memory, 0).expect("notify handled");
             let mut polls = 0;
             while self.queue.used().idx().load() == before {
                 self.device
@@ -2136,6 +2136,100 @@ mod tests {
             3,
             "one blk-done event per completion poll"
         );
+    }
+
+    #[test]
+    fn shared_mode_a_write_reaches_the_image_only_after_the_backups_ack() {
+        let dir = tempdir::Dir::new();
+        let path = dir.0.join("shared.img");
+        Disk::open(&path, false, Some(64 * SECTOR)).expect("create");
+        let gate = Arc::new(OutputGate::new(Box::new(nic::gate::Dropped)));
+        let mut disk = Disk::open(&path, false, None).expect("open").shared(false);
+        disk.hold_writes(Arc::clone(&gate));
+        let mut f = fixture(false);
+        f.device = VirtioBlk::new(disk).expect("device");
+        start(&mut f.device, &f.queue);
+        let data = vec![0xa5u8; 1024];
+        f.memory
+            .write_slice(&data, GuestAddress(DATA))
+            .expect("data");
+        f.header(T_OUT, 3);
+        let chain = [
+            RawDescriptor::from(Descriptor::new(HEADER, 16, NEXT, 1)),
+            RawDescriptor::from(Descriptor::new(DATA, 1024, NEXT, 2)),
+            RawDescriptor::from(Descriptor::new(STATUS, 1, WRITE, 0)),
+        ];
+        f.queue.build_desc_chain(&chain).expect("chain");
+        // Produced at log position 5; the backup has acked nothing.
+        f.device.notify(&f.memory, 5).expect("notify");
+        assert_eq!(
+            (f.device.disk().held(), f.device.disk().in_flight()),
+            (1, 0)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let on_image =
+            |path: &std::path::Path| std::fs::read(path).expect("image")[3 * 512..5 * 512].to_vec();
+        assert_eq!(on_image(&path), vec![0u8; 1024], "written before the ack");
+        // The guest polls: the vCPU waits for the ack (an ack of 4 does not
+        // cover it), then issues the write and completes it.
+        let acker = {
+            let (gate, path) = (Arc::clone(&gate), path.clone());
+            std::thread::spawn(move || {
+                gate.ack(4);
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                let before = on_image(&path);
+                gate.ack(5);
+                before
+            })
+        };
+        let mut delivered = 0;
+        while delivered == 0 {
+            delivered = f.device.poll(&f.memory, &mut f.events, 2).expect("poll");
+        }
+        assert_eq!(
+            acker.join().expect("acker"),
+            vec![0u8; 1024],
+            "written at ack 4"
+        );
+        assert_eq!(on_image(&path), data, "on the image after the ack");
+        let mut status = [0xffu8];
+        f.memory
+            .read_slice(&mut status, GuestAddress(STATUS))
+            .expect("status");
+        assert_eq!(status[0], S_OK);
+        assert_eq!(f.device.disk().shared_stats().map(|s| s.held), Some(1));
+    }
+
+    #[test]
+    fn shared_records_with_data_round_trip_and_split_and_malformed_ones_are_refused() {
+        let done: Vec<Completion> = (1..=5)
+            .map(|tag| Completion {
+                tag,
+                len: (MAX_REQUEST_BYTES + 1) as u32,
+                status: S_OK,
+                hash: tag,
+            })
+            .collect();
+        let data = |tag: u64| vec![tag as u8; MAX_REQUEST_BYTES as usize];
+        let entries = encode_completions_with_data(&done, &data);
+        assert_eq!(entries.len(), 5, "1 MiB reads: one per entry under 2 MiB");
+        for (entry, expected) in entries.iter().zip(&done) {
+            assert!(entry.len() <= MAX_DATA_ENTRY);
+            let decoded = decode_completions_with_data(entry).expect("decode");
+            assert_eq!(decoded.len(), 1);
+            assert_eq!(decoded[0].0, *expected);
+            assert_eq!(decoded[0].1, &data(expected.tag)[..]);
+        }
+        let mut bad = entries[0].clone();
+        bad.pop();
+        assert!(decode_completions_with_data(&bad).is_none(), "short data");
+        let mut bad = entries[0].clone();
+        bad[0] = 200;
+        assert!(
+            decode_completions_with_data(&bad).is_none(),
+            "count beyond the payload"
+        );
+        assert!(decode_completions_with_data(&[1, 0, 0, 0]).is_none());
     }
 
     #[test]
