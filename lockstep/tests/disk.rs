@@ -11,6 +11,19 @@ const KEY: &[u8] = b"lockstep disk test key, at least 32 bytes";
 /// Runs the `disk` guest as primary (image `a`) and backup (image `b`);
 /// returns both outputs.
 fn pair(dir: &Path, a: &Path, b: &Path, rounds: u64) -> (Output, Output) {
+    pair_in(dir, a, b, rounds, "local", |_| {})
+}
+
+/// As [`pair`], in disk mode `mode`; `meanwhile` gets the backup's pid
+/// while the primary runs.
+fn pair_in(
+    dir: &Path,
+    a: &Path,
+    b: &Path,
+    rounds: u64,
+    mode: &str,
+    meanwhile: impl FnOnce(u32) + Send + 'static,
+) -> (Output, Output) {
     let key = dir.join("key");
     std::fs::write(&key, KEY).expect("key");
     let socket = dir.join("link.sock");
@@ -21,6 +34,7 @@ fn pair(dir: &Path, a: &Path, b: &Path, rounds: u64) -> (Output, Output) {
         .arg(&socket)
         .arg("--disk")
         .arg(b)
+        .args(["--disk-mode", mode])
         .arg("--link-key")
         .arg(&key)
         .arg("--status-dir")
@@ -40,13 +54,20 @@ fn pair(dir: &Path, a: &Path, b: &Path, rounds: u64) -> (Output, Output) {
         .args(["--digest-interval", "20", "--peer-timeout-ms", "5000"])
         .arg("--disk")
         .arg(a)
+        .args(["--disk-mode", mode])
         .arg("--link-key")
         .arg(&key)
         .arg("--status-dir")
         .arg(&status)
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("run the primary");
+    let backup_pid = backup.id();
+    let side = std::thread::spawn(move || meanwhile(backup_pid));
+    let primary = primary.wait_with_output().expect("primary");
+    side.join().expect("meanwhile");
     // A backup that refused every connection keeps listening: stop it.
     let mut backup = backup;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -110,6 +131,78 @@ fn a_backup_whose_image_differs_refuses_the_pair() {
     // The primary learns of it only by losing its backup (fail-stop without
     // an arbiter); this guest is short enough to finish first.
     let _ = primary;
+}
+
+#[test]
+fn a_pair_in_shared_mode_runs_on_one_image() {
+    let _serial = UP_SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("shared.img");
+    for boot in 1..=2 {
+        let (primary, backup) = pair_in(dir.path(), &image, &image, 30, "shared", |_| {});
+        let (primary_text, backup_text) = (text(&primary), text(&backup));
+        assert!(
+            primary.status.success(),
+            "primary: {primary_text}\nbackup: {backup_text}"
+        );
+        assert!(backup.status.success(), "backup: {backup_text}");
+        assert!(
+            primary_text.contains(&format!("disk: boot {boot} id lockstep-disk"))
+                && primary_text.contains("mismatches 0"),
+            "{primary_text}"
+        );
+    }
+}
+
+#[test]
+fn in_shared_mode_a_frozen_backup_holds_the_primarys_writes_off_the_image() {
+    let _serial = UP_SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("shared.img");
+    let watched = image.clone();
+    let frozen = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let seen = std::sync::Arc::clone(&frozen);
+    let (primary, backup) = pair_in(dir.path(), &image, &image, 4000, "shared", move |pid| {
+        let hash = |path: &Path| std::fs::read(path).map(|b| xxh(&b)).unwrap_or(0);
+        // Wait until the guest writes, then freeze the backup (SIGSTOP).
+        let start = hash(&watched);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while hash(&watched) == start && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let signal = |sig: &str| {
+            Command::new("kill")
+                .args([sig, &pid.to_string()])
+                .status()
+                .expect("kill")
+        };
+        signal("-STOP");
+        // Writes issued before the freeze land within this wait.
+        std::thread::sleep(Duration::from_millis(500));
+        let at_freeze = hash(&watched);
+        std::thread::sleep(Duration::from_millis(2000));
+        let later = hash(&watched);
+        signal("-CONT");
+        *seen.lock().expect("seen") = Some((at_freeze, later));
+    });
+    let (primary_text, backup_text) = (text(&primary), text(&backup));
+    let (at_freeze, later) = frozen.lock().expect("frozen").expect("froze the backup");
+    assert_eq!(
+        at_freeze, later,
+        "the image changed while the backup was frozen: a write left before its ack"
+    );
+    assert!(
+        primary.status.success() && primary_text.contains("mismatches 0"),
+        "primary: {primary_text}\nbackup: {backup_text}"
+    );
+    assert!(backup.status.success(), "backup: {backup_text}");
+}
+
+fn xxh(bytes: &[u8]) -> u64 {
+    // FNV-1a: any hash that changes with the bytes will do here.
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// Serialises this binary's tests: each runs a pair of spinning replicas,

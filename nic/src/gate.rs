@@ -32,7 +32,8 @@
 //! (the `writing` flag) and FIFO pops keep frames in order.
 
 use std::collections::VecDeque;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 use std::time::Instant;
 
 pub use hdrhistogram::Histogram;
@@ -97,6 +98,9 @@ pub struct GateStats {
 pub struct OutputGate {
     state: Mutex<GateState>,
     output: Mutex<Output>,
+    /// Signalled at every ack that advances the watermark (for outputs the
+    /// gate does not carry itself: the shared disk's writes).
+    advanced: Condvar,
 }
 
 impl OutputGate {
@@ -131,6 +135,7 @@ impl OutputGate {
                 tap_write_ns: histogram(),
                 send_errors: 0,
             }),
+            advanced: Condvar::new(),
         }
     }
 
@@ -178,6 +183,7 @@ impl OutputGate {
             return;
         }
         state.acked = position;
+        self.advanced.notify_all();
         if !state.writing {
             self.write_released(state);
         }
@@ -221,6 +227,24 @@ impl OutputGate {
             state = self.lock();
             state.released += count;
         }
+    }
+
+    /// Highest log position acknowledged (`u64::MAX` while open): an
+    /// output produced at a position up to this one may leave.
+    pub fn acked(&self) -> u64 {
+        self.lock().acked
+    }
+
+    /// Waits up to `timeout` for the ack to cover `position`; whether it
+    /// does. For outputs the gate does not carry itself (the shared disk's
+    /// writes, issued by the vCPU thread).
+    pub fn wait_acked(&self, position: u64, timeout: Duration) -> bool {
+        let state = self.lock();
+        let (state, _) = self
+            .advanced
+            .wait_timeout_while(state, timeout, |state| state.acked < position)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        state.acked >= position
     }
 
     /// Stops holding: releases everything and lets later frames through

@@ -452,8 +452,8 @@ impl EventSource for BackupSource {
         self.with(exit, |source| source.blk_done(exit, disk))
     }
 
-    fn disk_identity(&mut self, capacity: u64, hash: u64) -> Result<(), VmmError> {
-        self.with(0, |source| source.disk_identity(capacity, hash))
+    fn disk_identity(&mut self, capacity: u64, hash: u64, shared: bool) -> Result<(), VmmError> {
+        self.with(0, |source| source.disk_identity(capacity, hash, shared))
     }
 
     fn log_position(&self) -> u64 {

@@ -78,8 +78,10 @@ pub struct FtArgs {
     /// missing. Local mode: each replica has its own identical copy.
     #[arg(long)]
     pub disk: Option<PathBuf>,
-    /// `local`: each replica applies every write to its own image (shared
-    /// is not built yet).
+    /// `local`: each replica applies every write to its own image;
+    /// `shared`: both replicas name the same image, only the primary
+    /// writes it, each write held until the backup acknowledged the log
+    /// that produced it, read data in the log.
     #[arg(long, default_value = "local")]
     pub disk_mode: crate::disk::DiskMode,
     /// Where this replica's figures go for `--metrics` (not a flag).
@@ -384,7 +386,12 @@ pub fn run_primary(options: &PrimaryArgs, stop: Arc<AtomicBool>) -> Result<(), C
     let stats_file = options.stats.as_deref();
     let (backup, backup_id) = (options.backup.as_str(), options.backup_id.as_str());
     let join_listen = options.join_listen.as_deref();
-    let disk = ft.disk().map(|disk| disk.open()).transpose()?;
+    if join_listen.is_some() && ft.disk.is_some() && ft.disk_mode == crate::disk::DiskMode::Shared {
+        return Err(CommandError::Usage(
+            "--join-listen with --disk-mode shared: re-protection of a shared-disk pair is not built yet (issue 19); use --disk-mode local to re-protect".into(),
+        ));
+    }
+    let disk = ft.disk().map(|disk| disk.open(false)).transpose()?;
     let guest = GuestImage::resolve(&args.guest)?;
     let config = args.vm_config();
     let meta = log_meta(&guest, &config, args.arg, digest_interval);
@@ -475,7 +482,7 @@ pub fn run_primary(options: &PrimaryArgs, stop: Arc<AtomicBool>) -> Result<(), C
         digest_interval,
     )?;
     Network::attach(&network, &mut machine)?;
-    crate::disk::DiskOptions::attach(disk, &mut machine)?;
+    crate::disk::DiskOptions::attach(disk, &mut machine, &gate)?;
     if let Some(setup) = joins {
         spawn_join_service(setup, machine.transfer_handle(), Arc::clone(&gate))?;
     }
@@ -591,7 +598,12 @@ fn backup(
     stop: Arc<AtomicBool>,
 ) -> Result<(), CommandError> {
     let me = ft.me("backup")?;
-    let disk = ft.disk().map(|disk| disk.open()).transpose()?;
+    if join_listen.is_some() && ft.disk.is_some() && ft.disk_mode == crate::disk::DiskMode::Shared {
+        return Err(CommandError::Usage(
+            "--join-listen with --disk-mode shared: re-protection of a shared-disk pair is not built yet (issue 19); use --disk-mode local to re-protect".into(),
+        ));
+    }
+    let disk = ft.disk().map(|disk| disk.open(true)).transpose()?;
     let arbiter = ft.arbiter()?;
     let settings = ft.link_settings()?;
     let listener = LinkListener::bind(settings.kind, listen)?;
@@ -692,7 +704,7 @@ fn backup(
         console(quiet),
         meta.digest_interval,
     )?;
-    crate::disk::DiskOptions::attach(disk, &mut machine)?;
+    crate::disk::DiskOptions::attach(disk, &mut machine, &side.gate)?;
     follow(machine, side, guest.name())
 }
 
@@ -799,6 +811,11 @@ fn join(
 ) -> Result<(), CommandError> {
     use std::io::Write as _;
     let me = ft.me("backup")?;
+    if ft.disk.is_some() && ft.disk_mode == crate::disk::DiskMode::Shared {
+        return Err(CommandError::Usage(
+            "--join with --disk-mode shared: re-protection of a shared-disk pair is not built yet (issue 19; the joined backup would need no disk copy, but the state transfer of a shared-disk VM is not built); use --disk-mode local to re-protect".into(),
+        ));
+    }
     let arbiter = ft.arbiter()?.ok_or_else(|| {
         CommandError::Usage("--join needs --arbiter (the new pair is recorded there)".into())
     })?;

@@ -136,9 +136,15 @@ pub fn handle_exit<E: EventSource>(
             Ok(ExitAction::Resume(u64::from(value)))
         }
         Exit::MmioWrite { addr, len, value } if (BLK_BASE..BLK_BASE + BLK_SIZE).contains(&addr) => {
+            let position = context.events.log_position();
             let blk = context.blk.as_deref_mut().ok_or_else(|| guest_error(format!("access to {addr:#x}: this VM has no disk")))?;
             if blk.write(addr - BLK_BASE, len, value as u32).map_err(guest_error)? {
-                blk.notify(context.memory)?;
+                blk.notify(context.memory, position)?;
+                // Shared disk: held writes wait for the backup's ack of
+                // the entries so far; let it hear of them now.
+                if blk.disk().held() > 0 {
+                    context.sync = true;
+                }
             }
             Ok(ExitAction::Resume(0))
         }

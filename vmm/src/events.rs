@@ -24,13 +24,20 @@ use nic::tap::RxQueue;
 use zerocopy::IntoBytes;
 
 use crate::VmmError;
-use crate::block::{Completion, DiskCompleter, decode_completions, encode_completions};
+use crate::block::{
+    Completion, DiskCompleter, decode_completions, decode_completions_with_data,
+    encode_completions, encode_completions_with_data,
+};
 use crate::digest::Digest;
 use crate::state::EventPosition;
 
 /// `BlkDone` flag: the entry is the disk's identity (payload: capacity and
 /// content hash, u64 each), logged at exit 0 before the guest runs.
 pub const FLAG_BLK_IDENTITY: u16 = 1;
+/// `BlkDone` flag, shared-disk mode: on the identity entry, the mode; on a
+/// completion entry, the read data follows the records
+/// ([`crate::block::encode_completions_with_data`]).
+pub const FLAG_BLK_SHARED: u16 = 2;
 
 /// A source of the values that make a run non-deterministic.
 pub trait EventSource {
@@ -64,11 +71,13 @@ pub trait EventSource {
         )))
     }
     /// The VM has a disk of `capacity` bytes whose contents hash to `hash`
-    /// (called once, before the first exit). A live source logs it; a
-    /// replay refuses a disk that differs from the recorded one, so a
-    /// pair whose local disks are not identical copies never starts.
-    fn disk_identity(&mut self, capacity: u64, hash: u64) -> Result<(), VmmError> {
-        let _ = (capacity, hash);
+    /// (called once, before the first exit), in shared-disk mode if
+    /// `shared`. A live source logs it; a replay refuses a disk that
+    /// differs from the recorded one (or a different mode), so a pair whose
+    /// local disks are not identical copies, or whose replicas do not see
+    /// the same shared image, never starts.
+    fn disk_identity(&mut self, capacity: u64, hash: u64, shared: bool) -> Result<(), VmmError> {
+        let _ = (capacity, hash, shared);
         Ok(())
     }
     /// The log position of the last event so far: output produced now may
@@ -335,16 +344,33 @@ impl<S: EventSink> EventSource for Live<S> {
         disk: &mut dyn DiskCompleter,
     ) -> Result<Vec<Completion>, VmmError> {
         let done = disk.harvest()?;
-        if !done.is_empty() {
+        if done.is_empty() {
+            return Ok(done);
+        }
+        if disk.carries_data() {
+            // Shared disk: the backup never reads the image; the data
+            // travels with the completion.
+            let data = |tag: u64| {
+                let record = done.iter().find(|c| c.tag == tag);
+                match record {
+                    Some(c) if c.len > 1 => disk.read_data(tag).to_vec(),
+                    _ => Vec::new(),
+                }
+            };
+            for payload in encode_completions_with_data(&done, &data) {
+                self.log(EntryKind::BlkDone, FLAG_BLK_SHARED, exit, &payload)?;
+            }
+        } else {
             self.log(EntryKind::BlkDone, 0, exit, &encode_completions(&done))?;
         }
         Ok(done)
     }
 
-    fn disk_identity(&mut self, capacity: u64, hash: u64) -> Result<(), VmmError> {
+    fn disk_identity(&mut self, capacity: u64, hash: u64, shared: bool) -> Result<(), VmmError> {
         let mut payload = capacity.to_le_bytes().to_vec();
         payload.extend_from_slice(&hash.to_le_bytes());
-        self.log(EntryKind::BlkDone, FLAG_BLK_IDENTITY, 0, &payload)
+        let mode = if shared { FLAG_BLK_SHARED } else { 0 };
+        self.log(EntryKind::BlkDone, FLAG_BLK_IDENTITY | mode, 0, &payload)
     }
 
     fn log_position(&self) -> u64 {
@@ -420,6 +446,54 @@ pub trait EntrySource {
 impl<R: Read> EntrySource for LogReader<R> {
     fn next_entry(&mut self) -> Result<Option<Entry>, VmmError> {
         Ok(LogReader::next_entry(self)?)
+    }
+}
+
+impl<R: EntrySource> Replay<R> {
+    /// Shared-disk mode: the completions at `exit` with the primary's read
+    /// data, from every data entry logged there (large reads are split
+    /// over several entries), handed to the following disk.
+    fn blk_done_with_data(
+        &mut self,
+        exit: u64,
+        disk: &mut dyn DiskCompleter,
+    ) -> Result<Vec<Completion>, VmmError> {
+        let mut done = Vec::new();
+        loop {
+            let next = self.peek(exit)?;
+            if next.exit != exit || next.kind != EntryKind::BlkDone || next.flags != FLAG_BLK_SHARED
+            {
+                break;
+            }
+            let entry = self.take(exit, EntryKind::BlkDone)?;
+            if !disk.carries_data() {
+                return Err(VmmError::LogMismatch(format!(
+                    "blk-done entry {} carries the primary's read data (shared-disk mode), but this replica's disk is local",
+                    entry.seq
+                )));
+            }
+            let records = decode_completions_with_data(&entry.payload).ok_or_else(|| {
+                VmmError::LogMismatch(format!(
+                    "blk-done entry {} has a malformed payload (shared-disk records and data)",
+                    entry.seq
+                ))
+            })?;
+            for (completion, data) in records {
+                disk.accept(&completion, data)?;
+                done.push(completion);
+            }
+            self.stats.events += 1;
+        }
+        if done.is_empty() {
+            let next = self.peek(exit)?;
+            if next.exit == exit && next.kind == EntryKind::BlkDone {
+                return Err(VmmError::LogMismatch(format!(
+                    "blk-done entry {} carries no read data, but this replica's disk is in shared-disk mode (it never reads the image while following)",
+                    next.seq
+                )));
+            }
+        }
+        Ok(done)
     }
 }
 
@@ -670,8 +744,14 @@ impl<R: EntrySource> EventSource for Replay<R> {
     ) -> Result<Vec<Completion>, VmmError> {
         // No entry for this exit: nothing completed here on the primary.
         let next = self.peek(exit)?;
-        if next.exit != exit || next.kind != EntryKind::BlkDone || next.flags != 0 {
+        if next.exit != exit
+            || next.kind != EntryKind::BlkDone
+            || next.flags & FLAG_BLK_IDENTITY != 0
+        {
             return Ok(Vec::new());
+        }
+        if next.flags == FLAG_BLK_SHARED || disk.carries_data() {
+            return self.blk_done_with_data(exit, disk);
         }
         let entry = self.take(exit, EntryKind::BlkDone)?;
         let recorded = decode_completions(&entry.payload).ok_or_else(|| {
@@ -703,9 +783,12 @@ impl<R: EntrySource> EventSource for Replay<R> {
         Ok(recorded)
     }
 
-    fn disk_identity(&mut self, capacity: u64, hash: u64) -> Result<(), VmmError> {
+    fn disk_identity(&mut self, capacity: u64, hash: u64, shared: bool) -> Result<(), VmmError> {
         let next = self.peek(0)?;
-        if next.exit != 0 || next.kind != EntryKind::BlkDone || next.flags != FLAG_BLK_IDENTITY {
+        if next.exit != 0
+            || next.kind != EntryKind::BlkDone
+            || next.flags & !FLAG_BLK_SHARED != FLAG_BLK_IDENTITY
+        {
             return Err(VmmError::LogMismatch(format!(
                 "this replica has a disk ({capacity} bytes), but the recording's VM had none (its first entry is {} at exit {})",
                 next.kind, next.exit
@@ -727,9 +810,23 @@ impl<R: EntrySource> EventSource for Replay<R> {
                 entry.payload.len()
             )));
         };
-        if (their_capacity, their_hash) != (capacity, hash) {
+        let their_shared = entry.flags & FLAG_BLK_SHARED != 0;
+        let mode = |shared: bool| if shared { "shared" } else { "local" };
+        if their_shared != shared {
             return Err(VmmError::LogMismatch(format!(
-                "the disks differ: the primary's image has {their_capacity} bytes (content hash {their_hash:016x}), this replica's {capacity} bytes (content hash {hash:016x}); in local-disks mode both must start as identical copies"
+                "the disk modes differ: the primary runs --disk-mode {}, this replica --disk-mode {}; both must use the same mode",
+                mode(their_shared),
+                mode(shared)
+            )));
+        }
+        if (their_capacity, their_hash) != (capacity, hash) {
+            let rule = if shared {
+                "in shared-disk mode both must open the same image (on one host, the same file), before the guest writes to it"
+            } else {
+                "in local-disks mode both must start as identical copies"
+            };
+            return Err(VmmError::LogMismatch(format!(
+                "the disks differ: the primary's image has {their_capacity} bytes (content hash {their_hash:016x}), this replica's {capacity} bytes (content hash {hash:016x}); {rule}"
             )));
         }
         Ok(())

@@ -272,7 +272,7 @@ impl<E: EventSource> Machine<E> {
             ));
         }
         self.events
-            .disk_identity(disk.capacity(), disk.identity()?)?;
+            .disk_identity(disk.capacity(), disk.identity()?, disk.is_shared())?;
         self.blk = Some(VirtioBlk::new(disk)?);
         Ok(())
     }

@@ -437,3 +437,120 @@ fn the_periodic_digests_catch_a_written_block_that_differs_without_a_read() {
         "{text}"
     );
 }
+
+fn record_shared(disk: &Path, arg: u64) -> Result<(Vec<u8>, RunSummary, String), VmmError> {
+    let image = guest_images::image("disk").expect("embedded guest");
+    let config = VmConfig::default();
+    let meta = LogMeta {
+        image_id: guest_images::image_id(image),
+        mem_size: config.mem_size,
+        guest_arg: arg,
+        digest_interval: 50,
+        vm_flags: config.flags(),
+        guest_name: "disk".into(),
+    };
+    let sink = LogSink::new(LogWriter::new(Vec::new(), &meta)?);
+    let events = Live::new(Box::new(std::io::empty()), sink);
+    let console = Console::default();
+    let mut machine = Machine::new(&config, image, arg, events, Box::new(console.clone()), 50)?;
+    machine.attach_disk(Disk::open(disk, false, Some(DISK_BYTES))?.shared(false))?;
+    let summary = machine.run()?;
+    let log = machine.into_events().into_sink().into_inner()?;
+    Ok((log, summary, console.text()))
+}
+
+#[test]
+fn shared_mode_a_following_replica_never_reads_or_writes_its_image_and_replays_exactly() {
+    let scratch = Scratch::new("shared");
+    let primary = scratch.path("shared.img");
+    std::fs::write(&primary, vec![0u8; DISK_BYTES as usize]).expect("image");
+    let before = std::fs::read(&primary).expect("before");
+    // The follower's copy of the image as it was at the start (the same
+    // identity), overwritten with garbage once the identity is checked:
+    // a replica that read it would diverge, one that wrote it would
+    // change it.
+    let follower = scratch.path("follower.img");
+    std::fs::write(&follower, &before).expect("copy");
+    let (log, summary, console) = record_shared(&primary, 30).expect("record");
+    assert_eq!(summary.exit_code, 0, "{console}");
+    assert!(console.contains("mismatches 0"), "{console}");
+    assert_ne!(
+        std::fs::read(&primary).expect("after"),
+        before,
+        "the primary wrote the image"
+    );
+    // Every completion entry carries the read data (shared flag).
+    let mut reader = LogReader::new(&log[..]).expect("log");
+    let (mut data_entries, mut plain) = (0, 0);
+    while let Some(entry) = reader.next_entry().expect("entry") {
+        if entry.kind == EntryKind::BlkDone && entry.exit != 0 {
+            if entry.flags == vmm::events::FLAG_BLK_SHARED {
+                data_entries += 1;
+            } else {
+                plain += 1;
+            }
+        }
+    }
+    assert!(
+        data_entries > 30 && plain == 0,
+        "{data_entries} data entries, {plain} plain"
+    );
+    let garbage = vec![0x5au8; DISK_BYTES as usize];
+    let (replayed, replay_console) = replay_shared_then(&follower, &log, || {
+        std::fs::write(&follower, &garbage).expect("garbage");
+    })
+    .expect("replay");
+    assert_eq!(replayed.final_digest, summary.final_digest);
+    assert_eq!(replay_console, console);
+    assert!(
+        std::fs::read(&follower).expect("follower") == garbage,
+        "the following replica wrote its image"
+    );
+}
+
+#[test]
+fn shared_mode_is_refused_against_a_local_recording_and_the_reverse() {
+    let scratch = Scratch::new("modes");
+    let image = scratch.path("a.img");
+    let (log, _, _) = record(&image, 2).expect("record local");
+    let Err(error) = replay_shared_then(&image, &log, || {}) else {
+        panic!("a shared replica followed a local-disks log");
+    };
+    assert!(
+        error.to_string().contains("the disk modes differ"),
+        "{error}"
+    );
+    let shared = scratch.path("b.img");
+    let (log, _, _) = record_shared(&shared, 2).expect("record shared");
+    let Err(error) = replay(&shared, &log) else {
+        panic!("a local replica followed a shared-disk log");
+    };
+    assert!(
+        error.to_string().contains("the disk modes differ"),
+        "{error}"
+    );
+}
+
+fn replay_shared_then(
+    disk: &Path,
+    log: &[u8],
+    after_attach: impl FnOnce(),
+) -> Result<(RunSummary, String), VmmError> {
+    let reader = LogReader::new(log)?;
+    let meta = reader.meta().clone();
+    let image = guest_images::image("disk").expect("embedded guest");
+    let config = VmConfig::with_flags(meta.mem_size, meta.vm_flags);
+    let console = Console::default();
+    let mut machine = Machine::new(
+        &config,
+        image,
+        meta.guest_arg,
+        Replay::new(reader),
+        Box::new(console.clone()),
+        meta.digest_interval,
+    )?;
+    machine.attach_disk(Disk::open(disk, false, None)?.shared(true))?;
+    after_attach();
+    let summary = machine.run()?;
+    Ok((summary, console.text()))
+}
