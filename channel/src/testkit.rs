@@ -225,6 +225,9 @@ impl<T: Transport> Transport for Corrupting<T> {
     fn flushed(&self) -> bool {
         self.inner.flushed()
     }
+    fn sends_only_when_polled(&self) -> bool {
+        self.inner.sends_only_when_polled()
+    }
     fn transport_ack(&mut self) -> Option<u64> {
         self.inner.transport_ack()
     }

@@ -179,6 +179,16 @@ pub trait Transport: Send {
     /// this is true, so batches grow only while the transport is busy.
     fn flushed(&self) -> bool;
 
+    /// True if committed frames leave only when [`Transport::poll`] is
+    /// called (io_uring: the ring is entered there). A receiver that
+    /// committed an ack polls once more before it hands the entries on, so
+    /// the ack is not held until its next poll. Transports that send at
+    /// commit (shm, RDMA: the ack is a status write posted at once) keep
+    /// the default and pay no extra poll.
+    fn sends_only_when_polled(&self) -> bool {
+        false
+    }
+
     /// A cumulative ack delivered by the transport itself (RDMA: the
     /// backup's NIC writes its ack word into our memory). `None` for
     /// transports whose acks travel as frames.

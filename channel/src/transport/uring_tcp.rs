@@ -501,6 +501,10 @@ impl Transport for UringTcp {
         self.queue.is_empty()
     }
 
+    fn sends_only_when_polled(&self) -> bool {
+        true
+    }
+
     /// Sleeps on the socket itself: with DEFER_TASKRUN an armed RECV only
     /// completes when we next enter the ring, so bytes that arrived are still
     /// in the socket and make it readable (a close makes it hang up). The
