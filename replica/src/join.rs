@@ -249,8 +249,62 @@ pub struct JoinService {
 /// How long a joiner has, from its connect, to pass the handshake and name
 /// itself. Until it has, it holds nothing but its own thread.
 pub const AUTH_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
-/// Joiners being authenticated at once, at most; more are closed at once.
+/// Joiners being authenticated at once, at most. A connection that
+/// arrives when this many are waiting closes the one that has waited
+/// longest (see [`Unauthenticated`]).
 pub const MAX_UNAUTHENTICATED: usize = 32;
+
+/// The join connections that have not yet authenticated, oldest first.
+///
+/// The cap bounds the threads that strangers can hold. When it is reached,
+/// the newcomer is admitted and the connection that has waited longest is
+/// shut down, rather than the newcomer refused: a real joiner proves its
+/// key within milliseconds, so under a flood of slow or silent peers it is
+/// never the oldest for long, while refusing newcomers would let 32 peers
+/// that say nothing lock re-protection out for as long as they reconnect.
+#[derive(Default)]
+pub struct Unauthenticated {
+    waiting: Mutex<std::collections::VecDeque<(u64, String, TcpStream)>>,
+    next_id: AtomicU64,
+}
+
+impl Unauthenticated {
+    /// Admits `stream` (from `peer`) and returns its id, and the peer whose
+    /// connection was shut down to make room, if any; `Err` if the stream
+    /// cannot be tracked (its handle cannot be cloned), so it must not be
+    /// served.
+    pub fn admit(&self, stream: &TcpStream, peer: &str) -> std::io::Result<(u64, Option<String>)> {
+        let handle = stream.try_clone()?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        let evicted = if waiting.len() >= MAX_UNAUTHENTICATED {
+            waiting.pop_front().map(|(_, oldest, stream)| {
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+                oldest
+            })
+        } else {
+            None
+        };
+        waiting.push_back((id, peer.to_owned(), handle));
+        Ok((id, evicted))
+    }
+
+    /// Forgets connection `id`: it authenticated, failed or was shut down.
+    pub fn done(&self, id: u64) {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        waiting.retain(|(waiting_id, _, _)| *waiting_id != id);
+    }
+
+    /// Connections waiting to authenticate now.
+    pub fn len(&self) -> usize {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether none is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 /// Serves join requests on `listener` until the process ends; each failed
 /// join is reported and the primary goes on.
@@ -262,28 +316,36 @@ pub const MAX_UNAUTHENTICATED: usize = 32;
 pub fn serve(listener: std::net::TcpListener, service: JoinService) {
     let service = Arc::new(service);
     let one_at_a_time = Arc::new(Mutex::new(()));
-    let authenticating = Arc::new(AtomicU64::new(0));
+    let unauthenticated = Arc::new(Unauthenticated::default());
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
         let peer = stream
             .peer_addr()
             .map_or_else(|_| "?".to_string(), |a| a.to_string());
-        if authenticating.fetch_add(1, Ordering::SeqCst) >= MAX_UNAUTHENTICATED as u64 {
-            authenticating.fetch_sub(1, Ordering::SeqCst);
-            crate::warn_limited!(
-                "lockstep primary: join from {peer} refused: {MAX_UNAUTHENTICATED} joiners are being authenticated already"
-            );
-            continue;
-        }
-        let (service, one_at_a_time, counter) = (
+        let id = match unauthenticated.admit(&stream, &peer) {
+            Ok((id, None)) => id,
+            Ok((id, Some(oldest))) => {
+                crate::warn_limited!(
+                    "lockstep primary: join from {oldest} closed unauthenticated: {MAX_UNAUTHENTICATED} joiners were being authenticated and {peer} arrived"
+                );
+                id
+            }
+            Err(error) => {
+                crate::warn_limited!(
+                    "lockstep primary: join from {peer} refused: cannot track its connection: {error}"
+                );
+                continue;
+            }
+        };
+        let (service, one_at_a_time, waiting) = (
             Arc::clone(&service),
             Arc::clone(&one_at_a_time),
-            Arc::clone(&authenticating),
+            Arc::clone(&unauthenticated),
         );
         let spawned = std::thread::Builder::new()
             .name("join-conn".into())
             .spawn(move || {
-                let result = serve_one(stream, &service, &one_at_a_time, &counter);
+                let result = serve_one(stream, &service, &one_at_a_time, &waiting, id);
                 match result {
                     Ok(report) => tracing::info!("lockstep primary: join from {peer}: {report}"),
                     Err(error) => crate::warn_limited!(
@@ -293,7 +355,7 @@ pub fn serve(listener: std::net::TcpListener, service: JoinService) {
                 }
             });
         if spawned.is_err() {
-            authenticating.fetch_sub(1, Ordering::SeqCst);
+            unauthenticated.done(id);
         }
     }
 }
@@ -333,7 +395,8 @@ fn serve_one(
     mut stream: TcpStream,
     service: &JoinService,
     one_at_a_time: &Mutex<()>,
-    authenticating: &AtomicU64,
+    unauthenticated: &Unauthenticated,
+    id: u64,
 ) -> Result<String, ReplicaError> {
     use channel::protocol::{PROTOCOL_VERSION, Role, Side, handshake_as};
     let authenticated = (|| {
@@ -361,7 +424,7 @@ fn serve_one(
         let name = read_name(&mut timed)?;
         Ok((generation, name))
     })();
-    authenticating.fetch_sub(1, Ordering::SeqCst);
+    unauthenticated.done(id);
     let (generation, name) = authenticated?;
     let _one = one_at_a_time.lock().unwrap_or_else(|p| p.into_inner());
     if service.port.alone() != Some(generation) {
@@ -541,4 +604,48 @@ pub fn connect(
     send_name(&mut stream, me)?;
     let generation = read_generation(&mut stream)?;
     Ok((stream, generation))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// The cap admits newcomers by closing the connection that waited
+    /// longest, never the newcomer: 33 silent peers, then the first one's
+    /// socket sees the primary hang up while the 33rd is tracked.
+    #[test]
+    fn a_newcomer_past_the_cap_closes_the_oldest_waiting_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = listener.local_addr().expect("address");
+        let waiting = Unauthenticated::default();
+        let mut clients = Vec::new();
+        let mut accepted = Vec::new();
+        let mut ids = Vec::new();
+        for i in 0..=MAX_UNAUTHENTICATED {
+            clients.push(TcpStream::connect(address).expect("connect"));
+            let (stream, peer) = listener.accept().expect("accept");
+            let (id, evicted) = waiting.admit(&stream, &peer.to_string()).expect("admit");
+            if i < MAX_UNAUTHENTICATED {
+                assert_eq!(evicted, None, "connection {i} evicted one");
+            } else {
+                let first = clients[0].local_addr().expect("address").to_string();
+                assert_eq!(evicted.as_deref(), Some(first.as_str()));
+            }
+            ids.push(id);
+            accepted.push(stream);
+        }
+        assert_eq!(waiting.len(), MAX_UNAUTHENTICATED);
+        clients[0]
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .expect("timeout");
+        let mut byte = [0u8; 1];
+        assert_eq!(
+            clients[0].read(&mut byte).expect("the oldest is shut down"),
+            0
+        );
+        waiting.done(ids[MAX_UNAUTHENTICATED]);
+        waiting.done(ids[0]);
+        assert_eq!(waiting.len(), MAX_UNAUTHENTICATED - 1);
+    }
 }
