@@ -224,7 +224,9 @@ pub struct LogSender<T: Transport> {
     open: Option<OpenBatch>,
     acked: u64,
     watermark: Arc<AtomicU64>,
-    inflight: VecDeque<(u64, Instant)>,
+    /// Batches sent and not yet acked: last entry, when sealed, and
+    /// [`LogSender::waits`] at that moment (hop timing).
+    inflight: VecDeque<(u64, Instant, u64)>,
     last_sent: Instant,
     last_heard: Instant,
     metrics: Metrics,
@@ -233,8 +235,10 @@ pub struct LogSender<T: Transport> {
     opener: FrameOpener,
     /// Called with the new watermark whenever an ack advances it.
     ack_hook: Option<Box<dyn FnMut(u64) + Send>>,
-    /// When [`LogSender::wait`] last slept (hop timing).
-    last_sleep: Option<Instant>,
+    /// Calls of [`LogSender::wait`] so far (hop timing: a counter, not a
+    /// clock read, because reading the clock costs microseconds in some
+    /// guests, the soft-RoCE TCG ones among them).
+    waits: u64,
 }
 
 impl<T: Transport> LogSender<T> {
@@ -269,7 +273,7 @@ impl<T: Transport> LogSender<T> {
             last_heard: now,
             metrics: Metrics::new()?,
             ack_hook: None,
-            last_sleep: None,
+            waits: 0,
         })
     }
 
@@ -409,7 +413,7 @@ impl<T: Transport> LogSender<T> {
             .batch_fill_ns
             .saturating_record(now.saturating_duration_since(o.opened).as_nanos() as u64);
         self.inflight
-            .push_back((o.first_seq + u64::from(o.count) - 1, now));
+            .push_back((o.first_seq + u64::from(o.count) - 1, now, self.waits));
         self.last_sent = now;
         self.metrics.batches += 1;
         Ok(())
@@ -433,13 +437,13 @@ impl<T: Transport> LogSender<T> {
                 .saturating_record(now.elapsed().as_nanos() as u64);
         }
         self.metrics.acks += 1;
-        while let Some(&(last, at)) = self.inflight.front() {
+        while let Some(&(last, at, waits_at_seal)) = self.inflight.front() {
             if last > ack {
                 break;
             }
             let rtt = now.saturating_duration_since(at).as_nanos() as u64;
             self.metrics.ack_rtt_ns.saturating_record(rtt);
-            if self.last_sleep.is_some_and(|slept| slept >= at) {
+            if self.waits > waits_at_seal {
                 self.metrics.ack_rtt_slept_ns.saturating_record(rtt);
             } else {
                 self.metrics.ack_rtt_awake_ns.saturating_record(rtt);
@@ -516,7 +520,7 @@ impl<T: Transport> LogSender<T> {
             .liveness
             .heartbeat
             .saturating_sub(self.last_sent.elapsed());
-        self.last_sleep = Some(Instant::now());
+        self.waits += 1;
         self.t.wait(wake, timeout.min(until_heartbeat))?;
         Ok(())
     }
@@ -655,9 +659,6 @@ impl<T: Transport> LogReceiver<T> {
         let mut delivered = 0usize;
         let acks_before = self.metrics.acks;
         for _ in 0..MAX_FRAMES_PER_POLL {
-            // Receipt, before decoding and delivering: the ack delay
-            // (`ack_lag`) counts from here.
-            let arrived = Instant::now();
             let (kind, seq, count) = {
                 let Some((bytes, pre)) = self.t.recv_prehashed(&self.opener)? else {
                     break;
@@ -710,7 +711,7 @@ impl<T: Transport> LogReceiver<T> {
                     if std::mem::take(&mut self.slept) {
                         self.metrics.batches_after_sleep += 1;
                     }
-                    self.unacked.push_back((self.expected - 1, arrived));
+                    self.unacked.push_back((self.expected - 1, now));
                     if self.expected - 1 - self.acked_sent >= u64::from(self.ack.every_entries) {
                         self.send_ack(now)?;
                     }
@@ -725,7 +726,6 @@ impl<T: Transport> LogReceiver<T> {
             let late = now.saturating_duration_since(oldest)
                 >= Duration::from_micros(u64::from(self.ack.max_delay_us));
             if self.ack.on_drain || late {
-                now = Instant::now();
                 self.send_ack(now)?;
             }
         }
