@@ -26,20 +26,19 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let records: Vec<_> = decoded.iter().map(|(c, _)| *c).collect();
-    let data_of = |tag: u64| {
+    let data_of = |c: &vmm::block::Completion| {
         decoded
             .iter()
-            .find(|(c, _)| c.tag == tag)
-            .map(|(_, bytes)| bytes.to_vec())
-            .unwrap_or_default()
+            .find(|(d, _)| d == c)
+            .map_or(&[][..], |(_, bytes)| *bytes)
     };
-    // Tags need not be unique in hostile input; re-encode only when they
-    // are, so each record's data is found by its tag.
-    let mut tags: Vec<u64> = records.iter().map(|c| c.tag).collect();
-    tags.sort_unstable();
-    tags.dedup();
-    if tags.len() == records.len() && payload.len() <= MAX_DATA_ENTRY && !records.is_empty() {
-        let entries = encode_completions_with_data(&records, &data_of);
+    // Records need not be unique in hostile input; re-encode only when they
+    // are, so each record's data is found by its record.
+    let mut unique = records.clone();
+    unique.sort_unstable_by_key(|c| (c.tag, c.len, c.status, c.hash));
+    unique.dedup();
+    if unique.len() == records.len() && payload.len() <= MAX_DATA_ENTRY && !records.is_empty() {
+        let entries = encode_completions_with_data(&records, data_of);
         assert_eq!(entries.len(), 1, "a payload under the limit split");
         assert_eq!(entries[0], payload, "re-encoding differs");
     }

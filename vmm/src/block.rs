@@ -121,12 +121,16 @@ pub struct Completion {
 pub fn encode_completions(done: &[Completion]) -> Vec<u8> {
     let mut out = Vec::with_capacity(done.len() * RECORD_LEN);
     for completion in done {
-        out.extend_from_slice(&completion.tag.to_le_bytes());
-        out.extend_from_slice(&completion.len.to_le_bytes());
-        out.extend_from_slice(&[completion.status, 0, 0, 0]);
-        out.extend_from_slice(&completion.hash.to_le_bytes());
+        encode_record_into(completion, &mut out);
     }
     out
+}
+
+fn encode_record_into(completion: &Completion, out: &mut Vec<u8>) {
+    out.extend_from_slice(&completion.tag.to_le_bytes());
+    out.extend_from_slice(&completion.len.to_le_bytes());
+    out.extend_from_slice(&[completion.status, 0, 0, 0]);
+    out.extend_from_slice(&completion.hash.to_le_bytes());
 }
 
 /// Decodes a `BlkDone` payload; `None` if malformed.
@@ -165,37 +169,37 @@ pub const MAX_DATA_ENTRY: usize = 2 << 20;
 /// more `BlkDone` payloads, each at most [`MAX_DATA_ENTRY`] bytes (or one
 /// completion): `count` u32, 4 zero, `count` records, then the data of
 /// each successful read, in record order (`len - 1` bytes each).
-pub fn encode_completions_with_data(
+pub fn encode_completions_with_data<'a>(
     done: &[Completion],
-    data: &dyn Fn(u64) -> Vec<u8>,
+    data: impl Fn(&Completion) -> &'a [u8],
 ) -> Vec<Vec<u8>> {
     let mut entries = Vec::new();
-    let mut batch: Vec<(Completion, Vec<u8>)> = Vec::new();
-    let mut bytes = 8usize;
-    let flush = |batch: &mut Vec<(Completion, Vec<u8>)>, entries: &mut Vec<Vec<u8>>| {
-        if batch.is_empty() {
-            return;
+    let mut start = 0;
+    while start < done.len() {
+        // One entry: at least one completion, then as many as fit. The
+        // data is copied once, from the request's buffer into the payload.
+        let (mut end, mut bytes) = (start, 8usize);
+        while let Some(completion) = done.get(end) {
+            let size = RECORD_LEN + data(completion).len();
+            if end > start && bytes + size > MAX_DATA_ENTRY {
+                break;
+            }
+            bytes += size;
+            end += 1;
         }
-        let records: Vec<Completion> = batch.iter().map(|(c, _)| *c).collect();
-        let mut payload = (records.len() as u32).to_le_bytes().to_vec();
+        let batch = &done[start..end];
+        let mut payload = Vec::with_capacity(bytes);
+        payload.extend_from_slice(&(batch.len() as u32).to_le_bytes());
         payload.extend_from_slice(&[0; 4]);
-        payload.extend_from_slice(&encode_completions(&records));
-        for (_, bytes) in batch.drain(..) {
-            payload.extend_from_slice(&bytes);
+        for completion in batch {
+            encode_record_into(completion, &mut payload);
+        }
+        for completion in batch {
+            payload.extend_from_slice(data(completion));
         }
         entries.push(payload);
-    };
-    for completion in done {
-        let bytes_of = data(completion.tag);
-        let size = RECORD_LEN + bytes_of.len();
-        if !batch.is_empty() && bytes + size > MAX_DATA_ENTRY {
-            flush(&mut batch, &mut entries);
-            bytes = 8;
-        }
-        bytes += size;
-        batch.push((*completion, bytes_of));
+        start = end;
     }
-    flush(&mut batch, &mut entries);
     entries
 }
 
@@ -2210,15 +2214,19 @@ mod tests {
                 hash: tag,
             })
             .collect();
-        let data = |tag: u64| vec![tag as u8; MAX_REQUEST_BYTES as usize];
-        let entries = encode_completions_with_data(&done, &data);
+        let buffers: Vec<Vec<u8>> = done
+            .iter()
+            .map(|c| vec![c.tag as u8; MAX_REQUEST_BYTES as usize])
+            .collect();
+        let data = |c: &Completion| &buffers[(c.tag - 1) as usize][..];
+        let entries = encode_completions_with_data(&done, data);
         assert_eq!(entries.len(), 5, "1 MiB reads: one per entry under 2 MiB");
         for (entry, expected) in entries.iter().zip(&done) {
             assert!(entry.len() <= MAX_DATA_ENTRY);
             let decoded = decode_completions_with_data(entry).expect("decode");
             assert_eq!(decoded.len(), 1);
             assert_eq!(decoded[0].0, *expected);
-            assert_eq!(decoded[0].1, &data(expected.tag)[..]);
+            assert_eq!(decoded[0].1, data(expected));
         }
         let mut bad = entries[0].clone();
         bad.pop();

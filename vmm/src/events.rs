@@ -350,14 +350,15 @@ impl<S: EventSink> EventSource for Live<S> {
         if disk.carries_data() {
             // Shared disk: the backup never reads the image; the data
             // travels with the completion.
-            let data = |tag: u64| {
-                let record = done.iter().find(|c| c.tag == tag);
-                match record {
-                    Some(c) if c.len > 1 => disk.read_data(tag).to_vec(),
-                    _ => Vec::new(),
+            let disk: &dyn DiskCompleter = disk;
+            let data = |c: &Completion| {
+                if c.len > 1 {
+                    disk.read_data(c.tag)
+                } else {
+                    &[]
                 }
             };
-            for payload in encode_completions_with_data(&done, &data) {
+            for payload in encode_completions_with_data(&done, data) {
                 self.log(EntryKind::BlkDone, FLAG_BLK_SHARED, exit, &payload)?;
             }
         } else {
