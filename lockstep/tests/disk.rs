@@ -85,6 +85,22 @@ fn text(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr)
 }
 
+/// Both replicas of `boot` exited 0, and the guest saw its disk at that
+/// boot with no mismatch.
+fn assert_boot_ran_clean(primary: &Output, backup: &Output, boot: u32) {
+    let (primary_text, backup_text) = (text(primary), text(backup));
+    assert!(
+        primary.status.success(),
+        "primary: {primary_text}\nbackup: {backup_text}"
+    );
+    assert!(backup.status.success(), "backup: {backup_text}");
+    assert!(
+        primary_text.contains(&format!("disk: boot {boot} id lockstep-disk"))
+            && primary_text.contains("mismatches 0"),
+        "{primary_text}"
+    );
+}
+
 #[test]
 fn a_pair_with_local_disks_keeps_both_images_identical_across_runs() {
     let _serial = UP_SERIAL.lock().unwrap_or_else(|p| p.into_inner());
@@ -92,17 +108,7 @@ fn a_pair_with_local_disks_keeps_both_images_identical_across_runs() {
     let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
     for boot in 1..=2 {
         let (primary, backup) = pair(dir.path(), &a, &b, 30);
-        let (primary_text, backup_text) = (text(&primary), text(&backup));
-        assert!(
-            primary.status.success(),
-            "primary: {primary_text}\nbackup: {backup_text}"
-        );
-        assert!(backup.status.success(), "backup: {backup_text}");
-        assert!(
-            primary_text.contains(&format!("disk: boot {boot} id lockstep-disk"))
-                && primary_text.contains("mismatches 0"),
-            "{primary_text}"
-        );
+        assert_boot_ran_clean(&primary, &backup, boot);
         let (a_bytes, b_bytes) = (std::fs::read(&a).expect("a"), std::fs::read(&b).expect("b"));
         assert_eq!(a_bytes.len(), 64 << 20, "created with the default size");
         assert!(
@@ -140,17 +146,7 @@ fn a_pair_in_shared_mode_runs_on_one_image() {
     let image = dir.path().join("shared.img");
     for boot in 1..=2 {
         let (primary, backup) = pair_in(dir.path(), &image, &image, 30, "shared", |_| {});
-        let (primary_text, backup_text) = (text(&primary), text(&backup));
-        assert!(
-            primary.status.success(),
-            "primary: {primary_text}\nbackup: {backup_text}"
-        );
-        assert!(backup.status.success(), "backup: {backup_text}");
-        assert!(
-            primary_text.contains(&format!("disk: boot {boot} id lockstep-disk"))
-                && primary_text.contains("mismatches 0"),
-            "{primary_text}"
-        );
+        assert_boot_ran_clean(&primary, &backup, boot);
     }
 }
 

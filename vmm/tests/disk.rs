@@ -43,7 +43,33 @@ impl Drop for Scratch {
     }
 }
 
+/// Which disk a test's replica has: its own copy, or the shared image.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Local,
+    Shared,
+}
+
+impl Mode {
+    /// Opens `disk` for a replica in this mode; `following` for a backup.
+    fn open(self, disk: &Path, size: Option<u64>, following: bool) -> Result<Disk, VmmError> {
+        let opened = Disk::open(disk, false, size)?;
+        Ok(match self {
+            Mode::Local => opened,
+            Mode::Shared => opened.shared(following),
+        })
+    }
+}
+
 fn record(disk: &Path, arg: u64) -> Result<(Vec<u8>, RunSummary, String), VmmError> {
+    record_in(Mode::Local, disk, arg)
+}
+
+fn record_shared(disk: &Path, arg: u64) -> Result<(Vec<u8>, RunSummary, String), VmmError> {
+    record_in(Mode::Shared, disk, arg)
+}
+
+fn record_in(mode: Mode, disk: &Path, arg: u64) -> Result<(Vec<u8>, RunSummary, String), VmmError> {
     let image = guest_images::image("disk").expect("embedded guest");
     let config = VmConfig::default();
     let meta = LogMeta {
@@ -58,7 +84,7 @@ fn record(disk: &Path, arg: u64) -> Result<(Vec<u8>, RunSummary, String), VmmErr
     let events = Live::new(Box::new(std::io::empty()), sink);
     let console = Console::default();
     let mut machine = Machine::new(&config, image, arg, events, Box::new(console.clone()), 50)?;
-    machine.attach_disk(Disk::open(disk, false, Some(DISK_BYTES))?)?;
+    machine.attach_disk(mode.open(disk, Some(DISK_BYTES), false)?)?;
     let summary = machine.run()?;
     let log = machine.into_events().into_sink().into_inner()?;
     Ok((log, summary, console.text()))
@@ -71,6 +97,24 @@ fn replay(disk: &Path, log: &[u8]) -> Result<(RunSummary, String), VmmError> {
 /// Replays `log` on `disk`, calling `after_attach` once the disk passed the
 /// identity check and before the guest runs.
 fn replay_then(
+    disk: &Path,
+    log: &[u8],
+    after_attach: impl FnOnce(),
+) -> Result<(RunSummary, String), VmmError> {
+    replay_in(Mode::Local, disk, log, after_attach)
+}
+
+/// [`replay_then`] for a backup following on the shared image.
+fn replay_shared_then(
+    disk: &Path,
+    log: &[u8],
+    after_attach: impl FnOnce(),
+) -> Result<(RunSummary, String), VmmError> {
+    replay_in(Mode::Shared, disk, log, after_attach)
+}
+
+fn replay_in(
+    mode: Mode,
     disk: &Path,
     log: &[u8],
     after_attach: impl FnOnce(),
@@ -88,7 +132,7 @@ fn replay_then(
         Box::new(console.clone()),
         meta.digest_interval,
     )?;
-    machine.attach_disk(Disk::open(disk, false, None)?)?;
+    machine.attach_disk(mode.open(disk, None, true)?)?;
     after_attach();
     let summary = machine.run()?;
     Ok((summary, console.text()))
@@ -438,27 +482,6 @@ fn the_periodic_digests_catch_a_written_block_that_differs_without_a_read() {
     );
 }
 
-fn record_shared(disk: &Path, arg: u64) -> Result<(Vec<u8>, RunSummary, String), VmmError> {
-    let image = guest_images::image("disk").expect("embedded guest");
-    let config = VmConfig::default();
-    let meta = LogMeta {
-        image_id: guest_images::image_id(image),
-        mem_size: config.mem_size,
-        guest_arg: arg,
-        digest_interval: 50,
-        vm_flags: config.flags(),
-        guest_name: "disk".into(),
-    };
-    let sink = LogSink::new(LogWriter::new(Vec::new(), &meta)?);
-    let events = Live::new(Box::new(std::io::empty()), sink);
-    let console = Console::default();
-    let mut machine = Machine::new(&config, image, arg, events, Box::new(console.clone()), 50)?;
-    machine.attach_disk(Disk::open(disk, false, Some(DISK_BYTES))?.shared(false))?;
-    let summary = machine.run()?;
-    let log = machine.into_events().into_sink().into_inner()?;
-    Ok((log, summary, console.text()))
-}
-
 #[test]
 fn shared_mode_a_following_replica_never_reads_or_writes_its_image_and_replays_exactly() {
     let scratch = Scratch::new("shared");
@@ -529,28 +552,4 @@ fn shared_mode_is_refused_against_a_local_recording_and_the_reverse() {
         error.to_string().contains("the disk modes differ"),
         "{error}"
     );
-}
-
-fn replay_shared_then(
-    disk: &Path,
-    log: &[u8],
-    after_attach: impl FnOnce(),
-) -> Result<(RunSummary, String), VmmError> {
-    let reader = LogReader::new(log)?;
-    let meta = reader.meta().clone();
-    let image = guest_images::image("disk").expect("embedded guest");
-    let config = VmConfig::with_flags(meta.mem_size, meta.vm_flags);
-    let console = Console::default();
-    let mut machine = Machine::new(
-        &config,
-        image,
-        meta.guest_arg,
-        Replay::new(reader),
-        Box::new(console.clone()),
-        meta.digest_interval,
-    )?;
-    machine.attach_disk(Disk::open(disk, false, None)?.shared(true))?;
-    after_attach();
-    let summary = machine.run()?;
-    Ok((summary, console.text()))
 }
