@@ -63,6 +63,10 @@ struct GateState {
     submit_wait_ns: Histogram<u64>,
     released: u64,
     max_held: usize,
+    /// Threads in [`OutputGate::wait_acked`]: an ack signals `advanced`
+    /// only when there is one (a notify is a system call, and the ack path
+    /// of a VM without a shared disk has no waiter).
+    ack_waiters: u32,
 }
 
 /// The output, locked only by the one writer (see the module docs).
@@ -129,6 +133,7 @@ impl OutputGate {
                 submit_wait_ns: histogram(),
                 released: 0,
                 max_held: 0,
+                ack_waiters: 0,
             }),
             output: Mutex::new(Output {
                 out,
@@ -183,7 +188,9 @@ impl OutputGate {
             return;
         }
         state.acked = position;
-        self.advanced.notify_all();
+        if state.ack_waiters > 0 {
+            self.advanced.notify_all();
+        }
         if !state.writing {
             self.write_released(state);
         }
@@ -239,11 +246,16 @@ impl OutputGate {
     /// does. For outputs the gate does not carry itself (the shared disk's
     /// writes, issued by the vCPU thread).
     pub fn wait_acked(&self, position: u64, timeout: Duration) -> bool {
-        let state = self.lock();
-        let (state, _) = self
+        let mut state = self.lock();
+        if state.acked >= position {
+            return true;
+        }
+        state.ack_waiters += 1;
+        let (mut state, _) = self
             .advanced
             .wait_timeout_while(state, timeout, |state| state.acked < position)
             .unwrap_or_else(|poisoned| poisoned.into_inner());
+        state.ack_waiters -= 1;
         state.acked >= position
     }
 
@@ -321,6 +333,37 @@ mod tests {
         fn frames(&self) -> Vec<Vec<u8>> {
             self.0.lock().expect("lock").clone()
         }
+    }
+
+    /// A thread waiting for an ack (the shared disk's writes) is woken by
+    /// the ack that covers its position, not by its timeout, and a lower
+    /// ack leaves it waiting.
+    #[test]
+    fn a_waiter_is_woken_by_the_covering_ack() {
+        let gate = Arc::new(OutputGate::new(Box::new(Sent::default())));
+        assert!(!gate.wait_acked(1, Duration::from_millis(1)));
+        let waiter = {
+            let gate = Arc::clone(&gate);
+            std::thread::spawn(move || {
+                let start = Instant::now();
+                (gate.wait_acked(5, Duration::from_secs(30)), start.elapsed())
+            })
+        };
+        while gate.lock().ack_waiters == 0 {
+            std::thread::yield_now();
+        }
+        gate.ack(4);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!waiter.is_finished(), "ack 4 woke a waiter for 5 for good");
+        gate.ack(5);
+        let (covered, took) = waiter.join().expect("waiter");
+        assert!(covered);
+        assert!(
+            took < Duration::from_secs(20),
+            "woken by its timeout: {took:?}"
+        );
+        assert_eq!(gate.lock().ack_waiters, 0);
+        assert!(gate.wait_acked(5, Duration::ZERO), "already covered");
     }
 
     #[test]
